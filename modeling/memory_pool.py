@@ -1,0 +1,64 @@
+"""The memory pool's update rule: first-injection tiling, random drops, newest slots at the end."""
+
+from dataclasses import dataclass
+
+import torch
+
+# Buffers that make up a memory state; they are saved together in their own safetensors file.
+MEMORY_BUFFERS = ("memory", "memory_initialized", "memory_injections", "memory_rng_state")
+
+
+@dataclass
+class MemoryState:
+    """A complete memory: the pool [L, N, d], whether it was ever written, injections so far, and the drop RNG."""
+
+    memory: torch.Tensor
+    initialized: torch.Tensor
+    injections: torch.Tensor
+    rng_state: torch.Tensor
+
+    def as_buffers(self) -> dict[str, torch.Tensor]:
+        return dict(zip(MEMORY_BUFFERS, (self.memory, self.initialized, self.injections, self.rng_state)))
+
+    @classmethod
+    def from_buffers(cls, buffers: dict[str, torch.Tensor]) -> "MemoryState":
+        return cls(*(buffers[name] for name in MEMORY_BUFFERS))
+
+    def clone(self) -> "MemoryState":
+        return MemoryState(*(t.detach().clone() for t in self.as_buffers().values()))
+
+
+def seeded_rng_state(seed: int) -> torch.Tensor:
+    """State of a fresh CPU generator seeded with `seed` (what a new pool starts from)."""
+    return torch.Generator().manual_seed(seed).get_state()
+
+
+def tile_pool(new: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """First injection into an empty pool: repeat the k new slots [L, k, d] to fill all N slots (official rule:
+    N // k full copies, then the last N % k new slots)."""
+    k = new.shape[1]
+    if k >= num_slots:
+        return new[:, -num_slots:].clone()
+    copies, rest = divmod(num_slots, k)
+    return torch.cat([new] * copies + [new[:, k - rest :]], dim=1)
+
+
+def kept_slot_indices(
+    num_slots: int, num_dropped: int, num_layers: int, per_layer: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sorted indices [L, N - k] of the slots that survive an update. One `randperm(N)` per layer in layer order
+    (MemoryLLM-8B) or one shared by all layers (MemoryLLM-7B); the first N - k entries survive."""
+    draws = num_layers if per_layer else 1
+    keep = [torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped].sort().values for _ in range(draws)]
+    return torch.stack(keep).expand(num_layers, -1)
+
+
+def drop_and_append(memory: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """New pool: the kept slots in their old order followed by the new slots. Writes each slot exactly once."""
+    num_kept = keep.shape[1]
+    pool = torch.empty_like(memory)
+    keep = keep.to(memory.device)
+    for layer in range(memory.shape[0]):
+        torch.index_select(memory[layer], 0, keep[layer], out=pool[layer, :num_kept])
+    pool[:, num_kept:] = new.to(pool.dtype)
+    return pool

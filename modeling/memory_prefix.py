@@ -1,0 +1,66 @@
+"""Memory as an attention prefix: per-layer keys/values of `[bos_l; slots_l]`, seeded into a generation cache.
+
+Attending to a prefix whose keys/values were computed from hidden states is exactly what concatenating those
+hidden states to every layer input does (the official implementation), without recomputing them per forward.
+"""
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import rotate_half
+
+PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def prefix_key_values(
+    layers: nn.ModuleList, rotary_emb: nn.Module, prefix: list[torch.Tensor], start: int = 0
+) -> PrefixKV:
+    """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. ."""
+    length = prefix[0].shape[0]
+    positions = torch.arange(start, start + length, device=prefix[0].device)[None]
+    cos, sin = rotary_emb(prefix[0], positions)
+    cos, sin = cos[:, None], sin[:, None]
+    out = []
+    for layer, hidden in zip(layers, prefix):
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden[None])
+        shape = (1, length, -1, attn.head_dim)
+        keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+        values = attn.v_proj(normed).view(shape).transpose(1, 2)
+        out.append((keys * cos + rotate_half(keys) * sin, values))
+    return out
+
+
+def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int) -> DynamicCache:
+    """A fresh `DynamicCache` that starts with the prefix (shared, never copied until the cache grows)."""
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in zip(cache.layers, prefix_kv):
+        layer.lazy_initialization(keys, values)
+        layer.keys = keys.expand(batch_size, -1, -1, -1)
+        layer.values = values.expand(batch_size, -1, -1, -1)
+    return cache
+
+
+def extend_attention_mask(
+    attention_mask: torch.Tensor | None, batch_size: int, length: int, prefix_length: int, device: torch.device
+) -> torch.Tensor:
+    """The user's mask over the tokens [B, T] (or already over prefix + tokens) -> mask over prefix + tokens."""
+    if attention_mask is None:
+        return torch.ones(batch_size, prefix_length + length, dtype=torch.long, device=device)
+    if attention_mask.dim() != 2:
+        raise ValueError("MemoryLlama takes a 2-D attention_mask [batch, tokens]")
+    if attention_mask.shape[1] == prefix_length + length:
+        return attention_mask
+    if attention_mask.shape[1] != length:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[1]} columns; expected {length} (the tokens) or "
+            f"{prefix_length + length} (memory prefix + tokens)"
+        )
+    ones = torch.ones(batch_size, prefix_length, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
+def positions_from_mask(full_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Position ids of the last `length` tokens: prefix slots take 0..P-1, real tokens continue after them
+    (left padding is skipped, so each row matches its unpadded run)."""
+    return (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]

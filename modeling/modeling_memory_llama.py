@@ -1,0 +1,455 @@
+"""MemoryLlama: a Llama decoder with a fixed-size latent memory pool per layer (MemoryLLM, Wang et al. 2024).
+
+Reading: every layer attends to `[bos_l; memory_l; tokens]`. The memory's keys/values are computed once per memory
+state and seeded into the generation cache, so the stock `LlamaModel` and `generate()` do the rest.
+Writing (`inject`): each layer sees `[bos_l; last K slots; context]`; K new slots per layer come out, K random old
+slots are dropped (see `memory_pool`).
+"""
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, GenerationMixin, GgufConfig, LlamaForCausalLM
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.utils import logging
+
+from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_adapters import READ, WRITE, AdaptedLinear, MemoryAdapters
+from .memory_pool import (
+    MEMORY_BUFFERS,
+    MemoryState,
+    drop_and_append,
+    kept_slot_indices,
+    seeded_rng_state,
+    tile_pool,
+)
+from .memory_prefix import (
+    PrefixKV,
+    extend_attention_mask,
+    positions_from_mask,
+    prefix_key_values,
+    seeded_cache,
+)
+from .memory_storage import write_memory_shard
+
+logger = logging.get_logger(__name__)
+
+PROGRESS_MIN_CHUNKS = 8
+
+
+class MemoryEmbeddings(nn.Module):
+    """Trainable memory-side vectors: the per-layer bos slot [L, 1, d] and the write-position embedding [1, 1, d].
+
+    A module of its own so PEFT can train and save it (`modules_to_save=["memory_embeddings"]`); the model reads
+    it only through `forward()`, which PEFT's wrapper routes to the trained copy.
+    """
+
+    def __init__(self, config: MemoryLlamaConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.bos_embedding = (
+            nn.Parameter(torch.zeros(config.num_hidden_layers, 1, d)) if config.add_bos_embedding else None
+        )
+        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
+
+    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        return self.bos_embedding, self.new_memory_positional_emb
+
+
+class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
+    """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
+
+    config_class = MemoryLlamaConfig
+    config: MemoryLlamaConfig
+    _keys_to_ignore_on_load_missing = [r"^memory", r"^memory_embeddings\.", r"adapter_[AB]\."]
+
+    def __init__(self, config: MemoryLlamaConfig):
+        super().__init__(config)
+        L, N, d = config.num_hidden_layers, config.num_memory_tokens, config.hidden_size
+        self.memory_embeddings = MemoryEmbeddings(config)
+        self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
+        self.register_buffer("memory_initialized", torch.tensor(False), persistent=True)
+        self.register_buffer("memory_injections", torch.tensor(0, dtype=torch.long), persistent=True)
+        self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
+        self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
+        self._prefix_kv: tuple[tuple, PrefixKV] | None = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MemoryEmbeddings):
+            if module.bos_embedding is not None:
+                init.normal_(module.bos_embedding, std=self.config.initializer_range)
+            init.zeros_(module.new_memory_positional_emb)
+        elif isinstance(module, AdaptedLinear):
+            module.reset_adapters(init)
+        elif module is self:
+            init.normal_(self.memory, std=self.config.initializer_range)
+            init.zeros_(self.memory_initialized)
+            init.zeros_(self.memory_injections)
+            init.copy_(self.memory_rng_state, seeded_rng_state(self.config.memory_seed))
+
+    # ------------------------------------------------------------------ memory state
+    @property
+    def memory_is_initialized(self) -> bool:
+        """False until the first injection (or for a pool that was reset); reads then use no memory."""
+        return bool(self.memory_initialized)
+
+    @property
+    def num_injections(self) -> int:
+        return int(self.memory_injections)
+
+    def memory_state(self) -> MemoryState:
+        """A copy of the current memory (pool, flags, drop RNG); `load_memory_state` restores it exactly."""
+        return self._current_state().clone()
+
+    def load_memory_state(self, state: MemoryState) -> None:
+        """Restore a state from `memory_state()`; shapes must match this model's pool."""
+        if tuple(state.memory.shape) != tuple(self.memory.shape):
+            raise ValueError(
+                f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
+            )
+        self._set_state(state.clone())
+
+    def reset_memory(self, seed: int | None = None) -> None:
+        """Empty the pool: reads use no memory until the next injection (which fills the pool by tiling)."""
+        seed = self.config.memory_seed if seed is None else seed
+        self._set_state(
+            MemoryState(
+                memory=torch.zeros_like(self.memory),
+                initialized=torch.zeros_like(self.memory_initialized),
+                injections=torch.zeros_like(self.memory_injections),
+                rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
+            )
+        )
+
+    def _current_state(self) -> MemoryState:
+        return MemoryState.from_buffers({name: getattr(self, name) for name in MEMORY_BUFFERS})
+
+    def _set_state(self, state: MemoryState) -> None:
+        """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
+        for name, tensor in state.as_buffers().items():
+            current = getattr(self, name)
+            setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+
+    # ------------------------------------------------------------------ reading
+    def _memory_prefix_hidden(self) -> list[torch.Tensor]:
+        """Per-layer prefix hidden states `[bos_l; memory_l]` ([P, d] each)."""
+        bos, _ = self.memory_embeddings()
+        memory = self.memory
+        if bos is None:
+            return list(memory)
+        return list(torch.cat([bos.to(memory.dtype), memory], dim=1))
+
+    def _prefix_fingerprint(self) -> tuple:
+        """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
+        parts: list = [self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device]
+        bos, _ = self.memory_embeddings()
+        if bos is not None:
+            parts += [bos.data_ptr(), bos._version]
+        for layer in self.model.layers:
+            for module in (layer.input_layernorm, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for sub in module.modules():
+                    parts += [id(sub), str(getattr(sub, "active_adapter", None)), getattr(sub, "merged", None)]
+                    parts.append(getattr(sub, "disable_adapters", None))
+                for param in module.parameters():
+                    parts += [param.data_ptr(), param._version]
+        return tuple(parts)
+
+    def _memory_key_values(self) -> PrefixKV:
+        """Keys/values of the memory prefix for the read adapter; cached until the memory or the weights change.
+        Computed afresh (with gradient) when gradients can flow into the prefix path."""
+        if torch.is_grad_enabled() and self._prefix_needs_grad():
+            return prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
+        fingerprint = self._prefix_fingerprint()
+        if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
+            with torch.no_grad():
+                kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
+            self._prefix_kv = (fingerprint, kv)
+        return self._prefix_kv[1]
+
+    def _prefix_needs_grad(self) -> bool:
+        bos, _ = self.memory_embeddings()
+        modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
+        return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
+
+    def memory_cache(self, batch_size: int = 1):
+        """A generation cache pre-filled with the memory prefix (empty cache when the pool was never written)."""
+        return seeded_cache(self.config, self._memory_key_values(), batch_size)
+
+    def _reads_memory(self, use_memory: bool) -> bool:
+        return use_memory and self.memory_is_initialized
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        use_memory: bool = True,
+        **kwargs,
+    ):
+        """Llama forward reading the memory. `attention_mask` covers the tokens (or prefix + tokens);
+        `use_memory=False` runs the plain base model."""
+        if "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        fresh = cache is None or cache.get_seq_length() == 0
+        drop_cache = False
+        if fresh and self._reads_memory(use_memory):
+            tokens = input_ids if input_ids is not None else inputs_embeds
+            batch, length = tokens.shape[:2]
+            prefix = self.config.memory_prefix_length
+            attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask, length)
+            drop_cache = use_cache is False or (use_cache is None and not self.config.use_cache)
+            cache = self.memory_cache(batch)
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        if drop_cache:
+            outputs.cache = None
+        return outputs
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically."""
+        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if given_cache is None and self._reads_memory(kwargs.get("use_memory", True)):
+            tokens = next(t for t in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None)
+            batch, length = tokens.shape[:2]
+            config = generation_config or self.generation_config
+            beams = kwargs.get("num_beams", config.num_beams) or 1
+            returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+            kwargs["attention_mask"] = extend_attention_mask(
+                kwargs.get("attention_mask"), batch, length, self.config.memory_prefix_length, tokens.device
+            )
+            kwargs["cache"] = self.memory_cache(batch * max(beams, returns))
+        return super().generate(inputs, generation_config, **kwargs)
+
+    # ------------------------------------------------------------------ writing
+    def inject(
+        self,
+        text_or_ids: str | Sequence[str] | torch.Tensor | Sequence[int],
+        tokenizer=None,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool | None = None,
+    ) -> int:
+        """Write text (or token ids) into memory; returns the number of memory updates made.
+
+        Text longer than `chunk_size` tokens is split into near-equal chunks, injected in order. Each update replaces
+        K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
+        On any error the memory is left exactly as it was.
+        """
+        chunk_size = chunk_size or self.config.inject_chunk_size
+        if chunk_size < self.config.min_inject_tokens:
+            raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens})")
+        chunks = [c for ids in self._injection_ids(text_or_ids, tokenizer) for c in self._split(ids, chunk_size)]
+        before = self._current_state()
+        show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
+        try:
+            with torch.no_grad():
+                for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
+                    self._set_state(self._state_after(self.new_memory_slots(chunk), generator))
+        except BaseException:
+            self._set_state(before)
+            raise
+        return len(chunks)
+
+    def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
+        """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
+        if isinstance(text_or_ids, str) or (
+            isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
+        ):
+            texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
+            if tokenizer is None:
+                raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
+            items = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+        else:
+            ids = torch.as_tensor(text_or_ids)
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+            if ids.dim() == 2 and ids.shape[0] != 1:
+                raise ValueError(
+                    f"inject takes one sequence at a time, got a batch of {ids.shape[0]}; "
+                    "pass a list of texts (or call inject per row) to inject them in order"
+                )
+            if ids.dim() > 2:
+                raise ValueError(f"token ids must be 1-D or [1, n], got shape {tuple(ids.shape)}")
+            items = [ids.reshape(-1).long()]
+        minimum, vocab = self.config.min_inject_tokens, self.config.vocab_size
+        for ids in items:
+            if ids.numel() < minimum:
+                raise ValueError(
+                    f"injection has {ids.numel()} tokens; at least min_inject_tokens={minimum} are needed "
+                    "(join short texts together, or lower config.min_inject_tokens)"
+                )
+            if ids.min() < 0 or ids.max() >= vocab:
+                raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+        return items
+
+    def _split(self, ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
+        """Near-equal chunks of at most `chunk_size` tokens (none shorter than the minimum)."""
+        count = -(-ids.numel() // chunk_size)
+        return [c[None].to(self.device) for c in torch.tensor_split(ids, count)]
+
+    def _write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
+        """The write window for a context of `length` tokens:
+        (bos in prefix, memory slots in prefix, memory slots re-processed as queries, add position emb, new slots).
+        Official ("output") rule: window `[bos; last K slots; context]`, queries = last max(n, K) positions,
+        new slots = layer outputs at the last K. First injection: no bos, no memory. "input" mode keeps the
+        context tokens only (min(n, K) new slots, no re-processed slots) and always starts with bos."""
+        cfg, K = self.config, self.config.num_update_tokens
+        output_rule = cfg.memory_update == "output"
+        if not self.memory_is_initialized:
+            use_bos = cfg.add_bos_embedding and not output_rule
+            return use_bos, 0, 0, cfg.positional_emb_on_first_injection, min(length, K)
+        requeried = max(K - length, 0) if output_rule else 0
+        new = K if output_rule else min(length, K)
+        return cfg.add_bos_embedding, K - requeried, requeried, True, new
+
+    def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
+        use_bos, prefix_slots, requeried, add_pos, num_new = self._write_layout(input_ids.shape[1])
+        bos, pos_emb = self.memory_embeddings()
+        N, K = self.config.num_memory_tokens, self.config.num_update_tokens
+        layers = self.model.layers
+        memory = self.memory
+        with self.adapters.use(WRITE):
+            hidden = self.model.embed_tokens(input_ids)
+            prefix = [memory[layer, N - K : N - K + prefix_slots] for layer in range(len(layers))]
+            if use_bos:
+                prefix = [torch.cat([bos[layer].to(hidden.dtype), p], dim=0) for layer, p in enumerate(prefix)]
+            start = prefix[0].shape[0]
+            cache = None
+            if start:
+                cache = seeded_cache(self.config, prefix_key_values(layers, self.model.rotary_emb, prefix), 1)
+            length = requeried + input_ids.shape[1]
+            positions = torch.arange(start, start + length, device=hidden.device)[None]
+            probe = hidden.new_empty(1, length, hidden.shape[-1])
+            mask = create_causal_mask(self.config, probe, None, cache, position_ids=positions)
+            rotary = self.model.rotary_emb(probe, positions)
+            # Official quirk, kept for parity: with no prefix in the window, the next layer's in-place position
+            # embedding add also lands on the recorded output slots.
+            aliased_position_emb = add_pos and not start and not requeried
+            new_slots = []
+            for index, layer in enumerate(layers):
+                x = hidden if not requeried else torch.cat([memory[index, N - requeried :][None], hidden], dim=1)
+                if add_pos:
+                    K_here = min(K, x.shape[1])
+                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.dtype)], dim=1)
+                if self.config.memory_update == "input":
+                    new_slots.append(x[0, -num_new:])
+                    if index == len(layers) - 1:
+                        break
+                out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache)
+                if self.config.memory_update == "output":
+                    slot = out[0, -num_new:]
+                    if aliased_position_emb and index < len(layers) - 1:
+                        slot = slot + pos_emb[0].to(slot.dtype)
+                    new_slots.append(slot)
+                hidden = out[:, -input_ids.shape[1] :]
+        return torch.stack(new_slots)
+
+    def _state_after(self, new: torch.Tensor, generator: torch.Generator | None) -> MemoryState:
+        """Memory state after committing new slots: tile an empty pool, else drop as many random slots."""
+        state = self._current_state()
+        if not self.memory_is_initialized:
+            pool = tile_pool(new.to(state.memory.dtype), self.config.num_memory_tokens)
+            rng_state = state.rng_state
+        else:
+            drawer = generator
+            if drawer is None:
+                drawer = torch.Generator()
+                drawer.set_state(state.rng_state.cpu())
+            keep = kept_slot_indices(
+                self.config.num_memory_tokens,
+                new.shape[1],
+                self.config.num_hidden_layers,
+                self.config.drop_memory_per_layer,
+                drawer,
+            )
+            pool = drop_and_append(state.memory, new, keep)
+            rng_state = state.rng_state if generator is not None else drawer.get_state()
+        return MemoryState(
+            memory=pool,
+            initialized=torch.ones_like(state.initialized),
+            injections=state.injections + 1,
+            rng_state=rng_state,
+        )
+
+    # ------------------------------------------------------------------ persistence and construction
+    def _apply(self, fn, *args, **kwargs):
+        self._prefix_kv = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict: dict | None = None, **kwargs):
+        """`save_pretrained` with the memory in its own file (`memory.safetensors`), so it can be updated alone."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
+        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        memory = {name: state_dict.pop(name) for name in MEMORY_BUFFERS if name in state_dict}
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if memory and kwargs.get("is_main_process", True):
+            write_memory_shard(save_directory, memory)
+
+    @classmethod
+    def from_base(
+        cls,
+        path_or_repo: str | os.PathLike,
+        gguf_file: str | None = None,
+        memory_update: str = "input",
+        **memory_config,
+    ) -> "MemoryLlamaForCausalLM":
+        """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
+
+        Defaults to the training-free "input" update. `bos_embedding` starts as the base model's own hidden states
+        of its BOS token, so reads see the attention sink the model was trained with.
+        """
+        load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
+        if gguf_file:
+            load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
+        base_config = AutoConfig.from_pretrained(path_or_repo, gguf_file=gguf_file) if gguf_file else (
+            AutoConfig.from_pretrained(path_or_repo, revision=load_kwargs.get("revision"))
+        )
+        if base_config.model_type not in ("llama", MemoryLlamaConfig.model_type):
+            raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
+        fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+        if memory_update == "input":
+            memory_config.setdefault("inject_chunk_size", memory_config.get("num_update_tokens", 16))
+        config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
+        model = cls.from_pretrained(path_or_repo, config=config, **load_kwargs)
+        model.bos_from_base_model()
+        return model
+
+    @torch.no_grad()
+    def bos_from_base_model(self) -> None:
+        """Set `bos_embedding[l]` to the input of layer l when the base model reads its BOS token alone."""
+        bos, _ = self.memory_embeddings()
+        if bos is None or self.config.bos_token_id is None:
+            return
+        ids = torch.tensor([[self.config.bos_token_id]], device=self.device)
+        with self.adapters.use(READ):
+            hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
+        bos.copy_(torch.stack([h[0] for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+
+
+MemoryLlamaConfig.register_for_auto_class()
+MemoryLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["MemoryEmbeddings", "MemoryLlamaForCausalLM", "MemoryState"]
