@@ -3,6 +3,7 @@
 from transformers import LlamaConfig
 
 MEMORY_UPDATE_MODES = ("output", "input")
+FRESH_POOL_MODES = ("tile", "grow")
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -17,6 +18,9 @@ class MemoryLlamaConfig(LlamaConfig):
         memory_update: `"output"` (official: new slots are the layer outputs at the last K window positions,
             needs a trained model) or `"input"` (training-free: new slots are the layer inputs of the context
             tokens, i.e. the hidden states the base model itself would attend to).
+        fresh_pool: how an empty pool fills. `"tile"` (official): the first injection is copied into every slot.
+            `"grow"`: slots fill from the end of the pool and reads attend only to filled slots; random drops start
+            once the pool is full (the training-free default: no copy of one text floods the pool).
         min_inject_tokens: shortest accepted injection (the official models were trained on >= 16 tokens).
         inject_chunk_size: default chunk length (tokens) for long injections.
         positional_emb_on_first_injection: add `new_memory_positional_emb` during the very first injection into
@@ -35,6 +39,7 @@ class MemoryLlamaConfig(LlamaConfig):
     add_bos_embedding: bool = True
     drop_memory_per_layer: bool = True
     memory_update: str = "output"
+    fresh_pool: str = "tile"
     min_inject_tokens: int = 16
     inject_chunk_size: int = 512
     positional_emb_on_first_injection: bool = True
@@ -46,6 +51,8 @@ class MemoryLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
         if self.memory_update not in MEMORY_UPDATE_MODES:
             raise ValueError(f"memory_update must be one of {MEMORY_UPDATE_MODES}, got {self.memory_update!r}")
+        if self.fresh_pool not in FRESH_POOL_MODES:
+            raise ValueError(f"fresh_pool must be one of {FRESH_POOL_MODES}, got {self.fresh_pool!r}")
         if not 0 < self.num_update_tokens <= self.num_memory_tokens:
             raise ValueError(
                 f"need 0 < num_update_tokens (K={self.num_update_tokens}) <= num_memory_tokens "
@@ -59,11 +66,6 @@ class MemoryLlamaConfig(LlamaConfig):
                 "AutoModel": "modeling_memory_llama.MemoryLlamaForCausalLM",
                 "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
             }
-
-    @property
-    def memory_prefix_length(self) -> int:
-        """Length of the per-layer prefix that reads attend to: bos (optional) plus N slots."""
-        return self.num_memory_tokens + int(self.add_bos_embedding)
 
 
 __all__ = ["MemoryLlamaConfig"]

@@ -5,20 +5,21 @@ from dataclasses import dataclass
 import torch
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
-MEMORY_BUFFERS = ("memory", "memory_initialized", "memory_injections", "memory_rng_state")
+MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state")
 
 
 @dataclass
 class MemoryState:
-    """A complete memory: the pool [L, N, d], whether it was ever written, injections so far, and the drop RNG."""
+    """A complete memory: the pool [L, N, d], how many slots (at its end) hold memories, injections so far,
+    and the state of the generator that picks dropped slots."""
 
     memory: torch.Tensor
-    initialized: torch.Tensor
+    filled: torch.Tensor
     injections: torch.Tensor
     rng_state: torch.Tensor
 
     def as_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(zip(MEMORY_BUFFERS, (self.memory, self.initialized, self.injections, self.rng_state)))
+        return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state)))
 
     @classmethod
     def from_buffers(cls, buffers: dict[str, torch.Tensor]) -> "MemoryState":
@@ -44,13 +45,28 @@ def tile_pool(new: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 
 def kept_slot_indices(
-    num_slots: int, num_dropped: int, num_layers: int, per_layer: bool, generator: torch.Generator | None
+    num_slots: int,
+    num_filled: int,
+    num_dropped: int,
+    num_layers: int,
+    per_layer: bool,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Sorted indices [L, N - k] of the slots that survive an update. One `randperm(N)` per layer in layer order
-    (MemoryLLM-8B) or one shared by all layers (MemoryLLM-7B); the first N - k entries survive."""
+    """Sorted indices [L, N - k] of the slots that survive an update that writes k new slots.
+
+    Empty slots (the first N - filled) go first; the rest are drawn at random among the filled ones: one
+    `randperm(filled)` per layer in layer order (MemoryLLM-8B) or one shared by all layers (MemoryLLM-7B), whose
+    first entries survive. A full pool therefore draws exactly like the official code.
+    """
+    empty = num_slots - num_filled
+    from_empty = min(empty, num_dropped)
+    from_filled = num_dropped - from_empty
+    if from_filled == 0:
+        return torch.arange(from_empty, num_slots).expand(num_layers, -1)
     draws = num_layers if per_layer else 1
-    keep = [torch.randperm(num_slots, generator=generator)[: num_slots - num_dropped].sort().values for _ in range(draws)]
-    return torch.stack(keep).expand(num_layers, -1)
+    survivors = num_filled - from_filled
+    keep = [torch.randperm(num_filled, generator=generator)[:survivors].sort().values for _ in range(draws)]
+    return (torch.stack(keep) + empty).expand(num_layers, -1)
 
 
 def drop_and_append(memory: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         L, N, d = config.num_hidden_layers, config.num_memory_tokens, config.hidden_size
         self.memory_embeddings = MemoryEmbeddings(config)
         self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
-        self.register_buffer("memory_initialized", torch.tensor(False), persistent=True)
+        self.register_buffer("memory_filled", torch.tensor(0, dtype=torch.long), persistent=True)
         self.register_buffer("memory_injections", torch.tensor(0, dtype=torch.long), persistent=True)
         self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
@@ -88,15 +88,25 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
             module.reset_adapters(init)
         elif module is self:
             init.normal_(self.memory, std=self.config.initializer_range)
-            init.zeros_(self.memory_initialized)
+            init.zeros_(self.memory_filled)
             init.zeros_(self.memory_injections)
             init.copy_(self.memory_rng_state, seeded_rng_state(self.config.memory_seed))
 
     # ------------------------------------------------------------------ memory state
     @property
     def memory_is_initialized(self) -> bool:
-        """False until the first injection (or for a pool that was reset); reads then use no memory."""
-        return bool(self.memory_initialized)
+        """False until the first injection (or after `reset_memory`); reads then use no memory."""
+        return self.num_filled_slots > 0
+
+    @property
+    def num_filled_slots(self) -> int:
+        """Slots (at the end of the pool) that hold memories: N once a "tile" pool was written."""
+        return int(self.memory_filled)
+
+    @property
+    def memory_prefix_length(self) -> int:
+        """Positions every layer reads before the tokens: bos (optional) plus the filled slots."""
+        return int(self.config.add_bos_embedding) + self.num_filled_slots
 
     @property
     def num_injections(self) -> int:
@@ -120,7 +130,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         self._set_state(
             MemoryState(
                 memory=torch.zeros_like(self.memory),
-                initialized=torch.zeros_like(self.memory_initialized),
+                filled=torch.zeros_like(self.memory_filled),
                 injections=torch.zeros_like(self.memory_injections),
                 rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
             )
@@ -137,9 +147,9 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
 
     # ------------------------------------------------------------------ reading
     def _memory_prefix_hidden(self) -> list[torch.Tensor]:
-        """Per-layer prefix hidden states `[bos_l; memory_l]` ([P, d] each)."""
+        """Per-layer prefix hidden states `[bos_l; filled slots of memory_l]` ([P, d] each)."""
         bos, _ = self.memory_embeddings()
-        memory = self.memory
+        memory = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
         if bos is None:
             return list(memory)
         return list(torch.cat([bos.to(memory.dtype), memory], dim=1))
@@ -147,6 +157,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
     def _prefix_fingerprint(self) -> tuple:
         """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
         parts: list = [self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device]
+        parts += [self.num_filled_slots]
         bos, _ = self.memory_embeddings()
         if bos is not None:
             parts += [bos.data_ptr(), bos._version]
@@ -205,7 +216,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         if fresh and self._reads_memory(use_memory):
             tokens = input_ids if input_ids is not None else inputs_embeds
             batch, length = tokens.shape[:2]
-            prefix = self.config.memory_prefix_length
+            prefix = self.memory_prefix_length
             attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, length)
@@ -236,7 +247,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
             beams = kwargs.get("num_beams", config.num_beams) or 1
             returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
             kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, self.config.memory_prefix_length, tokens.device
+                kwargs.get("attention_mask"), batch, length, self.memory_prefix_length, tokens.device
             )
             kwargs["cache"] = self.memory_cache(batch * max(beams, returns))
         return super().generate(inputs, generation_config, **kwargs)
@@ -309,19 +320,20 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         return [c[None].to(self.device) for c in torch.tensor_split(ids, count)]
 
     def _write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
-        """The write window for a context of `length` tokens:
-        (bos in prefix, memory slots in prefix, memory slots re-processed as queries, add position emb, new slots).
-        Official ("output") rule: window `[bos; last K slots; context]`, queries = last max(n, K) positions,
-        new slots = layer outputs at the last K. First injection: no bos, no memory. "input" mode keeps the
-        context tokens only (min(n, K) new slots, no re-processed slots) and always starts with bos."""
-        cfg, K = self.config, self.config.num_update_tokens
+        """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
+        re-processed as queries, add the position embedding, number of new slots).
+
+        Official ("output") rule: window `[bos; last K slots; context]`, queries = the last max(n, K) positions, new
+        slots = layer outputs at the last K; the first write into an empty "tile" pool has no bos and no memory.
+        "input" rule: only the context tokens are queries and become (min(n, K)) new slots.
+        """
+        cfg, K, filled = self.config, self.config.num_update_tokens, self.num_filled_slots
         output_rule = cfg.memory_update == "output"
-        if not self.memory_is_initialized:
-            use_bos = cfg.add_bos_embedding and not output_rule
-            return use_bos, 0, 0, cfg.positional_emb_on_first_injection, min(length, K)
-        requeried = max(K - length, 0) if output_rule else 0
-        new = K if output_rule else min(length, K)
-        return cfg.add_bos_embedding, K - requeried, requeried, True, new
+        official_first = filled == 0 and output_rule and cfg.fresh_pool == "tile"
+        requeried = min(max(K - length, 0), filled) if output_rule else 0
+        add_pos = cfg.positional_emb_on_first_injection if filled == 0 else True
+        num_new = min(K, requeried + length)
+        return cfg.add_bos_embedding and not official_first, min(K, filled) - requeried, requeried, add_pos, num_new
 
     def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
@@ -332,7 +344,8 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         memory = self.memory
         with self.adapters.use(WRITE):
             hidden = self.model.embed_tokens(input_ids)
-            prefix = [memory[layer, N - K : N - K + prefix_slots] for layer in range(len(layers))]
+            first_slot = N - requeried - prefix_slots
+            prefix = [memory[layer, first_slot : N - requeried] for layer in range(len(layers))]
             if use_bos:
                 prefix = [torch.cat([bos[layer].to(hidden.dtype), p], dim=0) for layer, p in enumerate(prefix)]
             start = prefix[0].shape[0]
@@ -367,28 +380,26 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         return torch.stack(new_slots)
 
     def _state_after(self, new: torch.Tensor, generator: torch.Generator | None) -> MemoryState:
-        """Memory state after committing new slots: tile an empty pool, else drop as many random slots."""
+        """Memory state after committing new slots [L, k, d]: an empty "tile" pool is filled with copies, otherwise
+        k slots are dropped (empty ones first, then random ones) and the new slots are appended at the end."""
         state = self._current_state()
-        if not self.memory_is_initialized:
-            pool = tile_pool(new.to(state.memory.dtype), self.config.num_memory_tokens)
-            rng_state = state.rng_state
+        N, filled = self.config.num_memory_tokens, self.num_filled_slots
+        rng_state = state.rng_state
+        if filled == 0 and self.config.fresh_pool == "tile":
+            pool, filled = tile_pool(new.to(state.memory.dtype), N), N
         else:
             drawer = generator
             if drawer is None:
                 drawer = torch.Generator()
                 drawer.set_state(state.rng_state.cpu())
-            keep = kept_slot_indices(
-                self.config.num_memory_tokens,
-                new.shape[1],
-                self.config.num_hidden_layers,
-                self.config.drop_memory_per_layer,
-                drawer,
-            )
-            pool = drop_and_append(state.memory, new, keep)
-            rng_state = state.rng_state if generator is not None else drawer.get_state()
+            L, per_layer = self.config.num_hidden_layers, self.config.drop_memory_per_layer
+            keep = kept_slot_indices(N, filled, new.shape[1], L, per_layer, drawer)
+            pool, filled = drop_and_append(state.memory, new, keep), min(N, filled + new.shape[1])
+            if generator is None:
+                rng_state = drawer.get_state()
         return MemoryState(
             memory=pool,
-            initialized=torch.ones_like(state.initialized),
+            filled=torch.full_like(state.filled, filled),
             injections=state.injections + 1,
             rng_state=rng_state,
         )
@@ -418,7 +429,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
     ) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
 
-        Defaults to the training-free "input" update. `bos_embedding` starts as the base model's own hidden states
+        Defaults to the training-free "input" update with a "grow" pool. `bos_embedding` starts as the base model's own hidden states
         of its BOS token, so reads see the attention sink the model was trained with.
         """
         load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
@@ -431,7 +442,11 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
             raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
         fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
         if memory_update == "input":
+            # Every context token becomes a slot, so chunks longer than K would lose tokens; and the 16-token
+            # minimum of the trained official models has no reason to apply.
             memory_config.setdefault("inject_chunk_size", memory_config.get("num_update_tokens", 16))
+            memory_config.setdefault("min_inject_tokens", 4)
+            memory_config.setdefault("fresh_pool", "grow")
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
         model = cls.from_pretrained(path_or_repo, config=config, **load_kwargs)
         model.bos_from_base_model()

@@ -33,13 +33,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.jinja", "added_tokens.json")
 _KEY_RULES = [
     (re.compile(r"^(base_model\.model\.)+"), ""),
-    (re.compile(r"^initialized$"), "memory_initialized"),
     (re.compile(r"^(bos_embedding|new_memory_positional_emb)$"), r"memory_embeddings.\1"),
     (re.compile(r"\.base_layer\.weight$"), ".weight"),
     (re.compile(r"\.lora_([AB])\.default\.weight$"), r".adapter_\1.write"),
     (re.compile(r"\.lora_([AB])\.decoder_adapter\.weight$"), r".adapter_\1.read"),
 ]
-_MEMORY_KEYS = {"memory", "memory_initialized"}
+_MEMORY_KEYS = {"memory", "initialized"}
 
 
 def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
@@ -126,7 +125,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
     (dst / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     write_memory_shard(dst, {
         "memory": pool,
-        "memory_initialized": memory.get("memory_initialized", torch.tensor(1)).bool(),
+        "memory_filled": torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
         "memory_injections": torch.tensor(0, dtype=torch.long),
         "memory_rng_state": seeded_rng_state(config.memory_seed),
     })
