@@ -1,37 +1,6 @@
 """The memory pool's update rule: first-injection tiling, random drops, newest slots at the end."""
 
-from dataclasses import dataclass
-
 import torch
-
-# Buffers that make up a memory state; they are saved together in their own safetensors file.
-MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state")
-
-
-@dataclass
-class MemoryState:
-    """A complete memory: the pool [L, N, d], how many slots (at its end) hold memories, injections so far,
-    and the state of the generator that picks dropped slots."""
-
-    memory: torch.Tensor
-    filled: torch.Tensor
-    injections: torch.Tensor
-    rng_state: torch.Tensor
-
-    def as_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state)))
-
-    @classmethod
-    def from_buffers(cls, buffers: dict[str, torch.Tensor]) -> "MemoryState":
-        return cls(*(buffers[name] for name in MEMORY_BUFFERS))
-
-    def clone(self) -> "MemoryState":
-        return MemoryState(*(t.detach().clone() for t in self.as_buffers().values()))
-
-
-def seeded_rng_state(seed: int) -> torch.Tensor:
-    """State of a fresh CPU generator seeded with `seed` (what a new pool starts from)."""
-    return torch.Generator().manual_seed(seed).get_state()
 
 
 def tile_pool(new: torch.Tensor, num_slots: int) -> torch.Tensor:

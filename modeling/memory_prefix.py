@@ -6,7 +6,7 @@ hidden states to every layer input does (the official implementation), without r
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -31,9 +31,18 @@ def prefix_key_values(
     return out
 
 
-def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int) -> DynamicCache:
-    """A fresh `DynamicCache` that starts with the prefix (shared, never copied until the cache grows)."""
-    cache = DynamicCache(config=config)
+class ReadOnlyPrefixLayer(DynamicLayer):
+    """A cache layer holding only the memory prefix: `update` returns prefix + new keys without storing them, so a
+    gradient-checkpointing replay of the layer sees exactly what the first pass saw."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool = False) -> Cache:
+    """A fresh cache that starts with the prefix (shared, never copied until the cache grows). `read_only` makes
+    a cache that never grows (training with gradient checkpointing)."""
+    cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv]) if read_only else DynamicCache(config=config)
     for layer, (keys, values) in zip(cache.layers, prefix_kv):
         layer.lazy_initialization(keys, values)
         layer.keys = keys.expand(batch_size, -1, -1, -1)

@@ -17,15 +17,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_hub import MemoryHubMixin
 from .memory_adapters import READ, WRITE, AdaptedLinear, MemoryAdapters
-from .memory_pool import (
-    MEMORY_BUFFERS,
-    MemoryState,
-    drop_and_append,
-    kept_slot_indices,
-    seeded_rng_state,
-    tile_pool,
-)
+from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
+from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
 from .memory_prefix import (
     PrefixKV,
     extend_attention_mask,
@@ -59,7 +54,7 @@ class MemoryEmbeddings(nn.Module):
         return self.bos_embedding, self.new_memory_positional_emb
 
 
-class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
+class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM, GenerationMixin):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
     config_class = MemoryLlamaConfig
@@ -76,6 +71,7 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
+        self._memory_lock = MemoryLock()
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -112,18 +108,6 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
     def num_injections(self) -> int:
         return int(self.memory_injections)
 
-    def memory_state(self) -> MemoryState:
-        """A copy of the current memory (pool, flags, drop RNG); `load_memory_state` restores it exactly."""
-        return self._current_state().clone()
-
-    def load_memory_state(self, state: MemoryState) -> None:
-        """Restore a state from `memory_state()`; shapes must match this model's pool."""
-        if tuple(state.memory.shape) != tuple(self.memory.shape):
-            raise ValueError(
-                f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
-            )
-        self._set_state(state.clone())
-
     def reset_memory(self, seed: int | None = None) -> None:
         """Empty the pool: reads use no memory until the next injection (which fills the pool by tiling)."""
         seed = self.config.memory_seed if seed is None else seed
@@ -141,18 +125,20 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
 
     def _set_state(self, state: MemoryState) -> None:
         """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
-        for name, tensor in state.as_buffers().items():
-            current = getattr(self, name)
-            setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+        with self._memory_lock:
+            for name, tensor in state.as_buffers().items():
+                current = getattr(self, name)
+                setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
 
     # ------------------------------------------------------------------ reading
-    def _memory_prefix_hidden(self) -> list[torch.Tensor]:
-        """Per-layer prefix hidden states `[bos_l; filled slots of memory_l]` ([P, d] each)."""
+    def _memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer prefix hidden states `[bos_l; slots_l]` ([P, d] each); slots default to the filled pool."""
         bos, _ = self.memory_embeddings()
-        memory = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
+        if slots is None:
+            slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
         if bos is None:
-            return list(memory)
-        return list(torch.cat([bos.to(memory.dtype), memory], dim=1))
+            return list(slots)
+        return list(torch.cat([bos.to(slots.dtype), slots], dim=1))
 
     def _prefix_fingerprint(self) -> tuple:
         """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
@@ -170,26 +156,34 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
                     parts += [param.data_ptr(), param._version]
         return tuple(parts)
 
-    def _memory_key_values(self) -> PrefixKV:
-        """Keys/values of the memory prefix for the read adapter; cached until the memory or the weights change.
-        Computed afresh (with gradient) when gradients can flow into the prefix path."""
-        if torch.is_grad_enabled() and self._prefix_needs_grad():
-            return prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
-        fingerprint = self._prefix_fingerprint()
-        if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
-            with torch.no_grad():
-                kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
-            self._prefix_kv = (fingerprint, kv)
-        return self._prefix_kv[1]
+    def _memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
+        """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
+        The pool's are cached until the memory or the weights change; they are computed afresh (with gradient)
+        when gradients can flow into the prefix path."""
+        if slots is not None or (torch.is_grad_enabled() and self._prefix_needs_grad()):
+            return prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden(slots))
+        with self._memory_lock:
+            fingerprint = self._prefix_fingerprint()
+            if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
+                with torch.no_grad():
+                    kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
+                self._prefix_kv = (fingerprint, kv)
+            return self._prefix_kv[1]
 
     def _prefix_needs_grad(self) -> bool:
         bos, _ = self.memory_embeddings()
         modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
         return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
 
-    def memory_cache(self, batch_size: int = 1):
-        """A generation cache pre-filled with the memory prefix (empty cache when the pool was never written)."""
-        return seeded_cache(self.config, self._memory_key_values(), batch_size)
+    def memory_cache(self, batch_size: int = 1, slots: torch.Tensor | None = None, read_only: bool = False):
+        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows."""
+        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only)
+
+    def _memory_prefix(self, batch_size: int, slots: torch.Tensor | None = None, read_only: bool = False):
+        """(cache, prefix length) taken from one consistent memory state."""
+        with self._memory_lock:
+            length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
+            return self.memory_cache(batch_size, slots, read_only), length
 
     def _reads_memory(self, use_memory: bool) -> bool:
         return use_memory and self.memory_is_initialized
@@ -205,23 +199,26 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         use_memory: bool = True,
+        memory_slots: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Llama forward reading the memory. `attention_mask` covers the tokens (or prefix + tokens);
-        `use_memory=False` runs the plain base model."""
+        """Llama forward reading the memory. `attention_mask` covers the tokens (or prefix + tokens).
+        `use_memory=False` runs the plain base model; `memory_slots` [L, k, d] reads those slots instead of the pool
+        (training: a fresh, differentiable injection)."""
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         drop_cache = False
-        if fresh and self._reads_memory(use_memory):
+        if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
             tokens = input_ids if input_ids is not None else inputs_embeds
             batch, length = tokens.shape[:2]
-            prefix = self.memory_prefix_length
+            checkpointing = self.is_gradient_checkpointing and self.training
+            cache, prefix = self._memory_prefix(batch, memory_slots, read_only=checkpointing)
             attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, length)
-            drop_cache = use_cache is False or (use_cache is None and not self.config.use_cache)
-            cache = self.memory_cache(batch)
+            drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
+            use_cache = False if checkpointing else use_cache
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -237,6 +234,13 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
             outputs.cache = None
         return outputs
 
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Gradient checkpointing that keeps the memory prefix: in training the layers only ever receive the
+        read-only prefix cache (see `forward`), so a checkpoint replay reads exactly the same keys/values."""
+        super().gradient_checkpointing_enable(*args, **kwargs)
+        for layer in self.model.layers:
+            layer._can_checkpoint_with_cache = True
+
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically."""
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -246,10 +250,10 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
             config = generation_config or self.generation_config
             beams = kwargs.get("num_beams", config.num_beams) or 1
             returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+            kwargs["cache"], prefix = self._memory_prefix(batch * max(beams, returns))
             kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, self.memory_prefix_length, tokens.device
+                kwargs.get("attention_mask"), batch, length, prefix, tokens.device
             )
-            kwargs["cache"] = self.memory_cache(batch * max(beams, returns))
         return super().generate(inputs, generation_config, **kwargs)
 
     # ------------------------------------------------------------------ writing
@@ -271,15 +275,16 @@ class MemoryLlamaForCausalLM(LlamaForCausalLM, GenerationMixin):
         if chunk_size < self.config.min_inject_tokens:
             raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens})")
         chunks = [c for ids in self._injection_ids(text_or_ids, tokenizer) for c in self._split(ids, chunk_size)]
-        before = self._current_state()
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
-        try:
-            with torch.no_grad():
-                for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                    self._set_state(self._state_after(self.new_memory_slots(chunk), generator))
-        except BaseException:
-            self._set_state(before)
-            raise
+        with self._memory_lock:
+            before = self._current_state()
+            try:
+                with torch.no_grad():
+                    for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
+                        self._set_state(self._state_after(self.new_memory_slots(chunk), generator))
+            except BaseException:
+                self._set_state(before)
+                raise
         return len(chunks)
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:

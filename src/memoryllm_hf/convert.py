@@ -17,7 +17,7 @@ from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from .modeling.memory_pool import seeded_rng_state
+from .modeling.memory_state import seeded_rng_state
 from .modeling.memory_storage import INDEX_FILE, MEMORY_FILE, atomic_write, write_memory_shard
 
 # Official config keys that become MemoryLlama fields (or are dropped as unused by the official code).
