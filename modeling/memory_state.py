@@ -1,5 +1,6 @@
 """Memory states: the complete, restorable content of a memory pool, and the model API around them."""
 
+import hashlib
 import threading
 from dataclasses import dataclass
 
@@ -57,6 +58,19 @@ class MemoryLock:
 
 class MemoryStateMixin:
     """Memory-state API of MemoryLlama (relies on the model's `_current_state` / `_set_state`)."""
+
+    def memory_fingerprint(self) -> str:
+        """Identifies the model a memory belongs to: the pool geometry, the update rule and a digest of the frozen
+        norm weights (cheap to compute; differs between base models, survives LoRA training)."""
+        cfg = self.config
+        digest = hashlib.sha256(
+            repr((cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.num_update_tokens,
+                  cfg.vocab_size, cfg.memory_update, cfg.add_bos_embedding)).encode()
+        )
+        for layer in self.model.layers:
+            digest.update(layer.input_layernorm.weight.detach().float().cpu().numpy().tobytes())
+        digest.update(self.model.norm.weight.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def memory_state(self) -> MemoryState:
         """A copy of the current memory (pool, fill level, injections, drop RNG); `load_memory_state` restores it
