@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -10,6 +10,23 @@ from torch.nn import functional as F
 
 WRITE = "write"
 READ = "read"
+
+
+class AdapterWeights(nn.ParameterDict):
+    """The `A` (down, [r, in]) or `B` (up, [out, r]) matrices of each named adapter."""
+
+    def __init__(self, kind: str, shape: tuple[int, int], names: list[str], **factory):
+        super().__init__({name: nn.Parameter(torch.zeros(*shape, **factory)) for name in names})
+        self.kind = kind
+
+    @torch.no_grad()
+    def reset(self, names: Iterable[str] | None = None) -> None:
+        """PEFT's LoRA init (a fresh adapter changes nothing): A Kaiming-uniform, B zero."""
+        for name in self.keys() if names is None else names:
+            if self.kind == "A":
+                nn.init.kaiming_uniform_(self[name], a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self[name])
 
 
 class AdaptedLinear(nn.Linear):
@@ -22,17 +39,11 @@ class AdaptedLinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight, self.bias = base.weight, base.bias
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.adapter_A = nn.ParameterDict({n: nn.Parameter(torch.zeros(r, self.in_features, **factory)) for n in names})
-        self.adapter_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(self.out_features, r, **factory)) for n in names})
+        self.adapter_A = AdapterWeights("A", (r, self.in_features), names, **factory)
+        self.adapter_B = AdapterWeights("B", (self.out_features, r), names, **factory)
         self.adapter_scaling = alpha / r
         self.adapter_dropout = nn.Dropout(dropout)
         self.active_adapter: str | None = None
-
-    def reset_adapters(self, init_module) -> None:
-        """PEFT's LoRA init: A Kaiming-uniform, B zero (a fresh adapter changes nothing)."""
-        for name in self.adapter_A:
-            init_module.kaiming_uniform_(self.adapter_A[name], a=math.sqrt(5))
-            init_module.zeros_(self.adapter_B[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)

@@ -1,34 +1,155 @@
 """Memory states: the complete, restorable content of a memory pool, and the model API around them."""
 
+import dataclasses
 import hashlib
+import os
 import threading
-from dataclasses import dataclass
+import weakref
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .memory_storage import atomic_write
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
 MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state")
+STATE_FORMAT = "memoryllm-hf/memory-state/1"
+_TENSOR_FIELDS = ("memory", "filled", "injections", "rng_state")
+_RNG_STATE_BYTES = torch.Generator().get_state().numel()
 
 
-@dataclass
+class MemoryStateError(ValueError):
+    """A memory state that must not be used: truncated or corrupted, non-finite, or made for another model."""
+
+
+@dataclasses.dataclass
 class MemoryState:
-    """A complete memory: the pool [L, N, d], how many slots (at its end) hold memories, injections so far,
-    and the state of the generator that picks dropped slots."""
+    """A complete memory: the pool [L, N, d], how many slots (at its end) hold memories, injections so far, the
+    state of the generator that picks dropped slots, and (when taken from a model) that model's fingerprint and K."""
 
     memory: torch.Tensor
     filled: torch.Tensor
     injections: torch.Tensor
     rng_state: torch.Tensor
+    fingerprint: str | None = None
+    num_update_tokens: int | None = None
 
     def as_buffers(self) -> dict[str, torch.Tensor]:
         return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state)))
 
     @classmethod
-    def from_buffers(cls, buffers: dict[str, torch.Tensor]) -> "MemoryState":
-        return cls(*(buffers[name] for name in MEMORY_BUFFERS))
+    def from_buffers(cls, buffers: Mapping[str, torch.Tensor], **info) -> "MemoryState":
+        return cls(*(buffers[name] for name in MEMORY_BUFFERS), **info)
 
     def clone(self) -> "MemoryState":
-        return MemoryState(*(t.detach().clone() for t in self.as_buffers().values()))
+        return dataclasses.replace(self, **{f: getattr(self, f).detach().clone() for f in _TENSOR_FIELDS})
+
+    @property
+    def num_slots(self) -> int:
+        """N, slots per layer."""
+        return self.memory.shape[1]
+
+    @property
+    def num_filled_slots(self) -> int:
+        return int(self.filled)
+
+    @property
+    def num_injections(self) -> int:
+        return int(self.injections)
+
+    def content_hash(self) -> str:
+        """sha256 of the four tensors (names, dtypes, shapes and bytes): equal hashes mean identical memories."""
+        digest = hashlib.sha256()
+        for name, tensor in self.as_buffers().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def metadata(self) -> dict[str, str]:
+        """What `save` writes beside the tensors (safetensors metadata is str -> str)."""
+        L, N, d = self.memory.shape
+        info = {
+            "format": "pt",
+            "memory_state": STATE_FORMAT,
+            "num_layers": L,
+            "num_memory_tokens": N,
+            "hidden_size": d,
+            "dtype": str(self.memory.dtype).removeprefix("torch."),
+            "filled": self.num_filled_slots,
+            "injections": self.num_injections,
+            "content_hash": self.content_hash(),
+            "num_update_tokens": self.num_update_tokens,
+            "fingerprint": self.fingerprint,
+        }
+        return {key: str(value) for key, value in info.items() if value is not None}
+
+    def validate(self) -> None:
+        """Raise MemoryStateError unless the tensors form a usable memory (shapes, dtypes, ranges, all finite)."""
+        memory, filled, injections, rng = self.memory, self.filled, self.injections, self.rng_state
+        if any(t.is_meta for t in (memory, filled, injections, rng)):
+            raise MemoryStateError("memory state tensors are on the meta device (they hold no data)")
+        if memory.dim() != 3 or not memory.is_floating_point():
+            raise MemoryStateError(
+                f"memory must be a floating-point tensor [layers, slots, hidden], got {memory.dtype} "
+                f"of shape {tuple(memory.shape)}"
+            )
+        for name, tensor in (("filled", filled), ("injections", injections)):
+            if tensor.dim() != 0 or tensor.is_floating_point() or tensor.dtype == torch.bool:
+                raise MemoryStateError(f"{name} must be an integer scalar, got {tensor.dtype} {tuple(tensor.shape)}")
+        if not 0 <= int(filled) <= memory.shape[1]:
+            raise MemoryStateError(f"filled={int(filled)} is outside [0, {memory.shape[1]}] (the pool has that many slots)")
+        if int(injections) < 0:
+            raise MemoryStateError(f"injections={int(injections)} is negative")
+        if rng.dtype != torch.uint8 or tuple(rng.shape) != (_RNG_STATE_BYTES,):
+            raise MemoryStateError(
+                f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), got {rng.dtype} {tuple(rng.shape)}"
+            )
+        if not bool(torch.isfinite(memory).all()):
+            bad = int((~torch.isfinite(memory)).sum())
+            raise MemoryStateError(f"memory holds {bad} NaN/inf values; refusing to use it")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file with metadata, atomically: a crash mid-save leaves the previous file intact."""
+        self.validate()
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.as_buffers().items()}
+        metadata = self.metadata()
+        atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MemoryState":
+        """Read a file written by `save` (or a checkpoint's memory.safetensors); checks it completely first."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no memory state file at {path}")
+        try:
+            with safe_open(path, "pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise MemoryStateError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
+        missing = [name for name in MEMORY_BUFFERS if name not in tensors]
+        if missing:
+            raise MemoryStateError(f"{path} is not a memory state: tensors {missing} are missing")
+        K = metadata.get("num_update_tokens")
+        if K is not None and not K.isdigit():
+            raise MemoryStateError(f"{path} is corrupted: num_update_tokens={K!r} in its metadata")
+        state = cls.from_buffers(
+            tensors, fingerprint=metadata.get("fingerprint"), num_update_tokens=int(K) if K is not None else None
+        )
+        try:
+            state.validate()
+        except MemoryStateError as err:
+            raise MemoryStateError(f"{path}: {err}") from None
+        expected = metadata.get("content_hash")
+        if expected is not None and expected != state.content_hash():
+            raise MemoryStateError(f"{path} is corrupted: its content does not match the hash recorded when it was saved")
+        return state
 
 
 def seeded_rng_state(seed: int) -> torch.Tensor:
@@ -57,7 +178,11 @@ class MemoryLock:
 
 
 class MemoryStateMixin:
-    """Memory-state API of MemoryLlama (relies on the model's `_current_state` / `_set_state`)."""
+    """Memory-state API of MemoryLlama: states, snapshots, undo and per-user memories (relies on the model's
+    `_current_state` / `_set_state` and `_memory_lock`)."""
+
+    # How many injections `undo()` can take back; each step keeps one old pool alive (0 turns undo off).
+    undo_depth: int = 1
 
     def memory_fingerprint(self) -> str:
         """Identifies the model a memory belongs to: the pool geometry, the update rule and a digest of the frozen
@@ -73,14 +198,101 @@ class MemoryStateMixin:
         return digest.hexdigest()[:16]
 
     def memory_state(self) -> MemoryState:
-        """A copy of the current memory (pool, fill level, injections, drop RNG); `load_memory_state` restores it
-        exactly, including which slots the next injection drops."""
-        return self._current_state().clone()
+        """A copy of the current memory (pool, fill level, injections, drop RNG, this model's fingerprint);
+        `load_memory_state` restores it exactly, including which slots the next injection drops."""
+        with self._memory_lock:
+            state = self._current_state().clone()
+        return dataclasses.replace(
+            state, fingerprint=self.memory_fingerprint(), num_update_tokens=self.config.num_update_tokens
+        )
 
     def load_memory_state(self, state: MemoryState) -> None:
-        """Restore a state from `memory_state()`; its pool shape must match this model's."""
+        """Replace the memory by a copy of `state`. Refuses (changing nothing) a state that is broken or belongs to
+        another model: wrong pool shape, other K, other fingerprint, NaN/inf."""
+        self._check_compatible(state)
+        with self._memory_lock:
+            self._set_state(state.clone())
+
+    def _check_compatible(self, state: MemoryState) -> None:
+        state.validate()
         if tuple(state.memory.shape) != tuple(self.memory.shape):
-            raise ValueError(
+            raise MemoryStateError(
                 f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
             )
-        self._set_state(state.clone())
+        K = self.config.num_update_tokens
+        if state.num_update_tokens is not None and state.num_update_tokens != K:
+            raise MemoryStateError(f"memory state was written with K={state.num_update_tokens}, this model has K={K}")
+        if state.fingerprint is not None and state.fingerprint != self.memory_fingerprint():
+            raise MemoryStateError(
+                f"memory state belongs to another model (fingerprint {state.fingerprint}, this model's is "
+                f"{self.memory_fingerprint()}); load it into the model it was saved from"
+            )
+
+    # ------------------------------------------------------------------ snapshots
+    @property
+    def snapshots(self) -> Mapping[str, MemoryState]:
+        """Named snapshots taken with `snapshot(name)` (read-only view)."""
+        return MappingProxyType(self.__dict__.setdefault("_memory_snapshots", {}))
+
+    def snapshot(self, name: str) -> MemoryState:
+        """Keep a copy of the current memory under `name` (replacing an older snapshot of that name)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"snapshot names must be non-empty strings, got {name!r}")
+        state = self.memory_state()
+        self.__dict__.setdefault("_memory_snapshots", {})[name] = state
+        return state
+
+    def restore(self, name: str) -> None:
+        """Bring back the memory saved by `snapshot(name)` (the snapshot stays available)."""
+        if name not in self.snapshots:
+            known = ", ".join(sorted(self.snapshots)) or "none"
+            raise KeyError(f"no snapshot named {name!r} (snapshots: {known})")
+        self.load_memory_state(self.snapshots[name])
+
+    # ------------------------------------------------------------------ undo
+    def _remember_undo(self, before: MemoryState) -> None:
+        """Called by `inject`, under the memory lock, after a successful write; `before` is the state it replaced."""
+        if self.undo_depth <= 0:
+            return
+        history = self.__dict__.setdefault("_undo_history", deque())
+        history.append((before, weakref.ref(self.memory), self.memory._version))
+        while len(history) > self.undo_depth:
+            history.popleft()
+
+    def undo(self) -> None:
+        """Take back the last `inject` (up to `undo_depth` of them, newest first). Refuses when the memory was
+        replaced since (`load_memory_state`, `restore`, `reset_memory`, an in-place edit)."""
+        with self._memory_lock:
+            history = self.__dict__.setdefault("_undo_history", deque())
+            if not history:
+                raise ValueError(f"nothing to undo (undo_depth={self.undo_depth} injections are remembered)")
+            before, after, version = history[-1]
+            if after() is not self.memory or self.memory._version != version:
+                history.clear()
+                raise ValueError("the memory was replaced since the last inject; there is nothing to undo")
+            history.pop()
+            self._set_state(before)
+
+    # ------------------------------------------------------------------ per-user memories
+    @contextmanager
+    def use_memory(self, state: MemoryState) -> Iterator[MemoryState]:
+        """Serve `state` for the duration of the block (one loaded model, many users' memories).
+
+        Injections made inside the block are written back into `state`; the previous memory and its undo history
+        come back on exit, even on error. The block holds the memory lock: other threads' injections and reads
+        wait until it ends, so they never see this memory.
+        """
+        self._check_compatible(state)
+        with self._memory_lock:
+            previous = self._current_state()
+            previous_history = self.__dict__.pop("_undo_history", None)
+            self._set_state(state.clone())
+            try:
+                yield state
+            finally:
+                final = self._current_state()
+                for name in _TENSOR_FIELDS:
+                    setattr(state, name, getattr(final, name))
+                state.fingerprint, state.num_update_tokens = self.memory_fingerprint(), self.config.num_update_tokens
+                self._set_state(previous)
+                self.__dict__["_undo_history"] = previous_history if previous_history is not None else deque()

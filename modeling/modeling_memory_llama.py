@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_hub import MemoryHubMixin
-from .memory_adapters import READ, WRITE, AdaptedLinear, MemoryAdapters
+from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
 from .memory_prefix import (
@@ -59,7 +59,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
 
     config_class = MemoryLlamaConfig
     config: MemoryLlamaConfig
-    _keys_to_ignore_on_load_missing = [r"^memory", r"^memory_embeddings\.", r"adapter_[AB]\."]
+    _keys_to_ignore_on_load_missing = [r"^memory", r"^memory_embeddings\."]
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
@@ -72,7 +72,10 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
         self._memory_lock = MemoryLock()
-        self.post_init()
+        self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
+        for module in self.modules():
+            if isinstance(module, AdapterWeights):
+                module.reset()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -80,8 +83,6 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             if module.bos_embedding is not None:
                 init.normal_(module.bos_embedding, std=self.config.initializer_range)
             init.zeros_(module.new_memory_positional_emb)
-        elif isinstance(module, AdaptedLinear):
-            module.reset_adapters(init)
         elif module is self:
             init.normal_(self.memory, std=self.config.initializer_range)
             init.zeros_(self.memory_filled)
@@ -212,7 +213,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
             tokens = input_ids if input_ids is not None else inputs_embeds
             batch, length = tokens.shape[:2]
-            checkpointing = self.is_gradient_checkpointing and self.training
+            checkpointing = self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.model.layers)
             cache, prefix = self._memory_prefix(batch, memory_slots, read_only=checkpointing)
             attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
             if position_ids is None:
@@ -423,6 +424,36 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         if memory and kwargs.get("is_main_process", True):
             write_memory_shard(save_directory, memory)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`from_pretrained` that refuses a memory pool whose shape disagrees with the config (or, with
+        `ignore_mismatched_sizes=True`, starts from an empty pool instead of reading a re-initialized one)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "mismatched" not in str(err):
+                raise
+            raise ValueError(
+                "the checkpoint's tensors do not have the shapes its config implies (see the load report above). For "
+                "`memory` this means num_hidden_layers / num_memory_tokens / hidden_size in config.json disagree with "
+                "memory.safetensors: fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
+            ) from err
+        model._reset_missing_adapters(info["missing_keys"])
+        if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
+            logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
+            model.reset_memory()
+        if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
+            raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt memory")
+        return (model, info) if want_info else model
+
+    def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
+        """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
+        submodel, whose own `_init_weights` does not know them.)"""
+        for prefix, module in self.named_modules():
+            if isinstance(module, AdapterWeights):
+                module.reset([name for name in module if f"{prefix}.{name}" in missing_keys])
 
     @classmethod
     def from_base(

@@ -1,13 +1,9 @@
 """Shared fixtures: tiny random models for the default run, SmolLM2 for tests marked `slow`."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from memoryllm_hf.tiny import tiny_model
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
