@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .convert import convert_official
 from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryState
 
 __version__ = "0.1.0"
@@ -10,4 +11,4 @@ AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=Tr
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState", "__version__"]
+__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState", "convert_official", "__version__"]
