@@ -21,7 +21,7 @@ def prefix_key_values(
     cos, sin = rotary_emb(prefix[0], positions)
     cos, sin = cos[:, None], sin[:, None]
     out = []
-    for layer, hidden in zip(layers, prefix):
+    for layer, hidden in zip(layers, prefix, strict=True):
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden[None])
         shape = (1, length, -1, attn.head_dim)
@@ -43,7 +43,7 @@ def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool =
     """A fresh cache that starts with the prefix (shared, never copied until the cache grows). `read_only` makes
     a cache that never grows (training with gradient checkpointing)."""
     cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv]) if read_only else DynamicCache(config=config)
-    for layer, (keys, values) in zip(cache.layers, prefix_kv):
+    for layer, (keys, values) in zip(cache.layers, prefix_kv, strict=True):
         layer.lazy_initialization(keys, values)
         layer.keys = keys.expand(batch_size, -1, -1, -1)
         layer.values = values.expand(batch_size, -1, -1, -1)

@@ -17,10 +17,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_hub import MemoryHubMixin
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
+from .memory_hub import MemoryHubMixin
 from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
-from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
 from .memory_prefix import (
     PrefixKV,
     extend_attention_mask,
@@ -28,6 +27,7 @@ from .memory_prefix import (
     prefix_key_values,
     seeded_cache,
 )
+from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
 from .memory_storage import write_memory_shard
 
 logger = logging.get_logger(__name__)
@@ -213,7 +213,9 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
             tokens = input_ids if input_ids is not None else inputs_embeds
             batch, length = tokens.shape[:2]
-            checkpointing = self.training and any(getattr(layer, "gradient_checkpointing", False) for layer in self.model.layers)
+            checkpointing = self.training and any(
+                getattr(m, "gradient_checkpointing", False) for m in self.model.layers
+            )
             cache, prefix = self._memory_prefix(batch, memory_slots, read_only=checkpointing)
             attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
             if position_ids is None:
@@ -445,7 +447,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
             model.reset_memory()
         if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
-            raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt memory")
+            raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt")
         return (model, info) if want_info else model
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
@@ -465,18 +467,18 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
     ) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
 
-        Defaults to the training-free "input" update with a "grow" pool. `bos_embedding` starts as the base model's own hidden states
-        of its BOS token, so reads see the attention sink the model was trained with.
+        Defaults to the training-free "input" update with a "grow" pool. `bos_embedding` starts as the base model's
+        own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
         load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
         if gguf_file:
             load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        base_config = AutoConfig.from_pretrained(path_or_repo, gguf_file=gguf_file) if gguf_file else (
-            AutoConfig.from_pretrained(path_or_repo, revision=load_kwargs.get("revision"))
-        )
+        source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}
+        base_config = AutoConfig.from_pretrained(path_or_repo, **source)
         if base_config.model_type not in ("llama", MemoryLlamaConfig.model_type):
             raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
-        fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+        skip = ("model_type", "architectures", "auto_map")
+        fields = {k: v for k, v in base_config.to_dict().items() if k not in skip}
         if memory_update == "input":
             # Every context token becomes a slot, so chunks longer than K would lose tokens; and the 16-token
             # minimum of the trained official models has no reason to apply.

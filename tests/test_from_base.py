@@ -60,10 +60,11 @@ def test_gguf_smollm2_answers_from_memory(smollm2):
     model.inject("Zorblat Quenn was born in the town of Velmora in the year 1962.", tokenizer=tokenizer)
 
     def ask(question, use_memory=True):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         out = model.generate(**ids, max_new_tokens=16, do_sample=False, use_memory=use_memory)
-        return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
     assert "Velmora" in ask("Where was Zorblat Quenn born?")
     assert "Velmora" not in ask("Where was Zorblat Quenn born?", use_memory=False)

@@ -69,10 +69,18 @@ def test_decoding_strategies(model):
     torch.manual_seed(3)
     sampled = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, num_return_sequences=3)
     torch.manual_seed(3)
-    assert torch.equal(sampled, model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, num_return_sequences=3))
+    again = model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20, num_return_sequences=3)
+    assert torch.equal(sampled, again)
     assert sampled.shape == (6, 9)
-    beams = model.generate(prompt, max_new_tokens=5, num_beams=4, num_return_sequences=2, do_sample=False,
-                           output_scores=True, return_dict_in_generate=True)
+    beams = model.generate(
+        prompt,
+        max_new_tokens=5,
+        num_beams=4,
+        num_return_sequences=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     assert beams.sequences.shape == (4, 9)
     # the best beam scores at least as well as greedy under the model (length-normalised log-probs)
     greedy = model.generate(prompt[:1], max_new_tokens=5, do_sample=False)

@@ -81,7 +81,7 @@ def test_drop_and_append_writes_one_pool():
 
 def test_grow_pool_fills_before_dropping():
     model = tiny_model(memory_update="input", fresh_pool="grow")
-    N, K = model.config.num_memory_tokens, model.config.num_update_tokens
+    N = model.config.num_memory_tokens
     assert not model.memory_is_initialized
     written = []
     for length in (4, 6, 6, 6):  # 22 slots: the pool of 24 is not full yet, nothing dropped

@@ -1,4 +1,4 @@
-"""Numerical parity with the official MemoryLLM code: converted official checkpoints reproduce every golden recording."""
+"""Numerical parity with the official MemoryLLM code: converted official checkpoints reproduce all golden recordings."""
 
 import json
 from pathlib import Path

@@ -106,14 +106,24 @@ def test_remote_code_loads_without_the_package(tmp_path):
     model.save_pretrained(folder)
     prompt, context = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 9))
     with torch.no_grad():
-        expected = {"memory": model.memory.clone(), "prompt": prompt, "logits": model(prompt).logits,
-                    "generated": model.generate(prompt, max_new_tokens=4, do_sample=False), "context": context}
+        expected = {
+            "memory": model.memory.clone(),
+            "prompt": prompt,
+            "logits": model(prompt).logits,
+            "generated": model.generate(prompt, max_new_tokens=4, do_sample=False),
+            "context": context,
+        }
     model.inject(context)
     expected["memory_after"] = model.memory
     torch.save(expected, tmp_path / "expected.pt")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", REMOTE, str(folder), str(tmp_path / "expected.pt")],
-                            capture_output=True, text=True, env=env, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE, str(folder), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "remote ok" in result.stdout
 

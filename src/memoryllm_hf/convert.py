@@ -18,19 +18,47 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from .modeling.memory_state import seeded_rng_state
-from .modeling.memory_storage import INDEX_FILE, MEMORY_FILE, atomic_write, write_memory_shard
+from .modeling.memory_storage import INDEX_FILE, atomic_write, write_memory_shard
 
 # Official config keys that become MemoryLlama fields (or are dropped as unused by the official code).
 _OFFICIAL_ONLY = {
-    "num_tokens", "num_blocks", "num_memory_tokens", "interpolate_position_ids", "lora_config", "add_decoder_lora",
-    "drop_memory_per_layer", "add_bos_embedding", "shrink_to_one_embedding", "new_memory_embedding_fullset",
-    "split_positional_embedding", "add_positional_embedding", "delta_memory_ratio", "new_delta_memory_length",
-    "put_memory_on_cpu", "share_position_ids", "use_negative_position_ids", "max_length", "max_seq_length",
-    "rope_scaling", "rope_theta", "architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
-    "auto_map", "_name_or_path",
+    "num_tokens",
+    "num_blocks",
+    "num_memory_tokens",
+    "interpolate_position_ids",
+    "lora_config",
+    "add_decoder_lora",
+    "drop_memory_per_layer",
+    "add_bos_embedding",
+    "shrink_to_one_embedding",
+    "new_memory_embedding_fullset",
+    "split_positional_embedding",
+    "add_positional_embedding",
+    "delta_memory_ratio",
+    "new_delta_memory_length",
+    "put_memory_on_cpu",
+    "share_position_ids",
+    "use_negative_position_ids",
+    "max_length",
+    "max_seq_length",
+    "rope_scaling",
+    "rope_theta",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "auto_map",
+    "_name_or_path",
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "chat_template.jinja", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 _KEY_RULES = [
     (re.compile(r"^(base_model\.model\.)+"), ""),
     (re.compile(r"^(bos_embedding|new_memory_positional_emb)$"), r"memory_embeddings.\1"),
@@ -59,7 +87,9 @@ def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "linear"):
             raise ValueError(f"official MemoryLLM uses default or linear RoPE, got rope_scaling={scaling}")
-        rope = {"rope_type": kind, "rope_theta": theta, **({"factor": float(scaling["factor"])} if kind == "linear" else {})}
+        rope = {"rope_type": kind, "rope_theta": theta}
+        if kind == "linear":
+            rope["factor"] = float(scaling["factor"])
     lora = official.get("lora_config")
     fields = {k: v for k, v in official.items() if k not in _OFFICIAL_ONLY}
     return MemoryLlamaConfig(
@@ -113,8 +143,10 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
         if dtype is not None:
             shard = {k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
         name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
-        atomic_write(str(dst / name), lambda p, s=shard: save_file({k: v.contiguous() for k, v in s.items()}, p,
-                                                                   metadata={"format": "pt"}))
+        atomic_write(
+            str(dst / name),
+            lambda p, s=shard: save_file({k: v.contiguous() for k, v in s.items()}, p, metadata={"format": "pt"}),
+        )
         weight_map.update(dict.fromkeys(shard, name))
     if "memory" not in memory:
         raise ValueError(f"{src} has no `memory` tensor: not an official MemoryLLM checkpoint")
@@ -123,12 +155,15 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
     if tuple(pool.shape) != expected:
         raise ValueError(f"memory has shape {tuple(pool.shape)}, the config implies {expected}")
     (dst / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    write_memory_shard(dst, {
-        "memory": pool,
-        "memory_filled": torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
-        "memory_injections": torch.tensor(0, dtype=torch.long),
-        "memory_rng_state": seeded_rng_state(config.memory_seed),
-    })
+    write_memory_shard(
+        dst,
+        {
+            "memory": pool,
+            "memory_filled": torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
+            "memory_injections": torch.tensor(0, dtype=torch.long),
+            "memory_rng_state": seeded_rng_state(config.memory_seed),
+        },
+    )
     config.dtype = str(pool.dtype).removeprefix("torch.")
     config.architectures = [MemoryLlamaForCausalLM.__name__]
     with torch.device("meta"):

@@ -44,7 +44,8 @@ def smollm2_base_folder() -> Path:
         return target
     folder, name = smollm2_gguf()
     staging = target.with_name(target.name + ".partial")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True))
+    dequantize = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, quantization_config=dequantize)
     model.save_pretrained(staging)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(staging)
     if target.exists():

@@ -65,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     start = time.perf_counter()
-    model, tokenizer = load_default_model(num_memory_tokens=args.num_memory_tokens,
-                                          num_update_tokens=args.num_update_tokens)
+    model, tokenizer = load_default_model(
+        num_memory_tokens=args.num_memory_tokens, num_update_tokens=args.num_update_tokens
+    )
     cfg = model.config
-    print(f"SmolLM2-135M-Instruct + memory: N={cfg.num_memory_tokens} slots x {cfg.num_hidden_layers} layers, "
-          f"K={cfg.num_update_tokens} per injection, rule={cfg.memory_update!r} (training-free), "
-          f"loaded in {time.perf_counter() - start:.1f}s\n")
+    print(
+        f"SmolLM2-135M-Instruct + memory: N={cfg.num_memory_tokens} slots x {cfg.num_hidden_layers} layers, "
+        f"K={cfg.num_update_tokens} per injection, rule={cfg.memory_update!r} (training-free), "
+        f"loaded in {time.perf_counter() - start:.1f}s\n"
+    )
 
     print("Without memory:")
     for question in QUESTIONS:
@@ -79,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for fact in FACTS:
         model.inject(fact, tokenizer=tokenizer)
-    print(f"\nInjected {len(FACTS)} facts in {time.perf_counter() - start:.2f}s "
-          f"({model.num_filled_slots} of {cfg.num_memory_tokens} slots filled):")
+    print(
+        f"\nInjected {len(FACTS)} facts in {time.perf_counter() - start:.2f}s "
+        f"({model.num_filled_slots} of {cfg.num_memory_tokens} slots filled):"
+    )
     for fact in FACTS:
         print(f"  + {fact}")
 

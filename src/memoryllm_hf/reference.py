@@ -59,7 +59,8 @@ def reference_new_memory_slots(model: MemoryLlamaForCausalLM, input_ids: torch.L
     with model.adapters.use("write"):
         hidden = model.model.embed_tokens(input_ids)
         for index, layer in enumerate(model.model.layers):
-            parts = ([bos[index][None]] if use_bos else []) + [model.memory[index, N - requeried - prefix_slots :][None]]
+            slots = model.memory[index, N - requeried - prefix_slots :][None]
+            parts = ([bos[index][None]] if use_bos else []) + [slots]
             window = torch.cat([*parts, hidden], dim=1) if prefix_slots + requeried or use_bos else hidden
             if add_pos:  # in place, as the official code does (it may alias the last output): last K queries
                 window[:, -min(K, requeried + length) :] += pos_emb
