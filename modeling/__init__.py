@@ -1,7 +1,7 @@
 """Self-contained MemoryLlama model definition (these sibling files are what checkpoints ship as remote code)."""
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_state import MemoryState
+from .memory_state import MemoryState, MemoryStateError
 from .modeling_memory_llama import MemoryLlamaForCausalLM
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState"]
+__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState", "MemoryStateError"]

@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -57,11 +57,15 @@ class AdaptedLinear(nn.Linear):
 
 
 class MemoryAdapters:
-    """Installs the write/read adapters into a decoder and switches between them (one place for the role)."""
+    """Installs the write/read adapters into a decoder and switches between them (one place for the role).
+
+    `role_hooks` are called with the role on every switch (e.g. to switch PEFT adapters along with the built-in ones).
+    """
 
     def __init__(self, layers: nn.ModuleList, lora_config: dict | None, separate_read: bool):
         self.modules: list[AdaptedLinear] = []
         self.names = [WRITE, READ] if separate_read else [WRITE]
+        self.role_hooks: list[Callable[[str], None]] = []
         if not lora_config:
             return
         r, alpha = lora_config["r"], lora_config["lora_alpha"]
@@ -74,24 +78,23 @@ class MemoryAdapters:
                         adapted = AdaptedLinear(child, self.names, r, alpha, dropout)
                         setattr(parent, name, adapted)
                         self.modules.append(adapted)
-        self._set(self.role_name(READ))
+        self._switch(READ)
 
     def role_name(self, role: str) -> str:
         """Adapter serving a role: the read role falls back to the write adapter when there is no separate one."""
         return role if role in self.names else WRITE
 
-    def _set(self, name: str | None) -> None:
+    def _switch(self, role: str) -> None:
         for module in self.modules:
-            module.active_adapter = name
+            module.active_adapter = self.role_name(role)
+        for hook in self.role_hooks:
+            hook(role)
 
     @contextlib.contextmanager
     def use(self, role: str) -> Iterator[None]:
-        """Activate the adapter of `role` ('write' or 'read') inside the block; reads are the default."""
-        if not self.modules:
-            yield
-            return
-        self._set(self.role_name(role))
+        """Activate the adapters of `role` ('write' or 'read') inside the block; reads are the default."""
+        self._switch(role)
         try:
             yield
         finally:
-            self._set(self.role_name(READ))
+            self._switch(READ)

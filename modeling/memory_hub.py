@@ -13,6 +13,7 @@ import tempfile
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
+from transformers import PreTrainedTokenizerBase
 
 from .memory_state import MEMORY_BUFFERS, STATE_FORMAT, MemoryState, MemoryStateError
 from .memory_storage import INDEX_FILE, MEMORY_FILE
@@ -115,8 +116,8 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
 
     # ------------------------------------------------------------------ push
     def _write_memory(self, folder: str) -> dict:
-        """Write `memory.safetensors` (refusing a broken memory) and `memory_state.json` into `folder`; returns the
-        metadata."""
+        """Write a snapshot of the memory to `memory.safetensors` (refusing a broken memory) and its
+        `memory_state.json` into `folder`; returns the metadata."""
         state = self.memory_state()
         path = os.path.join(folder, MEMORY_FILE)
         state.save(path)
@@ -146,7 +147,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         head = api.repo_info(repo_id, revision=revision).sha
         self._check_remote_layout(repo_id, head, token)
-        with self._memory_lock, tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:
             metadata = self._write_memory(folder)
             operations = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
@@ -192,7 +193,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
         base_model: str | None = None,
-        tokenizer=None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> CommitInfo:
         """Upload the whole model (weights, memory shard, `memory_state.json`, remote code, a README.md model card
         and, if given, the tokenizer) as one commit. Safetensors files no longer written are removed from the repo."""
@@ -201,9 +202,8 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as folder:
-            with self._memory_lock:
-                self.save_pretrained(folder, max_shard_size=max_shard_size)
-                self._write_memory(folder)
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            self._write_memory(folder)  # one consistent snapshot of the memory, with its metadata
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
             self.model_card(repo_id, base_model, tags).save(os.path.join(folder, "README.md"))

@@ -34,8 +34,15 @@ def kept_slot_indices(
         return torch.arange(from_empty, num_slots).expand(num_layers, -1)
     draws = num_layers if per_layer else 1
     survivors = num_filled - from_filled
-    keep = [torch.randperm(num_filled, generator=generator)[:survivors].sort().values for _ in range(draws)]
+    keep = [_sorted_prefix(torch.randperm(num_filled, generator=generator), survivors) for _ in range(draws)]
     return (torch.stack(keep) + empty).expand(num_layers, -1)
+
+
+def _sorted_prefix(permutation: torch.Tensor, length: int) -> torch.Tensor:
+    """`permutation[:length]` sorted, in linear time (marks the rest of the permutation and lists what is left)."""
+    marked = torch.ones(permutation.numel(), dtype=torch.bool)
+    marked[permutation[length:]] = False
+    return marked.nonzero().squeeze(1)
 
 
 def drop_and_append(memory: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

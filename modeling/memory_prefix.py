@@ -41,13 +41,29 @@ class ReadOnlyPrefixLayer(DynamicLayer):
 
 def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool = False) -> Cache:
     """A fresh cache that starts with the prefix (shared, never copied until the cache grows). `read_only` makes
-    a cache that never grows (training with gradient checkpointing)."""
-    cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv]) if read_only else DynamicCache(config=config)
+    a cache that never grows (training with gradient checkpointing).
+
+    Every question builds one, so the common case skips `DynamicCache(config=...)`, whose inspection of the config
+    costs about a millisecond: when all layers use full attention it builds the same `DynamicLayer`s directly.
+    """
+    if read_only:
+        cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv])
+    elif _full_attention_only(config):
+        cache = DynamicCache()
+        cache.layers.extend(DynamicLayer() for _ in prefix_kv)
+    else:
+        cache = DynamicCache(config=config)
     for layer, (keys, values) in zip(cache.layers, prefix_kv, strict=True):
         layer.lazy_initialization(keys, values)
-        layer.keys = keys.expand(batch_size, -1, -1, -1)
-        layer.values = values.expand(batch_size, -1, -1, -1)
+        if keys.shape[0] != batch_size:
+            keys, values = keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
+        layer.keys, layer.values = keys, values
     return cache
+
+
+def _full_attention_only(config) -> bool:
+    """True when `DynamicCache(config=config)` would make every layer a plain `DynamicLayer` (Llama)."""
+    return all(getattr(config, name, None) is None for name in ("layer_types", "sliding_window", "attention_chunk_size"))
 
 
 def extend_attention_mask(

@@ -4,7 +4,6 @@ import dataclasses
 import hashlib
 import os
 import threading
-import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -39,8 +38,15 @@ class MemoryState:
     fingerprint: str | None = None
     num_update_tokens: int | None = None
 
+    def __repr__(self) -> str:
+        L, N, d = self.memory.shape
+        return (
+            f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
+            f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint})"
+        )
+
     def as_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state)))
+        return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state), strict=True))
 
     @classmethod
     def from_buffers(cls, buffers: Mapping[str, torch.Tensor], **info) -> "MemoryState":
@@ -103,12 +109,13 @@ class MemoryState:
             if tensor.dim() != 0 or tensor.is_floating_point() or tensor.dtype == torch.bool:
                 raise MemoryStateError(f"{name} must be an integer scalar, got {tensor.dtype} {tuple(tensor.shape)}")
         if not 0 <= int(filled) <= memory.shape[1]:
-            raise MemoryStateError(f"filled={int(filled)} is outside [0, {memory.shape[1]}] (the pool has that many slots)")
+            raise MemoryStateError(f"filled={int(filled)} is outside [0, {memory.shape[1]}], the pool's slot count")
         if int(injections) < 0:
             raise MemoryStateError(f"injections={int(injections)} is negative")
         if rng.dtype != torch.uint8 or tuple(rng.shape) != (_RNG_STATE_BYTES,):
             raise MemoryStateError(
-                f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), got {rng.dtype} {tuple(rng.shape)}"
+                f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), "
+                f"got {rng.dtype} {tuple(rng.shape)}"
             )
         if not bool(torch.isfinite(memory).all()):
             bad = int((~torch.isfinite(memory)).sum())
@@ -148,7 +155,7 @@ class MemoryState:
             raise MemoryStateError(f"{path}: {err}") from None
         expected = metadata.get("content_hash")
         if expected is not None and expected != state.content_hash():
-            raise MemoryStateError(f"{path} is corrupted: its content does not match the hash recorded when it was saved")
+            raise MemoryStateError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
         return state
 
 
@@ -189,8 +196,17 @@ class MemoryStateMixin:
         norm weights (cheap to compute; differs between base models, survives LoRA training)."""
         cfg = self.config
         digest = hashlib.sha256(
-            repr((cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.num_update_tokens,
-                  cfg.vocab_size, cfg.memory_update, cfg.add_bos_embedding)).encode()
+            repr(
+                (
+                    cfg.num_hidden_layers,
+                    cfg.num_memory_tokens,
+                    cfg.hidden_size,
+                    cfg.num_update_tokens,
+                    cfg.vocab_size,
+                    cfg.memory_update,
+                    cfg.add_bos_embedding,
+                )
+            ).encode()
         )
         for layer in self.model.layers:
             digest.update(layer.input_layernorm.weight.detach().float().cpu().numpy().tobytes())
@@ -255,7 +271,7 @@ class MemoryStateMixin:
         if self.undo_depth <= 0:
             return
         history = self.__dict__.setdefault("_undo_history", deque())
-        history.append((before, weakref.ref(self.memory), self.memory._version))
+        history.append((before, self.memory, self.memory._version))
         while len(history) > self.undo_depth:
             history.popleft()
 
@@ -265,9 +281,11 @@ class MemoryStateMixin:
         with self._memory_lock:
             history = self.__dict__.setdefault("_undo_history", deque())
             if not history:
-                raise ValueError(f"nothing to undo (undo_depth={self.undo_depth} injections are remembered)")
+                raise ValueError(
+                    f"nothing to undo: no inject since loading or since the last undo (undo_depth={self.undo_depth})"
+                )
             before, after, version = history[-1]
-            if after() is not self.memory or self.memory._version != version:
+            if after is not self.memory or self.memory._version != version:
                 history.clear()
                 raise ValueError("the memory was replaced since the last inject; there is nothing to undo")
             history.pop()
@@ -283,10 +301,11 @@ class MemoryStateMixin:
         wait until it ends, so they never see this memory.
         """
         self._check_compatible(state)
+        entering = state.clone()
         with self._memory_lock:
             previous = self._current_state()
             previous_history = self.__dict__.pop("_undo_history", None)
-            self._set_state(state.clone())
+            self._set_state(entering)
             try:
                 yield state
             finally:

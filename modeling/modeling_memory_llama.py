@@ -130,6 +130,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+            # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
+            self._prefix_kv = None
 
     # ------------------------------------------------------------------ reading
     def _memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -288,6 +290,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             except BaseException:
                 self._set_state(before)
                 raise
+            self._remember_undo(before)
         return len(chunks)
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
@@ -296,11 +299,21 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
         ):
             texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
+            if any(isinstance(t, str) and not t.strip() for t in texts):
+                raise ValueError("text is empty or whitespace only: there is nothing to inject")
             if tokenizer is None:
                 raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
             items = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
         else:
-            ids = torch.as_tensor(text_or_ids)
+            try:
+                ids = torch.as_tensor(text_or_ids)
+            except RuntimeError as err:  # e.g. None or dicts among the ids
+                raise TypeError(
+                    f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
+                ) from None
+            if ids.is_meta or ids.layout != torch.strided:
+                kind = "meta" if ids.is_meta else str(ids.layout)
+                raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")
             if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
                 raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
             if ids.dim() == 2 and ids.shape[0] != 1:

@@ -18,10 +18,10 @@ def assert_unchanged(model, before):
         assert torch.equal(getattr(model, name), tensor), name
 
 
-@pytest.mark.parametrize("text", ["", "   ", "ab"])
-def test_too_short_text_names_the_minimum(model, text):
+@pytest.mark.parametrize(("text", "message"), [("", "empty"), ("   ", "whitespace"), ("ab", "min_inject_tokens=4")])
+def test_empty_or_too_short_text(model, text, message):
     before = model.memory_state()
-    with pytest.raises(ValueError, match="min_inject_tokens=4"):
+    with pytest.raises(ValueError, match=message):
         model.inject(text, tokenizer=tiny_tokenizer())
     assert_unchanged(model, before)
 

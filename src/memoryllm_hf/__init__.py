@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .convert import convert_official
-from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryState
+from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryState, MemoryStateError
 
 __version__ = "0.1.0"
 
@@ -11,4 +11,11 @@ AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=Tr
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState", "convert_official", "__version__"]
+__all__ = [
+    "MemoryLlamaConfig",
+    "MemoryLlamaForCausalLM",
+    "MemoryState",
+    "MemoryStateError",
+    "convert_official",
+    "__version__",
+]

@@ -1,24 +1,47 @@
-"""`memoryllm-hf` command line: each feature module registers its own subcommand."""
+"""`memoryllm-hf` command line: each feature module registers its own subcommands."""
 
 import argparse
 import importlib
 import sys
 
 # Modules exposing `register(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
+# The optional ones (evaluation, Hub) are skipped when they are not installed.
 COMMAND_MODULES = ("memoryllm_hf.commands",)
+OPTIONAL_COMMAND_MODULES = ("memoryllm_hf.evaluation.cli", "memoryllm_hf.hub")
+
+
+def _command_modules() -> list:
+    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
+    for name in OPTIONAL_COMMAND_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as err:
+            if err.name is None or not name.startswith(err.name):
+                raise
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryllm-hf", description="MemoryLLM for Hugging Face transformers")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _command_modules():
+        module.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one subcommand; bad input (ValueError, OSError) prints `error: ...` and exits with status 1."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "forwards_arguments", False):
+        args.forwarded = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as err:
+        print(f"memoryllm-hf {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

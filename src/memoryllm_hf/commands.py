@@ -1,8 +1,18 @@
-"""Core subcommands: `convert` (official checkpoint, base Llama or GGUF -> MemoryLlama folder)."""
+"""Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
 
 import torch
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import main as demo_main
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.demo":
+            raise
+        raise FileNotFoundError("the demo is not part of this installation of memoryllm-hf") from None
+    return int(demo_main(args.forwarded) or 0)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -24,7 +34,58 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inject(args: argparse.Namespace) -> int:
+    from .folder import load_folder, read_text, replaced_slots, save_memory
+
+    text = read_text(args.file, args.text, args.encoding)
+    model, tokenizer = load_folder(args.folder)
+    before = model.memory_state()
+    updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
+    save_memory(args.folder, model)
+    after = model.memory_state()
+    print(
+        f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
+        f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
+        f"{after.num_filled_slots}/{after.num_slots} slots filled; memory saved to {args.folder}"
+    )
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .chat import reply
+    from .folder import load_folder
+
+    model, tokenizer = load_folder(args.folder)
+    print(reply(model, tokenizer, [{"role": "user", "content": args.question}], args.max_new_tokens))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession
+    from .folder import load_folder
+
+    model, tokenizer = load_folder(args.folder)
+    ChatSession(args.folder, model, tokenizer, args.max_new_tokens, args.autosave).run()
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms
+
+    config, state = folder_config(args.folder), folder_memory(args.folder)
+    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
+    if args.png:
+        plot_slot_norms(state, args.png)
+        print(f"slot norm histogram written to {args.png}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    demo = subparsers.add_parser(
+        "demo", add_help=False, help="the quickstart: SmolLM2 remembers a text (`demo --help` for its options)"
+    )
+    demo.set_defaults(func=_demo, forwards_arguments=True)
+
     convert = subparsers.add_parser("convert", help="official MemoryLLM checkpoint, Llama or GGUF -> MemoryLlama")
     convert.add_argument("source", help="folder (or Hub id for a base Llama)")
     convert.add_argument("output", help="folder to write")
@@ -34,3 +95,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection (base Llama)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights and memory")
     convert.set_defaults(func=_convert)
+
+    inject = subparsers.add_parser("inject", help="write a text into a folder's memory and save it (atomically)")
+    inject.add_argument("folder", help="MemoryLlama folder")
+    source = inject.add_mutually_exclusive_group(required=True)
+    source.add_argument("--file", help="text file to inject")
+    source.add_argument("--text", help="text to inject")
+    inject.add_argument("--encoding", default="utf-8", help="encoding of --file (default: utf-8)")
+    inject.add_argument("--chunk-size", type=int, help="tokens per memory update (default: the model's)")
+    inject.set_defaults(func=_inject)
+
+    ask = subparsers.add_parser("ask", help="answer one question from a folder's model and memory (greedy)")
+    ask.add_argument("folder", help="MemoryLlama folder")
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.set_defaults(func=_ask)
+
+    chat = subparsers.add_parser(
+        "chat", help="interactive chat with memory commands (/remember, /forget, /snapshot, /restore, /stats, /save)"
+    )
+    chat.add_argument("folder", help="MemoryLlama folder")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
+    chat.set_defaults(func=_chat)
+
+    stats = subparsers.add_parser("stats", help="describe a folder's memory (N, K, injections, fill, slot norms)")
+    stats.add_argument("folder", help="MemoryLlama folder")
+    stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
+    stats.set_defaults(func=_stats)

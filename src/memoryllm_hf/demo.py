@@ -57,7 +57,7 @@ def ask(model, tokenizer, question: str, use_memory: bool = True) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="memoryllm-hf demo", description=__doc__)
     parser.add_argument("--output", default="outputs/quickstart-memory", help="folder for the saved model + memory")
     parser.add_argument("--num-memory-tokens", type=int, default=1024, help="N slots per layer")
     parser.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection")

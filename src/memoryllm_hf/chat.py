@@ -1,0 +1,164 @@
+"""Answers from a MemoryLlama (chat template when the tokenizer has one, greedy) and the `chat` REPL."""
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .folder import folder_config, memory_report, save_memory
+from .modeling.memory_state import MemoryState
+
+HISTORY_TURNS = 8
+SNAPSHOT_FOLDER = "snapshots"
+HELP = """Plain lines are chat turns. Commands:
+  /remember TEXT   write TEXT into the memory
+  /forget          empty the memory and the conversation
+  /undo            take back the last /remember
+  /snapshot NAME   keep the current memory as NAME (also saved as FOLDER/snapshots/NAME.safetensors)
+  /restore NAME    bring back snapshot NAME
+  /stats           describe the memory
+  /save            save the memory into FOLDER
+  /help            this text
+  /quit            leave (so does Ctrl-D)"""
+
+
+@torch.no_grad()
+def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 128) -> str:
+    """Greedy answer to a conversation (`[{"role": ..., "content": ...}]`), read with the model's memory."""
+    if tokenizer.chat_template:
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+    else:
+        encoded = tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt")
+    input_ids = encoded["input_ids"].to(model.device)
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+class ChatSession:
+    """One `memoryllm-hf chat` session on a loaded folder; `handle(line)` runs one line of input."""
+
+    def __init__(self, folder: str, model, tokenizer, max_new_tokens: int = 128, autosave: bool = False):
+        self.folder, self.model, self.tokenizer = Path(folder), model, tokenizer
+        self.max_new_tokens, self.autosave = max_new_tokens, autosave
+        self.history: list[dict[str, str]] = []
+        self.unsaved = False
+        self.commands: dict[str, Callable[[str], None]] = {
+            "remember": self.remember,
+            "forget": self.forget,
+            "undo": self.undo,
+            "snapshot": self.snapshot,
+            "restore": self.restore,
+            "stats": self.stats,
+            "save": self.save,
+            "help": self.help,
+        }
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def run(self, read_line: Callable[[str], str] = input) -> None:
+        """Read lines until /quit or end of input; a failing line reports its error and changes nothing."""
+        prompt = "> " if sys.stdin.isatty() else ""
+        self.say(f"memory chat on {self.folder} ({self.model.num_filled_slots} slots filled); /help lists commands")
+        while True:
+            try:
+                line = read_line(prompt)
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not self.handle(line):
+                break
+        if self.unsaved:
+            self.say("note: memory changes of this session were not saved (use /save, or run chat with --autosave)")
+
+    def handle(self, line: str) -> bool:
+        """Run one line; False means the session ends."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.turn(line)
+            return True
+        name, _, argument = line[1:].partition(" ")
+        if name in ("quit", "exit"):
+            return False
+        command = self.commands.get(name)
+        if command is None:
+            self.say(f"unknown command /{name}; /help lists commands")
+            return True
+        try:
+            command(argument.strip())
+        except (ValueError, KeyError, OSError) as err:
+            self.say(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+        return True
+
+    def turn(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        answer = reply(self.model, self.tokenizer, self.history[-2 * HISTORY_TURNS + 1 :], self.max_new_tokens)
+        self.history.append({"role": "assistant", "content": answer})
+        self.say(answer)
+
+    def changed(self) -> None:
+        if self.autosave:
+            save_memory(self.folder, self.model)
+        else:
+            self.unsaved = True
+
+    def remember(self, text: str) -> None:
+        if not text:
+            raise ValueError("usage: /remember TEXT")
+        updates = self.model.inject(text, tokenizer=self.tokenizer)
+        self.changed()
+        self.say(f"remembered ({updates} memory update{'s' * (updates != 1)}, {self.model.num_injections} in total)")
+
+    def forget(self, _: str) -> None:
+        self.model.reset_memory()
+        self.history.clear()
+        self.changed()
+        self.say("memory and conversation cleared")
+
+    def undo(self, _: str) -> None:
+        self.model.undo()
+        self.changed()
+        self.say(f"took back the last /remember ({self.model.num_injections} injections in memory)")
+
+    def snapshot_path(self, name: str) -> Path:
+        if not re.fullmatch(r"[\w-][\w.-]*", name):
+            raise ValueError("usage: /snapshot NAME (letters, digits, '_', '-', '.')")
+        return self.folder / SNAPSHOT_FOLDER / f"{name}.safetensors"
+
+    def snapshot(self, name: str) -> None:
+        path = self.snapshot_path(name)
+        state = self.model.snapshot(name)
+        path.parent.mkdir(exist_ok=True)
+        state.save(path)
+        self.say(f"snapshot {name!r} saved to {path}")
+
+    def restore(self, name: str) -> None:
+        path = self.snapshot_path(name)
+        if name not in self.model.snapshots and path.is_file():
+            self.model.load_memory_state(MemoryState.load(path))
+        else:
+            self.model.restore(name)
+        self.changed()
+        self.say(f"restored snapshot {name!r} ({self.model.num_injections} injections)")
+
+    def stats(self, _: str) -> None:
+        self.say("\n".join(memory_report(self.model.memory_state(), folder_config(self.folder))))
+
+    def save(self, _: str) -> None:
+        save_memory(self.folder, self.model)
+        self.unsaved = False
+        self.say(f"memory saved to {self.folder}")
+
+    def help(self, _: str) -> None:
+        self.say(HELP)

@@ -1,0 +1,138 @@
+"""A MemoryLlama folder as the command line uses it: load it, read input text, save its memory, describe it."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .modeling.memory_state import MemoryState
+from .modeling.memory_storage import MEMORY_FILE, write_memory_shard
+
+HISTOGRAM_BINS = 10
+HISTOGRAM_WIDTH = 40
+
+
+def folder_config(folder: str | Path) -> dict:
+    """config.json of a MemoryLlama folder; a clear error for anything else."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json); make one with memoryllm-hf convert")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "memory_llama":
+        raise ValueError(
+            f"{folder} holds a {config.get('model_type')!r} model, not MemoryLlama; "
+            "convert it first with `memoryllm-hf convert`"
+        )
+    return config
+
+
+def folder_memory(folder: str | Path) -> MemoryState:
+    """The memory saved in a folder, fully checked (truncated, corrupted or non-finite files are refused)."""
+    return MemoryState.load(Path(folder) / MEMORY_FILE)
+
+
+def load_folder(folder: str | Path):
+    """(model, tokenizer) of a MemoryLlama folder; its memory file is checked before any weights are read."""
+    from transformers import AutoTokenizer
+
+    from .modeling import MemoryLlamaForCausalLM
+
+    folder_config(folder)
+    folder_memory(folder)
+    model = MemoryLlamaForCausalLM.from_pretrained(folder).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def save_memory(folder: str | Path, model) -> None:
+    """Write the model's memory into the folder's memory.safetensors, atomically (weights are not touched)."""
+    write_memory_shard(folder, model.memory_state().as_buffers())
+
+
+def read_text(file: str | None, text: str | None, encoding: str = "utf-8") -> str:
+    """The text to inject, from `--file` or `--text`: undecodable or blank input gets an error saying what to do."""
+    source = file if file is not None else "--text"
+    if file is not None:
+        raw = Path(file).read_bytes()
+        try:
+            text = raw.decode("utf-8-sig" if encoding.replace("_", "-").lower() == "utf-8" else encoding)
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{file} is not {encoding} text (byte {raw[err.start]:#04x} at offset {err.start}); convert it "
+                f"(e.g. `iconv -f latin1 -t utf-8 {file}`) or name its encoding with --encoding"
+            ) from None
+    if not text or not text.strip():
+        raise ValueError(f"{source} is empty or whitespace only: there is nothing to inject")
+    return text
+
+
+def replaced_slots(before: MemoryState, after: MemoryState) -> int:
+    """How many stored memory slots (per layer) the update between two states dropped: slots of `before` no
+    longer in `after` (slots are copied bit for bit, so a slot that survived is found unchanged)."""
+
+    def stored(state: MemoryState) -> Counter:
+        pool = state.memory[0, state.num_slots - state.num_filled_slots :].contiguous()
+        return Counter(row.view(torch.uint8).numpy().tobytes() for row in pool)
+
+    return sum((stored(before) - stored(after)).values())
+
+
+def histogram_lines(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> list[str]:
+    """A text histogram, one line per bin: `low - high | ###### count`."""
+    values = values.float()
+    low = float(values.min())
+    high = max(float(values.max()), low + 1e-6)
+    counts = torch.histc(values, bins=bins, min=low, max=high).long().tolist()
+    edges = torch.linspace(low, high, bins + 1).tolist()
+    peak = max(max(counts), 1)
+    bars = ["#" * round(HISTOGRAM_WIDTH * count / peak) for count in counts]
+    return [
+        f"{edges[i]:9.4g} - {edges[i + 1]:<9.4g} | {bar:<{HISTOGRAM_WIDTH}} {count}"
+        for i, (bar, count) in enumerate(zip(bars, counts, strict=True))
+    ]
+
+
+def memory_report(state: MemoryState, config: dict) -> list[str]:
+    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot norms."""
+    L, N, d = state.memory.shape
+    filled = state.num_filled_slots
+    lines = [
+        f"pool          {L} layers x {N} slots x {d} ({str(state.memory.dtype).removeprefix('torch.')})",
+        f"update        K={config.get('num_update_tokens')} slots per injection, rule {config.get('memory_update')!r}, "
+        f"pool {config.get('fresh_pool')!r}",
+        f"injections    {state.num_injections}",
+        f"filled        {filled}/{N} slots per layer",
+        f"content hash  {state.content_hash()[:16]}",
+        "slot ages     not recorded: the pool keeps slots oldest first, but not when each one was written",
+    ]
+    if filled:
+        norms = state.memory[:, N - filled :].float().norm(dim=-1)
+        lines.append(
+            f"slot norms    mean {float(norms.mean()):.4g}, min {float(norms.min()):.4g}, max {float(norms.max()):.4g}"
+        )
+        lines += ["slot norm histogram (all layers):"] + ["  " + line for line in histogram_lines(norms.flatten())]
+    return lines
+
+
+def plot_slot_norms(state: MemoryState, path: str | Path) -> None:
+    """PNG histogram of the filled slots' norms, one curve per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    filled = state.num_filled_slots
+    if not filled:
+        raise ValueError("the memory is empty: there are no slot norms to plot")
+    norms = state.memory[:, state.num_slots - filled :].float().norm(dim=-1)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for layer, layer_norms in enumerate(norms):
+        axes.hist(layer_norms.numpy(), bins=30, histtype="step", label=f"layer {layer}")
+    axes.set_xlabel("slot norm")
+    axes.set_ylabel("slots")
+    axes.set_title(f"memory slot norms ({filled} filled slots per layer, {state.num_injections} injections)")
+    if len(norms) <= 12:
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,281 @@
+"""Hub workflows with the real huggingface_hub / transformers client against the local Hub server over HTTP."""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
+from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RevisionNotFoundError
+from safetensors.torch import save
+from transformers import AutoModelForCausalLM
+
+from memoryllm_hf import hub as hub_cli
+from memoryllm_hf.hub import hub_endpoint
+from memoryllm_hf.testing import LocalHub
+from memoryllm_hf.tiny import tiny_model
+
+REPO = "tester/memory-model"
+MEMORY_FILES = {"memory.safetensors", "memory_state.json"}
+TOKEN = "local-test-token"
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running local Hub that this process's Hub client talks to (fresh download cache, test token)."""
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token=TOKEN):
+        yield server
+
+
+def model_with_memory(injections: int = 1, seed: int = 0, **overrides):
+    model = tiny_model(seed=seed, memory_update="input", fresh_pool="grow", **overrides)
+    for i in range(injections):
+        model.inject(torch.arange(3 + 10 * i, 13 + 10 * i))
+    return model
+
+
+def assert_same_memory(model, state) -> None:
+    for name, tensor in state.as_buffers().items():
+        assert torch.equal(getattr(model, name), tensor), name
+        assert getattr(model, name).dtype == tensor.dtype, name
+
+
+def tree(revision: str) -> dict[str, str]:
+    """path -> blob id of a revision, as listed by the Hub API."""
+    return {f.path: f.blob_id for f in HfApi().list_repo_tree(REPO, revision=revision, recursive=True)}
+
+
+def test_memory_only_push_is_one_commit_changing_only_the_memory(hub):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    before = tree("main")
+    commits_before = len(HfApi().list_repo_commits(REPO))
+    model.inject(torch.arange(40, 52))
+
+    commit = model.push_memory_to_hub(REPO)
+
+    after = tree(commit.oid)
+    assert len(HfApi().list_repo_commits(REPO)) == commits_before + 1
+    assert set(after) == set(before)
+    assert {path for path in after if after[path] != before[path]} == MEMORY_FILES
+    assert [p for p in after if p.endswith(".safetensors") and after[p] != before[p]] == ["memory.safetensors"]
+    # The bytes travelled: what the server stored is what the metadata describes and what a download returns.
+    stored = hub.files(REPO)
+    metadata = json.loads(stored["memory_state.json"])
+    assert hashlib.sha256(stored["memory.safetensors"]).hexdigest() == metadata["sha256"]
+    assert ("POST", f"/api/models/{REPO}/commit/main") in hub.requests
+    assert metadata["injections"] == 2 and metadata["fingerprint"] == model.memory_fingerprint()
+    assert metadata["num_memory_tokens"] == 24 and metadata["num_update_tokens"] == 6
+    assert metadata["filled_slots"] == 12 and metadata["dtype"] == "float32" and metadata["package_version"]
+
+
+def test_revisions_give_back_each_memory_bit_identical(hub):
+    model = model_with_memory()
+    first = model.push_to_hub(REPO).oid
+    state_a = model.memory_state()
+    model.inject(torch.arange(40, 52))
+    model.push_memory_to_hub(REPO, revision="customer-b", create_branch=True)
+    state_b = model.memory_state()
+    model.inject(torch.arange(60, 72))
+    model.push_memory_to_hub(REPO)
+    state_c = model.memory_state()
+
+    assert {b.name for b in HfApi().list_repo_refs(REPO).branches} == {"main", "customer-b"}
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision=first), state_a)
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision="customer-b"), state_b)
+    reloaded = AutoModelForCausalLM.from_pretrained(REPO)
+    assert_same_memory(reloaded, state_c)
+    branch_head = HfApi().repo_info(REPO, revision="customer-b").sha
+    assert ("GET", f"/{REPO}/resolve/{branch_head}/memory.safetensors") in hub.requests
+
+    metadata = reloaded.load_memory_from_hub(REPO, revision="customer-b")
+    assert_same_memory(reloaded, state_b)
+    assert metadata["injections"] == 2
+    # The drop generator came back too: the next injection drops the same slots on both models.
+    model.load_memory_state(state_b)
+    for m in (model, reloaded):
+        for i in range(3):
+            m.inject(torch.arange(80 + i, 92 + i))
+    assert_same_memory(reloaded, model.memory_state())
+
+
+@pytest.mark.parametrize(
+    "other, error",
+    [
+        (lambda: model_with_memory(num_memory_tokens=12), "shape"),
+        (lambda: model_with_memory(seed=1), "fingerprint"),
+    ],
+    ids=["pool-shape", "other-base-model"],
+)
+def test_load_refuses_memory_of_another_model(hub, other, error):
+    model_with_memory(injections=2).push_to_hub(REPO)
+    target = other()
+    before = target.memory_state()
+    with pytest.raises(ValueError, match=error):
+        target.load_memory_from_hub(REPO)
+    assert_same_memory(target, before)
+
+
+def upload_memory(revision: str, memory_bytes: bytes, state_json: dict | None) -> None:
+    """Commit memory files to `revision` (a new branch) with the raw client, as a broken uploader would."""
+    api = HfApi()
+    api.create_branch(REPO, branch=revision)
+    operations = [CommitOperationAdd("memory.safetensors", memory_bytes)]
+    if state_json is not None:
+        operations.append(CommitOperationAdd("memory_state.json", json.dumps(state_json).encode()))
+    api.create_commit(REPO, operations=operations, commit_message="broken memory", revision=revision)
+
+
+def test_push_and_load_refuse_broken_memories(hub):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    nan_state = model.memory_state()
+    nan_state.memory[0, -1, 0] = float("nan")
+    model._set_state(nan_state)
+    with pytest.raises(ValueError, match="NaN"):
+        model.push_memory_to_hub(REPO)
+
+    tensors = {k: v.contiguous() for k, v in nan_state.as_buffers().items()}
+    nan_bytes = save(tensors)
+    upload_memory("nan", nan_bytes, {"sha256": hashlib.sha256(nan_bytes).hexdigest()})
+    other_bytes = save({**tensors, "memory": torch.zeros_like(nan_state.memory)})
+    upload_memory("stale-json", other_bytes, None)  # keeps main's memory_state.json
+
+    target = model_with_memory()
+    before = target.memory_state()
+    with pytest.raises(ValueError, match="NaN"):
+        target.load_memory_from_hub(REPO, revision="nan")
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        target.load_memory_from_hub(REPO, revision="stale-json")
+    assert_same_memory(target, before)
+
+
+def test_memory_push_refuses_a_repo_without_this_model(hub):
+    model_with_memory().push_to_hub(REPO)
+    commits = len(HfApi().list_repo_commits(REPO))
+    with pytest.raises(ValueError, match="different model"):
+        model_with_memory(seed=1).push_memory_to_hub(REPO)
+    HfApi().create_repo("tester/plain")
+    HfApi().upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="tester/plain")
+    with pytest.raises(ValueError, match="push the whole model once"):
+        model_with_memory().push_memory_to_hub("tester/plain")
+    assert len(HfApi().list_repo_commits(REPO)) == commits
+    assert {f.path for f in HfApi().list_repo_tree("tester/plain")} == {".gitattributes", "config.json"}
+
+
+def test_push_to_hub_writes_a_model_card(hub):
+    model = model_with_memory(injections=3)
+    model.push_to_hub(REPO, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", tags=["demo"])
+    card = ModelCard.load(REPO)
+    assert card.data.library_name == "transformers"
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"memoryllm", "demo"} <= set(card.data.tags)
+    assert card.data.memory == {
+        "slots_per_layer": 24,
+        "layers": 2,
+        "update_tokens": 6,
+        "update_rule": "input",
+        "injections": 3,
+    }
+    assert f'AutoModelForCausalLM.from_pretrained("{REPO}"' in card.text
+    assert ("POST", "/api/validate-yaml") in hub.requests
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 128)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def run_cli(*argv: str) -> None:
+    parser = argparse.ArgumentParser()
+    hub_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    assert args.func(args) == 0
+
+
+def test_cli_pushes_a_folder_then_only_its_memory(hub, tmp_path):
+    model, tokenizer = model_with_memory(), tiny_tokenizer()
+    model.save_pretrained(tmp_path / "day1")
+    tokenizer.save_pretrained(tmp_path / "day1")
+    run_cli("push", str(tmp_path / "day1"), REPO, "--endpoint", hub.url)
+    assert {"tokenizer.json", "README.md", "memory_state.json"} <= set(tree("main"))
+
+    model.inject(tokenizer("w5 w6 w7 w8 w9 w10 w11", add_special_tokens=False)["input_ids"])
+    model.save_pretrained(tmp_path / "day2")
+    run_cli("push", str(tmp_path / "day2"), REPO, "--revision", "day2", "--memory-only", "--endpoint", hub.url)
+    main, day2 = tree("main"), tree("day2")
+    assert {path for path in day2 if day2[path] != main.get(path)} == MEMORY_FILES
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision="day2"), model.memory_state())
+
+
+def test_local_hub_keeps_old_revisions_and_answers_like_the_hub(hub):
+    api = HfApi()
+    api.create_repo("tester/files")
+    first = api.upload_file(path_or_fileobj=b"one", path_in_repo="a.txt", repo_id="tester/files").oid
+    api.upload_file(path_or_fileobj=b"two", path_in_repo="a.txt", repo_id="tester/files")
+    assert hub.files("tester/files", first)["a.txt"] == b"one"
+    assert hub.files("tester/files")["a.txt"] == b"two"
+    with pytest.raises(RevisionNotFoundError):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="b.txt", repo_id="tester/files", revision="nope")
+    with pytest.raises(RemoteEntryNotFoundError):
+        api.hf_hub_download("tester/files", "missing.txt")
+    with pytest.raises(HfHubHTTPError, match="412"):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="b.txt", repo_id="tester/files", parent_commit=first)
+    unchanged = api.upload_file(path_or_fileobj=b"two", path_in_repo="a.txt", repo_id="tester/files")
+    assert len(api.list_repo_commits("tester/files")) == 3 and unchanged.oid == api.repo_info("tester/files").sha
+
+
+@pytest.mark.slow  # a second Python process importing torch + transformers: ~10-25 s
+def test_remote_code_loads_a_memory_by_revision_in_a_fresh_process(hub, tmp_path):
+    """A process that never imports memoryllm_hf: remote code from the repo, memory by branch and by sha."""
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    model.inject(torch.arange(40, 52))
+    sha = model.push_memory_to_hub(REPO, revision="v2", create_branch=True).oid
+    expected = tmp_path / "expected.pt"
+    torch.save(model.memory_state().as_buffers(), expected)
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        torch.set_num_threads(1)
+        from transformers import AutoModelForCausalLM
+        expected = torch.load({str(expected)!r})
+        model = AutoModelForCausalLM.from_pretrained({REPO!r}, revision="v2", trust_remote_code=True)
+        assert "memoryllm_hf" not in sys.modules, "the package was imported"
+        assert all(torch.equal(getattr(model, k), v) for k, v in expected.items()), "memory differs (branch)"
+        model.reset_memory()
+        model.load_memory_from_hub({REPO!r}, revision={sha!r})
+        assert all(torch.equal(getattr(model, k), v) for k, v in expected.items()), "memory differs (sha)"
+        print("remote code module:", type(model).__module__)
+        """
+    )
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout
+
+
+def test_push_memory_example_runs_against_a_local_hub(capsys):
+    spec = importlib.util.spec_from_file_location("push_memory", EXAMPLES / "push_memory.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--local"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bit-identical: True") == 4 and "False" not in out
+    assert "files changed ['memory.safetensors', 'memory_state.json']" in out
