@@ -55,11 +55,6 @@ def test_help_on_every_command(capsys):
         assert f"usage: memoryllm-hf {name}" in capsys.readouterr().out
 
 
-def test_optional_command_modules_are_skipped_when_missing(monkeypatch):
-    monkeypatch.setattr(cli, "OPTIONAL_COMMAND_MODULES", ("memoryllm_hf.not_written_yet",))
-    assert "inject" in cli.build_parser().format_help()
-
-
 def test_demo_forwards_its_arguments(monkeypatch):
     received = []
     monkeypatch.setitem(sys.modules, "memoryllm_hf.demo", types.SimpleNamespace(main=received.append))

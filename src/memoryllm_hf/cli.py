@@ -5,27 +5,14 @@ import importlib
 import sys
 
 # Modules exposing `register(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
-# The optional ones (evaluation, Hub) are skipped when they are not installed.
-COMMAND_MODULES = ("memoryllm_hf.commands",)
-OPTIONAL_COMMAND_MODULES = ("memoryllm_hf.evaluation.cli", "memoryllm_hf.hub")
-
-
-def _command_modules() -> list:
-    modules = [importlib.import_module(name) for name in COMMAND_MODULES]
-    for name in OPTIONAL_COMMAND_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as err:
-            if err.name is None or not name.startswith(err.name):
-                raise
-    return modules
+COMMAND_MODULES = ("memoryllm_hf.commands", "memoryllm_hf.evaluation.cli", "memoryllm_hf.hub")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memoryllm-hf", description="MemoryLLM for Hugging Face transformers")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in _command_modules():
-        module.register(subparsers)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -1,0 +1,227 @@
+"""`memoryllm-hf eval TASK ...` (also `python -m memoryllm_hf.evaluation TASK ...`): run a task, write JSON + PNG."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import default_data_dir, load_data
+from .models import DTYPES, load_model
+from .prompts import PROMPT_STYLES
+from .retention import DEFAULT_GRID
+from .runner import result_document, seed_everything, write_json
+
+TASK_DATASETS = {
+    "retention": ("squad", "nq"),
+    "editing": ("counterfact", "zsre"),
+    "longcontext": ("hotpotqa",),
+    "integrity": ("squad", "nq", "both"),
+}
+
+
+def _styles(args: argparse.Namespace) -> list[str]:
+    return list(PROMPT_STYLES) if args.prompt_style == "both" else [args.prompt_style]
+
+
+def _setup(args: argparse.Namespace):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    memory = {
+        "num_memory_tokens": args.num_memory_tokens,
+        "num_update_tokens": args.num_update_tokens,
+        "memory_update": args.memory_update,
+        "fresh_pool": args.fresh_pool,
+    }
+    return load_model(args.model, args.device, args.dtype, args.seed, **memory)
+
+
+def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result: dict, plot=None) -> int:
+    config = {key: value for key, value in vars(args).items() if key != "func"}
+    document = result_document(args.task, config, model_info, data_info, args.seed, **result)
+    output = Path(args.output or Path("outputs") / "eval" / f"{args.task}-{data_info.get('dataset') or 'tiny'}.json")
+    write_json(output, document)
+    print(f"results: {output}")
+    if plot is not None:
+        print(f"plot: {plot(document, output.with_suffix('.png'))}")
+    _print_summary(document)
+    return 0
+
+
+def _print_summary(document: dict) -> None:
+    """A short table of the headline numbers on stdout."""
+    metrics = document["metrics"]
+    print(f"{document['task']} wall time {document.get('wall_time_s', 0):.1f} s")
+    for style, conditions in metrics.items():
+        if not isinstance(conditions, dict) or style in ("retention_bound", "updates_after_related"):
+            print(f"  {style}: {conditions}")
+            continue
+        for condition, values in conditions.items():
+            if isinstance(values, dict) and "n" not in values:
+                values = {k: v["exact_hit"] for k, v in values.items()}
+            print(f"  {style:>6} {condition:<12} {values}")
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from .plots import plot_retention
+    from .retention import run_retention
+
+    model, tokenizer, info = _setup(args)
+    data = load_data(args.data, args.dataset, args.limit)
+    depth = None if args.shared_depth < 0 else args.shared_depth
+    result = run_retention(
+        model,
+        tokenizer,
+        data,
+        _styles(args),
+        grid=args.grid,
+        context_tokens=args.context_tokens,
+        prefill=args.prefill,
+        shared_depth=depth,
+        max_new_tokens=args.max_new_tokens or 16,
+        window=args.window,
+        seed=args.seed,
+        in_context_max_k=args.in_context_max_k,
+    )
+    return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result}, plot_retention)
+
+
+def _editing(args: argparse.Namespace) -> int:
+    from .editing import run_editing
+    from .plots import plot_sequential_editing
+
+    model, tokenizer, info = _setup(args)
+    data = load_data(args.data, args.dataset, args.limit)
+    result = run_editing(
+        model,
+        tokenizer,
+        data,
+        _styles(args),
+        args.sequential,
+        args.seed,
+        args.window,
+        sequential_probe_every=args.sequential_probe_every,
+    )
+    result.update(prompt_styles=_styles(args), decoding={"scoring": "teacher-forced target log-probabilities"})
+    return _finish(args, info, data.info(), result, plot_sequential_editing if args.sequential else None)
+
+
+def _longcontext(args: argparse.Namespace) -> int:
+    from .longcontext import MAX_NEW_TOKENS, run_longcontext
+
+    model, tokenizer, info = _setup(args)
+    data = load_data(args.data, args.dataset, args.limit)
+    result = run_longcontext(
+        model, tokenizer, data, _styles(args), args.max_new_tokens or MAX_NEW_TOKENS, args.window, args.seed
+    )
+    return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result})
+
+
+def _integrity(args: argparse.Namespace) -> int:
+    from .integrity import run_integrity
+    from .plots import plot_integrity
+
+    if args.tiny:
+        args.model = "tiny"
+    model, tokenizer, info = _setup(args)
+    if args.tiny:
+        examples, data_info = None, {"dataset": None, "source": "random token chunks"}
+        updates = args.updates or 1_000_000
+    else:
+        names = ("squad", "nq") if args.dataset == "both" else (args.dataset,)
+        loaded = [load_data(args.data, name, args.limit) for name in names]
+        examples = [example for data in loaded for example in data.examples]
+        data_info = {"dataset": args.dataset, "parts": [data.info() for data in loaded]}
+        updates = args.updates or 10_000
+    style = "chat" if args.prompt_style == "both" else args.prompt_style
+    result = run_integrity(
+        model,
+        tokenizer,
+        examples,
+        updates,
+        style,
+        args.probe,
+        args.record_every,
+        args.seed,
+        args.probe_every,
+        args.max_new_tokens or 16,
+    )
+    result.update(prompt_styles=[style] if examples else [])
+    return _finish(args, info, data_info, result, plot_integrity)
+
+
+def _common(parser: argparse.ArgumentParser, task: str) -> None:
+    datasets = TASK_DATASETS[task]
+    parser.add_argument("--model", default="default", help="default (SmolLM2, training-free) | tiny | FOLDER")
+    parser.add_argument("--dataset", choices=datasets, default=datasets[-1] if task == "integrity" else datasets[0])
+    parser.add_argument("--data", default=default_data_dir(), help="folder of the evaluation data (jsonl files)")
+    parser.add_argument("--limit", type=int, help="first N examples (file order)")
+    parser.add_argument("--output", help="results JSON (PNG beside it); default outputs/eval/TASK-DATASET.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--num-memory-tokens", type=int, help="N (default and tiny models)")
+    parser.add_argument("--num-update-tokens", type=int, help="K (default and tiny models)")
+    parser.add_argument("--memory-update", choices=["input", "output"], help="override the update rule")
+    parser.add_argument("--fresh-pool", choices=["tile", "grow"], help="override how an empty pool fills")
+    parser.add_argument("--prompt-style", choices=[*PROMPT_STYLES, "both"], default="both")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, help="prompt window in tokens (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, help="greedy answer length")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    evaluate = subparsers.add_parser("eval", help="evaluate retention, editing, long context or integrity")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+
+    retention = tasks.add_parser("retention", help="accuracy vs unrelated contexts injected (SQuAD, NQ)")
+    _common(retention, "retention")
+    retention.add_argument("--grid", type=lambda s: [int(k) for k in s.split(",")], default=list(DEFAULT_GRID))
+    retention.add_argument("--context-tokens", type=int, default=512, help="tokens per unrelated context")
+    retention.add_argument("--prefill", type=int, help="unrelated contexts written first (default: fill the pool)")
+    retention.add_argument(
+        "--shared-depth",
+        type=int,
+        default=6,
+        help="share a chunk's slots once its last D writes match the reference chain; -1: exact",
+    )
+    retention.add_argument("--in-context-max-k", type=int, help="run the in-context condition only up to this k")
+    retention.set_defaults(func=_retention)
+
+    editing = tasks.add_parser("editing", help="CounterFact / zsRE efficacy, generalization, specificity")
+    _common(editing, "editing")
+    editing.add_argument("--sequential", action="store_true", help="also inject all edits into one pool, probe all")
+    editing.add_argument(
+        "--sequential-probe-every", type=int, default=1, help="sequential mode: probe every Nth edit (from the newest)"
+    )
+    editing.set_defaults(func=_editing)
+
+    longcontext = tasks.add_parser("longcontext", help="HotpotQA distractor paragraphs injected, F1/EM")
+    _common(longcontext, "longcontext")
+    longcontext.set_defaults(func=_longcontext)
+
+    integrity = tasks.add_parser("integrity", help="endless injections: running accuracy, norms, NaN, speed")
+    _common(integrity, "integrity")
+    integrity.add_argument("--updates", type=int, help="injections (default 10,000; 1,000,000 with --tiny)")
+    integrity.add_argument("--record-every", type=int, default=100)
+    integrity.add_argument(
+        "--probe",
+        choices=["generate", "teacher-forced"],
+        default="generate",
+        help="generate: greedy answer, exact hit; teacher-forced: one forward, strict (see docs)",
+    )
+    integrity.add_argument("--probe-every", type=int, default=1, help="ask after every Nth injection")
+    integrity.add_argument("--tiny", action="store_true", help="random tiny model, random tokens, no QA probe")
+    integrity.set_defaults(func=_integrity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memoryllm-hf")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""PNG plots where a curve says more than a table: retention, sequential editing, integrity."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CONDITION_STYLE = {
+    "memory": {"color": "tab:blue", "marker": "o", "label": "memory"},
+    "in_context": {"color": "tab:green", "marker": "s", "label": "in context (window-truncated)"},
+    "no_memory": {"color": "tab:red", "marker": None, "label": "no memory", "linestyle": ":"},
+}
+
+
+def _save(figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_retention(result: dict, path: str | Path) -> Path:
+    """Exact-hit accuracy against the number of unrelated contexts k, per prompt style, with the (1-K/N)^u bound."""
+    metrics, grid = result["metrics"], result["protocol"]["grid"]
+    styles = [s for s in metrics if s not in ("retention_bound", "updates_after_related")]
+    figure, axes = plt.subplots(1, len(styles), figsize=(6 * len(styles), 4.2), squeeze=False)
+    positions = range(len(grid))
+    memory = result["model"]["memory"]
+    for axis, style in zip(axes[0], styles, strict=True):
+        for condition, look in CONDITION_STYLE.items():
+            points = [(x, metrics[style][condition][str(k)]["exact_hit"]) for x, k in zip(positions, grid, strict=True)]
+            points = [(x, y) for x, y in points if y is not None and metrics[style][condition][str(grid[x])]["n"]]
+            if points:
+                axis.plot(*zip(*points, strict=True), **look)
+        bound = [metrics["retention_bound"][str(k)] for k in grid]
+        axis.plot(
+            positions,
+            bound,
+            color="gray",
+            linestyle="--",
+            label=f"(1-K/N)^u, K={memory['num_update_tokens']}, N={memory['num_memory_tokens']}",
+        )
+        axis.set_xticks(list(positions), [str(k) for k in grid])
+        axis.set_xlabel("unrelated contexts injected after the related one (k)")
+        axis.set_ylabel("exact-hit accuracy / fraction of slots kept")
+        axis.set_ylim(0, 1.02)
+        axis.set_title(f"{result['data']['dataset']} retention, {style} prompts (n={result['data']['num_examples']})")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_sequential_editing(result: dict, path: str | Path) -> Path:
+    """Per-probe success rate of sequentially injected edits against their age (edits injected after them)."""
+    by_age = result["sequential"]["by_age"]
+    figure, axes = plt.subplots(1, len(by_age), figsize=(6 * len(by_age), 4), squeeze=False)
+    for axis, (style, buckets) in zip(axes[0], by_age.items(), strict=True):
+        ages = [(b["age_min"] + b["age_max"]) / 2 for b in buckets]
+        for probe in ("efficacy", "generalization", "specificity"):
+            axis.plot(ages, [b[probe] for b in buckets], marker="o", label=probe)
+        axis.set_xlabel("edits injected after the probed one")
+        axis.set_ylabel("P(wanted) > P(rival) rate")
+        axis.set_ylim(0, 1.02)
+        axis.set_title(f"{result['data']['dataset']} sequential edits, {style} prompts")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_integrity(result: dict, path: str | Path) -> Path:
+    """Running accuracy (QA mode) and slot norms against injections."""
+    rows = result["rows"]
+    steps = [row["injections"] for row in rows]
+    has_accuracy = "running_accuracy" in rows[0]
+    figure, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(12 if has_accuracy else 6, 4), squeeze=False)
+    norms = axes[0][-1]
+    norms.plot(steps, [row["norm_mean"] for row in rows], label="mean slot norm")
+    norms.plot(steps, [row["norm_max"] for row in rows], label="max slot norm")
+    norms.set_xlabel("injections")
+    norms.set_ylabel("L2 norm of memory slots")
+    norms.set_title(f"memory norms (non-finite values: max {result['metrics']['max_nonfinite']})")
+    norms.grid(alpha=0.3)
+    norms.legend(fontsize=8)
+    if has_accuracy:
+        accuracy = axes[0][0]
+        accuracy.plot(steps, [row["running_accuracy"] for row in rows], label="running")
+        accuracy.plot(steps, [row["window_accuracy"] for row in rows], label="last window", alpha=0.6)
+        accuracy.set_xlabel("injections")
+        accuracy.set_ylabel(f"probe accuracy ({result['probe']['mode']})")
+        accuracy.set_ylim(0, 1.02)
+        accuracy.set_title("question about the latest injected context")
+        accuracy.grid(alpha=0.3)
+        accuracy.legend(fontsize=8)
+    return _save(figure, path)

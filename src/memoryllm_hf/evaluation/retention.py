@@ -1,0 +1,233 @@
+"""Knowledge retention (paper §4.5): inject a question's context, then k unrelated contexts, ask; k on a grid.
+
+Per question the pool starts from a reset (seeded) state and is first filled with unrelated contexts ("prefill"),
+so forgetting is measured on a full pool as with the official models; then the related context is written, then
+unrelated contexts of `context_tokens` tokens (texts of other articles/titles than the question's, concatenated and
+cut, as the official script builds them). The same writes, in the same order, are what `model.inject` would make;
+`replay` makes the protocol affordable (see its docstring for the one, measured, approximation and how to turn it
+off with `shared_depth=None`).
+
+Conditions, on the same questions: no memory (`use_memory=False`, once per question), memory (at every k), and in
+context (related + k unrelated texts in the prompt, the oldest tokens cut to fit the window; not run once the
+related text is cut completely, as it then no longer is in the prompt).
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from ..modeling.memory_state import MemoryState
+from .data import SOURCE_FIELD, EvalData
+from .metrics import mean, score_answer
+from .prompts import Prompter
+from .replay import QuestionChain, ReferenceChain, Write, chunk_writes
+from .runner import Timer, decoding_info, generate, greedy_config
+
+DEFAULT_GRID = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class Context:
+    """An unrelated context: its token ids, text and the source documents it was cut from."""
+
+    index: int
+    ids: list[int]
+    text: str
+    sources: frozenset
+
+
+def unrelated_contexts(texts: Sequence[dict], tokenizer, source_field: str, length: int) -> list[Context]:
+    """Consecutive texts joined (blank line between) until `length` tokens, cut to exactly `length` tokens; a
+    shorter rest is dropped. File order is kept, so a document's paragraphs stay together."""
+    contexts, ids, sources = [], [], set()
+    for item in texts:
+        ids += tokenizer(item["text"] + "\n\n", add_special_tokens=False)["input_ids"]
+        sources.add(item.get(source_field))
+        if len(ids) >= length:
+            cut = ids[:length]
+            contexts.append(Context(len(contexts), cut, tokenizer.decode(cut), frozenset(sources)))
+            ids, sources = [], set()
+    return contexts
+
+
+def prefill_count(contexts: Sequence[Context], config) -> int:
+    """Unrelated contexts needed before the related one to fill an empty pool (at least one)."""
+    K, N, chunk = config.num_update_tokens, config.num_memory_tokens, config.inject_chunk_size
+    written, count = 0, 0
+    while written < N and count < len(contexts):
+        n = len(contexts[count].ids)
+        pieces = -(-n // chunk)
+        written += sum(min(K, len(part)) for part in torch.tensor_split(torch.arange(n), pieces))
+        count += 1
+    return max(count, 1)
+
+
+def run_retention(
+    model,
+    tokenizer,
+    data: EvalData,
+    styles: Sequence[str],
+    grid: Sequence[int] = DEFAULT_GRID,
+    context_tokens: int = 512,
+    prefill: int | None = None,
+    shared_depth: int | None = 6,
+    max_new_tokens: int = 16,
+    window: int | None = None,
+    seed: int = 0,
+    in_context_max_k: int | None = None,
+) -> dict:
+    """Run the protocol on `data.examples`; returns {"metrics", "records", ...} for the results file.
+    `in_context_max_k` limits the (costly) in-context condition to k <= that value."""
+    grid = sorted(set(grid))
+    cfg = model.config
+    window = window or cfg.max_position_embeddings
+    source_field = SOURCE_FIELD[data.dataset]
+    contexts = unrelated_contexts(data.unrelated, tokenizer, source_field, context_tokens)
+    prefill = prefill_count(contexts, cfg) if prefill is None else prefill
+    needed = prefill + grid[-1]
+    usable = {
+        example["id"]: [c for c in contexts if example.get(source_field) not in c.sources] for example in data.examples
+    }
+    short = [key for key, found in usable.items() if len(found) < needed]
+    if short:
+        raise ValueError(f"fewer than {needed} unrelated contexts for {short[:3]}; lower --grid or --context-tokens")
+    prompters = {style: Prompter(tokenizer, style, window) for style in styles}
+    decoding = greedy_config(tokenizer, max_new_tokens)
+
+    def writes_of(context: Context) -> list[Write]:
+        return chunk_writes(f"u{context.index}", context.ids, cfg.inject_chunk_size, cfg.min_inject_tokens)
+
+    model.reset_memory(seed)
+    start = model.memory_state()
+    last = max(found[needed - 1].index for found in usable.values()) if usable else 0
+    reference = ReferenceChain(model, [w for c in contexts[: last + 1] for w in writes_of(c)], start, shared_depth)
+    setup = _Setup(grid, writes_of, reference, start, prompters, decoding, in_context_max_k)
+    records, timer = [], Timer()
+    for example in tqdm(data.examples, desc=f"retention {data.dataset}", unit="question"):
+        found, question_timer = usable[example["id"]], Timer()
+        records.append(_run_question(model, tokenizer, example, found[:prefill], found[prefill:needed], setup))
+        records[-1]["wall_time_s"] = question_timer.seconds()
+    return {
+        "metrics": aggregate(records, grid, styles, cfg),
+        "records": records,
+        "protocol": {
+            "grid": grid,
+            "context_tokens": context_tokens,
+            "prefill_contexts": prefill,
+            "shared_depth": shared_depth,
+            "window": window,
+            "in_context_max_k": in_context_max_k,
+            "num_unrelated_contexts": len(contexts),
+        },
+        "decoding": decoding_info(decoding),
+        "wall_time_s": timer.seconds(),
+    }
+
+
+@dataclass
+class _Setup:
+    """What every question of one run shares."""
+
+    grid: list[int]
+    writes_of: Callable[[Context], list[Write]]
+    reference: ReferenceChain
+    start: MemoryState
+    prompters: dict[str, Prompter]
+    decoding: GenerationConfig
+    in_context_max_k: int | None
+
+
+def _run_question(
+    model, tokenizer, example: dict, prefill: list[Context], unrelated: list[Context], setup: _Setup
+) -> dict:
+    """One question: the write sequence with asks at the grid points."""
+    cfg = model.config
+    related_ids = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
+    related = chunk_writes(f"q:{example['id']}", related_ids, cfg.inject_chunk_size, cfg.min_inject_tokens)
+    chain = QuestionChain(model, setup.start, setup.reference)
+    record = {
+        "id": example["id"],
+        "question": example["question"],
+        "answers": example["answers"],
+        "related_tokens": len(related_ids),
+        "unrelated_contexts": [c.index for c in unrelated],
+        "no_memory": {},
+        "memory": {},
+        "in_context": {},
+        "updates_after_related": {},
+    }
+    questions = {
+        style: p.question(example["question"], reserve=setup.decoding.max_new_tokens)
+        for style, p in setup.prompters.items()
+    }
+    record["no_memory"] = _ask(model, tokenizer, questions, False, setup.decoding, example["answers"])
+    for context in prefill:
+        chain.write(setup.writes_of(context))
+    chain.write(related)
+    updates_before = chain.pool.injections
+    for k in range(setup.grid[-1] + 1):
+        if k:
+            chain.write(setup.writes_of(unrelated[k - 1]))
+        if k not in setup.grid:
+            continue
+        chain.load()
+        record["updates_after_related"][str(k)] = chain.pool.injections - updates_before
+        record["memory"][str(k)] = _ask(model, tokenizer, questions, True, setup.decoding, example["answers"])
+        record["in_context"][str(k)] = {style: None for style in setup.prompters}
+        if setup.in_context_max_k is None or k <= setup.in_context_max_k:
+            text = "\n\n".join([example["context"], *(c.text for c in unrelated[:k])])
+            prompts = {
+                style: p.question(example["question"], text, reserve=setup.decoding.max_new_tokens)
+                for style, p in setup.prompters.items()
+            }
+            # Once the related text is cut away completely the prompt no longer holds it: not run (None).
+            kept = {style: prompt for style, prompt in prompts.items() if prompt.truncated_tokens < len(related_ids)}
+            record["in_context"][str(k)].update(_ask(model, tokenizer, kept, False, setup.decoding, example["answers"]))
+    record["chunks"] = chain.counts
+    return record
+
+
+def _ask(model, tokenizer, prompts: dict, use_memory: bool, decoding, answers) -> dict:
+    """Scores per style of the greedy answers to `prompts` ({style: Prompt}, generated as one batch)."""
+    if not prompts:
+        return {}
+    generations = generate(model, tokenizer, [prompt.ids for prompt in prompts.values()], use_memory, decoding)
+    scores = {style: score_answer(text, answers) for style, text in zip(prompts, generations, strict=True)}
+    for style, prompt in prompts.items():
+        if prompt.truncated_tokens:
+            scores[style]["truncated_tokens"] = prompt.truncated_tokens
+    return scores
+
+
+def aggregate(records: list[dict], grid: Sequence[int], styles: Sequence[str], config) -> dict:
+    """Accuracy (exact hit, F1, EM) per style, condition and k; the (1-K/N)^u bound; where memory meets baseline."""
+    N = config.num_memory_tokens
+    updates = {str(k): mean(r["updates_after_related"][str(k)] for r in records) for k in grid}
+    metrics = {}
+    for style in styles:
+        curves = {"no_memory": {}, "memory": {}, "in_context": {}}
+        for k in map(str, grid):
+            rows = {
+                "no_memory": [r["no_memory"][style] for r in records],
+                "memory": [r["memory"][k][style] for r in records],
+                "in_context": [r["in_context"][k][style] for r in records if r["in_context"][k][style]],
+            }
+            for condition, scores in rows.items():
+                curves[condition][k] = {
+                    "n": len(scores),
+                    **{name: mean(s[name] for s in scores) for name in ("exact_hit", "f1", "exact_match")},
+                }
+        baseline = curves["no_memory"][str(grid[0])]["exact_hit"]
+        meets = [k for k in grid if curves["memory"][str(k)]["exact_hit"] <= baseline]
+        metrics[style] = {
+            **curves,
+            "memory_meets_no_memory_at_k": meets[0] if meets else None,
+            "memory_meets_no_memory_at_updates": updates[str(meets[0])] if meets else None,
+        }
+    slots_per_update = min(config.num_update_tokens, config.inject_chunk_size)
+    metrics["retention_bound"] = {k: (1 - slots_per_update / N) ** u for k, u in updates.items()}
+    metrics["updates_after_related"] = updates
+    return metrics

@@ -1,0 +1,156 @@
+"""What every task shares: seeding, greedy generation, continuation log-probabilities, the results file."""
+
+import json
+import platform
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig
+
+from ..modeling.memory_storage import atomic_write
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def greedy_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
+    """Explicit greedy decoding (a checkpoint's generation_config may sample; we never do so silently)."""
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+
+
+def decoding_info(config: GenerationConfig) -> dict:
+    return {"do_sample": config.do_sample, "num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+
+
+@torch.no_grad()
+def generate(
+    model, tokenizer, prompts: Sequence[Sequence[int]], use_memory: bool, config: GenerationConfig
+) -> list[str]:
+    """Greedy continuations of prompts generated as one left-padded batch, decoded without special tokens."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
+        mask[row, width - len(prompt) :] = 1
+    output = model.generate(
+        ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config, use_memory=use_memory
+    )
+    return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+
+def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, : len(tokens)] = torch.tensor(list(tokens))
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def continuation_scores(
+    model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], use_memory: bool, pad_id: int = 0
+) -> list[dict]:
+    """Teacher-forced scores of each (prefix ids, target ids): `logprob` (sum of the target tokens'
+    log-probabilities), `greedy` (every target token is the argmax: greedy decoding would produce the target) and
+    `token_accuracy` (fraction of target tokens that are the argmax).
+
+    Each distinct prefix is run once (right-padded batch); the targets then continue from its cache rows.
+    """
+    device = model.device
+    prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
+    row_of = [prefixes.index(tuple(prefix)) for prefix, _ in pairs]
+    prefix_ids, prefix_mask = _right_padded(prefixes, pad_id)
+    memory = model.memory_prefix_length if use_memory and model.memory_is_initialized else 0
+    first = model(
+        input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_memory=use_memory, use_cache=True
+    )
+    lengths = prefix_mask.sum(-1)
+    next_logits = first.logits[torch.arange(len(prefixes), device=device), (lengths - 1).to(device)]
+    cache = first.cache
+    cache.reorder_cache(torch.tensor(row_of, device=device))
+    target_ids, target_mask = _right_padded([target for _, target in pairs], pad_id)
+    full_mask = torch.cat([torch.ones(len(pairs), memory, dtype=torch.long), prefix_mask[row_of], target_mask], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -target_ids.shape[1] :]
+    second = model(
+        input_ids=target_ids.to(device),
+        attention_mask=full_mask.to(device),
+        position_ids=positions.to(device),
+        cache=cache,
+        use_memory=use_memory,
+    )
+    # The distribution of target token j: after the prefix for j = 0, after target token j - 1 otherwise.
+    logits = torch.cat([next_logits[row_of][:, None], second.logits[:, :-1]], dim=1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    scores = []
+    for row, (_, target) in enumerate(pairs):
+        count = len(target)
+        picked = log_probs[row, torch.arange(count), target_ids[row, :count]]
+        hits = log_probs[row, :count].argmax(-1) == target_ids[row, :count]
+        scores.append(
+            {
+                "logprob": float(picked.sum()),
+                "greedy": bool(hits.all()),
+                "token_accuracy": float(hits.float().mean()),
+            }
+        )
+    return scores
+
+
+def environment() -> dict:
+    from .. import __version__
+
+    return {
+        "memoryllm_hf": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+class Timer:
+    """Wall time since creation."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def write_json(path: str | Path, result: dict) -> Path:
+    """Write the results file atomically (a crash never leaves a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(str(path), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1, default=float) + "\n"))
+    return path
+
+
+def result_document(task: str, config: dict, model_info: dict, data_info: dict, seed: int, **fields) -> dict:
+    """The common head of every results file; task code adds metrics and per-example records."""
+    return {
+        "task": task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "model": model_info,
+        "data": data_info,
+        "seed": seed,
+        "environment": environment(),
+        **fields,
+    }

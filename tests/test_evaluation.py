@@ -1,0 +1,339 @@
+"""Evaluation harness end to end on 3 hand-made examples per task with a tiny random model (schema, determinism),
+plus the prompt builder and the teacher-forced scorer."""
+
+import json
+
+import pytest
+import torch
+
+from memoryllm_hf.evaluation.cli import main
+from memoryllm_hf.evaluation.models import char_tokenizer
+from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.evaluation.runner import continuation_scores
+from memoryllm_hf.tiny import tiny_model
+
+ARTICLES = ["Rivers", "Birds", "Stars", "Bread", "Ships", "Clocks"]
+
+
+def _write(folder, name, rows):
+    (folder / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    _write(
+        folder,
+        "squad_qa.jsonl",
+        [
+            {
+                "id": f"s{i}",
+                "article": ARTICLES[i],
+                "context": f"The {ARTICLES[i].lower()} page says the key is k{i}.",
+                "question": f"What is the key of {ARTICLES[i]}?",
+                "answers": [f"k{i}"],
+            }
+            for i in range(3)
+        ],
+    )
+    _write(
+        folder,
+        "squad_paragraphs.jsonl",
+        [
+            {"id": f"p{i}", "article": ARTICLES[i % 6], "text": f"Paragraph {i} about {ARTICLES[i % 6]} and more."}
+            for i in range(30)
+        ],
+    )
+    _write(
+        folder,
+        "nq_qa.jsonl",
+        [
+            {
+                "id": f"n{i}",
+                "title": ARTICLES[i],
+                "context": f"{ARTICLES[i]} were counted: {i + 3} of them.",
+                "question": f"how many {ARTICLES[i].lower()}",
+                "answers": [str(i + 3)],
+            }
+            for i in range(3)
+        ],
+    )
+    _write(
+        folder,
+        "nq_passages.jsonl",
+        [
+            {"id": f"np{i}", "title": ARTICLES[3 + i % 3], "text": f"Passage {i} on {ARTICLES[3 + i % 3]}."}
+            for i in range(30)
+        ],
+    )
+    edits = [
+        {
+            "case_id": i,
+            "subject": f"Sub{i}",
+            "prompt": f"Sub{i} speaks",
+            "target_new": "Lang A",
+            "target_true": "Lang B",
+            "paraphrase_prompts": [f"People say Sub{i} speaks", f"Sub{i}'s language is"],
+            "neighborhood_prompts": [{"prompt": f"Other{i} speaks", "target": "Lang B"}],
+            "edit_text": f"Sub{i} speaks Lang A.",
+        }
+        for i in range(3)
+    ]
+    _write(folder, "counterfact.jsonl", edits)
+    _write(folder, "zsre.jsonl", [{**e, "prompt": f"What does Sub{e['case_id']} speak?"} for e in edits])
+    _write(
+        folder,
+        "hotpotqa.jsonl",
+        [
+            {
+                "id": f"h{i}",
+                "question": f"Where is thing {i}?",
+                "answer": f"place {i}",
+                "type": "bridge",
+                "paragraphs": [{"title": f"T{j}", "text": f"Thing {j} is in place {j}."} for j in range(4)],
+                "supporting_titles": [f"T{i}"],
+            }
+            for i in range(3)
+        ],
+    )
+    return folder
+
+
+def _run(task, data_dir, out, *extra):
+    argv = ["eval", task, "--model", "tiny", "--data", str(data_dir), "--limit", "3", "--output", str(out), *extra]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def _drop_times(value):
+    """The document without wall times, timestamps and the output path (which differ between identical runs)."""
+    if isinstance(value, dict):
+        return {
+            k: _drop_times(v)
+            for k, v in value.items()
+            if k not in ("created", "output", "seconds_per_update") and not k.endswith(("wall_time_s", "_seconds"))
+        }
+    if isinstance(value, list):
+        return [_drop_times(v) for v in value]
+    return value
+
+
+HEAD = {
+    "task",
+    "created",
+    "config",
+    "model",
+    "data",
+    "seed",
+    "environment",
+    "prompt_styles",
+    "metrics",
+    "records",
+    "wall_time_s",
+}
+
+
+def test_retention_end_to_end(data_dir, tmp_path):
+    extra = ["--grid", "0,1,2", "--context-tokens", "24", "--max-new-tokens", "4"]
+    first = _run("retention", data_dir, tmp_path / "a.json", *extra)
+    second = _run("retention", data_dir, tmp_path / "b.json", *extra)
+    assert HEAD | {"protocol", "decoding"} <= set(first)
+    assert _drop_times(first) == _drop_times(second)
+    assert (tmp_path / "a.png").stat().st_size > 0
+    assert first["decoding"]["do_sample"] is False and first["prompt_styles"] == ["plain", "chat"]
+    assert first["data"]["num_examples"] == 3 and len(first["data"]["file_sha256"]) == 2
+    record = first["records"][0]
+    assert set(record["memory"]) == set(record["in_context"]) == {"0", "1", "2"}
+    assert set(record["memory"]["2"]["chat"]) >= {"generation", "answer", "exact_hit", "f1", "exact_match"}
+    assert record["updates_after_related"]["0"] == 0 < record["updates_after_related"]["1"]
+    metrics = first["metrics"]
+    assert metrics["retention_bound"]["0"] == 1.0 > metrics["retention_bound"]["2"]
+    assert metrics["chat"]["memory"]["1"]["n"] == 3
+
+
+def test_retention_nq_skips_contexts_of_the_question_title(data_dir, tmp_path):
+    extra = [
+        "--dataset",
+        "nq",
+        "--grid",
+        "0,2",
+        "--context-tokens",
+        "24",
+        "--max-new-tokens",
+        "2",
+        "--prompt-style",
+        "chat",
+    ]
+    result = _run("retention", data_dir, tmp_path / "nq.json", *extra)
+    assert result["data"]["dataset"] == "nq" and result["prompt_styles"] == ["chat"]
+    passages = [json.loads(line) for line in (data_dir / "nq_passages.jsonl").read_text().splitlines()]
+    # Contexts are built from consecutive passages; NQ passages here alternate Bread/Ships/Clocks titles, none of
+    # which is a question title, so every question may use the same contexts.
+    assert {p["title"] for p in passages}.isdisjoint(ARTICLES[:3])
+    assert len({tuple(r["unrelated_contexts"]) for r in result["records"]}) == 1
+
+
+def test_retention_squad_skips_contexts_of_the_question_article(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.data import load_data
+    from memoryllm_hf.evaluation.retention import unrelated_contexts
+
+    data = load_data(data_dir, "squad")
+    contexts = unrelated_contexts(data.unrelated, char_tokenizer(), "article", 24)
+    result = _run(
+        "retention",
+        data_dir,
+        tmp_path / "s.json",
+        "--grid",
+        "0,4",
+        "--context-tokens",
+        "24",
+        "--max-new-tokens",
+        "1",
+        "--prompt-style",
+        "plain",
+    )
+    for record, example in zip(result["records"], data.examples, strict=True):
+        used = record["unrelated_contexts"]
+        assert all(example["article"] not in contexts[i].sources for i in used)
+
+
+def test_retention_sharing_is_recorded_and_optional(data_dir, tmp_path):
+    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2", "--prompt-style", "plain"]
+    extra += ["--in-context-max-k", "0"]
+    shared = _run("retention", data_dir, tmp_path / "shared.json", *extra, "--shared-depth", "1")
+    exact = _run("retention", data_dir, tmp_path / "exact.json", *extra, "--shared-depth", "-1")
+    assert sum(r["chunks"]["shared"] for r in shared["records"]) > 0
+    assert sum(r["chunks"]["shared"] for r in exact["records"]) == 0
+    assert exact["protocol"]["shared_depth"] is None
+    in_context = exact["metrics"]["plain"]["in_context"]
+    assert in_context["0"]["n"] == 3 and in_context["2"]["n"] == 0
+
+
+def test_editing_end_to_end(data_dir, tmp_path):
+    extra = ["--sequential"]
+    first = _run("editing", data_dir, tmp_path / "a.json", *extra)
+    second = _run("editing", data_dir, tmp_path / "b.json", *extra)
+    assert _drop_times(first) == _drop_times(second)
+    assert (tmp_path / "a.png").stat().st_size > 0
+    for style in ("plain", "chat"):
+        for condition in ("no_edit", "memory", "in_context"):
+            summary = first["metrics"][style][condition]
+            assert summary["n"] == 3
+            assert {"efficacy", "generalization", "specificity", "score", "efficacy_exact"} <= set(summary)
+    record = first["records"][0]
+    assert len(record["memory"]["chat"]["generalization"]) == 2
+    assert {"wanted", "rival", "success", "exact"} == set(record["memory"]["chat"]["efficacy"][0])
+    sequential = first["sequential"]
+    assert [r["age"] for r in sequential["records"]] == [2, 1, 0]
+    assert sequential["metrics"]["chat"]["n"] == 3
+
+
+def test_editing_zsre_questions(data_dir, tmp_path):
+    result = _run(
+        "editing",
+        data_dir,
+        tmp_path / "z.json",
+        "--dataset",
+        "zsre",
+        "--prompt-style",
+        "plain",
+        "--sequential",
+        "--sequential-probe-every",
+        "2",
+    )
+    assert result["data"]["dataset"] == "zsre"
+    assert [r["age"] for r in result["sequential"]["records"]] == [2, 0]
+    assert result["metrics"]["plain"]["memory"]["n"] == 3
+
+
+def test_longcontext_end_to_end(data_dir, tmp_path):
+    extra = ["--window", "200", "--max-new-tokens", "6"]
+    first = _run("longcontext", data_dir, tmp_path / "a.json", *extra)
+    second = _run("longcontext", data_dir, tmp_path / "b.json", *extra)
+    assert _drop_times(first) == _drop_times(second)
+    metrics = first["metrics"]["chat"]
+    assert {"no_memory", "memory", "in_context"} == set(metrics)
+    assert metrics["in_context"]["truncated_examples"] == 3  # instruction + 4 passages do not fit 200 characters
+    record = first["records"][0]
+    assert record["updates"] >= 2 and record["in_context"]["chat"]["truncated_tokens"] > 0
+
+
+def test_integrity_end_to_end(data_dir, tmp_path):
+    extra = ["--updates", "7", "--record-every", "3", "--prompt-style", "chat", "--probe", "teacher-forced"]
+    first = _run("integrity", data_dir, tmp_path / "a.json", *extra)
+    second = _run("integrity", data_dir, tmp_path / "b.json", *extra)
+    assert _drop_times(first) == _drop_times(second)
+    assert [row["injections"] for row in first["rows"]] == [3, 6, 7]
+    row = first["rows"][-1]
+    assert {"running_accuracy", "window_accuracy", "norm_mean", "norm_max", "nonfinite", "filled_slots"} <= set(row)
+    assert first["metrics"]["max_nonfinite"] == 0 and first["probe"]["mode"] == "teacher-forced"
+    assert first["metrics"]["probes"] == 7
+    assert (tmp_path / "a.png").stat().st_size > 0
+    generated = _run(
+        "integrity",
+        data_dir,
+        tmp_path / "g.json",
+        "--updates",
+        "4",
+        "--record-every",
+        "2",
+        "--probe-every",
+        "2",
+        "--max-new-tokens",
+        "3",
+    )
+    assert generated["metrics"]["probes"] == 2
+    assert generated["probe"] == {"mode": "generate", "every": 2, "style": "chat", "max_new_tokens": 3}
+
+
+def test_integrity_tiny_soak(tmp_path):
+    out = tmp_path / "tiny.json"
+    assert main(["eval", "integrity", "--tiny", "--updates", "300", "--record-every", "100", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metrics"]["updates"] == 300 and result["metrics"]["max_nonfinite"] == 0
+    assert "running_accuracy" not in result["rows"][0] and result["model"]["spec"] == "tiny"
+
+
+def test_prompts_plain_chat_and_truncation():
+    tokenizer = char_tokenizer()
+    plain = Prompter(tokenizer, "plain", window=64)
+    assert tokenizer.decode(plain.question("Why?").ids) == "Question: Why? Answer:"
+    chat = Prompter(tokenizer, "chat", window=64)
+    assert tokenizer.decode(chat.question("Why?").ids).startswith("<s>user: ")
+    cut = plain.question("Why?", context="x" * 100, reserve=8)
+    assert len(cut.ids) + 8 <= 64 and cut.truncated_tokens == 100 - (64 - 8 - len("\n\nQuestion: Why? Answer:"))
+    assert tokenizer.decode(cut.ids).startswith("xxx")
+    with pytest.raises(ValueError, match="question alone"):
+        plain.question("W" * 80, context="x", reserve=0)
+    prefix, target = plain.completion("Sub speaks", "Lang A", "sentence")
+    assert tokenizer.decode(prefix + target) == "Sub speaks Lang A"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("use_memory", [False, True])
+def test_continuation_scores_match_full_forward_passes(use_memory):
+    """Shared prefixes, different lengths, padding: each score equals the one read off a plain forward pass."""
+    model = tiny_model(memory_update="input", fresh_pool="grow")
+    model.inject(list(range(10, 40)))
+    pairs = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8], [11]), ([5, 6], [12, 13, 14, 15, 16])]
+    scores = continuation_scores(model, pairs, use_memory)
+    for (prefix, target), score in zip(pairs, scores, strict=True):
+        log_probs = model(torch.tensor([prefix + target]), use_memory=use_memory).logits.log_softmax(-1)[0]
+        steps = log_probs[len(prefix) - 1 : len(prefix) + len(target) - 1]
+        expected = steps[torch.arange(len(target)), torch.tensor(target)].sum()
+        assert score["logprob"] == pytest.approx(float(expected), abs=1e-5)
+        assert score["greedy"] is bool((steps.argmax(-1) == torch.tensor(target)).all())
+    assert scores[0]["logprob"] != scores[1]["logprob"]
+
+
+@torch.no_grad()
+def test_batched_generation_matches_single_prompts():
+    from memoryllm_hf.evaluation.runner import generate, greedy_config
+
+    model, tokenizer = tiny_model(memory_update="input", fresh_pool="grow"), char_tokenizer()
+    model.inject(list(range(10, 60)))
+    prompts = [tokenizer("a longer prompt")["input_ids"], tokenizer("short")["input_ids"]]
+    config = greedy_config(tokenizer, 5)
+    for use_memory in (False, True):
+        alone = [generate(model, tokenizer, [prompt], use_memory, config)[0] for prompt in prompts]
+        assert generate(model, tokenizer, prompts, use_memory, config) == alone
