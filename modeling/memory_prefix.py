@@ -15,7 +15,8 @@ PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
 def prefix_key_values(
     layers: nn.ModuleList, rotary_emb: nn.Module, prefix: list[torch.Tensor], start: int = 0
 ) -> PrefixKV:
-    """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. ."""
+    """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. .
+    Made contiguous once here, so the cache's concatenation at every prefill is a plain copy."""
     length = prefix[0].shape[0]
     positions = torch.arange(start, start + length, device=prefix[0].device)[None]
     cos, sin = rotary_emb(prefix[0], positions)
@@ -27,7 +28,7 @@ def prefix_key_values(
         shape = (1, length, -1, attn.head_dim)
         keys = attn.k_proj(normed).view(shape).transpose(1, 2)
         values = attn.v_proj(normed).view(shape).transpose(1, 2)
-        out.append((keys * cos + rotate_half(keys) * sin, values))
+        out.append(((keys * cos + rotate_half(keys) * sin).contiguous(), values.contiguous()))
     return out
 
 
@@ -63,7 +64,8 @@ def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool =
 
 def _full_attention_only(config) -> bool:
     """True when `DynamicCache(config=config)` would make every layer a plain `DynamicLayer` (Llama)."""
-    return all(getattr(config, name, None) is None for name in ("layer_types", "sliding_window", "attention_chunk_size"))
+    fields = ("layer_types", "sliding_window", "attention_chunk_size")
+    return all(getattr(config, name, None) is None for name in fields)
 
 
 def extend_attention_mask(

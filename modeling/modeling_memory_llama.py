@@ -372,7 +372,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             start = prefix[0].shape[0]
             cache = None
             if start:
-                cache = seeded_cache(self.config, prefix_key_values(layers, self.model.rotary_emb, prefix), 1)
+                # read-only: the window is used once per layer, and a checkpointing replay must see the same prefix
+                cache = seeded_cache(self.config, prefix_key_values(layers, self.model.rotary_emb, prefix), 1, True)
             length = requeried + input_ids.shape[1]
             positions = torch.arange(start, start + length, device=hidden.device)[None]
             probe = hidden.new_empty(1, length, hidden.shape[-1])

@@ -88,12 +88,12 @@ REMOTE = textwrap.dedent(
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert torch.equal(model.memory, expected["memory"])
-        with torch.no_grad():
-            assert torch.equal(model(expected["prompt"]).logits, expected["logits"])
+        with torch.no_grad():  # (another process may use another thread count: float sums may differ in order)
+            torch.testing.assert_close(model(expected["prompt"]).logits, expected["logits"], rtol=0, atol=1e-6)
             out = model.generate(expected["prompt"], max_new_tokens=4, do_sample=False)
         assert torch.equal(out, expected["generated"])
         model.inject(expected["context"])
-        assert torch.equal(model.memory, expected["memory_after"])
+        torch.testing.assert_close(model.memory, expected["memory_after"], rtol=0, atol=1e-6)
     print("remote ok")
     """
 )
