@@ -13,6 +13,15 @@ def _deterministic():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models run many small steps: a second thread only adds synchronisation (much slower on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def output_model():
     """Tiny model with the official update rule and a tiled pool."""
     return tiny_model()

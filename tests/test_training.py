@@ -36,13 +36,7 @@ CONFIGS = Path(__file__).parent.parent / "configs"
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train many small steps: a second thread only adds synchronisation (much slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(tmp_path, **sections) -> dict:
@@ -237,7 +231,7 @@ def test_resume_is_exact(tmp_path):
     assert [r["process"] for r in resumed.history] == [r["process"] for r in straight.history]
     assert {r["process"] for r in straight.history} >= {"continuous", "forgetting"}
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history], abs=1e-6)
-    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
+    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0, msg=name)
     torch.testing.assert_close(straight.model.memory, resumed.model.memory, atol=1e-7, rtol=0)
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000006"

@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # Modules exposing `register(subparsers)`; each adds one or more subcommands with `set_defaults(func=...)`.
-COMMAND_MODULES = ("memoryllm_hf.commands", "memoryllm_hf.evaluation.cli", "memoryllm_hf.hub")
+COMMAND_MODULES = ("memoryllm_hf.commands", "memoryllm_hf.evaluation.cli", "memoryllm_hf.hub", "memoryllm_hf.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
