@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from .memory_storage import atomic_write
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
-MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state")
+MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state", "memory_written_at")
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
-_TENSOR_FIELDS = ("memory", "filled", "injections", "rng_state")
+_TENSOR_FIELDS = ("memory", "filled", "injections", "rng_state", "written_at")
 _RNG_STATE_BYTES = torch.Generator().get_state().numel()
 
 
@@ -35,8 +35,13 @@ class MemoryState:
     filled: torch.Tensor
     injections: torch.Tensor
     rng_state: torch.Tensor
+    written_at: torch.Tensor | None = None  # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown
     fingerprint: str | None = None
     num_update_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.written_at is None:
+            self.written_at = torch.zeros(self.memory.shape[:2], dtype=torch.long, device=self.memory.device)
 
     def __repr__(self) -> str:
         L, N, d = self.memory.shape
@@ -46,11 +51,12 @@ class MemoryState:
         )
 
     def as_buffers(self) -> dict[str, torch.Tensor]:
-        return dict(zip(MEMORY_BUFFERS, (self.memory, self.filled, self.injections, self.rng_state), strict=True))
+        tensors = (self.memory, self.filled, self.injections, self.rng_state, self.written_at)
+        return dict(zip(MEMORY_BUFFERS, tensors, strict=True))
 
     @classmethod
     def from_buffers(cls, buffers: Mapping[str, torch.Tensor], **info) -> "MemoryState":
-        return cls(*(buffers[name] for name in MEMORY_BUFFERS), **info)
+        return cls(*(buffers.get(name) for name in MEMORY_BUFFERS), **info)  # written_at may be absent (older files)
 
     def clone(self) -> "MemoryState":
         return dataclasses.replace(self, **{f: getattr(self, f).detach().clone() for f in _TENSOR_FIELDS})
@@ -112,6 +118,9 @@ class MemoryState:
             raise MemoryStateError(f"filled={int(filled)} is outside [0, {memory.shape[1]}], the pool's slot count")
         if int(injections) < 0:
             raise MemoryStateError(f"injections={int(injections)} is negative")
+        written = self.written_at
+        if tuple(written.shape) != tuple(memory.shape[:2]) or written.is_floating_point():
+            raise MemoryStateError(f"written_at must be an integer tensor {tuple(memory.shape[:2])}")
         if rng.dtype != torch.uint8 or tuple(rng.shape) != (_RNG_STATE_BYTES,):
             raise MemoryStateError(
                 f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), "
@@ -140,7 +149,7 @@ class MemoryState:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError) as err:
             raise MemoryStateError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
-        missing = [name for name in MEMORY_BUFFERS if name not in tensors]
+        missing = [name for name in MEMORY_BUFFERS[:4] if name not in tensors]
         if missing:
             raise MemoryStateError(f"{path} is not a memory state: tensors {missing} are missing")
         K = metadata.get("num_update_tokens")

@@ -69,6 +69,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         self.register_buffer("memory_filled", torch.tensor(0, dtype=torch.long), persistent=True)
         self.register_buffer("memory_injections", torch.tensor(0, dtype=torch.long), persistent=True)
         self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
+        self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
         self._memory_lock = MemoryLock()
@@ -88,6 +89,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             init.zeros_(self.memory_filled)
             init.zeros_(self.memory_injections)
             init.copy_(self.memory_rng_state, seeded_rng_state(self.config.memory_seed))
+            init.zeros_(self.memory_written_at)
 
     # ------------------------------------------------------------------ memory state
     @property
@@ -118,6 +120,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
                 filled=torch.zeros_like(self.memory_filled),
                 injections=torch.zeros_like(self.memory_injections),
                 rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
+                written_at=torch.zeros_like(self.memory_written_at),
             )
         )
 
@@ -406,9 +409,10 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         k slots are dropped (empty ones first, then random ones) and the new slots are appended at the end."""
         state = self._current_state()
         N, filled = self.config.num_memory_tokens, self.num_filled_slots
-        rng_state = state.rng_state
+        rng_state, number = state.rng_state, int(state.injections) + 1
         if filled == 0 and self.config.fresh_pool == "tile":
             pool, filled = tile_pool(new.to(state.memory.dtype), N), N
+            written_at = torch.full_like(state.written_at, number)
         else:
             drawer = generator
             if drawer is None:
@@ -417,6 +421,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             L, per_layer = self.config.num_hidden_layers, self.config.drop_memory_per_layer
             keep = kept_slot_indices(N, filled, new.shape[1], L, per_layer, drawer)
             pool, filled = drop_and_append(state.memory, new, keep), min(N, filled + new.shape[1])
+            stamps = torch.full((L, new.shape[1], 1), number, dtype=torch.long, device=state.written_at.device)
+            written_at = drop_and_append(state.written_at[..., None], stamps, keep)[..., 0]
             if generator is None:
                 rng_state = drawer.get_state()
         return MemoryState(
@@ -424,6 +430,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             filled=torch.full_like(state.filled, filled),
             injections=state.injections + 1,
             rng_state=rng_state,
+            written_at=written_at,
         )
 
     # ------------------------------------------------------------------ persistence and construction

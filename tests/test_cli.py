@@ -176,13 +176,14 @@ def test_chat_warns_about_unsaved_changes_and_autosaves(capsys, folder, monkeypa
 
 def test_stats_text_and_png(capsys, folder, tmp_path):
     run_cli(capsys, "inject", folder, "--text", NOTES)
+    run_cli(capsys, "inject", folder, "--text", NOTES)  # a second update: slots of two ages
     png = tmp_path / "norms.png"
     code, out, _ = run_cli(capsys, "stats", folder, "--png", png)
     assert code == 0
     assert "2 layers x 24 slots x 32 (float32)" in out and "K=6" in out and "filled        24/24" in out
-    assert "slot norm histogram" in out and "slot ages     not recorded" in out
+    assert "slot norm histogram" in out and "slot age histogram" in out and "(48 of 48 slots known)" in out
     histogram = [line for line in out.splitlines() if " | " in line]
-    assert len(histogram) == 10 and sum(int(line.split()[-1]) for line in histogram) == 2 * 24
+    assert len(histogram) == 20 and sum(int(line.split()[-1]) for line in histogram) == 2 * 2 * 24
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -120,3 +120,15 @@ def test_chunking_splits_long_text_evenly():
     assert model.num_injections == 3
     with pytest.raises(ValueError, match="min_inject_tokens"):
         model.inject(torch.randint(3, 128, (40,)), chunk_size=1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"memory_update": "input", "fresh_pool": "grow"}])
+def test_slots_remember_which_injection_wrote_them(overrides):
+    model = tiny_model(**overrides)
+    for number in range(1, 9):
+        model.inject(torch.randint(3, 128, (1, 6)))
+        written = model.memory_written_at[:, model.config.num_memory_tokens - model.num_filled_slots :]
+        assert (written[:, -6:] == number).all()  # the newest slots carry this injection's number
+        assert (written[:, 1:] >= written[:, :-1]).all()  # older survivors stay in front, in order
+    survivors = model.memory_written_at.unique()
+    assert 1 < len(survivors) < 9  # some old slots survive, some were dropped

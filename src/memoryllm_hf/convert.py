@@ -162,6 +162,7 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
             "memory_filled": torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
             "memory_injections": torch.tensor(0, dtype=torch.long),
             "memory_rng_state": seeded_rng_state(config.memory_seed),
+            "memory_written_at": torch.zeros(pool.shape[:2], dtype=torch.long),  # official pools: unknown
         },
     )
     config.dtype = str(pool.dtype).removeprefix("torch.")

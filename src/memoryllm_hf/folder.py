@@ -93,7 +93,7 @@ def histogram_lines(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> list[st
 
 
 def memory_report(state: MemoryState, config: dict) -> list[str]:
-    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot norms."""
+    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot ages and norms."""
     L, N, d = state.memory.shape
     filled = state.num_filled_slots
     lines = [
@@ -103,9 +103,19 @@ def memory_report(state: MemoryState, config: dict) -> list[str]:
         f"injections    {state.num_injections}",
         f"filled        {filled}/{N} slots per layer",
         f"content hash  {state.content_hash()[:16]}",
-        "slot ages     not recorded: the pool keeps slots oldest first, but not when each one was written",
     ]
     if filled:
+        written = state.written_at[:, N - filled :]
+        known = written[written > 0]
+        if known.numel():
+            ages = (state.num_injections - known).float()  # injections since the slot was written (0 = newest)
+            lines.append(
+                f"slot ages     in injections since written: mean {float(ages.mean()):.4g}, "
+                f"max {int(ages.max())} ({known.numel()} of {written.numel()} slots known)"
+            )
+            lines += ["slot age histogram (all layers):"] + ["  " + line for line in histogram_lines(ages)]
+        else:
+            lines.append("slot ages     unknown (the slots were written before ages were recorded)")
         norms = state.memory[:, N - filled :].float().norm(dim=-1)
         lines.append(
             f"slot norms    mean {float(norms.mean()):.4g}, min {float(norms.min()):.4g}, max {float(norms.max()):.4g}"
