@@ -91,6 +91,10 @@ def test_scale_prints_and_plots(run_script, tmp_path):
     assert_table(printed, "scale", COLUMNS, rows=2)
     assert [row["N"] for row in result["rows"]] == [64, 128]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from benchmarks.scale import main
+
+    main(["--replot", str(tmp_path / "scale.json"), "--plot", str(tmp_path / "again.png")])
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @settings(max_examples=60, deadline=None)

@@ -84,8 +84,16 @@ def test_read_documents_groups_consecutive_rows(tmp_path):
 def test_document_examples_are_a_function_of_the_index(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(5)))
-    values = tiny_config(tmp_path, data={"kind": "documents", "files": [str(path)], "min_chunk_tokens": 8,
-                                         "max_chunk_tokens": 32, "max_segment_tokens": 24})
+    values = tiny_config(
+        tmp_path,
+        data={
+            "kind": "documents",
+            "files": [str(path)],
+            "min_chunk_tokens": 8,
+            "max_chunk_tokens": 32,
+            "max_segment_tokens": 24,
+        },
+    )
     values["model"]["memory"]["min_inject_tokens"] = 4
     trainer = trainer_for(values)
     first, again = trainer.examples.example(7), trainer.examples.example(7)
@@ -98,8 +106,10 @@ def test_document_examples_are_a_function_of_the_index(tmp_path):
 def test_config_loading_and_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim: {learning_rate: 1e-4}\ndata: {kind: key_value}\n")
-    config = load_config(path, ["optim.max_steps=7", "objective.contexts_schedule_steps=[10]",
-                                "objective.contexts_schedule_values=[1, 3]"])
+    config = load_config(
+        path,
+        ["optim.max_steps=7", "objective.contexts_schedule_steps=[10]", "objective.contexts_schedule_values=[1, 3]"],
+    )
     assert config.optim.learning_rate == 1e-4 and config.optim.max_steps == 7
     assert [max_contexts(config.objective, s) for s in (0, 9, 10, 99)] == [1, 1, 3, 3]
     with pytest.raises(ValueError, match="unknown key"):
@@ -125,9 +135,19 @@ def test_plan_step_processes_and_forgetting_cache():
     def example(i):
         return Example([torch.tensor([i] * 4), torch.tensor([i + 1] * 4)], torch.tensor([i, i, i]))
 
-    objective = config_from_dict({"data": {"kind": "key_value"}, "objective": {
-        "lm_ratio": 0.1, "forgetting_ratio": 0.5, "forget_cache_refresh": 1.0, "full_pool_ratio": 0.5,
-        "contexts_schedule_steps": [], "contexts_schedule_values": [2]}}).objective
+    objective = config_from_dict(
+        {
+            "data": {"kind": "key_value"},
+            "objective": {
+                "lm_ratio": 0.1,
+                "forgetting_ratio": 0.5,
+                "forget_cache_refresh": 1.0,
+                "full_pool_ratio": 0.5,
+                "contexts_schedule_steps": [],
+                "contexts_schedule_values": [2],
+            },
+        }
+    ).objective
     stream = StreamState.seeded(0, 0)
     plans = [plan_step(objective, stream, example(i), i) for i in range(400)]
     counts = {p: sum(plan.process == p for plan in plans) for p in ("new_knowledge", "continuous", "forgetting", "lm")}
@@ -257,10 +277,32 @@ def test_cli_trains_documents_and_writes_outputs(tmp_path):
     docs = tmp_path / "docs.txt"
     docs.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "cli"
-    assert train_main(["--config", str(CONFIGS / "tiny_kv.yaml"), "--output-dir", str(out), "--cpu",
-                       "--set", "optim.max_steps=4", "--set", "data.kind=documents", "--set", f"data.files=[{docs}]",
-                       "--set", "data.min_chunk_tokens=8", "--set", "data.max_chunk_tokens=16",
-                       "--set", "model.memory.min_inject_tokens=4", "--set", "objective.lm_ratio=0.5"]) == 0
+    assert (
+        train_main(
+            [
+                "--config",
+                str(CONFIGS / "tiny_kv.yaml"),
+                "--output-dir",
+                str(out),
+                "--cpu",
+                "--set",
+                "optim.max_steps=4",
+                "--set",
+                "data.kind=documents",
+                "--set",
+                f"data.files=[{docs}]",
+                "--set",
+                "data.min_chunk_tokens=8",
+                "--set",
+                "data.max_chunk_tokens=16",
+                "--set",
+                "model.memory.min_inject_tokens=4",
+                "--set",
+                "objective.lm_ratio=0.5",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in rows)
     assert (out / "adapter" / "trainables.safetensors").exists()

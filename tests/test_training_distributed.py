@@ -78,9 +78,23 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path):
     config_file.write_text(json.dumps(values))
     command = [
         # the multi-process launcher (torch.distributed.run); with `cpu=True` the workers use gloo on the CPU
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(WORLD),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), __file__, str(config_file), str(tmp_path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(WORLD),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        __file__,
+        str(config_file),
+        str(tmp_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

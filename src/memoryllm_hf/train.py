@@ -8,8 +8,14 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="training config (.yaml or .json), see configs/")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.max_steps=10 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.max_steps=10 (repeatable)",
+    )
     parser.add_argument("--output-dir", help="where checkpoints, the adapter and loss curves go (config output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")

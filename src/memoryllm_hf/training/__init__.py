@@ -1,7 +1,7 @@
 """Training MemoryLlama with the paper's objective (new knowledge, continuous context, forgetting, plain LM) on
 `accelerate`. Entry point: `accelerate launch -m memoryllm_hf.train --config CONFIG` (or `python -m ...`)."""
 
-from .checkpoint import export_adapter, load_trained_model, load_trainables
+from .checkpoint import export_adapter, load_trainables, load_trained_model
 from .config import TrainConfig, config_from_dict, load_config
 from .data import DocumentExamples, Example, split_document
 from .synthetic import KeyValueTask, recall_accuracy

@@ -80,7 +80,10 @@ def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stre
     mine.mkdir()
     memory = {k: v.contiguous().cpu() for k, v in model.memory_state().as_buffers().items()}
     save_file(memory, mine / "memory.safetensors", metadata={"format": "pt"})
-    generators = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    generators = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
     torch.save({"stream": stream.to_dict(), "torch_rng": generators}, mine / "stream.pt")
     if accelerator.is_main_process:
         save_trainables(model, partial)
@@ -114,9 +117,12 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stre
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir/checkpoints`, oldest first."""
     root = output_dir / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)) if root.exists() else []
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL))
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
+    """Delete all but the newest `keep` checkpoints (keep >= 1)."""
+    for old in checkpoints(output_dir)[: -max(keep, 1)]:
         shutil.rmtree(old)

@@ -62,7 +62,8 @@ class ObjectiveConfig:
     forget_cache_refresh: float = 1.0  # probability a forgetting step empties the cache (v2 `empty_prob`)
     full_pool_ratio: float = 0.8  # continuous-context reads of the full pool (v2 0.8; v1 0.5); else new knowledge
     # Most contexts a continuous step injects, growing with the step: values[i] from steps[i - 1] on (values[0] first).
-    # v1: steps [10000, 15000, 20000, 30000, 50000, 60000], values [1, 2, 3, 4, 5, 10, 20]; v2: [100k, 200k], [50, 100, 200].
+    # v1: steps [10000, 15000, 20000, 30000, 50000, 60000], values [1, 2, 3, 4, 5, 10, 20];
+    # v2: steps [100000, 200000], values [50, 100, 200].
     contexts_schedule_steps: list[int] = field(default_factory=list)
     contexts_schedule_values: list[int] = field(default_factory=lambda: [1])
     random_num_contexts: bool = True  # draw 1..max contexts (v1) instead of always the maximum (v2)
@@ -153,7 +154,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("data.max_chunk_tokens must be at least 2 * data.min_chunk_tokens")
     if data.max_segment_tokens < data.min_chunk_tokens:
         raise ValueError("data.max_segment_tokens must be at least data.min_chunk_tokens")
-    ratios = {k: getattr(objective, k) for k in ("lm_ratio", "forgetting_ratio", "forget_cache_refresh", "full_pool_ratio")}
+    ratios = {
+        k: getattr(objective, k) for k in ("lm_ratio", "forgetting_ratio", "forget_cache_refresh", "full_pool_ratio")
+    }
     for name, value in ratios.items():
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"objective.{name} must be in [0, 1], got {value}")

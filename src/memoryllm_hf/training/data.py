@@ -90,9 +90,17 @@ class DocumentExamples:
         self.limits = (min_chunk, max_chunk, max_segment)
 
     @classmethod
-    def from_files(cls, files: list[str], tokenizer, seed: int, text_field: str = "text",
-                   group_field: str | None = None, min_chunk: int = 16, max_chunk: int = 512,
-                   max_segment: int = 512) -> "DocumentExamples":
+    def from_files(
+        cls,
+        files: list[str],
+        tokenizer,
+        seed: int,
+        text_field: str = "text",
+        group_field: str | None = None,
+        min_chunk: int = 16,
+        max_chunk: int = 512,
+        max_segment: int = 512,
+    ) -> "DocumentExamples":
         texts = read_documents(files, text_field, group_field)
         documents = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         return cls(documents, seed, min_chunk, max_chunk, max_segment)

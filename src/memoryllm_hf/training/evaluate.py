@@ -31,9 +31,14 @@ def normalize(text: str) -> str:
 @torch.no_grad()
 def answer(model, tokenizer, prompt: str, use_memory: bool, max_new_tokens: int = 10) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_memory=use_memory,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+    out = model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_memory=use_memory,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
 
 
 def qa_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
@@ -74,8 +79,9 @@ def read_jsonl(path: str, limit: int) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()[:limit] if line.strip()]
 
 
-def evaluate(adapter: str, qa: str, paragraphs: str, max_questions: int, max_paragraphs: int, device: str,
-             dtype: str) -> dict:
+def evaluate(
+    adapter: str, qa: str, paragraphs: str, max_questions: int, max_paragraphs: int, device: str, dtype: str
+) -> dict:
     """Scores of the trained model and of the same model with fresh (identity) adapters, i.e. the base model with
     the training-free memory of its update rule."""
     questions, texts = read_jsonl(qa, max_questions), [r["text"] for r in read_jsonl(paragraphs, max_paragraphs)]
@@ -85,7 +91,10 @@ def evaluate(adapter: str, qa: str, paragraphs: str, max_questions: int, max_par
     for name, model in (("trained", trained), ("untrained", untrained)):
         model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         start = time.perf_counter()
-        results[name] = {**qa_accuracy(model, tokenizer, questions), "ppl_no_memory": perplexity(model, tokenizer, texts)}
+        results[name] = {
+            **qa_accuracy(model, tokenizer, questions),
+            "ppl_no_memory": perplexity(model, tokenizer, texts),
+        }
         results[name]["wall_s"] = round(time.perf_counter() - start, 1)
         model.to("cpu")
     return results
@@ -102,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
-    results = evaluate(args.adapter, args.qa, args.paragraphs, args.max_questions, args.max_paragraphs,
-                       args.device, args.dtype)
+    results = evaluate(
+        args.adapter, args.qa, args.paragraphs, args.max_questions, args.max_paragraphs, args.device, args.dtype
+    )
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text)

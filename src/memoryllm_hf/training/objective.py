@@ -120,12 +120,12 @@ class MemoryTrainingModule(nn.Module):
 @contextlib.contextmanager
 def _active_adapters(modules: list, names: list) -> Iterator[None]:
     before = [module.active_adapter for module in modules]
-    for module, name in zip(modules, names):
+    for module, name in zip(modules, names, strict=True):
         module.active_adapter = name
     try:
         yield
     finally:
-        for module, name in zip(modules, before):
+        for module, name in zip(modules, before, strict=True):
             module.active_adapter = name
 
 
@@ -137,4 +137,6 @@ def enable_gradient_checkpointing(model) -> None:
     def context_fn():
         return contextlib.nullcontext(), _active_adapters(modules, [m.active_adapter for m in modules])
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+    )

@@ -45,8 +45,14 @@ def make_examples(config: TrainConfig, tokenizer) -> ExampleSource:
     if data.kind == "key_value":
         return KeyValueTask(**{"seed": config.seed, **data.key_value})
     return DocumentExamples.from_files(
-        data.files, tokenizer, config.seed, data.text_field, data.group_field,
-        data.min_chunk_tokens, data.max_chunk_tokens, data.max_segment_tokens,
+        data.files,
+        tokenizer,
+        config.seed,
+        data.text_field,
+        data.group_field,
+        data.min_chunk_tokens,
+        data.max_chunk_tokens,
+        data.max_segment_tokens,
     )
 
 
