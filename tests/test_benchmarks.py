@@ -54,6 +54,22 @@ def test_read_prints_ratios_and_never_recomputes_memory_kv(run_script, tmp_path)
     assert render(tmp_path / "read.json").splitlines()[2] == "| " + " | ".join(COLUMNS) + " |"
 
 
+def test_read_limit_computes_what_the_memory_model_computes(monkeypatch):
+    """The limit is a fair comparison: the plain Llama over the cached prefix gives our logits, every repeat."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.common import Run, common_parser, fill_pool, load_model, plain_llama
+    from benchmarks.read import ReadCell
+
+    run = Run("read", common_parser("test").parse_args(TINY))
+    model = load_model(run, 64, 8, "input")
+    fill_pool(model)
+    cell = ReadCell(run, model, plain_llama(model), 5)
+    with torch.no_grad():
+        for _ in range(2):
+            cell.rewind_limit_cache()
+            torch.testing.assert_close(cell.limit_prefill().logits, model(cell.prompt, logits_to_keep=1).logits)
+
+
 def test_inject_prints_both_update_rules(run_script):
     from benchmarks.inject import COLUMNS
 
