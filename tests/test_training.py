@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from memoryllm_hf.evaluation.models import load_model as load_eval_model
 from memoryllm_hf.train import main as train_main
 from memoryllm_hf.training import (
     KeyValueTask,
@@ -108,9 +109,15 @@ def test_config_loading_and_errors(tmp_path):
     path.write_text("optim: {learning_rate: 1e-4}\ndata: {kind: key_value}\n")
     config = load_config(
         path,
-        ["optim.max_steps=7", "objective.contexts_schedule_steps=[10]", "objective.contexts_schedule_values=[1, 3]"],
+        [
+            "optim.max_steps=7",
+            "optim.mixed_precision=no",
+            "objective.contexts_schedule_steps=[10]",
+            "objective.contexts_schedule_values=[1, 3]",
+        ],
     )
     assert config.optim.learning_rate == 1e-4 and config.optim.max_steps == 7
+    assert config.optim.mixed_precision == "no"  # YAML 1.1 would read a bare `no` as False
     assert [max_contexts(config.objective, s) for s in (0, 9, 10, 99)] == [1, 1, 3, 3]
     with pytest.raises(ValueError, match="unknown key"):
         load_config(path, ["optim.learning_rat=1"])
@@ -271,6 +278,14 @@ def test_exported_adapter_rebuilds_the_trained_model(tmp_path):
         torch.testing.assert_close(param, trained[name], atol=0, rtol=0, msg=name)
     for name in ("loss_curve.png", "losses.jsonl", "train_config.yaml"):
         assert (tmp_path / "run" / name).stat().st_size > 0
+    # the evaluation harness takes the adapter folder as --model, with another pool size
+    N = 2 * model.config.num_memory_tokens
+    evaluated, _, info = load_eval_model(str(tmp_path / "run" / "adapter"), num_memory_tokens=N)
+    assert evaluated.config.num_memory_tokens == N == info["memory"]["num_memory_tokens"]
+    for name, param in evaluated.named_parameters():
+        torch.testing.assert_close(param, trained[name], atol=0, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="trained with the 'output' rule"):
+        load_trained_model(tmp_path / "run" / "adapter", memory_update="input")
 
 
 def test_cli_trains_documents_and_writes_outputs(tmp_path):

@@ -113,6 +113,8 @@ def _build(cls, values: dict, where: str):
             value = _build(nested, value or {}, f"{where}{name}.")
         elif known[name].type in (float, float | None) and isinstance(value, (str, int)):
             value = float(value)  # YAML reads 1e-4 (no dot) as a string
+        elif known[name].type is str and isinstance(value, bool):
+            value = "yes" if value else "no"  # YAML 1.1 reads no/yes/off/on as booleans
         kwargs[name] = value
     return cls(**kwargs)
 
