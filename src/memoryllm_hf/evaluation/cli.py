@@ -153,7 +153,11 @@ def _integrity(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser, task: str) -> None:
     datasets = TASK_DATASETS[task]
-    parser.add_argument("--model", default="default", help="default (SmolLM2, training-free) | tiny | FOLDER")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="default (SmolLM2, training-free) | tiny | ADAPTER_FOLDER (from training) | MODEL_FOLDER",
+    )
     parser.add_argument("--dataset", choices=datasets, default=datasets[-1] if task == "integrity" else datasets[0])
     parser.add_argument("--data", default=default_data_dir(), help="folder of the evaluation data (jsonl files)")
     parser.add_argument("--limit", type=int, help="first N examples (file order)")
@@ -161,8 +165,8 @@ def _common(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--num-memory-tokens", type=int, help="N (default and tiny models)")
-    parser.add_argument("--num-update-tokens", type=int, help="K (default and tiny models)")
+    parser.add_argument("--num-memory-tokens", type=int, help="N (default, tiny and adapter models)")
+    parser.add_argument("--num-update-tokens", type=int, help="K (default, tiny and adapter models)")
     parser.add_argument("--memory-update", choices=["input", "output"], help="override the update rule")
     parser.add_argument("--fresh-pool", choices=["tile", "grow"], help="override how an empty pool fills")
     parser.add_argument("--prompt-style", choices=[*PROMPT_STYLES, "both"], default="both")

@@ -1,4 +1,5 @@
-"""Loading the model under evaluation: `default` (SmolLM2, training-free memory), `tiny` (random, CI) or a folder."""
+"""Loading the model under evaluation: `default` (SmolLM2, training-free memory), `tiny` (random, CI), a trained
+adapter folder (`OUT/adapter` of `memoryllm_hf.train`) or a saved MemoryLlama folder."""
 
 import torch
 
@@ -28,10 +29,11 @@ def char_tokenizer():
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int = 0, **memory):
-    """(model in eval mode on `device`/`dtype`, tokenizer, description) for `spec` = default | tiny | folder.
+    """(model in eval mode on `device`/`dtype`, tokenizer, description) for `spec` = default | tiny | adapter folder
+    | model folder.
 
-    `memory` holds MEMORY_FLAGS overrides; a folder's saved memory config can only be overridden where the pool
-    shape stays the same (update rule), so N/K overrides apply to `default` and `tiny` only.
+    `memory` holds MEMORY_FLAGS overrides; a saved model's memory config can only be overridden where the pool
+    shape stays the same (update rule), so N/K overrides apply to `default`, `tiny` and adapter folders only.
     """
     memory = {key: value for key, value in memory.items() if value is not None}
     if spec == "default":
@@ -42,6 +44,10 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int
         from ..tiny import tiny_model
 
         model, tokenizer = tiny_model(seed=seed, **memory), char_tokenizer()
+    elif _is_adapter_folder(spec):
+        from ..training.checkpoint import load_trained_model
+
+        model, tokenizer = load_trained_model(spec, **memory)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +60,12 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int
         raise ValueError(f"{spec} is not a MemoryLlama model (no inject()); convert it with `memoryllm-hf convert`")
     model = model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
     return model, tokenizer, describe(model, spec)
+
+
+def _is_adapter_folder(spec: str) -> bool:
+    from ..training.checkpoint import is_adapter_folder  # training imports accelerate: only when a folder is given
+
+    return is_adapter_folder(spec)
 
 
 def describe(model, spec: str) -> dict:

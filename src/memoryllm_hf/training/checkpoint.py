@@ -54,10 +54,20 @@ def export_adapter(model, model_config: ModelConfig, folder: Path, dtype: torch.
     (folder / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config), indent=2))
 
 
-def load_trained_model(folder: str | Path):
-    """(model, tokenizer) rebuilt from an exported adapter folder: the base with fresh memory + trained parameters."""
+def is_adapter_folder(path: str | Path) -> bool:
+    """True for a folder exported by training (`OUT/adapter`: trained parameters + the model config)."""
+    return (Path(path) / TRAINABLES_FILE).is_file() and (Path(path) / MODEL_CONFIG_FILE).is_file()
+
+
+def load_trained_model(folder: str | Path, **memory):
+    """(model, tokenizer) rebuilt from an exported adapter folder: the base with fresh memory + trained parameters.
+    `memory` overrides pool settings of the training run (e.g. `num_memory_tokens`); the adapters fit any pool."""
     folder = Path(folder)
     config = ModelConfig(**json.loads((folder / MODEL_CONFIG_FILE).read_text()))
+    if "memory_update" in memory and memory["memory_update"] != config.memory_update:
+        raise ValueError(f"{folder} was trained with the {config.memory_update!r} rule; it cannot read another")
+    memory.pop("memory_update", None)
+    config.memory = {**config.memory, **memory}
     model, tokenizer = build_model(config)
     mark_trainable(model, config.train_memory_embeddings)
     load_trainables(model, folder / TRAINABLES_FILE)
