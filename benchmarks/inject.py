@@ -7,7 +7,8 @@ Compared side by side with
 * official: what the official update does: the concatenation path (`memoryllm_hf.reference.
   reference_new_memory_slots`), final norm + lm_head over the n context positions (logits computed and discarded)
   and its in-place drop (per layer: gather the survivors, concatenate the new slots, write back);
-* drop: our pool update alone (`_state_after`: random drop + append, one pass over the pool).
+* drop: our pool update alone (`_state_after`: random drop + append, one pass over the pool, into a reused buffer
+  like the recycled pool `inject` writes into on the CPU).
 
 Run: python -m benchmarks.inject --model smollm2 --memory-tokens 4096 --context-tokens 16 256 512 2048
 """
@@ -70,6 +71,7 @@ class InjectCell:
         self.mask = torch.ones(1, prefix + queries, dtype=torch.long, device=device)
         self.new_slots = model.new_memory_slots(self.ids)
         self.generator = torch.Generator().manual_seed(0)
+        self.drop_out = torch.empty_like(model.memory)
         self.limit_cache = None
 
     def restore_pool(self) -> None:
@@ -89,7 +91,7 @@ class InjectCell:
         self.model.lm_head(self.model.model.norm(self.context_hidden))
 
     def drop(self):
-        return self.model._state_after(self.new_slots, self.generator)
+        return self.model._state_after(self.new_slots, self.generator, self.drop_out)
 
     def row(self) -> dict:
         samples = {}

@@ -39,6 +39,7 @@ def measure(run: Run, num_memory_tokens: int) -> dict:
     question = torch.randint(3, vocab, (1, run.args.question_tokens), device=run.device)
     new_slots = model.new_memory_slots(context)
     generator = torch.Generator().manual_seed(0)
+    drop_out = torch.empty_like(model.memory)  # a reused buffer, like the recycled pool inject writes into
 
     def forget_memory_kv():
         model._prefix_kv = None
@@ -51,7 +52,7 @@ def measure(run: Run, num_memory_tokens: int) -> dict:
                 lambda: model.inject(context, chunk_size=context.shape[1]),
                 prepare=lambda: model.load_memory_state(full_pool),
             ),
-            "drop": Case(lambda: model._state_after(new_slots, generator)),
+            "drop": Case(lambda: model._state_after(new_slots, generator, drop_out)),
             "question": Case(lambda: model(question, logits_to_keep=1)),
             "first_question": Case(lambda: model(question, logits_to_keep=1), prepare=forget_memory_kv),
         },

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .memory_pool import is_sole_reference
 from .memory_storage import atomic_write
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
@@ -199,6 +200,11 @@ class MemoryStateMixin:
 
     # How many injections `undo()` can take back; each step keeps one old pool alive (0 turns undo off).
     undo_depth: int = 1
+    # On the CPU, keep one pool that nothing references anymore (it left the undo history, or sat between two chunks
+    # of one inject) and write the next update into it: one more resident pool, no page faults for a fresh one.
+    # (CUDA's caching allocator already reuses freed blocks.)
+    recycle_pools: bool = True
+    _spare_pool: torch.Tensor | None = None
 
     def memory_fingerprint(self) -> str:
         """Identifies the model a memory belongs to: the pool geometry, the update rule and a digest of the frozen
@@ -281,8 +287,21 @@ class MemoryStateMixin:
             return
         history = self.__dict__.setdefault("_undo_history", deque())
         history.append((before, self.memory, self.memory._version))
+        del before
         while len(history) > self.undo_depth:
-            history.popleft()
+            pool = history.popleft()[0].memory
+            if is_sole_reference(pool):
+                self._spare_pool = pool
+            del pool
+
+    def _take_spare_pool(self) -> torch.Tensor | None:
+        """The recycled pool for the next update (see `recycle_pools`), if there is one that fits the current pool."""
+        spare, self._spare_pool = self._spare_pool, None
+        memory = self.memory
+        usable = self.recycle_pools and memory.device.type == "cpu" and spare is not None
+        if usable and spare.shape == memory.shape and spare.dtype == memory.dtype and spare.device == memory.device:
+            return spare
+        return None
 
     def undo(self) -> None:
         """Take back the last `inject` (up to `undo_depth` of them, newest first). Refuses when the memory was

@@ -19,7 +19,7 @@ from transformers.utils import logging
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_hub import MemoryHubMixin
-from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
+from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
 from .memory_prefix import (
     PrefixKV,
     extend_attention_mask,
@@ -304,7 +304,13 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             try:
                 with torch.no_grad():
                     for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                        self._set_state(self._state_after(self.new_memory_slots(chunk), generator))
+                        state = self._state_after(self.new_memory_slots(chunk), generator, self._take_spare_pool())
+                        replaced = self.memory
+                        self._set_state(state)
+                        del state
+                        if is_sole_reference(replaced):  # a pool between two chunks of this call
+                            self._spare_pool = replaced
+                        del replaced
             except BaseException:
                 self._set_state(before)
                 raise
@@ -419,9 +425,12 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
                 hidden = out[:, -input_ids.shape[1] :]
         return torch.stack(new_slots)
 
-    def _state_after(self, new: torch.Tensor, generator: torch.Generator | None) -> MemoryState:
+    def _state_after(
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None
+    ) -> MemoryState:
         """Memory state after committing new slots [L, k, d]: an empty "tile" pool is filled with copies, otherwise
-        k slots are dropped (empty ones first, then random ones) and the new slots are appended at the end."""
+        k slots are dropped (empty ones first, then random ones) and the new slots are appended at the end (written
+        into `out`, an unused pool-shaped buffer, when given)."""
         state = self._current_state()
         N, filled = self.config.num_memory_tokens, self.num_filled_slots
         rng_state, number = state.rng_state, int(state.injections) + 1
@@ -435,7 +444,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
                 drawer.set_state(state.rng_state.cpu())
             L, per_layer = self.config.num_hidden_layers, self.config.drop_memory_per_layer
             keep = kept_slot_indices(N, filled, new.shape[1], L, per_layer, drawer)
-            pool, filled = drop_and_append(state.memory, new, keep), min(N, filled + new.shape[1])
+            pool, filled = drop_and_append(state.memory, new, keep, out), min(N, filled + new.shape[1])
             stamps = torch.full((L, new.shape[1], 1), number, dtype=torch.long, device=state.written_at.device)
             written_at = drop_and_append(state.written_at[..., None], stamps, keep)[..., 0]
             if generator is None:
@@ -450,7 +459,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
-        self._prefix_kv = None
+        self._prefix_kv = self._spare_pool = None
         return super()._apply(fn, *args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict: dict | None = None, **kwargs):

@@ -276,6 +276,51 @@ def test_undo_history_is_per_memory(output_model):
     assert states_equal(output_model.memory_state(), after_first)
 
 
+# ------------------------------------------------------------------ recycled pools
+@pytest.mark.parametrize("rule", ["output", "input"])
+def test_recycled_pools_give_the_same_memory(rule):
+    """Updates written into a recycled buffer equal updates into fresh pools, bit for bit (single and chunked)."""
+    models = [tiny_model(memory_update=rule, fresh_pool="grow" if rule == "input" else "tile") for _ in range(2)]
+    models[1].recycle_pools = False
+    for seed in range(6):
+        for model in models:
+            model.inject(ids(seed, 40), chunk_size=10 if seed % 2 else None)
+        assert states_equal(models[0].memory_state(), models[1].memory_state())
+    models[0].undo()
+    models[1].undo()
+    assert states_equal(models[0].memory_state(), models[1].memory_state())
+
+
+def test_pool_that_left_the_undo_history_is_reused(output_model):
+    output_model.inject(ids(0))
+    first = output_model.memory.data_ptr()  # a plain int: holds no reference to the pool
+    output_model.inject(ids(1))  # the undo history (depth 1) holds the first pool
+    output_model.inject(ids(2))  # ... and lets it go: nothing else references it, it becomes the spare
+    output_model.inject(ids(3))
+    assert output_model.memory.data_ptr() == first  # the fourth pool was written into the first one's buffer
+
+
+@pytest.mark.parametrize("hold", ["name", "view", "autograd"])
+def test_pool_still_referenced_is_never_overwritten(output_model, hold):
+    output_model.inject(ids(0))
+    old = output_model.memory
+    expected = old.clone()
+    if hold == "view":
+        old = old[0]
+        expected = expected[0]
+    elif hold == "autograd":
+        weight = torch.ones(old.shape[-1], requires_grad=True)
+        graph = (old * weight).sum()  # the product saves `old` for backward
+        old = None
+    for seed in range(1, 6):
+        output_model.inject(ids(seed, 30), chunk_size=10)
+    if hold == "autograd":
+        graph.backward()  # fails if the saved pool was written in place
+        assert torch.equal(weight.grad, expected.sum(dim=(0, 1)))
+    else:
+        assert torch.equal(old, expected)
+
+
 def test_concurrent_generate_and_inject_follow_a_serial_order():
     model = tiny_model()
     model.inject(ids(100))
