@@ -147,7 +147,6 @@ class QuestionChain:
         self.model._set_state(self.pool.materialize())
 
 
-
 @torch.no_grad()
 def compute_slots(model, pool: LazyPool, write: Write) -> torch.Tensor:
     """New slots of `write` with the model's memory set to `pool`'s state; commits them to `pool`."""
