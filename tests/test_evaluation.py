@@ -2,6 +2,7 @@
 plus the prompt builder and the teacher-forced scorer."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from memoryllm_hf.evaluation.cli import main
 from memoryllm_hf.evaluation.models import char_tokenizer
 from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.evaluation.report import report
 from memoryllm_hf.evaluation.runner import continuation_scores
 from memoryllm_hf.tiny import tiny_model
 
@@ -244,6 +246,23 @@ def test_editing_zsre_questions(data_dir, tmp_path):
     assert result["data"]["dataset"] == "zsre"
     assert [r["age"] for r in result["sequential"]["records"]] == [2, 0]
     assert result["metrics"]["plain"]["memory"]["n"] == 3
+
+
+@pytest.mark.parametrize("task", ["retention", "editing"])
+def test_report_command_reproduces_the_results(data_dir, tmp_path, task):
+    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "3"] if task == "retention" else []
+    extra += ["--sequential", "--dataset", "zsre"] if task == "editing" else []
+    first = _run(task, data_dir, tmp_path / "a.json", *extra)
+    text = report(tmp_path / "a.json")
+    line = text.split("```")[1].strip()
+    assert line.startswith(f"memoryllm-hf eval {task} ") and line.endswith(f"--output {tmp_path / 'a.json'}")
+    argv = shlex.split(line)[1:-2] + ["--output", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert _drop_times(json.loads((tmp_path / "b.json").read_text())) == _drop_times(first)
+    if task == "retention":
+        assert "| k=0 | k=2 |" in text and "| chat | memory | " in text
+    else:
+        assert "| chat | memory, sequential | 3 |" in text
 
 
 def test_longcontext_end_to_end(data_dir, tmp_path):
