@@ -3,6 +3,7 @@ learns to recall through its memory."""
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,19 @@ def test_document_examples_are_a_function_of_the_index(tmp_path):
     assert [c.tolist() for c in first.contexts] == [c.tolist() for c in again.contexts]
     assert first.segment.tolist() == again.segment.tolist()
     assert all(8 <= len(c) <= 32 for c in first.contexts) and 8 <= len(first.segment) <= 24
+
+
+def test_warns_when_documents_repeat(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i} says the sky is blue. " * 8}) + "\n" for i in range(2)))
+    data = {"kind": "documents", "files": [str(docs)], "min_chunk_tokens": 4, "max_chunk_tokens": 8}
+    values = tiny_config(tmp_path, data={**data, "max_segment_tokens": 8})
+    values["model"]["memory"]["min_inject_tokens"] = 4
+    with pytest.warns(UserWarning, match="2 documents for 20 examples: every document .* seen ~10 times"):
+        trainer_for({**values, "optim": {"max_steps": 20}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer_for({**values, "optim": {"max_steps": 8}})  # 4 passes: no warning
 
 
 # ------------------------------------------------------------------ config

@@ -7,6 +7,7 @@ from a checkpoint and a single process can replay what several ranks computed.
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,27 @@ def make_examples(config: TrainConfig, tokenizer) -> ExampleSource:
     )
 
 
+# More passes over the documents than this and a small corpus's segments (always the documents' last tokens) get
+# memorised by the adapters instead of being read from memory.
+MAX_EPOCHS_BEFORE_WARNING = 4
+
+
+def warn_if_documents_repeat(config: TrainConfig, examples: ExampleSource, accelerator) -> None:
+    """Warn (once, main process) when training will show every document's segment more than a few times."""
+    if config.data.kind != "documents" or not accelerator.is_main_process:
+        return
+    optim = config.optim
+    examples_used = optim.max_steps * optim.gradient_accumulation_steps * accelerator.num_processes
+    epochs = examples_used / len(examples)
+    if epochs > MAX_EPOCHS_BEFORE_WARNING:
+        warnings.warn(
+            f"{len(examples)} documents for {examples_used} examples: every document (and its segment, its last "
+            f"tokens) is seen ~{epochs:.0f} times, enough for the adapters to learn the segments by heart instead of "
+            "reading memory; use more or shorter documents (e.g. one per paragraph: drop data.group_field)",
+            stacklevel=2,
+        )
+
+
 class Trainer:
     """Trains the adapters and memory-side vectors of a MemoryLlama with the paper's objective."""
 
@@ -74,6 +96,7 @@ class Trainer:
         if config.model.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.examples = make_examples(config, self.tokenizer)
+        warn_if_documents_repeat(config, self.examples, self.accelerator)
         optim = config.optim
         optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
         # Stepped here once per update (not prepared: accelerate would step it once per process).
