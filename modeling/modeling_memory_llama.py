@@ -531,7 +531,19 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             memory_config.setdefault("min_inject_tokens", 4)
             memory_config.setdefault("fresh_pool", "grow")
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
-        model = cls.from_pretrained(path_or_repo, config=config, **load_kwargs)
+        # A base checkpoint has no memory and no adapters: transformers' report would list every adapter weight as
+        # missing. Report only what is not expected.
+        report_logger = logging.get_logger("transformers.modeling_utils")
+        level = report_logger.level
+        report_logger.setLevel(logging.ERROR)
+        try:
+            model, info = cls.from_pretrained(path_or_repo, config=config, output_loading_info=True, **load_kwargs)
+        finally:
+            report_logger.setLevel(level)
+        missing = sorted(key for key in info["missing_keys"] if ".adapter_" not in key)
+        surprises = {"missing": missing, "unexpected": sorted(info["unexpected_keys"])}
+        if any(surprises.values()):
+            logger.warning(f"from_base({path_or_repo}): weights that do not match a Llama: {surprises}")
         model.bos_from_base_model()
         return model
 

@@ -68,3 +68,16 @@ def test_gguf_smollm2_answers_from_memory(smollm2):
 
     assert "Velmora" in ask("Where was Zorblat Quenn born?")
     assert "Velmora" not in ask("Where was Zorblat Quenn born?", use_memory=False)
+
+
+@torch.no_grad()
+def test_from_base_with_adapters_loads_quietly_and_starts_as_the_base(llama_folder, capsys, caplog):
+    """A base checkpoint has no adapters: they start as identity, without a report listing them as missing."""
+    folder, llama = llama_folder
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    model = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16, lora_config=lora)
+    printed = capsys.readouterr()
+    assert "adapter" not in printed.out + printed.err + caplog.text  # no load report about the adapters
+    assert any(".adapter_B." in name for name, _ in model.named_parameters())
+    prompt = torch.randint(3, 128, (1, 6))
+    assert torch.allclose(model.eval()(prompt).logits, llama(prompt).logits, atol=1e-6)
