@@ -54,10 +54,15 @@ def smollm2_base_folder() -> Path:
     return target
 
 
-def load_default_model(**memory_config):
-    """(MemoryLlama, tokenizer) for SmolLM2-135M-Instruct with a fresh training-free memory."""
+def load_default_model(adapter: str | Path | None = None, **memory_config):
+    """(MemoryLlama, tokenizer) for SmolLM2-135M-Instruct with a fresh memory: training-free, or read and written
+    through a trained adapter (`adapter`: an `OUT/adapter` folder written by `memoryllm_hf.train`)."""
     from transformers import AutoTokenizer
 
+    if adapter is not None:
+        from .training.checkpoint import load_trained_model
+
+        return load_trained_model(adapter, **memory_config)  # the pool of its training run unless overridden
     folder = smollm2_base_folder()
     model = MemoryLlamaForCausalLM.from_base(folder, **{**DEFAULT_MEMORY, **memory_config}).eval()
     return model, AutoTokenizer.from_pretrained(folder)

@@ -61,17 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="outputs/quickstart-memory", help="folder for the saved model + memory")
     parser.add_argument("--num-memory-tokens", type=int, default=1024, help="N slots per layer")
     parser.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="an OUT/adapter folder written by `memoryllm_hf.train` (default: none, the training-free memory)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     start = time.perf_counter()
     model, tokenizer = load_default_model(
-        num_memory_tokens=args.num_memory_tokens, num_update_tokens=args.num_update_tokens
+        args.adapter, num_memory_tokens=args.num_memory_tokens, num_update_tokens=args.num_update_tokens
     )
     cfg = model.config
     print(
         f"SmolLM2-135M-Instruct + memory: N={cfg.num_memory_tokens} slots x {cfg.num_hidden_layers} layers, "
-        f"K={cfg.num_update_tokens} per injection, rule={cfg.memory_update!r} (training-free), "
+        f"K={cfg.num_update_tokens} per injection, rule={cfg.memory_update!r} "
+        f"({'adapter ' + args.adapter if args.adapter else 'training-free'}), "
         f"loaded in {time.perf_counter() - start:.1f}s\n"
     )
 
