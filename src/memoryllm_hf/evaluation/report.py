@@ -125,7 +125,7 @@ def report(path: str | Path) -> str:
     memory = model["memory"]
     examples = data.get("num_examples", sum(part["num_examples"] for part in data.get("parts", [])))
     heading = (
-        f"**{result['task']}** · {data['dataset']} · {examples} examples · model `{model['spec']}` "
+        f"**{result['task']}** · {data['dataset'] or 'random tokens'} · {examples} examples · model `{model['spec']}` "
         f"({model['dtype']}, N = {memory['num_memory_tokens']}, K = {memory['num_update_tokens']}, "
         f"{memory['memory_update']} rule) · {_duration(result['wall_time_s'])} · `{Path(path).name}`"
     )
