@@ -7,25 +7,19 @@ without memory against the base model.
 import argparse
 import json
 import math
-import re
-import string
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..evaluation.data import read_jsonl
+from ..evaluation.metrics import normalize_answer
 from .checkpoint import MODEL_CONFIG_FILE, load_trained_model
 from .config import ModelConfig
 from .model import build_model
 
 PROMPT = "Question: {question}\nAnswer:"
-
-
-def normalize(text: str) -> str:
-    """SQuAD answer normalization: lower case, no punctuation, articles or extra spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
 @torch.no_grad()
@@ -47,7 +41,7 @@ def qa_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     hits = {"memory": 0, "no_memory": 0, "in_context": 0}
     for row in tqdm(rows, desc="QA", unit="question"):
         question = PROMPT.format(question=row["question"])
-        gold = [normalize(a) for a in row["answers"]]
+        gold = [normalize_answer(a) for a in row["answers"]]
         model.reset_memory()
         model.inject(row["context"], tokenizer=tokenizer)
         replies = {
@@ -56,7 +50,7 @@ def qa_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
             "in_context": answer(model, tokenizer, row["context"] + "\n" + question, False),
         }
         for setting, reply in replies.items():
-            hits[setting] += any(g and g in normalize(reply) for g in gold)
+            hits[setting] += any(g and g in normalize_answer(reply) for g in gold)
     model.reset_memory()
     return {setting: count / len(rows) for setting, count in hits.items()}
 
@@ -73,10 +67,6 @@ def perplexity(model, tokenizer, texts: list[str], max_tokens: int = 512) -> flo
         total_loss += loss * (ids.shape[1] - 1)
         total_tokens += ids.shape[1] - 1
     return math.exp(total_loss / total_tokens)
-
-
-def read_jsonl(path: str, limit: int) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()[:limit] if line.strip()]
 
 
 def evaluate(
