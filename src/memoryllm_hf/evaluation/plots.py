@@ -14,6 +14,17 @@ CONDITION_STYLE = {
 }
 
 
+def _label_axis(axis, xlabel: str, ylabel: str, title: str, rate: bool = False) -> None:
+    """Labels, title, grid and legend of one panel (`rate`: a 0-1 y axis)."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if rate:
+        axis.set_ylim(0, 1.02)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
 def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,12 +56,13 @@ def plot_retention(result: dict, path: str | Path) -> Path:
             label=f"(1-K/N)^u, K={memory['num_update_tokens']}, N={memory['num_memory_tokens']}",
         )
         axis.set_xticks(list(positions), [str(k) for k in grid])
-        axis.set_xlabel("unrelated contexts injected after the related one (k)")
-        axis.set_ylabel("exact-hit accuracy / fraction of slots kept")
-        axis.set_ylim(0, 1.02)
-        axis.set_title(f"{result['data']['dataset']} retention, {style} prompts (n={result['data']['num_examples']})")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _label_axis(
+            axis,
+            "unrelated contexts injected after the related one (k)",
+            "exact-hit accuracy / fraction of slots kept",
+            f"{result['data']['dataset']} retention, {style} prompts (n={result['data']['num_examples']})",
+            rate=True,
+        )
     return _save(figure, path)
 
 
@@ -62,12 +74,13 @@ def plot_sequential_editing(result: dict, path: str | Path) -> Path:
         ages = [(b["age_min"] + b["age_max"]) / 2 for b in buckets]
         for probe in ("efficacy", "generalization", "specificity"):
             axis.plot(ages, [b[probe] for b in buckets], marker="o", label=probe)
-        axis.set_xlabel("edits injected after the probed one")
-        axis.set_ylabel("P(wanted) > P(rival) rate")
-        axis.set_ylim(0, 1.02)
-        axis.set_title(f"{result['data']['dataset']} sequential edits, {style} prompts")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _label_axis(
+            axis,
+            "edits injected after the probed one",
+            "P(wanted) > P(rival) rate",
+            f"{result['data']['dataset']} sequential edits, {style} prompts",
+            rate=True,
+        )
     return _save(figure, path)
 
 
@@ -80,19 +93,12 @@ def plot_integrity(result: dict, path: str | Path) -> Path:
     norms = axes[0][-1]
     norms.plot(steps, [row["norm_mean"] for row in rows], label="mean slot norm")
     norms.plot(steps, [row["norm_max"] for row in rows], label="max slot norm")
-    norms.set_xlabel("injections")
-    norms.set_ylabel("L2 norm of memory slots")
-    norms.set_title(f"memory norms (non-finite values: max {result['metrics']['max_nonfinite']})")
-    norms.grid(alpha=0.3)
-    norms.legend(fontsize=8)
+    nonfinite = result["metrics"]["max_nonfinite"]
+    _label_axis(norms, "injections", "L2 norm of memory slots", f"memory norms (non-finite values: max {nonfinite})")
     if has_accuracy:
         accuracy = axes[0][0]
         accuracy.plot(steps, [row["running_accuracy"] for row in rows], label="running")
         accuracy.plot(steps, [row["window_accuracy"] for row in rows], label="last window", alpha=0.6)
-        accuracy.set_xlabel("injections")
-        accuracy.set_ylabel(f"probe accuracy ({result['probe']['mode']})")
-        accuracy.set_ylim(0, 1.02)
-        accuracy.set_title("question about the latest injected context")
-        accuracy.grid(alpha=0.3)
-        accuracy.legend(fontsize=8)
+        ylabel = f"probe accuracy ({result['probe']['mode']})"
+        _label_axis(accuracy, "injections", ylabel, "question about the latest injected context", rate=True)
     return _save(figure, path)
