@@ -44,14 +44,15 @@ def run_longcontext(
     for example in tqdm(data.examples, desc="longcontext hotpotqa", unit="question"):
         text, answers = passages_text(example), [example["answer"]]
         model._set_state(empty)
-        updates = model.inject(text, tokenizer=tokenizer, progress=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # what inject(text, tokenizer) would write
+        updates = model.inject(ids, progress=False)
 
         row = {
             "id": example["id"],
             "type": example.get("type"),
             "question": example["question"],
             "answers": answers,
-            "context_tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            "context_tokens": len(ids),
             "updates": updates,
             "no_memory": {},
             "memory": {},

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..modeling.memory_state import MemoryState
 from .config import ModelConfig
-from .model import build_model, mark_trainable, trainable_state
+from .model import build_model, trainable_state
 from .objective import StreamState
 
 TRAINABLES_FILE = "trainables.safetensors"
@@ -69,7 +69,6 @@ def load_trained_model(folder: str | Path, **memory):
     memory.pop("memory_update", None)
     config.memory = {**config.memory, **memory}
     model, tokenizer = build_model(config)
-    mark_trainable(model, config.train_memory_embeddings)
     load_trainables(model, folder / TRAINABLES_FILE)
     model.requires_grad_(False)
     return model.eval(), tokenizer

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..modeling import MemoryLlamaForCausalLM
+from ..peft_utils import train_builtin_memory_parameters
 from .config import ModelConfig
 
 
@@ -45,16 +46,7 @@ def build_model(config: ModelConfig) -> tuple[MemoryLlamaForCausalLM, object | N
 
 def mark_trainable(model: MemoryLlamaForCausalLM, train_memory_embeddings: bool) -> list[nn.Parameter]:
     """Freeze the base; train the adapters and (optionally) `bos_embedding` / `new_memory_positional_emb`."""
-    model.requires_grad_(False)
-    trainable = []
-    for name, param in model.named_parameters():
-        is_adapter = ".adapter_A." in name or ".adapter_B." in name
-        if is_adapter or (train_memory_embeddings and name.startswith("memory_embeddings.")):
-            param.requires_grad_(True)
-            trainable.append(param)
-    if not trainable:
-        raise ValueError("nothing to train: model.lora.target_modules matched no linear layer")
-    return trainable
+    return train_builtin_memory_parameters(model, train_memory_embeddings)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
