@@ -290,18 +290,19 @@ class MemoryStateMixin:
         del before
         while len(history) > self.undo_depth:
             pool = history.popleft()[0].memory
-            if is_sole_reference(pool):
+            if self._recycles(pool) and is_sole_reference(pool):  # inline: see is_sole_reference
                 self._spare_pool = pool
             del pool
 
+    def _recycles(self, pool: torch.Tensor) -> bool:
+        """Whether a pool that nobody references may be kept as the spare (see `recycle_pools`)."""
+        return self.recycle_pools and pool.device.type == "cpu"
+
     def _take_spare_pool(self) -> torch.Tensor | None:
-        """The recycled pool for the next update (see `recycle_pools`), if there is one that fits the current pool."""
+        """The recycled pool for the next update, if there is one that fits the current pool."""
         spare, self._spare_pool = self._spare_pool, None
-        memory = self.memory
-        usable = self.recycle_pools and memory.device.type == "cpu" and spare is not None
-        if usable and spare.shape == memory.shape and spare.dtype == memory.dtype and spare.device == memory.device:
-            return spare
-        return None
+        layout = (self.memory.shape, self.memory.dtype, self.memory.device)
+        return spare if spare is not None and (spare.shape, spare.dtype, spare.device) == layout else None
 
     def undo(self) -> None:
         """Take back the last `inject` (up to `undo_depth` of them, newest first). Refuses when the memory was

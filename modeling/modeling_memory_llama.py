@@ -308,7 +308,9 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
                         replaced = self.memory
                         self._set_state(state)
                         del state
-                        if is_sole_reference(replaced):  # a pool between two chunks of this call
+                        # A pool between two chunks of this call. (is_sole_reference counts references: keep the
+                        # call inline, a helper in between would add one and turn recycling off.)
+                        if self._recycles(replaced) and is_sole_reference(replaced):
                             self._spare_pool = replaced
                         del replaced
             except BaseException:

@@ -286,6 +286,7 @@ def test_recycled_pools_give_the_same_memory(rule):
         for model in models:
             model.inject(ids(seed, 40), chunk_size=10 if seed % 2 else None)
         assert states_equal(models[0].memory_state(), models[1].memory_state())
+    assert models[0]._spare_pool is not None and models[1]._spare_pool is None  # nothing kept when turned off
     models[0].undo()
     models[1].undo()
     assert states_equal(models[0].memory_state(), models[1].memory_state())
