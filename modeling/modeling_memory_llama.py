@@ -319,6 +319,13 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             self._remember_undo(before)
         return len(chunks)
 
+    def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
+        with self._memory_lock:
+            before = self._current_state()
+            self._set_state(self._state_after(slots.detach(), generator))
+            self._remember_undo(before)
+
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
         """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
         if isinstance(text_or_ids, str) or (

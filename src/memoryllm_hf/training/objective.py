@@ -91,11 +91,6 @@ def plan_step(config: ObjectiveConfig, stream: StreamState, example: Example, st
     return StepPlan(process, example.segment, labels, list(contexts))
 
 
-def commit_slots(model, slots: torch.Tensor) -> None:
-    """Write new slots [L, k, d] into the pool (drops drawn from the pool's own generator)."""
-    model._set_state(model._state_after(slots.detach(), None))
-
-
 class MemoryTrainingModule(nn.Module):
     """The model and the step loss in one `forward`, so accelerate's wrappers (DDP, ...) see a single call."""
 
@@ -110,7 +105,7 @@ class MemoryTrainingModule(nn.Module):
             slots = model.new_memory_slots(plan.contexts[-1][None].to(model.device))
             with model.adapters.use(WRITE):
                 loss = model(input_ids=segment, labels=labels, memory_slots=slots).loss
-            commit_slots(model, slots)
+            model.commit_memory_slots(slots)
             return loss
         for context in plan.contexts:
             model.inject(context.to(model.device), chunk_size=context.numel())
