@@ -4,6 +4,8 @@ from transformers import LlamaConfig
 
 MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
+READ_MODES = ("pool", "retrieve")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -30,6 +32,19 @@ class MemoryLlamaConfig(LlamaConfig):
             memory adapters, or None for a model without them.
         add_decoder_lora: with adapters, keep a separate read adapter (official `decoder_adapter`); otherwise the
             write adapter serves reads too.
+        long_term_memory_tokens: bound (slots per layer) of the long-term store that keeps every injection's slots
+            as one block, so what the pool drops stays retrievable; past the bound the oldest injections leave.
+            0 turns the store off (the official behaviour).
+        long_term_memory_dtype: dtype of the stored slots (`"float32"`, `"float16"`, `"bfloat16"`); None = the
+            model's dtype. bfloat16 halves the store.
+        long_term_memory_device: device of the store; None = the CPU (the pool stays on the model's device).
+        read_mode: `"pool"` (official: every layer attends to `[bos; pool]`) or `"retrieve"`: every layer attends to
+            `[bos; the slots of the injections that score best against the prompt, in the order written]`
+            (needs the long-term store).
+        read_tokens: with `"retrieve"`, at most this many slots are read (whole injections, best first).
+        retrieval_threshold: with `"retrieve"`, injections scoring below it are never read (None: no threshold).
+        retrieval_neighbors: with `"retrieve"`, also read this many neighbouring updates (before and after) of the
+            same `inject()` call as a retrieved update, budget permitting.
     """
 
     model_type = "memory_llama"
@@ -46,6 +61,13 @@ class MemoryLlamaConfig(LlamaConfig):
     memory_seed: int = 0
     lora_config: dict | None = None
     add_decoder_lora: bool = False
+    long_term_memory_tokens: int = 0
+    long_term_memory_dtype: str | None = None
+    long_term_memory_device: str | None = None
+    read_mode: str = "pool"
+    read_tokens: int = 1024
+    retrieval_threshold: float | None = None
+    retrieval_neighbors: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -60,12 +82,39 @@ class MemoryLlamaConfig(LlamaConfig):
             )
         if self.min_inject_tokens < 1 or self.inject_chunk_size < self.min_inject_tokens:
             raise ValueError("need 1 <= min_inject_tokens <= inject_chunk_size")
+        self._check_long_term_memory()
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
                 "AutoModel": "modeling_memory_llama.MemoryLlamaForCausalLM",
                 "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
             }
+
+
+    def _check_long_term_memory(self) -> None:
+        if self.read_mode not in READ_MODES:
+            raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
+        if not isinstance(self.read_tokens, int) or self.read_tokens < 1:
+            raise ValueError(f"read_tokens must be an integer >= 1, got {self.read_tokens!r}")
+        tokens = self.long_term_memory_tokens
+        if not isinstance(tokens, int) or tokens < 0 or 0 < tokens < self.num_update_tokens:
+            raise ValueError(
+                f"long_term_memory_tokens must be 0 (off) or >= num_update_tokens ({self.num_update_tokens}), "
+                f"got {tokens!r}"
+            )
+        if self.read_mode == "retrieve" and tokens == 0:
+            raise ValueError(
+                "read_mode='retrieve' reads from the long-term store: set long_term_memory_tokens > 0 "
+                "(or use read_mode='pool')"
+            )
+        if self.long_term_memory_dtype is not None and self.long_term_memory_dtype not in STORE_DTYPES:
+            raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, "
+                             f"got {self.long_term_memory_dtype!r}")
+        if not isinstance(self.retrieval_neighbors, int) or self.retrieval_neighbors < 0:
+            raise ValueError(f"retrieval_neighbors must be an integer >= 0, got {self.retrieval_neighbors!r}")
+        threshold = self.retrieval_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError(f"retrieval_threshold must be a number or None, got {threshold!r}")
 
 
 __all__ = ["MemoryLlamaConfig"]

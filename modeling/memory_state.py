@@ -13,8 +13,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .memory_pool import is_sole_reference
+from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
 from .memory_storage import atomic_write
+from .memory_store import (
+    LongTermStore,
+    LongTermStoreError,
+    MemoryBlock,
+    store_append,
+    store_from_tensors,
+    store_num_slots,
+    store_to_tensors,
+    validate_store,
+)
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
 MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state", "memory_written_at")
@@ -30,7 +40,8 @@ class MemoryStateError(ValueError):
 @dataclasses.dataclass
 class MemoryState:
     """A complete memory: the pool [L, N, d], how many slots (at its end) hold memories, injections so far, the
-    state of the generator that picks dropped slots, and (when taken from a model) that model's fingerprint and K."""
+    state of the generator that picks dropped slots, the long-term store (one block per injection, see
+    `memory_store`), and (when taken from a model) that model's fingerprint and K."""
 
     memory: torch.Tensor
     filled: torch.Tensor
@@ -39,16 +50,19 @@ class MemoryState:
     written_at: torch.Tensor | None = None  # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown
     fingerprint: str | None = None
     num_update_tokens: int | None = None
+    long_term: LongTermStore = ()
 
     def __post_init__(self) -> None:
         if self.written_at is None:
             self.written_at = torch.zeros(self.memory.shape[:2], dtype=torch.long, device=self.memory.device)
+        self.long_term = tuple(self.long_term)
 
     def __repr__(self) -> str:
         L, N, d = self.memory.shape
+        store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots" if self.long_term else ""
         return (
             f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
-            f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint})"
+            f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint}{store})"
         )
 
     def as_buffers(self) -> dict[str, torch.Tensor]:
@@ -60,7 +74,12 @@ class MemoryState:
         return cls(*(buffers.get(name) for name in MEMORY_BUFFERS), **info)  # written_at may be absent (older files)
 
     def clone(self) -> "MemoryState":
+        """A copy that shares nothing mutable (long-term blocks are immutable and are shared)."""
         return dataclasses.replace(self, **{f: getattr(self, f).detach().clone() for f in _TENSOR_FIELDS})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state by file name: the pool buffers and the long-term store's (when not empty)."""
+        return {**self.as_buffers(), **store_to_tensors(self.long_term)}
 
     @property
     def num_slots(self) -> int:
@@ -76,9 +95,10 @@ class MemoryState:
         return int(self.injections)
 
     def content_hash(self) -> str:
-        """sha256 of the four tensors (names, dtypes, shapes and bytes): equal hashes mean identical memories."""
+        """sha256 of the tensors (names, dtypes, shapes and bytes), long-term store included: equal hashes mean
+        identical memories."""
         digest = hashlib.sha256()
-        for name, tensor in self.as_buffers().items():
+        for name, tensor in self.tensors().items():
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -130,11 +150,15 @@ class MemoryState:
         if not bool(torch.isfinite(memory).all()):
             bad = int((~torch.isfinite(memory)).sum())
             raise MemoryStateError(f"memory holds {bad} NaN/inf values; refusing to use it")
+        try:
+            validate_store(self.long_term, memory.shape[0], memory.shape[2], int(injections))
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file with metadata, atomically: a crash mid-save leaves the previous file intact."""
         self.validate()
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.as_buffers().items()}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors().items()}
         metadata = self.metadata()
         atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -156,17 +180,71 @@ class MemoryState:
         K = metadata.get("num_update_tokens")
         if K is not None and not K.isdigit():
             raise MemoryStateError(f"{path} is corrupted: num_update_tokens={K!r} in its metadata")
-        state = cls.from_buffers(
-            tensors, fingerprint=metadata.get("fingerprint"), num_update_tokens=int(K) if K is not None else None
-        )
         try:
+            state = cls.from_buffers(
+                tensors,
+                fingerprint=metadata.get("fingerprint"),
+                num_update_tokens=int(K) if K is not None else None,
+                long_term=store_from_tensors(tensors),
+            )
             state.validate()
-        except MemoryStateError as err:
+        except (MemoryStateError, LongTermStoreError) as err:
             raise MemoryStateError(f"{path}: {err}") from None
         expected = metadata.get("content_hash")
         if expected is not None and expected != state.content_hash():
             raise MemoryStateError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
         return state
+
+
+def next_state(
+    state: MemoryState,
+    new: torch.Tensor,
+    config,
+    generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
+    call: int | None = None,
+) -> MemoryState:
+    """The memory after committing new slots [L, k, d] (the one state transition: `inject`, `commit_memory_slots` and
+    the evaluation replay all use it). Pure: `state` is not changed.
+
+    Pool: an empty "tile" pool is filled with copies; otherwise k slots are dropped (empty ones first, then random
+    ones drawn by `generator`, default the state's own generator, whose advanced state the result carries) and the
+    new slots are appended at the end (written into `out`, an unused pool-shaped buffer, when given).
+    Long-term store (when `config.long_term_memory_tokens` > 0): the new slots become one more block, numbered like
+    `written_at`, of `inject()` call `call` (default: its own number); the oldest blocks leave past the bound.
+    """
+    N, filled = config.num_memory_tokens, int(state.filled)
+    rng_state, number = state.rng_state, int(state.injections) + 1
+    if filled == 0 and config.fresh_pool == "tile":
+        pool, filled = tile_pool(new.to(state.memory.dtype), N), N
+        written_at = torch.full_like(state.written_at, number)
+    else:
+        drawer = generator
+        if drawer is None:
+            drawer = torch.Generator()
+            drawer.set_state(state.rng_state.cpu())
+        L, per_layer = config.num_hidden_layers, config.drop_memory_per_layer
+        keep = kept_slot_indices(N, filled, new.shape[1], L, per_layer, drawer)
+        pool, filled = drop_and_append(state.memory, new, keep, out), min(N, filled + new.shape[1])
+        stamps = torch.full((L, new.shape[1], 1), number, dtype=torch.long, device=state.written_at.device)
+        written_at = drop_and_append(state.written_at[..., None], stamps, keep)[..., 0]
+        if generator is None:
+            rng_state = drawer.get_state()
+    long_term = state.long_term
+    bound = getattr(config, "long_term_memory_tokens", 0)
+    if bound:
+        dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else state.memory.dtype
+        slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
+        long_term = store_append(long_term, MemoryBlock(number, call or number, slots), bound)
+    return dataclasses.replace(
+        state,
+        memory=pool,
+        filled=torch.full_like(state.filled, filled),
+        injections=state.injections + 1,
+        rng_state=rng_state,
+        written_at=written_at,
+        long_term=long_term,
+    )
 
 
 def seeded_rng_state(seed: int) -> torch.Tensor:

@@ -16,10 +16,12 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
-from .configuration_memory_llama import MemoryLlamaConfig
+from .configuration_memory_llama import READ_MODES, MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_hub import MemoryHubMixin
-from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
+from .memory_pool import is_sole_reference
+from .memory_reader import select_injections, stack_prefixes
+from .memory_retrieval import block_features, question_features, score_blocks
 from .memory_prefix import (
     PrefixKV,
     extend_attention_mask,
@@ -27,7 +29,7 @@ from .memory_prefix import (
     prefix_key_values,
     seeded_cache,
 )
-from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
+from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
 
 logger = logging.get_logger(__name__)
@@ -90,6 +92,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
+        self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
         self._memory_lock = MemoryLock()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
@@ -130,7 +133,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         return int(self.memory_injections)
 
     def reset_memory(self, seed: int | None = None) -> None:
-        """Empty the pool: reads use no memory until the next injection (which fills the pool by tiling)."""
+        """Empty the pool and the long-term store: reads use no memory until the next injection."""
         seed = self.config.memory_seed if seed is None else seed
         self._set_state(
             MemoryState(
@@ -143,7 +146,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         )
 
     def _current_state(self) -> MemoryState:
-        return MemoryState.from_buffers({name: getattr(self, name) for name in MEMORY_BUFFERS})
+        buffers = {name: getattr(self, name) for name in MEMORY_BUFFERS}
+        return MemoryState.from_buffers(buffers, long_term=self._long_term)
 
     def _set_state(self, state: MemoryState) -> None:
         """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
@@ -151,6 +155,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+            self._long_term = state.long_term
             # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
             self._prefix_kv = None
 
@@ -206,8 +211,125 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
             return self.memory_cache(batch_size, slots, read_only), length
 
+    def _memory_read(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        rows: int | None = None,
+        memory_slots: torch.Tensor | None = None,
+        read_only: bool = False,
+    ):
+        """(cache seeded with the memory prefix for `rows` cache rows (default: the batch; beams repeat each row),
+        attention mask [B, prefix + tokens]) of a fresh read: the pool (or `memory_slots`), or with
+        `read_mode="retrieve"` each row's retrieved injections."""
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = tokens.shape[:2]
+        rows = rows or batch
+        if memory_slots is not None or self._read_mode() == "pool":
+            cache, prefix = self._memory_prefix(rows, memory_slots, read_only)
+            return cache, extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
+            raise ValueError(
+                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, {length}], "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
+        if rows != batch:
+            repeat = rows // batch
+            prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
+        full_mask = torch.cat([prefix_mask.to(attention_mask.device, attention_mask.dtype), attention_mask], dim=1)
+        return seeded_cache(self.config, prefix_kv, rows, read_only), full_mask
+
+    def _read_mode(self) -> str:
+        mode = self.config.read_mode
+        if mode not in READ_MODES:  # config edited after construction: never fall back to the pool silently
+            raise ValueError(f"config.read_mode must be one of {READ_MODES}, got {mode!r}")
+        return mode
+
     def _reads_memory(self, use_memory: bool) -> bool:
-        return use_memory and self.memory_is_initialized
+        if not use_memory:
+            return False
+        return bool(self._long_term) if self._read_mode() == "retrieve" else self.memory_is_initialized
+
+    # ------------------------------------------------------------------ retrieval reads
+    @property
+    def long_term_memory(self) -> tuple:
+        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
+        return self._long_term
+
+    @torch.no_grad()
+    def retrieval_scores(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
+        with self._memory_lock:
+            store = self._long_term
+            dtype, device = self.memory.dtype, self.memory.device
+            features = []
+            for block in store:
+                if block.features is None:  # computed once per block, on first use
+                    block.features = block_features(self.model.layers, block.slots.to(device=device, dtype=dtype))
+                features.append(block.features)
+        with self.adapters.use(READ):
+            hidden = self.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
+        if not store:
+            return hidden[0].new_zeros(hidden[0].shape[0], 0)
+        return score_blocks(question_features(self.model.layers, hidden, attention_mask), features)
+
+    def retrieve(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> list[list[int]]:
+        """The injection numbers each prompt row reads with `read_mode="retrieve"` (in the order written)."""
+        chosen = self._retrieved_blocks(input_ids, inputs_embeds, attention_mask)
+        return [[block.injection for block in row] for row in chosen]
+
+    def _retrieved_blocks(self, input_ids, inputs_embeds, attention_mask) -> list[list]:
+        """The blocks each row reads; also kept as `last_retrieval` (injection numbers per row)."""
+        with self._memory_lock:
+            store = self._long_term
+            scores = self.retrieval_scores(input_ids, attention_mask, inputs_embeds)
+        cfg = self.config
+        sizes, calls = [block.num_slots for block in store], [block.call for block in store]
+        chosen = [
+            select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors)
+            for row in scores.float().cpu()
+        ]
+        self.last_retrieval = [[store[i].injection for i in row] for row in chosen]
+        return [[store[i] for i in row] for row in chosen]
+
+    @torch.no_grad()
+    def _retrieved_prefix(self, input_ids, inputs_embeds, attention_mask):
+        """Per-layer keys/values [B, kv, P, hd] of each row's `[bos; retrieved slots]`, left-padded, and the mask
+        [B, P] of the real prefix columns (rows that chose the same injections share one computation)."""
+        L, d = self.config.num_hidden_layers, self.config.hidden_size
+        dtype, device = self.memory.dtype, self.memory.device
+        by_choice: dict[tuple, PrefixKV] = {}
+        rows = []
+        with self.adapters.use(READ):
+            for blocks in self._retrieved_blocks(input_ids, inputs_embeds, attention_mask):
+                key = tuple(block.injection for block in blocks)
+                if key not in by_choice:
+                    parts = [block.slots.to(device=device, dtype=dtype) for block in blocks]
+                    slots = torch.cat(parts, dim=1) if parts else torch.zeros(L, 0, d, dtype=dtype, device=device)
+                    hidden = self._memory_prefix_hidden(slots)
+                    by_choice[key] = prefix_key_values(self.model.layers, self.model.rotary_emb, hidden)
+                rows.append(by_choice[key])
+        return stack_prefixes(rows)
 
     def forward(
         self,
@@ -231,13 +353,13 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         fresh = cache is None or cache.get_seq_length() == 0
         drop_cache = False
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
-            tokens = input_ids if input_ids is not None else inputs_embeds
-            batch, length = tokens.shape[:2]
+            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
             )
-            cache, prefix = self._memory_prefix(batch, memory_slots, read_only=checkpointing)
-            attention_mask = extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
+            cache, attention_mask = self._memory_read(
+                input_ids, inputs_embeds, attention_mask, memory_slots=memory_slots, read_only=checkpointing
+            )
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
@@ -268,14 +390,14 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically."""
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if given_cache is None and self._reads_memory(kwargs.get("use_memory", True)):
-            tokens = next(t for t in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None)
-            batch, length = tokens.shape[:2]
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
+            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             config = generation_config or self.generation_config
             beams = kwargs.get("num_beams", config.num_beams) or 1
             returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
-            kwargs["cache"], prefix = self._memory_prefix(batch * max(beams, returns))
-            kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, prefix, tokens.device
+            kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
+                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns)
             )
         return super().generate(inputs, generation_config, **kwargs)
 
@@ -301,10 +423,12 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self._memory_lock:
             before = self._current_state()
+            call = self.num_injections + 1  # the updates of one call share it (long-term store, retrieval neighbours)
             try:
                 with torch.no_grad():
                     for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                        state = self._state_after(self.new_memory_slots(chunk), generator, self._take_spare_pool())
+                        new = self.new_memory_slots(chunk)
+                        state = self._state_after(new, generator, self._take_spare_pool(), call)
                         replaced = self.memory
                         self._set_state(state)
                         del state
@@ -435,36 +559,10 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         return torch.stack(new_slots)
 
     def _state_after(
-        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d]: an empty "tile" pool is filled with copies, otherwise
-        k slots are dropped (empty ones first, then random ones) and the new slots are appended at the end (written
-        into `out`, an unused pool-shaped buffer, when given)."""
-        state = self._current_state()
-        N, filled = self.config.num_memory_tokens, self.num_filled_slots
-        rng_state, number = state.rng_state, int(state.injections) + 1
-        if filled == 0 and self.config.fresh_pool == "tile":
-            pool, filled = tile_pool(new.to(state.memory.dtype), N), N
-            written_at = torch.full_like(state.written_at, number)
-        else:
-            drawer = generator
-            if drawer is None:
-                drawer = torch.Generator()
-                drawer.set_state(state.rng_state.cpu())
-            L, per_layer = self.config.num_hidden_layers, self.config.drop_memory_per_layer
-            keep = kept_slot_indices(N, filled, new.shape[1], L, per_layer, drawer)
-            pool, filled = drop_and_append(state.memory, new, keep, out), min(N, filled + new.shape[1])
-            stamps = torch.full((L, new.shape[1], 1), number, dtype=torch.long, device=state.written_at.device)
-            written_at = drop_and_append(state.written_at[..., None], stamps, keep)[..., 0]
-            if generator is None:
-                rng_state = drawer.get_state()
-        return MemoryState(
-            memory=pool,
-            filled=torch.full_like(state.filled, filled),
-            injections=state.injections + 1,
-            rng_state=rng_state,
-            written_at=written_at,
-        )
+        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
+        return next_state(self._current_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):

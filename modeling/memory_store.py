@@ -1,0 +1,124 @@
+"""The long-term memory: every injection's slots, kept as one block per injection after they leave the pool.
+
+The pool holds N slots per layer and forgets K random ones per injection. The long-term store keeps each injection's
+slots `[L, k, d]` as one immutable block (written when the injection is made, so a block holds its slots in the order
+they were written, in every layer, whatever the pool later drops), up to `long_term_memory_tokens` slots per layer;
+past that bound the oldest injections leave for good. Retrieval reads (`memory_retrieval`) pick blocks from here.
+
+A store is a tuple of blocks, oldest first. Blocks are never edited in place, so copies of a store (memory states,
+snapshots, undo) share their tensors.
+"""
+
+import dataclasses
+
+import torch
+
+# Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
+STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
+
+
+@dataclasses.dataclass(eq=False)
+class MemoryBlock:
+    """The slots [L, k, d] written by one injection (number `injection`, 1-based, as in `memory_written_at`), and the
+    injection number of the first update of the `inject()` call it belongs to (`call`: a long text injected in one
+    call is several updates that share it)."""
+
+    injection: int
+    call: int
+    slots: torch.Tensor
+    # Retrieval features of the slots, computed on first use by the model that reads them (see memory_retrieval).
+    features: dict | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.shape[1]
+
+
+LongTermStore = tuple[MemoryBlock, ...]
+
+
+class LongTermStoreError(ValueError):
+    """A long-term store that must not be used (inconsistent, non-finite, or of another model's shape)."""
+
+
+def store_num_slots(store: LongTermStore) -> int:
+    """Slots per layer the store holds."""
+    return sum(block.num_slots for block in store)
+
+
+def store_append(store: LongTermStore, block: MemoryBlock, max_slots: int) -> LongTermStore:
+    """The store with `block` appended and, while it holds more than `max_slots` slots per layer, its oldest blocks
+    removed (whole injections leave, never part of one)."""
+    if block.num_slots > max_slots:
+        raise LongTermStoreError(
+            f"an injection of {block.num_slots} slots does not fit a long-term store of {max_slots} slots per layer; "
+            "raise long_term_memory_tokens to at least num_update_tokens"
+        )
+    blocks = list(store) + [block]
+    total = store_num_slots(blocks)
+    first = 0
+    while total > max_slots:
+        total -= blocks[first].num_slots
+        first += 1
+    return tuple(blocks[first:])
+
+
+def store_to_tensors(store: LongTermStore) -> dict[str, torch.Tensor]:
+    """Flat tensors for a file: slots [L, S, d] and, per slot, its injection and call numbers [S] (CPU)."""
+    if not store:
+        return {}
+    slots = torch.cat([block.slots.detach().cpu() for block in store], dim=1).contiguous()
+    injection = torch.cat([torch.full((b.num_slots,), b.injection, dtype=torch.long) for b in store])
+    call = torch.cat([torch.full((b.num_slots,), b.call, dtype=torch.long) for b in store])
+    return dict(zip(STORE_TENSORS, (slots, injection, call), strict=True))
+
+
+def store_from_tensors(tensors: dict[str, torch.Tensor]) -> LongTermStore:
+    """The store written by `store_to_tensors` (an empty store when the tensors are absent). Checks consistency."""
+    present = [name for name in STORE_TENSORS if name in tensors]
+    if not present:
+        return ()
+    if len(present) != len(STORE_TENSORS):
+        missing = sorted(set(STORE_TENSORS) - set(present))
+        raise LongTermStoreError(f"the long-term store is incomplete: tensors {missing} are missing")
+    slots, injection, call = (tensors[name] for name in STORE_TENSORS)
+    if slots.dim() != 3 or not slots.is_floating_point():
+        raise LongTermStoreError(f"long_term_slots must be a float tensor [layers, slots, hidden], got {slots.dtype} "
+                                 f"{tuple(slots.shape)}")
+    for name, ids in (("long_term_injection", injection), ("long_term_call", call)):
+        if ids.dim() != 1 or ids.shape[0] != slots.shape[1] or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise LongTermStoreError(f"{name} must be an integer tensor [{slots.shape[1]}], got {ids.dtype} "
+                                     f"{tuple(ids.shape)}")
+    if slots.shape[1] == 0:
+        return ()
+    # Runs of equal injection numbers are the blocks.
+    change = torch.nonzero(injection[1:] != injection[:-1]).squeeze(1) + 1
+    bounds = [0, *change.tolist(), injection.shape[0]]
+    store = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if bool((call[start:end] != call[start]).any()):
+            raise LongTermStoreError(f"injection {int(injection[start])} has slots of different calls: corrupted")
+        store.append(MemoryBlock(int(injection[start]), int(call[start]), slots[:, start:end]))
+    return tuple(store)
+
+
+def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, injections: int) -> None:
+    """Raise LongTermStoreError unless the blocks fit a pool of this shape after `injections` injections: shapes,
+    increasing injection numbers (each at most `injections`), calls that start at or before their injection, all
+    values finite."""
+    previous = 0
+    for block in store:
+        slots = block.slots
+        if slots.dim() != 3 or tuple(slots.shape[::2]) != (num_layers, hidden_size) or not slots.is_floating_point():
+            raise LongTermStoreError(
+                f"long-term block of injection {block.injection} has shape {tuple(slots.shape)} ({slots.dtype}); this "
+                f"model needs float slots [{num_layers}, k, {hidden_size}]: the store belongs to another model"
+            )
+        if not previous < block.injection <= injections or not 1 <= block.call <= block.injection:
+            raise LongTermStoreError(
+                f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
+                f"{block.call}, {injections} injections made): the store is corrupted"
+            )
+        if slots.is_meta or not bool(torch.isfinite(slots).all()):
+            raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
+        previous = block.injection
