@@ -5,18 +5,28 @@ A repo holds the weights once and the memory in its own shard, `memory.safetenso
 so branches or commits of one repo can hold many memories of the same model.
 """
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
 import os
 import tempfile
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    hf_hub_download,
+)
 from huggingface_hub.errors import RemoteEntryNotFoundError
 from transformers import PreTrainedTokenizerBase
 
 from .memory_state import MEMORY_BUFFERS, STATE_FORMAT, MemoryState, MemoryStateError
 from .memory_storage import INDEX_FILE, MEMORY_FILE
+from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store
 
 MEMORY_STATE_FILE = "memory_state.json"
 PACKAGE = "memoryllm-hf"
@@ -116,12 +126,16 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
 
     # ------------------------------------------------------------------ push
     def _write_memory(self, folder: str) -> dict:
-        """Write a snapshot of the memory to `memory.safetensors` (refusing a broken memory) and its
-        `memory_state.json` into `folder`; returns the metadata."""
+        """Write a snapshot of the memory to `memory.safetensors` (refusing a broken memory), its long-term store
+        (if any) to `long_term_memory.safetensors` and its `memory_state.json` into `folder`; returns the metadata."""
         state = self.memory_state()
         path = os.path.join(folder, MEMORY_FILE)
-        state.save(path)
+        dataclasses.replace(state, long_term=()).save(path)
         metadata = self.memory_metadata(state, path)
+        if state.long_term:
+            store_path = os.path.join(folder, LONG_TERM_FILE)
+            save_store(store_path, state.long_term, state.fingerprint)
+            metadata["long_term_sha256"] = sha256_file(store_path)
         with open(os.path.join(folder, MEMORY_STATE_FILE), "w") as handle:
             json.dump(metadata, handle, indent=2)
         return metadata
@@ -134,7 +148,8 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         create_branch: bool = False,
         token: str | bool | None = None,
     ) -> CommitInfo:
-        """Upload only the memory (`memory.safetensors` + `memory_state.json`) to `revision` as one commit.
+        """Upload only the memory (`memory.safetensors`, the long-term store and `memory_state.json`) to `revision` as
+        one commit.
 
         The repo must already hold this model with its memory in its own shard (push it once with `push_to_hub`).
         `create_branch=True` creates the branch `revision` from main if it does not exist. The commit is made on
@@ -151,8 +166,11 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
             metadata = self._write_memory(folder)
             operations = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-                for name in (MEMORY_FILE, MEMORY_STATE_FILE)
+                for name in (MEMORY_FILE, LONG_TERM_FILE, MEMORY_STATE_FILE)
+                if os.path.exists(os.path.join(folder, name))
             ]
+            if "long_term_sha256" not in metadata and api.file_exists(repo_id, LONG_TERM_FILE, revision=head):
+                operations.append(CommitOperationDelete(path_in_repo=LONG_TERM_FILE))  # it belongs to the old memory
             message = commit_message or f"Update memory ({metadata['injections']} injections)"
             return api.create_commit(
                 repo_id, operations=operations, commit_message=message, revision=revision, parent_commit=head
@@ -249,7 +267,15 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
             state = MemoryState.load(memory_path)
             if state.fingerprint is None:
                 state.fingerprint = metadata.get("fingerprint")
+            if "long_term_sha256" in metadata:
+                store_path = _download(repo_id, LONG_TERM_FILE, revision, token, cache_dir)
+                if store_path is None or sha256_file(store_path) != metadata["long_term_sha256"]:
+                    raise MemoryStateError(
+                        f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a "
+                        "commit sha"
+                    )
+                state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
             self.load_memory_state(state)
-        except MemoryStateError as err:
+        except (MemoryStateError, LongTermStoreError) as err:
             raise MemoryStateError(f"{where}: {err}") from None
         return metadata

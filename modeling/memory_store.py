@@ -10,8 +10,14 @@ snapshots, undo) share their tensors.
 """
 
 import dataclasses
+import hashlib
+import os
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .memory_storage import atomic_write
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
 STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
@@ -122,3 +128,62 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
         if slots.is_meta or not bool(torch.isfinite(slots).all()):
             raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
         previous = block.injection
+
+
+# ---------------------------------------------------------------------------------------------------- file
+LONG_TERM_FILE = "long_term_memory.safetensors"
+STORE_FORMAT = "memoryllm-hf/long-term-store/1"
+
+
+def store_content_hash(store: LongTermStore) -> str:
+    """sha256 of the store's tensors (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in store_to_tensors(store).items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
+    """Write the store to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
+    tensors = store_to_tensors(store)
+    if not tensors:
+        raise LongTermStoreError("the long-term store is empty: there is nothing to save")
+    L, S, d = tensors["long_term_slots"].shape
+    metadata = {
+        "format": "pt",
+        "long_term_store": STORE_FORMAT,
+        "num_layers": str(L),
+        "hidden_size": str(d),
+        "slots": str(S),
+        "injections": str(len(store)),
+        "content_hash": store_content_hash(store),
+    }
+    if fingerprint is not None:
+        metadata["fingerprint"] = fingerprint
+    atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongTermStore:
+    """Read a file written by `save_store`; refuses a truncated or corrupted file, a hash mismatch and (when
+    `fingerprint` is given and the file records one) another model's store."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
+    extra = sorted(set(tensors) - set(STORE_TENSORS))
+    if extra or metadata.get("long_term_store") != STORE_FORMAT:
+        raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
+                                 f"unexpected tensors {extra})")
+    recorded = metadata.get("fingerprint")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise LongTermStoreError(
+            f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
+        )
+    store = store_from_tensors(tensors)
+    if metadata.get("content_hash") != store_content_hash(store):
+        raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
+    return store

@@ -31,6 +31,7 @@ from .memory_prefix import (
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
+from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store, validate_store
 
 logger = logging.get_logger(__name__)
 
@@ -573,11 +574,18 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         """`save_pretrained` with the memory in its own file (`memory.safetensors`), so it can be updated alone."""
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+        with self._memory_lock:
+            long_term = self._long_term
+            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
         memory = {name: state_dict.pop(name) for name in MEMORY_BUFFERS if name in state_dict}
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         if memory and kwargs.get("is_main_process", True):
             write_memory_shard(save_directory, memory)
+            store_path = os.path.join(save_directory, LONG_TERM_FILE)
+            if long_term:
+                save_store(store_path, long_term, self.memory_fingerprint())
+            elif os.path.exists(store_path):
+                os.remove(store_path)  # an older store would come back with this memory
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -600,7 +608,35 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             model.reset_memory()
         if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
             raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt")
+        if args:
+            model._load_long_term_file(args[0], kwargs)
         return (model, info) if want_info else model
+
+    def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
+        """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
+        from transformers.utils import cached_file
+
+        options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
+        path = cached_file(
+            path_or_repo,
+            LONG_TERM_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+        if path is None:
+            return
+        try:
+            store = load_store(path, self.memory_fingerprint())
+            validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
+        except LongTermStoreError as err:
+            raise ValueError(f"{path_or_repo}: {err}") from None
+        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
+        device = self.config.long_term_memory_device or "cpu"
+        for block in store:
+            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+        with self._memory_lock:
+            self._long_term = store
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
         """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama

@@ -1,0 +1,287 @@
+"""Long-term store and retrieval reads: what leaves the pool stays stored, retrieval reads like the text in context,
+batches equal rows, round trips keep the store, bad input is refused without touching the memory."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from memoryllm_hf import MemoryLlamaForCausalLM
+from memoryllm_hf.modeling import MemoryLlamaConfig, MemoryStateError
+from memoryllm_hf.modeling.memory_reader import select_injections
+from memoryllm_hf.modeling.memory_store import LONG_TERM_FILE, MemoryBlock, store_append
+from memoryllm_hf.tiny import TINY, tiny_config, tiny_model
+
+
+def retrieval_model(**overrides):
+    settings = dict(memory_update="input", fresh_pool="grow", long_term_memory_tokens=60, read_mode="retrieve")
+    return tiny_model(**{**settings, **overrides})
+
+
+def texts(count, length=6, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (length,), generator=generator) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------------------------- the store
+@pytest.mark.parametrize("update", ["input", "output"])
+def test_every_slot_that_leaves_the_pool_is_stored_exactly_once_until_the_bound(update):
+    fresh = "grow" if update == "input" else "tile"
+    model = tiny_model(memory_update=update, fresh_pool=fresh, long_term_memory_tokens=10_000)
+    K = model.config.num_update_tokens
+    for ids in texts(30):
+        before = model.memory_state()
+        model.inject(ids)
+        after = model.memory_state()
+        block = model.long_term_memory[-1]
+        assert block.injection == after.num_injections and block.num_slots == K
+        for layer in [model.config.num_hidden_layers - 1]:  # "input" rule layer 0 = embeddings (repeat for equal tokens)
+            old = before.memory[layer, model.config.num_memory_tokens - before.num_filled_slots :]
+            kept = after.memory[layer]
+            left = [slot for slot in old if not (kept == slot).all(-1).any()]
+            stamps = before.written_at[layer, model.config.num_memory_tokens - before.num_filled_slots :]
+            for slot in left:  # the slot, with its injection number, is in exactly one block of the store
+                homes = [
+                    b for b in model.long_term_memory for s in b.slots[layer] if torch.equal(s, slot.to(s.dtype))
+                ]
+                assert len(homes) == 1
+                stamp = stamps[[torch.equal(o, slot) for o in old].index(True)]
+                assert homes[0].injection == int(stamp)
+    injections = [b.injection for b in model.long_term_memory]
+    assert injections == list(range(1, 31))
+
+
+def test_the_bound_removes_the_oldest_whole_injections():
+    model = tiny_model(memory_update="input", fresh_pool="grow", long_term_memory_tokens=20)  # K = 6
+    for ids in texts(7):
+        model.inject(ids)
+    assert [b.injection for b in model.long_term_memory] == [5, 6, 7]  # 3 x 6 slots <= 20 < 4 x 6
+    block = MemoryBlock(8, 8, torch.zeros(2, 30, 32))
+    with pytest.raises(ValueError, match="long_term_memory_tokens"):
+        store_append(model.long_term_memory, block, 20)
+
+
+def test_store_off_is_the_official_behaviour():
+    model = tiny_model()
+    for ids in texts(5):
+        model.inject(ids)
+    assert model.long_term_memory == () and model.memory_state().long_term == ()
+
+
+def test_a_long_text_in_one_call_shares_the_call_number():
+    model = retrieval_model()
+    model.inject(texts(1, length=40)[0], chunk_size=16)  # 3 updates
+    model.inject(texts(1, length=8)[0])
+    assert [(b.injection, b.call) for b in model.long_term_memory] == [(1, 1), (2, 1), (3, 1), (4, 4)]
+
+
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"read_mode": "retreive", "long_term_memory_tokens": 60}, "read_mode"),
+        ({"read_mode": "retrieve"}, "long_term_memory_tokens > 0"),
+        ({"read_mode": "retrieve", "long_term_memory_tokens": 60, "read_tokens": 0}, "read_tokens"),
+        ({"long_term_memory_tokens": 3}, "num_update_tokens"),
+        ({"long_term_memory_tokens": -1}, "long_term_memory_tokens"),
+        ({"long_term_memory_tokens": 60, "long_term_memory_dtype": "float8"}, "long_term_memory_dtype"),
+        ({"retrieval_neighbors": -1}, "retrieval_neighbors"),
+        ({"retrieval_threshold": "high"}, "retrieval_threshold"),
+    ],
+)
+def test_config_refuses_unknown_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_a_misspelt_read_mode_set_later_is_refused_not_read_as_pool():
+    model = retrieval_model()
+    model.inject(texts(1)[0])
+    model.config.read_mode = "retreive"
+    with pytest.raises(ValueError, match="read_mode"):
+        model(torch.randint(3, 128, (1, 4)))
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def test_selection_takes_best_first_within_budget_in_written_order():
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.8])
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=12) == [1, 3]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=12, threshold=0.85) == [1]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=12, threshold=0.95) == []
+    # a block that does not fit is skipped, the next one that fits is taken
+    assert select_injections(scores, [6, 20, 6, 6], [1, 2, 3, 4], budget=12) == [2, 3]
+    # neighbours of the same call come along, budget permitting
+    assert select_injections(scores, [6, 6, 6, 6], [1, 1, 1, 4], budget=18, neighbors=1) == [0, 1, 2]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 1, 3, 4], budget=18, neighbors=1) == [0, 1, 3]
+
+
+# ---------------------------------------------------------------------------------------------- reads
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in llama.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    folder = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(folder)
+    return folder, llama
+
+
+@torch.no_grad()
+def test_retrieving_one_injection_reads_like_the_text_in_context(llama_folder):
+    folder, llama = llama_folder
+    model = MemoryLlamaForCausalLM.from_base(
+        folder, num_memory_tokens=64, num_update_tokens=32, long_term_memory_tokens=256, read_mode="retrieve"
+    ).eval()
+    text = torch.randint(3, 128, (20,))
+    model.inject(text)
+    question = torch.randint(3, 128, (1, 5))
+    assert model.retrieve(question) == [[1]]
+    in_context = torch.cat([torch.tensor([model.config.bos_token_id]), text, question[0]])[None]
+    expected = llama(in_context).logits[:, -5:]
+    assert (model(question).logits - expected).abs().max() < 1e-5
+    out = model.generate(question, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out[:, 5:], llama.generate(in_context, max_new_tokens=5, do_sample=False)[:, -5:])
+
+
+@torch.no_grad()
+def test_nothing_above_the_threshold_reads_bos_only(llama_folder):
+    folder, llama = llama_folder
+    model = MemoryLlamaForCausalLM.from_base(
+        folder, num_memory_tokens=64, num_update_tokens=32, long_term_memory_tokens=256, read_mode="retrieve",
+        retrieval_threshold=1e9,
+    ).eval()
+    model.inject(torch.randint(3, 128, (20,)))
+    question = torch.randint(3, 128, (1, 5))
+    assert model.retrieve(question) == [[]]
+    expected = llama(torch.cat([torch.tensor([[model.config.bos_token_id]]), question], 1)).logits[:, -5:]
+    assert (model(question).logits - expected).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_a_batch_reads_like_its_rows_with_different_retrievals():
+    model = retrieval_model(read_tokens=12)
+    for ids in texts(8, length=6):
+        model.inject(ids)
+    rows = [torch.randint(3, 128, (n,)) for n in (7, 4, 6)]
+    picks = [model.retrieve(row[None])[0] for row in rows]
+    assert len({tuple(p) for p in picks}) > 1  # the rows really read different injections
+    batch = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding
+        batch[i, 7 - len(row) :], mask[i, 7 - len(row) :] = row, 1
+    assert model.retrieve(batch, attention_mask=mask) == picks
+    logits = model(batch, attention_mask=mask).logits
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits
+        assert (logits[i, 7 - len(row) :] - alone[0]).abs().max() < 1e-5
+        assert torch.equal(out[i, 7:], model.generate(row[None], max_new_tokens=4, do_sample=False)[0, len(row) :])
+
+
+@torch.no_grad()
+def test_beams_and_seeded_sampling_read_the_retrieved_prefix():
+    model = retrieval_model(read_tokens=12)
+    for ids in texts(5):
+        model.inject(ids)
+    prompt = torch.randint(3, 128, (2, 5))
+    beams = model.generate(prompt, num_beams=3, max_new_tokens=4, do_sample=False)
+    for i in range(2):
+        assert torch.equal(beams[i], model.generate(prompt[i : i + 1], num_beams=3, max_new_tokens=4, do_sample=False)[0])
+    torch.manual_seed(3)
+    sampled = model.generate(prompt, do_sample=True, max_new_tokens=4, num_return_sequences=2)
+    assert sampled.shape == (4, 9)
+
+
+@torch.no_grad()
+def test_retrieval_finds_an_injection_from_its_own_tokens():
+    model = retrieval_model(long_term_memory_tokens=600, read_tokens=6)
+    stored = texts(40, length=6, seed=5)
+    for ids in stored:
+        model.inject(ids)
+    hits = sum(model.retrieve(ids[None])[0] == [i + 1] for i, ids in enumerate(stored))
+    assert hits >= 36
+
+
+# ---------------------------------------------------------------------------------------------- persistence
+def _store_equal(a, b):
+    return [(x.injection, x.call) for x in a] == [(y.injection, y.call) for y in b] and all(
+        torch.equal(x.slots, y.slots) for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_save_pretrained_round_trip_keeps_the_store_bit_exact(tmp_path):
+    model = retrieval_model()
+    for ids in texts(12):
+        model.inject(ids)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / LONG_TERM_FILE).exists()
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert _store_equal(loaded.long_term_memory, model.long_term_memory)
+    prompt = torch.randint(3, 128, (1, 5))
+    assert torch.equal(loaded(prompt).logits, model(prompt).logits)
+    model.reset_memory()
+    model.save_pretrained(tmp_path)  # an emptied store must not come back from an older file
+    assert MemoryLlamaForCausalLM.from_pretrained(tmp_path).long_term_memory == ()
+
+
+def test_states_and_snapshots_carry_the_store(tmp_path):
+    model = retrieval_model()
+    for ids in texts(6):
+        model.inject(ids)
+    state = model.memory_state()
+    state.save(tmp_path / "state.safetensors")
+    model.snapshot("six")
+    for ids in texts(3, seed=9):
+        model.inject(ids)
+    model.restore("six")
+    assert _store_equal(model.long_term_memory, state.long_term)
+    fresh = retrieval_model()
+    fresh.load_memory_state(type(state).load(tmp_path / "state.safetensors"))
+    assert _store_equal(fresh.long_term_memory, state.long_term)
+    assert fresh.memory_state().content_hash() == state.content_hash()
+
+
+def test_a_corrupted_or_foreign_store_is_refused_and_memory_kept(tmp_path):
+    model = retrieval_model()
+    for ids in texts(6):
+        model.inject(ids)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / LONG_TERM_FILE
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        MemoryLlamaForCausalLM.from_pretrained(tmp_path)
+    other = tiny_model(hidden_size=16, intermediate_size=32, memory_update="input", fresh_pool="grow",
+                       long_term_memory_tokens=60, read_mode="retrieve")
+    before = other.memory_state()
+    with pytest.raises(MemoryStateError):
+        other.load_memory_state(model.memory_state())
+    assert other.memory_state().content_hash() == before.content_hash()
+    bad = model.memory_state()
+    bad.long_term[0].slots[0, 0, 0] = float("nan")  # a copy of a state shares blocks: use a fresh model
+    target = retrieval_model(seed=1)
+    with pytest.raises(MemoryStateError, match="NaN"):
+        target.load_memory_state(bad)
+    assert target.long_term_memory == ()
+
+
+def test_config_round_trip_keeps_the_new_fields(tmp_path):
+    config = tiny_config(long_term_memory_tokens=60, read_mode="retrieve", read_tokens=12, retrieval_threshold=0.5,
+                         long_term_memory_dtype="bfloat16", retrieval_neighbors=1)
+    config.save_pretrained(tmp_path)
+    loaded = MemoryLlamaConfig.from_pretrained(tmp_path)
+    fields = ("long_term_memory_tokens", "read_mode", "read_tokens", "retrieval_threshold", "long_term_memory_dtype",
+              "retrieval_neighbors")
+    assert all(getattr(loaded, f) == getattr(config, f) for f in fields)
+
+
+def test_store_dtype_is_configurable():
+    model = retrieval_model(long_term_memory_dtype="bfloat16")
+    model.inject(texts(1)[0])
+    assert model.long_term_memory[0].slots.dtype == torch.bfloat16
+    assert model.long_term_memory[0].slots.device.type == "cpu"
+    assert model(torch.randint(3, 128, (1, 4))).logits.dtype == torch.float32
