@@ -162,23 +162,28 @@ def test_nothing_above_the_threshold_reads_bos_only(llama_folder):
 
 @torch.no_grad()
 def test_a_batch_reads_like_its_rows_with_different_retrievals():
-    model = retrieval_model(read_tokens=12)
-    for ids in texts(8, length=6):
-        model.inject(ids)
-    rows = [torch.randint(3, 128, (n,)) for n in (7, 4, 6)]
+    model = retrieval_model(read_tokens=7)
+    generator = torch.Generator().manual_seed(2)
+    stored = []
+    for length in (2, 6, 3, 5, 4, 6, 2, 3):  # injections of different sizes: rows' prefixes differ in length
+        stored.append(torch.randint(3, 128, (length,), generator=generator))
+        model.inject(stored[-1])
+    rows = [torch.cat([stored[1], stored[0]]), stored[2], torch.cat([stored[4], stored[3][:2]])]
     picks = [model.retrieve(row[None])[0] for row in rows]
-    assert len({tuple(p) for p in picks}) > 1  # the rows really read different injections
-    batch = torch.zeros(3, 7, dtype=torch.long)
-    mask = torch.zeros(3, 7, dtype=torch.long)
+    sizes = {i + 1: b.num_slots for i, b in enumerate(model.long_term_memory)}
+    assert len({sum(sizes[i] for i in p) for p in picks}) > 1  # the rows' prefixes really differ in length
+    width = max(len(row) for row in rows)
+    batch = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
     for i, row in enumerate(rows):  # left padding
-        batch[i, 7 - len(row) :], mask[i, 7 - len(row) :] = row, 1
+        batch[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
     assert model.retrieve(batch, attention_mask=mask) == picks
     logits = model(batch, attention_mask=mask).logits
     out = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
     for i, row in enumerate(rows):
         alone = model(row[None]).logits
-        assert (logits[i, 7 - len(row) :] - alone[0]).abs().max() < 1e-5
-        assert torch.equal(out[i, 7:], model.generate(row[None], max_new_tokens=4, do_sample=False)[0, len(row) :])
+        assert (logits[i, width - len(row) :] - alone[0]).abs().max() < 1e-5
+        assert torch.equal(out[i, width:], model.generate(row[None], max_new_tokens=4, do_sample=False)[0, len(row) :])
 
 
 @torch.no_grad()
