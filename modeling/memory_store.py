@@ -47,6 +47,18 @@ class LongTermStoreError(ValueError):
     """A long-term store that must not be used (inconsistent, non-finite, or of another model's shape)."""
 
 
+def bytes_per_stored_token(num_layers: int, hidden_size: int, dtype: str | torch.dtype) -> int:
+    """Bytes one stored token (one slot in every layer) takes."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return num_layers * hidden_size * torch.empty(0, dtype=dtype).element_size()
+
+
+def default_long_term_tokens(num_layers: int, hidden_size: int, dtype: str, num_update_tokens: int) -> int:
+    """The default store bound of `from_base` models: about 1 GiB, a whole number of updates (at least one)."""
+    tokens = (1 << 30) // bytes_per_stored_token(num_layers, hidden_size, dtype)
+    return max(num_update_tokens, tokens - tokens % num_update_tokens)
+
+
 def store_num_slots(store: LongTermStore) -> int:
     """Slots per layer the store holds."""
     return sum(block.num_slots for block in store)

@@ -31,7 +31,14 @@ from .memory_prefix import (
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store, validate_store
+from .memory_store import (
+    LONG_TERM_FILE,
+    LongTermStoreError,
+    default_long_term_tokens,
+    load_store,
+    save_store,
+    validate_store,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -655,8 +662,9 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
     ) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
 
-        Defaults to the training-free "input" update with a "grow" pool. `bos_embedding` starts as the base model's
-        own hidden states of its BOS token, so reads see the attention sink the model was trained with.
+        Defaults to the training-free "input" update with a "grow" pool, a long-term store of about 1 GiB (bfloat16)
+        and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
+        model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
         load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
         if gguf_file:
@@ -673,6 +681,19 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             memory_config.setdefault("inject_chunk_size", memory_config.get("num_update_tokens", 16))
             memory_config.setdefault("min_inject_tokens", 4)
             memory_config.setdefault("fresh_pool", "grow")
+            # What leaves the pool stays findable: a long-term store of about 1 GiB and retrieval reads.
+            if memory_config.get("read_mode", "retrieve") == "retrieve":
+                memory_config.setdefault("read_mode", "retrieve")
+                memory_config.setdefault("long_term_memory_dtype", "bfloat16")
+                memory_config.setdefault(
+                    "long_term_memory_tokens",
+                    default_long_term_tokens(
+                        base_config.num_hidden_layers,
+                        base_config.hidden_size,
+                        memory_config["long_term_memory_dtype"],
+                        memory_config.get("num_update_tokens", 16),
+                    ),
+                )
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
         # A base checkpoint has no memory and no adapters: transformers' report would list every adapter weight as
         # missing. Report only what is not expected.

@@ -133,7 +133,8 @@ def llama_folder(tmp_path_factory):
 def test_retrieving_one_injection_reads_like_the_text_in_context(llama_folder):
     folder, llama = llama_folder
     model = MemoryLlamaForCausalLM.from_base(
-        folder, num_memory_tokens=64, num_update_tokens=32, long_term_memory_tokens=256, read_mode="retrieve"
+        folder, num_memory_tokens=64, num_update_tokens=32, long_term_memory_tokens=256, read_mode="retrieve",
+        long_term_memory_dtype="float32",
     ).eval()
     text = torch.randint(3, 128, (20,))
     model.inject(text)
@@ -151,6 +152,7 @@ def test_nothing_above_the_threshold_reads_bos_only(llama_folder):
     folder, llama = llama_folder
     model = MemoryLlamaForCausalLM.from_base(
         folder, num_memory_tokens=64, num_update_tokens=32, long_term_memory_tokens=256, read_mode="retrieve",
+        long_term_memory_dtype="float32",
         retrieval_threshold=1e9,
     ).eval()
     model.inject(torch.randint(3, 128, (20,)))
