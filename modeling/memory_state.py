@@ -203,6 +203,7 @@ def next_state(
     generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
     call: int | None = None,
+    with_long_term: bool = True,
 ) -> MemoryState:
     """The memory after committing new slots [L, k, d] (the one state transition: `inject`, `commit_memory_slots` and
     the evaluation replay all use it). Pure: `state` is not changed.
@@ -212,6 +213,8 @@ def next_state(
     new slots are appended at the end (written into `out`, an unused pool-shaped buffer, when given).
     Long-term store (when `config.long_term_memory_tokens` > 0): the new slots become one more block, numbered like
     `written_at`, of `inject()` call `call` (default: its own number); the oldest blocks leave past the bound.
+    (`with_long_term=False` leaves the store as it is: the evaluation replay runs the pool rule on slot indices and
+    stores the real slots with `long_term_after`.)
     """
     N, filled = config.num_memory_tokens, int(state.filled)
     rng_state, number = state.rng_state, int(state.injections) + 1
@@ -231,11 +234,8 @@ def next_state(
         if generator is None:
             rng_state = drawer.get_state()
     long_term = state.long_term
-    bound = getattr(config, "long_term_memory_tokens", 0)
-    if bound:
-        dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else state.memory.dtype
-        slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
-        long_term = store_append(long_term, MemoryBlock(number, call or number, slots), bound)
+    if with_long_term:
+        long_term = long_term_after(long_term, new, number, call, config, state.memory.dtype)
     return dataclasses.replace(
         state,
         memory=pool,
@@ -245,6 +245,18 @@ def next_state(
         written_at=written_at,
         long_term=long_term,
     )
+
+
+def long_term_after(
+    long_term: LongTermStore, new: torch.Tensor, number: int, call: int | None, config, pool_dtype: torch.dtype
+) -> LongTermStore:
+    """The long-term store after injection `number` wrote `new` [L, k, d] (unchanged when the store is off)."""
+    bound = getattr(config, "long_term_memory_tokens", 0)
+    if not bound:
+        return long_term
+    dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else pool_dtype
+    slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
+    return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
 
 
 def seeded_rng_state(seed: int) -> torch.Tensor:

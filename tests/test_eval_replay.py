@@ -6,7 +6,12 @@ import torch
 from memoryllm_hf.evaluation.replay import LazyPool, QuestionChain, ReferenceChain, chunk_writes
 from memoryllm_hf.tiny import tiny_model
 
-RULES = [{}, {"memory_update": "input", "fresh_pool": "grow"}]
+RULES = [
+    {},
+    {"memory_update": "input", "fresh_pool": "grow"},
+    {"memory_update": "input", "fresh_pool": "grow", "long_term_memory_tokens": 60, "read_mode": "retrieve"},
+    {"long_term_memory_tokens": 36},
+]
 
 
 def _texts(count: int, seed: int, low: int = 3, high: int = 40) -> list[list[int]]:
@@ -25,6 +30,9 @@ def _assert_same_state(state, model):
     assert int(state.filled) == int(reference.filled)
     assert int(state.injections) == int(reference.injections)
     assert torch.equal(state.rng_state, reference.rng_state)
+    assert torch.equal(state.written_at, reference.written_at)
+    assert [(b.injection, b.call) for b in state.long_term] == [(b.injection, b.call) for b in reference.long_term]
+    assert all(torch.equal(a.slots, b.slots) for a, b in zip(state.long_term, reference.long_term, strict=True))
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -37,10 +45,11 @@ def test_lazy_pool_matches_inject_with_many_commits_between_reads(rule):
     # The twin computes each chunk's slots; the lazy pool commits them all without materializing in between.
     pool = LazyPool(twin._current_state(), twin.config)
     for i, ids in enumerate(texts):
+        call = twin.num_injections + 1
         for write in _writes(twin, f"t{i}", ids):
             slots = twin.new_memory_slots(write.ids)
-            twin._set_state(twin._state_after(slots, None))
-            pool.commit(slots)
+            twin._set_state(twin._state_after(slots, None, call=call))
+            pool.commit(slots, call)
     _assert_same_state(pool.materialize(), naive)
 
 

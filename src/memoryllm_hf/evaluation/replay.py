@@ -15,12 +15,12 @@ Two pieces:
   question's own chain. `depth=None` shares nothing (the exact protocol).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from ..modeling.memory_pool import drop_and_append, kept_slot_indices, tile_pool
-from ..modeling.memory_state import MemoryState
+from ..modeling.memory_state import MemoryState, long_term_after, next_state
 
 
 @dataclass
@@ -42,57 +42,55 @@ def chunk_writes(key: str, ids: list[int], chunk_size: int, min_tokens: int) -> 
 
 
 class LazyPool:
-    """A memory pool as slot indices into the tensors written so far; commits replay the model's drop rule."""
+    """A memory pool as slot indices into the tensors written so far. A commit runs the model's own state
+    transition (`next_state`) on the indices, so the drop rule, fill level, generator and `written_at` cannot drift
+    from `inject`; the long-term store gets the real slots (`long_term_after`, as in `next_state`)."""
 
     def __init__(self, state: MemoryState, config):
         self.config = config
         self.pieces = [state.memory]
         layers, slots = state.memory.shape[:2]
-        self.index = torch.arange(slots).expand(layers, slots).clone()
-        self.filled, self.injections = int(state.filled), int(state.injections)
-        self.rng_state = state.rng_state.cpu().clone()
+        indices = torch.arange(slots).expand(layers, slots)[..., None].clone()
+        self.indices = dataclasses.replace(state, memory=indices, long_term=())
+        self.long_term = state.long_term
         self._state: MemoryState | None = state
 
-    def commit(self, new: torch.Tensor) -> None:
-        """Append new slots [L, k, d] exactly as `model._state_after(new, None)` would."""
+    @property
+    def injections(self) -> int:
+        return self.indices.num_injections
+
+    def commit(self, new: torch.Tensor, call: int | None = None) -> None:
+        """Append new slots [L, k, d] exactly as `model.inject` would (`call`: the injection number of the first
+        update of the text they belong to)."""
         layers, k = new.shape[:2]
-        slots = self.config.num_memory_tokens
         total = sum(piece.shape[1] for piece in self.pieces)
-        ids = torch.arange(total, total + k).expand(layers, k)
-        if self.filled == 0 and self.config.fresh_pool == "tile":
-            self.index, self.filled = tile_pool(ids, slots), slots
-        else:
-            drawer = torch.Generator()
-            drawer.set_state(self.rng_state)
-            keep = kept_slot_indices(slots, self.filled, k, layers, self.config.drop_memory_per_layer, drawer)
-            self.index = drop_and_append(self.index[..., None], ids[..., None], keep)[..., 0]
-            self.filled, self.rng_state = min(slots, self.filled + k), drawer.get_state()
+        ids = torch.arange(total, total + k).expand(layers, k)[..., None]
+        number = self.injections + 1
+        self.indices = next_state(self.indices, ids, self.config, with_long_term=False)
+        self.long_term = long_term_after(self.long_term, new, number, call, self.config, self.pieces[0].dtype)
         self.pieces.append(new)
-        self.injections += 1
         self._state = None
 
     def materialize(self) -> MemoryState:
         """The MemoryState the commits lead to (built once per change; later commits start from it)."""
         if self._state is not None:
             return self._state
+        index = self.indices.memory[..., 0]
         pool = torch.empty_like(self.pieces[0])
         start = 0
         for piece in self.pieces:
             end = start + piece.shape[1]
-            layer, slot = ((self.index >= start) & (self.index < end)).nonzero(as_tuple=True)
+            layer, slot = ((index >= start) & (index < end)).nonzero(as_tuple=True)
             if len(layer):
-                source = (self.index[layer, slot] - start).to(piece.device)
+                source = (index[layer, slot] - start).to(piece.device)
                 pool[layer.to(pool.device), slot.to(pool.device)] = piece[layer.to(piece.device), source]
             start = end
-        long = dict(dtype=torch.long, device=pool.device)
-        self._state = MemoryState(
-            memory=pool,
-            filled=torch.tensor(self.filled, **long),
-            injections=torch.tensor(self.injections, **long),
-            rng_state=self.rng_state.clone(),
-        )
+        self._state = dataclasses.replace(self.indices, memory=pool, long_term=self.long_term)
         self.pieces = [pool]
-        self.index = torch.arange(pool.shape[1]).expand(pool.shape[0], -1).clone()
+        layers, slots = pool.shape[:2]
+        self.indices = dataclasses.replace(
+            self.indices, memory=torch.arange(slots).expand(layers, slots)[..., None].clone()
+        )
         return self._state
 
 
@@ -134,13 +132,22 @@ class QuestionChain:
     def write(self, writes: list[Write]) -> None:
         for write in writes:
             slots = self.reference.lookup(self.history, write) if self.reference else None
+            call = self._call(write)
             if slots is None:
-                compute_slots(self.model, self.pool, write)
+                compute_slots(self.model, self.pool, write, call)
                 self.counts["computed"] += 1
             else:
-                self.pool.commit(slots)
+                self.pool.commit(slots, call)
                 self.counts["shared"] += 1
             self.history.append(write.key)
+
+    def _call(self, write: Write) -> int:
+        """The injection number of the first chunk of `write`'s text (the chunks of one text are one inject call)."""
+        text = write.key.rsplit("/", 1)[0]
+        previous = self.history[-1].rsplit("/", 1)[0] if self.history else None
+        if text != previous:
+            self._call_start = self.pool.injections + 1
+        return self._call_start
 
     def load(self) -> None:
         """Make the chain's current pool the model's memory."""
@@ -148,9 +155,9 @@ class QuestionChain:
 
 
 @torch.no_grad()
-def compute_slots(model, pool: LazyPool, write: Write) -> torch.Tensor:
+def compute_slots(model, pool: LazyPool, write: Write, call: int | None = None) -> torch.Tensor:
     """New slots of `write` with the model's memory set to `pool`'s state; commits them to `pool`."""
     model._set_state(pool.materialize())
     slots = model.new_memory_slots(write.ids.to(model.device))
-    pool.commit(slots)
+    pool.commit(slots, call)
     return slots
