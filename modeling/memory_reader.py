@@ -4,11 +4,15 @@
 against the prompt, in the order they were written]`. The scores come from `memory_retrieval`; this file turns them
 into a choice per row (`select_injections`) and stacks rows whose prefixes differ in length into one left-padded
 cache (`stack_prefixes`): a row's padding columns are masked out, so a batch reads exactly what its rows read alone.
+`LongTermMemoryMixin` gives the model its store-facing API (scores, retrieval, loading a checkpoint's store).
 """
 
 import torch
 
-from .memory_prefix import PrefixKV
+from .memory_adapters import READ
+from .memory_prefix import PrefixKV, prefix_key_values
+from .memory_retrieval import block_features, question_features, score_blocks
+from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
 
 
 def select_injections(
@@ -77,3 +81,111 @@ def stack_prefixes(rows: list[PrefixKV]) -> tuple[PrefixKV, torch.Tensor]:
             values.append(v)
         stacked.append((torch.cat(keys).contiguous(), torch.cat(values).contiguous()))
     return stacked, mask
+
+
+class LongTermMemoryMixin:
+    """The long-term store and retrieval reads of MemoryLlama (relies on the model's `_long_term`, `_memory_lock`,
+    `memory`, `adapters`, `_memory_prefix_hidden`)."""
+
+    @property
+    def long_term_memory(self) -> tuple:
+        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
+        return self._long_term
+
+    @torch.no_grad()
+    def retrieval_scores(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
+        with self._memory_lock:
+            store = self._long_term
+            dtype, device = self.memory.dtype, self.memory.device
+            features = []
+            for block in store:
+                if block.features is None:  # computed once per block, on first use
+                    block.features = block_features(self.model.layers, block.slots.to(device=device, dtype=dtype))
+                features.append(block.features)
+        with self.adapters.use(READ):
+            hidden = self.model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
+        if not store:
+            return hidden[0].new_zeros(hidden[0].shape[0], 0)
+        return score_blocks(question_features(self.model.layers, hidden, attention_mask), features)
+
+    def retrieve(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> list[list[int]]:
+        """The injection numbers each prompt row reads with `read_mode="retrieve"` (in the order written)."""
+        chosen = self._retrieved_blocks(input_ids, inputs_embeds, attention_mask)
+        return [[block.injection for block in row] for row in chosen]
+
+    def _retrieved_blocks(self, input_ids, inputs_embeds, attention_mask) -> list[list]:
+        """The blocks each row reads; also kept as `last_retrieval` (injection numbers per row)."""
+        with self._memory_lock:
+            store = self._long_term
+            scores = self.retrieval_scores(input_ids, attention_mask, inputs_embeds)
+        cfg = self.config
+        sizes, calls = [block.num_slots for block in store], [block.call for block in store]
+        chosen = [
+            select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors)
+            for row in scores.float().cpu()
+        ]
+        self.last_retrieval = [[store[i].injection for i in row] for row in chosen]
+        return [[store[i] for i in row] for row in chosen]
+
+    @torch.no_grad()
+    def _retrieved_prefix(self, input_ids, inputs_embeds, attention_mask):
+        """Per-layer keys/values [B, kv, P, hd] of each row's `[bos; retrieved slots]`, left-padded, and the mask
+        [B, P] of the real prefix columns (rows that chose the same injections share one computation)."""
+        L, d = self.config.num_hidden_layers, self.config.hidden_size
+        dtype, device = self.memory.dtype, self.memory.device
+        by_choice: dict[tuple, PrefixKV] = {}
+        rows = []
+        with self.adapters.use(READ):
+            for blocks in self._retrieved_blocks(input_ids, inputs_embeds, attention_mask):
+                key = tuple(block.injection for block in blocks)
+                if key not in by_choice:
+                    parts = [block.slots.to(device=device, dtype=dtype) for block in blocks]
+                    slots = torch.cat(parts, dim=1) if parts else torch.zeros(L, 0, d, dtype=dtype, device=device)
+                    hidden = self._memory_prefix_hidden(slots)
+                    by_choice[key] = prefix_key_values(self.model.layers, self.model.rotary_emb, hidden)
+                rows.append(by_choice[key])
+        return stack_prefixes(rows)
+
+    def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
+        """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
+        from transformers.utils import cached_file
+
+        options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
+        path = cached_file(
+            path_or_repo,
+            LONG_TERM_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **options,
+        )
+        if path is None:
+            return
+        try:
+            store = load_store(path, self.memory_fingerprint())
+            validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
+        except LongTermStoreError as err:
+            raise ValueError(f"{path_or_repo}: {err}") from None
+        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
+        device = self.config.long_term_memory_device or "cpu"
+        for block in store:
+            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+        with self._memory_lock:
+            self._long_term = store
+

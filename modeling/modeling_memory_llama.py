@@ -20,8 +20,7 @@ from .configuration_memory_llama import READ_MODES, MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_hub import MemoryHubMixin
 from .memory_pool import is_sole_reference
-from .memory_reader import select_injections, stack_prefixes
-from .memory_retrieval import block_features, question_features, score_blocks
+from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
     PrefixKV,
     extend_attention_mask,
@@ -31,14 +30,7 @@ from .memory_prefix import (
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
-from .memory_store import (
-    LONG_TERM_FILE,
-    LongTermStoreError,
-    default_long_term_tokens,
-    load_store,
-    save_store,
-    validate_store,
-)
+from .memory_store import LONG_TERM_FILE, default_long_term_tokens, save_store
 
 logger = logging.get_logger(__name__)
 
@@ -82,7 +74,9 @@ class MemoryEmbeddings(nn.Module):
         return self.bos_embedding, self.new_memory_positional_emb
 
 
-class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM, GenerationMixin):
+class MemoryLlamaForCausalLM(
+    MemoryStateMixin, MemoryHubMixin, LongTermMemoryMixin, LlamaForCausalLM, GenerationMixin
+):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
     config_class = MemoryLlamaConfig
@@ -261,83 +255,6 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         if not use_memory:
             return False
         return bool(self._long_term) if self._read_mode() == "retrieve" else self.memory_is_initialized
-
-    # ------------------------------------------------------------------ retrieval reads
-    @property
-    def long_term_memory(self) -> tuple:
-        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
-        return self._long_term
-
-    @torch.no_grad()
-    def retrieval_scores(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
-        with self._memory_lock:
-            store = self._long_term
-            dtype, device = self.memory.dtype, self.memory.device
-            features = []
-            for block in store:
-                if block.features is None:  # computed once per block, on first use
-                    block.features = block_features(self.model.layers, block.slots.to(device=device, dtype=dtype))
-                features.append(block.features)
-        with self.adapters.use(READ):
-            hidden = self.model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                output_hidden_states=True,
-                use_cache=False,
-            ).hidden_states
-        if not store:
-            return hidden[0].new_zeros(hidden[0].shape[0], 0)
-        return score_blocks(question_features(self.model.layers, hidden, attention_mask), features)
-
-    def retrieve(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> list[list[int]]:
-        """The injection numbers each prompt row reads with `read_mode="retrieve"` (in the order written)."""
-        chosen = self._retrieved_blocks(input_ids, inputs_embeds, attention_mask)
-        return [[block.injection for block in row] for row in chosen]
-
-    def _retrieved_blocks(self, input_ids, inputs_embeds, attention_mask) -> list[list]:
-        """The blocks each row reads; also kept as `last_retrieval` (injection numbers per row)."""
-        with self._memory_lock:
-            store = self._long_term
-            scores = self.retrieval_scores(input_ids, attention_mask, inputs_embeds)
-        cfg = self.config
-        sizes, calls = [block.num_slots for block in store], [block.call for block in store]
-        chosen = [
-            select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors)
-            for row in scores.float().cpu()
-        ]
-        self.last_retrieval = [[store[i].injection for i in row] for row in chosen]
-        return [[store[i] for i in row] for row in chosen]
-
-    @torch.no_grad()
-    def _retrieved_prefix(self, input_ids, inputs_embeds, attention_mask):
-        """Per-layer keys/values [B, kv, P, hd] of each row's `[bos; retrieved slots]`, left-padded, and the mask
-        [B, P] of the real prefix columns (rows that chose the same injections share one computation)."""
-        L, d = self.config.num_hidden_layers, self.config.hidden_size
-        dtype, device = self.memory.dtype, self.memory.device
-        by_choice: dict[tuple, PrefixKV] = {}
-        rows = []
-        with self.adapters.use(READ):
-            for blocks in self._retrieved_blocks(input_ids, inputs_embeds, attention_mask):
-                key = tuple(block.injection for block in blocks)
-                if key not in by_choice:
-                    parts = [block.slots.to(device=device, dtype=dtype) for block in blocks]
-                    slots = torch.cat(parts, dim=1) if parts else torch.zeros(L, 0, d, dtype=dtype, device=device)
-                    hidden = self._memory_prefix_hidden(slots)
-                    by_choice[key] = prefix_key_values(self.model.layers, self.model.rotary_emb, hidden)
-                rows.append(by_choice[key])
-        return stack_prefixes(rows)
 
     def forward(
         self,
@@ -618,32 +535,6 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         if args:
             model._load_long_term_file(args[0], kwargs)
         return (model, info) if want_info else model
-
-    def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
-        """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
-        from transformers.utils import cached_file
-
-        options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
-        path = cached_file(
-            path_or_repo,
-            LONG_TERM_FILE,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **options,
-        )
-        if path is None:
-            return
-        try:
-            store = load_store(path, self.memory_fingerprint())
-            validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
-        except LongTermStoreError as err:
-            raise ValueError(f"{path_or_repo}: {err}") from None
-        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
-        device = self.config.long_term_memory_device or "cpu"
-        for block in store:
-            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
-        with self._memory_lock:
-            self._long_term = store
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
         """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
