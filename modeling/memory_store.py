@@ -199,3 +199,13 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
     if metadata.get("content_hash") != store_content_hash(store):
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return store
+
+
+def write_long_term_file(folder: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
+    """Keep a folder's `long_term_memory.safetensors` in step with its memory: write the store, or remove an older
+    file when the store is empty (it would come back with a memory it does not belong to)."""
+    path = os.path.join(os.fspath(folder), LONG_TERM_FILE)
+    if store:
+        save_store(path, store, fingerprint)
+    elif os.path.exists(path):
+        os.remove(path)

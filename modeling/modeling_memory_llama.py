@@ -30,7 +30,7 @@ from .memory_prefix import (
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
-from .memory_store import LONG_TERM_FILE, default_long_term_tokens, save_store
+from .memory_store import default_long_term_tokens, write_long_term_file
 
 logger = logging.get_logger(__name__)
 
@@ -505,11 +505,7 @@ class MemoryLlamaForCausalLM(
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         if memory and kwargs.get("is_main_process", True):
             write_memory_shard(save_directory, memory)
-            store_path = os.path.join(save_directory, LONG_TERM_FILE)
-            if long_term:
-                save_store(store_path, long_term, self.memory_fingerprint())
-            elif os.path.exists(store_path):
-                os.remove(store_path)  # an older store would come back with this memory
+            write_long_term_file(save_directory, long_term, self.memory_fingerprint())
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

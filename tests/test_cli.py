@@ -202,3 +202,19 @@ def test_console_script_chat_end_to_end(folder):
     assert result.returncode == 0, result.stderr
     assert "remembered (" in result.stdout and "memory saved to" in result.stdout
     assert MemoryState.load(folder / "memory.safetensors").num_injections >= 2
+
+
+def test_cli_injects_keep_the_long_term_store_and_ask_retrieves(tmp_path, capsys):
+    retrieving = save_tiny_folder(
+        tmp_path / "retrieve", memory_update="input", fresh_pool="grow", long_term_memory_tokens=600,
+        read_mode="retrieve",
+    )
+    for text in (NOTES, "The meeting moved to Thursday at 10 am."):
+        assert run_cli(capsys, "inject", retrieving, "--text", text)[0] == 0
+    model, tokenizer = load_folder(retrieving)
+    assert [b.call for b in model.long_term_memory][-1] == model.num_injections
+    assert len({b.call for b in model.long_term_memory}) == 2  # two inject calls, each kept with its updates
+    code, out, _ = run_cli(capsys, "ask", retrieving, "Where does Alice live?", "--max-new-tokens", "3")
+    assert code == 0
+    ids = tokenizer("Where does Alice live?", return_tensors="pt")["input_ids"]
+    assert model.retrieve(ids)[0]  # something stored is read back

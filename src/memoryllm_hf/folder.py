@@ -8,6 +8,7 @@ import torch
 
 from .modeling.memory_state import MemoryState
 from .modeling.memory_storage import MEMORY_FILE, write_memory_shard
+from .modeling.memory_store import write_long_term_file
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
@@ -45,8 +46,11 @@ def load_folder(folder: str | Path):
 
 
 def save_memory(folder: str | Path, model) -> None:
-    """Write the model's memory into the folder's memory.safetensors, atomically (weights are not touched)."""
-    write_memory_shard(folder, model.memory_state().as_buffers())
+    """Write the model's memory into the folder's memory.safetensors and its long-term store beside it, atomically
+    (weights are not touched)."""
+    state = model.memory_state()
+    write_memory_shard(folder, state.as_buffers())
+    write_long_term_file(folder, state.long_term, state.fingerprint)
 
 
 def read_text(file: str | None, text: str | None, encoding: str = "utf-8") -> str:
