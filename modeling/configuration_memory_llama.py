@@ -82,7 +82,7 @@ class MemoryLlamaConfig(LlamaConfig):
             )
         if self.min_inject_tokens < 1 or self.inject_chunk_size < self.min_inject_tokens:
             raise ValueError("need 1 <= min_inject_tokens <= inject_chunk_size")
-        self._check_long_term_memory()
+        self.check_long_term_memory()
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
@@ -91,7 +91,9 @@ class MemoryLlamaConfig(LlamaConfig):
             }
 
 
-    def _check_long_term_memory(self) -> None:
+    def check_long_term_memory(self) -> None:
+        """Raise ValueError unless the long-term memory and read fields are usable (also run by the model at every
+        read: fields set after construction, e.g. by `from_pretrained(..., read_mode=...)`, are checked too)."""
         if self.read_mode not in READ_MODES:
             raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
         if not isinstance(self.read_tokens, int) or self.read_tokens < 1:

@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
-from .configuration_memory_llama import READ_MODES, MemoryLlamaConfig
+from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_hub import MemoryHubMixin
 from .memory_pool import is_sole_reference
@@ -246,10 +246,8 @@ class MemoryLlamaForCausalLM(
         return seeded_cache(self.config, prefix_kv, rows, read_only), full_mask
 
     def _read_mode(self) -> str:
-        mode = self.config.read_mode
-        if mode not in READ_MODES:  # config edited after construction: never fall back to the pool silently
-            raise ValueError(f"config.read_mode must be one of {READ_MODES}, got {mode!r}")
-        return mode
+        self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
+        return self.config.read_mode
 
     def _reads_memory(self, use_memory: bool) -> bool:
         if not use_memory:
@@ -526,6 +524,7 @@ class MemoryLlamaForCausalLM(
         if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
             logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
             model.reset_memory()
+        model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
         if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
             raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt")
         if args:

@@ -218,3 +218,9 @@ def test_cli_injects_keep_the_long_term_store_and_ask_retrieves(tmp_path, capsys
     assert code == 0
     ids = tokenizer("Where does Alice live?", return_tensors="pt")["input_ids"]
     assert model.retrieve(ids)[0]  # something stored is read back
+
+
+def test_cli_read_mode_override(folder, capsys):
+    code, out, err = run_cli(capsys, "ask", folder, "Where does Alice live?", "--read-mode", "retrieve")
+    assert code != 0 and "long_term_memory_tokens" in out + err  # a pool-only folder cannot retrieve: said clearly
+    assert run_cli(capsys, "ask", folder, "Where does Alice live?", "--read-mode", "pool", "--max-new-tokens", "2")[0] == 0

@@ -292,3 +292,13 @@ def test_store_dtype_is_configurable():
     assert model.long_term_memory[0].slots.dtype == torch.bfloat16
     assert model.long_term_memory[0].slots.device.type == "cpu"
     assert model(torch.randint(3, 128, (1, 4))).logits.dtype == torch.float32
+
+
+def test_from_pretrained_overrides_are_checked_too(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="long_term_memory_tokens > 0"):
+        MemoryLlamaForCausalLM.from_pretrained(tmp_path, read_mode="retrieve")
+    with pytest.raises(ValueError, match="read_mode"):
+        MemoryLlamaForCausalLM.from_pretrained(tmp_path, read_mode="retreive")
+    model = MemoryLlamaForCausalLM.from_pretrained(tmp_path, read_mode="retrieve", long_term_memory_tokens=60)
+    assert model.config.read_mode == "retrieve"

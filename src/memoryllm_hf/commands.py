@@ -25,6 +25,8 @@ def _convert(args: argparse.Namespace) -> int:
         convert_official(args.source, args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
     else:
         memory = {"num_memory_tokens": args.num_memory_tokens, "num_update_tokens": args.num_update_tokens}
+        if args.read_mode:
+            memory["read_mode"] = args.read_mode
         model = MemoryLlamaForCausalLM.from_base(args.source, gguf_file=args.gguf_file, **memory)
         if args.dtype:
             model = model.to(getattr(torch, args.dtype))
@@ -55,7 +57,7 @@ def _ask(args: argparse.Namespace) -> int:
     from .chat import reply
     from .folder import load_folder
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.read_mode)
     print(reply(model, tokenizer, [{"role": "user", "content": args.question}], args.max_new_tokens))
     return 0
 
@@ -64,7 +66,7 @@ def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
     from .folder import load_folder
 
-    model, tokenizer = load_folder(args.folder)
+    model, tokenizer = load_folder(args.folder, args.read_mode)
     ChatSession(args.folder, model, tokenizer, args.max_new_tokens, args.autosave).run()
     return 0
 
@@ -94,6 +96,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--num-memory-tokens", type=int, default=1024, help="N slots per layer (base Llama)")
     convert.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection (base Llama)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights and memory")
+    convert.add_argument(
+        "--read-mode",
+        choices=["pool", "retrieve"],
+        help="base Llama: retrieval reads from a long-term store (default) or the official pool read",
+    )
     convert.set_defaults(func=_convert)
 
     inject = subparsers.add_parser("inject", help="write a text into a folder's memory and save it (atomically)")
@@ -109,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("folder", help="MemoryLlama folder")
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument(
+        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+    )
     ask.set_defaults(func=_ask)
 
     chat = subparsers.add_parser(
@@ -116,6 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     chat.add_argument("folder", help="MemoryLlama folder")
     chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument(
+        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+    )
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
     chat.set_defaults(func=_chat)
 

@@ -33,15 +33,17 @@ def folder_memory(folder: str | Path) -> MemoryState:
     return MemoryState.load(Path(folder) / MEMORY_FILE)
 
 
-def load_folder(folder: str | Path):
-    """(model, tokenizer) of a MemoryLlama folder; its memory file is checked before any weights are read."""
+def load_folder(folder: str | Path, read_mode: str | None = None):
+    """(model, tokenizer) of a MemoryLlama folder; its memory file is checked before any weights are read.
+    `read_mode` overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
     from transformers import AutoTokenizer
 
     from .modeling import MemoryLlamaForCausalLM
 
     folder_config(folder)
     folder_memory(folder)
-    model = MemoryLlamaForCausalLM.from_pretrained(folder).eval()
+    overrides = {} if read_mode is None else {"read_mode": read_mode}
+    model = MemoryLlamaForCausalLM.from_pretrained(folder, **overrides).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
