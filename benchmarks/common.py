@@ -198,7 +198,7 @@ def load_model(
         model = tiny_model(memory_update=memory_update, **grow, **memory)
     else:
         model = MemoryLlamaForCausalLM.from_base(
-            smollm2_base_folder(), memory_update=memory_update, dtype=dtype, **memory
+            smollm2_base_folder(), memory_update=memory_update, dtype=dtype, read_mode="pool", **memory
         )
     model.set_attn_implementation(run.args.attn)
     return model.to(device=run.device, dtype=dtype).eval()

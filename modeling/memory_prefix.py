@@ -17,19 +17,28 @@ def prefix_key_values(
 ) -> PrefixKV:
     """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. .
     Made contiguous once here, so the cache's concatenation at every prefill is a plain copy."""
-    length = prefix[0].shape[0]
-    positions = torch.arange(start, start + length, device=prefix[0].device)[None]
-    cos, sin = rotary_emb(prefix[0], positions)
-    cos, sin = cos[:, None], sin[:, None]
+    return rotate_prefix_keys(slot_key_values(layers, prefix), rotary_emb, start)
+
+
+def slot_key_values(layers: nn.ModuleList, prefix: list[torch.Tensor]) -> PrefixKV:
+    """Keys (not yet rotated) and values [1, kv_heads, P, head_dim] of each layer's hidden states [P, d]: what a
+    slot contributes wherever it is read (its position only rotates the keys)."""
     out = []
     for layer, hidden in zip(layers, prefix, strict=True):
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden[None])
-        shape = (1, length, -1, attn.head_dim)
-        keys = attn.k_proj(normed).view(shape).transpose(1, 2)
-        values = attn.v_proj(normed).view(shape).transpose(1, 2)
-        out.append(((keys * cos + rotate_half(keys) * sin).contiguous(), values.contiguous()))
+        shape = (1, hidden.shape[0], -1, attn.head_dim)
+        out.append((attn.k_proj(normed).view(shape).transpose(1, 2), attn.v_proj(normed).view(shape).transpose(1, 2)))
     return out
+
+
+def rotate_prefix_keys(kv: PrefixKV, rotary_emb: nn.Module, start: int = 0) -> PrefixKV:
+    """`kv` with the keys rotated to positions start, start + 1, ... (contiguous tensors)."""
+    keys = kv[0][0]
+    positions = torch.arange(start, start + keys.shape[2], device=keys.device)[None]
+    cos, sin = rotary_emb(keys, positions)
+    cos, sin = cos[:, None].to(keys.dtype), sin[:, None].to(keys.dtype)
+    return [((k * cos + rotate_half(k) * sin).contiguous(), v.contiguous()) for k, v in kv]
 
 
 class ReadOnlyPrefixLayer(DynamicLayer):

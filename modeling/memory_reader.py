@@ -7,10 +7,12 @@ cache (`stack_prefixes`): a row's padding columns are masked out, so a batch rea
 `LongTermMemoryMixin` gives the model its store-facing API (scores, retrieval, loading a checkpoint's store).
 """
 
+from collections import OrderedDict
+
 import torch
 
 from .memory_adapters import READ
-from .memory_prefix import PrefixKV, prefix_key_values
+from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, question_features, score_blocks
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
 
@@ -144,24 +146,52 @@ class LongTermMemoryMixin:
         self.last_retrieval = [[store[i].injection for i in row] for row in chosen]
         return [[store[i] for i in row] for row in chosen]
 
+    # Blocks whose (un-rotated) keys/values are kept for the next reads, in slots per layer (least recently read
+    # leave first). A question's prefix is then the cached keys/values rotated to their positions.
+    retrieval_kv_cache_slots: int = 8192
+
     @torch.no_grad()
     def _retrieved_prefix(self, input_ids, inputs_embeds, attention_mask):
         """Per-layer keys/values [B, kv, P, hd] of each row's `[bos; retrieved slots]`, left-padded, and the mask
         [B, P] of the real prefix columns (rows that chose the same injections share one computation)."""
-        L, d = self.config.num_hidden_layers, self.config.hidden_size
-        dtype, device = self.memory.dtype, self.memory.device
         by_choice: dict[tuple, PrefixKV] = {}
         rows = []
         with self.adapters.use(READ):
+            weights = self._key_value_weights_fingerprint()
             for blocks in self._retrieved_blocks(input_ids, inputs_embeds, attention_mask):
                 key = tuple(block.injection for block in blocks)
                 if key not in by_choice:
-                    parts = [block.slots.to(device=device, dtype=dtype) for block in blocks]
-                    slots = torch.cat(parts, dim=1) if parts else torch.zeros(L, 0, d, dtype=dtype, device=device)
-                    hidden = self._memory_prefix_hidden(slots)
-                    by_choice[key] = prefix_key_values(self.model.layers, self.model.rotary_emb, hidden)
+                    parts = [self._bos_key_values(weights)] + [self._block_key_values(b, weights) for b in blocks]
+                    joined = [
+                        (torch.cat([p[layer][0] for p in parts], 2), torch.cat([p[layer][1] for p in parts], 2))
+                        for layer in range(len(parts[0]))
+                    ]
+                    by_choice[key] = rotate_prefix_keys(joined, self.model.rotary_emb)
                 rows.append(by_choice[key])
         return stack_prefixes(rows)
+
+    def _bos_key_values(self, weights: tuple) -> PrefixKV:
+        bos, _ = self.memory_embeddings()
+        if bos is None:
+            empty = self.memory.new_zeros(self.config.num_hidden_layers, 0, self.config.hidden_size)
+            return slot_key_values(self.model.layers, list(empty))
+        return self._cached_key_values(("bos",), weights, lambda: bos.to(self.memory.dtype))
+
+    def _block_key_values(self, block, weights: tuple) -> PrefixKV:
+        slots = lambda: block.slots.to(device=self.memory.device, dtype=self.memory.dtype)  # noqa: E731
+        return self._cached_key_values((block.injection, id(block.slots)), weights, slots)
+
+    def _cached_key_values(self, key: tuple, weights: tuple, hidden) -> PrefixKV:
+        cache = self.__dict__.setdefault("_retrieval_kv_cache", OrderedDict())
+        found = cache.get(key)
+        if found is not None and found[0] == weights:
+            cache.move_to_end(key)
+            return found[1]
+        kv = slot_key_values(self.model.layers, list(hidden()))
+        cache[key] = (weights, kv)
+        while sum(entry[1][0][0].shape[2] for entry in cache.values()) > self.retrieval_kv_cache_slots:
+            cache.popitem(last=False)
+        return kv
 
     def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
         """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""

@@ -116,7 +116,8 @@ def store_from_tensors(tensors: dict[str, torch.Tensor]) -> LongTermStore:
     for start, end in zip(bounds[:-1], bounds[1:]):
         if bool((call[start:end] != call[start]).any()):
             raise LongTermStoreError(f"injection {int(injection[start])} has slots of different calls: corrupted")
-        store.append(MemoryBlock(int(injection[start]), int(call[start]), slots[:, start:end]))
+        # each block owns its memory: an evicted block frees it (a view would keep the whole file alive)
+        store.append(MemoryBlock(int(injection[start]), int(call[start]), slots[:, start:end].clone()))
     return tuple(store)
 
 

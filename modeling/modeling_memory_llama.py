@@ -173,8 +173,12 @@ class MemoryLlamaForCausalLM(
 
     def _prefix_fingerprint(self) -> tuple:
         """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
-        parts: list = [self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device]
-        parts += [self.num_filled_slots]
+        parts = (self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device)
+        return parts + (self.num_filled_slots,) + self._key_value_weights_fingerprint()
+
+    def _key_value_weights_fingerprint(self) -> tuple:
+        """What a slot's keys/values depend on besides the slot: bos, the norms and k/v projections (with adapters)."""
+        parts: list = []
         bos, _ = self.memory_embeddings()
         if bos is not None:
             parts += [bos.data_ptr(), bos._version]

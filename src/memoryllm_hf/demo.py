@@ -2,6 +2,7 @@
 and answers again after a reload in a fresh process that only has transformers (remote code)."""
 
 import argparse
+import json
 import subprocess
 import sys
 import textwrap
@@ -47,6 +48,22 @@ RELOAD = textwrap.dedent(
 )
 
 
+def unrelated_texts(count: int) -> list[str]:
+    """`count` Wikipedia paragraphs that have nothing to do with the facts (the repository's SQuAD training text,
+    CC BY-SA 4.0; a generated stand-in when the package is installed without the repository)."""
+    path = Path(__file__).resolve().parents[2] / "data" / "train" / "squad_train_paragraphs.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [row["text"] for row in rows[::max(1, len(rows) // count)][:count]]
+    return [f"Report {i}: the committee met on day {i} and reviewed {3 * i} proposals about roads." for i in range(count)]
+
+
+def fact_slots_in_pool(model, facts: int) -> list[int]:
+    """Per fact (injections 1..facts): how many of its slots the pool still holds in layer 0."""
+    written = model.memory_written_at[0]
+    return [int((written == number).sum()) for number in range(1, facts + 1)]
+
+
 def ask(model, tokenizer, question: str, use_memory: bool = True) -> str:
     """Greedy answer of the chat model to one question."""
     ids = tokenizer.apply_chat_template(
@@ -61,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="outputs/quickstart-memory", help="folder for the saved model + memory")
     parser.add_argument("--num-memory-tokens", type=int, default=1024, help="N slots per layer")
     parser.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection")
+    parser.add_argument(
+        "--unrelated", type=int, default=40, help="unrelated paragraphs injected after the facts (default: 40)"
+    )
     parser.add_argument(
         "--adapter",
         default=None,
@@ -98,6 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\nWith memory (the facts are not in the prompt):")
     for question in QUESTIONS:
         print(f"  Q: {question}\n  A: {ask(model, tokenizer, question)}")
+
+    filler = unrelated_texts(args.unrelated)
+    start = time.perf_counter()
+    updates = model.inject(filler, tokenizer=tokenizer, progress=False)
+    print(
+        f"\nThen {len(filler)} unrelated Wikipedia paragraphs ({updates} more updates, "
+        f"{time.perf_counter() - start:.1f}s): the pool of {cfg.num_memory_tokens} slots has dropped every slot of "
+        f"the facts ({sum(fact_slots_in_pool(model, len(FACTS)))} left); the long-term store keeps "
+        f"{len(model.long_term_memory)} injections."
+    )
+    read_mode = cfg.read_mode
+    for mode in dict.fromkeys([read_mode, "pool"]):
+        cfg.read_mode = mode
+        print(f"\nread_mode={mode!r}:")
+        for question in QUESTIONS:
+            print(f"  Q: {question}\n  A: {ask(model, tokenizer, question)}")
+    cfg.read_mode = read_mode
 
     output = Path(args.output)
     model.save_pretrained(output)

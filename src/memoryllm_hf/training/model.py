@@ -38,7 +38,8 @@ def build_model(config: ModelConfig) -> tuple[MemoryLlamaForCausalLM, object | N
     else:
         folder = config.base
     if AutoConfig.from_pretrained(folder).model_type == "llama":
-        model = MemoryLlamaForCausalLM.from_base(folder, **memory)
+        # training optimises the pool read: no long-term store, no retrieval (unless the config asks)
+        model = MemoryLlamaForCausalLM.from_base(folder, **{"read_mode": "pool", **memory})
     else:
         model = MemoryLlamaForCausalLM.from_pretrained(folder, **memory)
     return model, AutoTokenizer.from_pretrained(folder)
