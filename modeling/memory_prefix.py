@@ -6,10 +6,13 @@ hidden states to every layer input does (the official implementation), without r
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 from transformers.models.llama.modeling_llama import rotate_half
 
 PrefixKV = list[tuple[torch.Tensor, torch.Tensor]]
+# A cache seeded with a memory prefix records its length here, so a later call continuing from it (`forward` or
+# `generate` with `cache=`) knows which positions are memory and which are tokens.
+PREFIX_LENGTH_ATTRIBUTE = "memory_prefix_length"
 
 
 def prefix_key_values(
@@ -40,13 +43,22 @@ class ReadOnlyPrefixLayer(DynamicLayer):
         return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
-def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool = False) -> Cache:
+def seeded_cache(
+    config, prefix_kv: PrefixKV, batch_size: int, read_only: bool = False, max_cache_len: int | None = None
+) -> Cache:
     """A fresh cache that starts with the prefix (shared, never copied until the cache grows). `read_only` makes
-    a cache that never grows (training with gradient checkpointing).
+    a cache that never grows (training with gradient checkpointing); `max_cache_len` a `StaticCache` of that many
+    positions (prefix included) holding a copy of the prefix (`cache_implementation="static"`, `torch.compile`).
 
     Every question builds one, so the common case skips `DynamicCache(config=...)`, whose inspection of the config
     costs about a millisecond: when all layers use full attention it builds the same `DynamicLayer`s directly.
     """
+    if max_cache_len is not None:
+        cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        for layer, (keys, values) in zip(cache.layers, prefix_kv, strict=True):
+            layer.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1))
+        setattr(cache, PREFIX_LENGTH_ATTRIBUTE, prefix_kv[0][0].shape[-2])
+        return cache
     if read_only:
         cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv])
     elif _full_attention_only(config):
@@ -59,7 +71,13 @@ def seeded_cache(config, prefix_kv: PrefixKV, batch_size: int, read_only: bool =
         if keys.shape[0] != batch_size:
             keys, values = keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
         layer.keys, layer.values = keys, values
+    setattr(cache, PREFIX_LENGTH_ATTRIBUTE, prefix_kv[0][0].shape[-2])
     return cache
+
+
+def cache_prefix_length(cache) -> int:
+    """Memory positions at the start of `cache` (0 for a cache not made by `seeded_cache`, or None)."""
+    return getattr(cache, PREFIX_LENGTH_ATTRIBUTE, 0) if cache is not None else 0
 
 
 def _full_attention_only(config) -> bool:

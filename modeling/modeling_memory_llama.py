@@ -18,10 +18,12 @@ from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
+from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
 from .memory_prefix import (
     PrefixKV,
+    cache_prefix_length,
     extend_attention_mask,
     positions_from_mask,
     prefix_key_values,
@@ -196,15 +198,30 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
         return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
 
-    def memory_cache(self, batch_size: int = 1, slots: torch.Tensor | None = None, read_only: bool = False):
-        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows."""
-        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only)
+    def memory_cache(
+        self,
+        batch_size: int = 1,
+        slots: torch.Tensor | None = None,
+        read_only: bool = False,
+        max_cache_len: int | None = None,
+    ):
+        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
+        (a `StaticCache` of `max_cache_len` positions when given)."""
+        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only, max_cache_len)
 
-    def _memory_prefix(self, batch_size: int, slots: torch.Tensor | None = None, read_only: bool = False):
-        """(cache, prefix length) taken from one consistent memory state."""
+    def _memory_prefix(
+        self,
+        batch_size: int,
+        slots: torch.Tensor | None = None,
+        read_only: bool = False,
+        max_cache_len: int | None = None,
+    ):
+        """(cache, prefix length) taken from one consistent memory state. `max_cache_len` asks for a static cache
+        with room for that many token positions after the prefix."""
         with self._memory_lock:
             length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
-            return self.memory_cache(batch_size, slots, read_only), length
+            static = None if max_cache_len is None else length + max_cache_len
+            return self.memory_cache(batch_size, slots, read_only, static), length
 
     def _reads_memory(self, use_memory: bool) -> bool:
         return use_memory and self.memory_is_initialized
@@ -230,9 +247,16 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             cache = kwargs.pop("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         drop_cache = False
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = tokens.shape[:2]
+        if not fresh and cache_prefix_length(cache) and attention_mask is not None and attention_mask.dim() == 2:
+            # continuing from a memory cache: the mask covers the tokens so far (or the memory prefix and them)
+            prefix = cache_prefix_length(cache)
+            seen = int(cache.get_seq_length()) - prefix + length
+            attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, tokens.device)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask, length)
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
-            tokens = input_ids if input_ids is not None else inputs_embeds
-            batch, length = tokens.shape[:2]
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
             )
@@ -265,19 +289,38 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             layer._can_checkpoint_with_cache = True
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically."""
+        """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically.
+        A cache returned by an earlier call (`cache=`, with the whole sequence so far as input) continues it."""
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if given_cache is None and self._reads_memory(kwargs.get("use_memory", True)):
-            tokens = next(t for t in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None)
+        tokens = next((t for t in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None), None)
+        prefix = cache_prefix_length(given_cache)
+        if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
             batch, length = tokens.shape[:2]
             config = generation_config or self.generation_config
             beams = kwargs.get("num_beams", config.num_beams) or 1
             returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
-            kwargs["cache"], prefix = self._memory_prefix(batch * max(beams, returns))
+            room = static_cache_room(config, kwargs, length)
+            kwargs["cache"], prefix = self._memory_prefix(batch * max(beams, returns), max_cache_len=room)
+        if prefix:
             kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, prefix, tokens.device
+                kwargs.get("attention_mask"), tokens.shape[0], tokens.shape[1], prefix, tokens.device
             )
         return super().generate(inputs, generation_config, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        """Llama's, except that the first step after a memory prefix feeds exactly the tokens the cache lacks."""
+        if is_first_iteration and cache_prefix_length(cache):
+            next_sequence_length = uncached_length(input_ids, cache, inputs_embeds)
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length,
+            cache,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ writing
     def inject(

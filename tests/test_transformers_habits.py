@@ -1,0 +1,84 @@
+"""Habits of transformers users that must work with memory: continuing from a returned cache, generating from
+`inputs_embeds`, a static cache. Every decoding step is compared to recomputing the whole sequence from scratch."""
+
+import pytest
+import torch
+
+from memoryllm_hf.tiny import tiny_model
+
+
+@pytest.fixture(params=["output", "input"])
+def model(request):
+    overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
+    model = tiny_model(**overrides)
+    model.inject(torch.randint(3, 128, (40,)))
+    return model
+
+
+def assert_matches_recomputation(model, sequence: torch.Tensor, out) -> None:
+    """Each step's logits equal a from-scratch forward (memory prefix + whole sequence, no cache)."""
+    start = out.sequences.shape[1] - len(out.logits)  # sequences hold the input ids too (none for embeddings)
+    for step, logits in enumerate(out.logits):
+        reference = model(sequence).logits[:, -1]
+        assert (reference - logits).abs().max() < 1e-5, f"step {step}"
+        sequence = torch.cat([sequence, out.sequences[:, start + step][:, None]], dim=1)
+
+
+GREEDY = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+
+@pytest.mark.parametrize("mask", ["none", "tokens", "prefix+tokens"])
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+@torch.no_grad()
+def test_generate_continues_from_a_returned_cache(model, mask, name):
+    first = model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=3, **GREEDY)
+    turn = torch.cat([first.sequences, torch.randint(3, 128, (1, 4))], dim=1)  # next user turn appended
+    kwargs = {name: first.cache}
+    if mask == "tokens":
+        kwargs["attention_mask"] = torch.ones_like(turn)
+    elif mask == "prefix+tokens":
+        kwargs["attention_mask"] = torch.ones(1, model.memory_prefix_length + turn.shape[1], dtype=torch.long)
+    second = model.generate(turn, max_new_tokens=4, **kwargs, **GREEDY)
+    assert_matches_recomputation(model, turn, second)
+
+
+@torch.no_grad()
+def test_forward_continues_from_a_returned_cache(model):
+    ids = torch.randint(3, 128, (2, 9))
+    first = model(ids[:, :5], use_cache=True)
+    mask = torch.ones(2, 9, dtype=torch.long)  # the tokens so far, as with any transformers model
+    second = model(ids[:, 5:], cache=first.cache, attention_mask=mask)
+    assert (second.logits - model(ids).logits[:, 5:]).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_continuing_with_only_cached_tokens_says_what_to_pass(model):
+    first = model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="whole sequence so far"):
+        model.generate(first.sequences[:, -1:], cache=first.cache, max_new_tokens=2)
+
+
+@torch.no_grad()
+def test_generate_from_inputs_embeds_reads_memory(model):
+    ids = torch.randint(3, 128, (2, 6))
+    out = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=4, **GREEDY)
+    assert out.sequences.shape == (2, 4)  # like any decoder: only the new tokens come back
+    assert_matches_recomputation(model, ids, out)
+    assert torch.equal(out.sequences, model.generate(ids, max_new_tokens=4, do_sample=False)[:, 6:])
+
+
+@torch.no_grad()
+def test_static_cache_generation_reads_memory(model):
+    ids = torch.randint(3, 128, (2, 5))
+    out = model.generate(ids, max_new_tokens=5, cache_implementation="static", **GREEDY)
+    assert type(out.cache).__name__ == "StaticCache"
+    assert_matches_recomputation(model, ids, out)
+    model.generation_config.cache_implementation = "static"  # the torch.compile recipe sets it on the model
+    again = model.generate(ids, max_new_tokens=5, **GREEDY)
+    assert torch.equal(again.sequences, out.sequences)
+
+
+@torch.no_grad()
+def test_cache_implementation_that_cannot_hold_memory_is_refused_in_one_line(model):
+    with pytest.raises(ValueError, match="cannot start with the memory prefix"):
+        model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
