@@ -2,6 +2,6 @@
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_state import MemoryState, MemoryStateError
-from .modeling_memory_llama import MemoryLlamaForCausalLM
+from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryState", "MemoryStateError"]
+__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState", "MemoryStateError"]

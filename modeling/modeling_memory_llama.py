@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
+from .headless import LlamaHeadless
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
@@ -611,7 +612,17 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         bos.copy_(torch.stack([h[0] for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
 
 
+# ---------------------------------------------------------------------- base model (AutoModel)
+class MemoryLlamaModel(MemoryLlamaForCausalLM, LlamaHeadless):
+    """The memory model read without its LM head (`AutoModel`): `forward` returns `last_hidden_state` (after the
+    final norm) of the tokens reading the memory, for embeddings and classifiers. Same checkpoint, same `inject`."""
+
+    def generate(self, *args, **kwargs):
+        return LlamaHeadless.generate(self, *args, **kwargs)
+
+
 MemoryLlamaConfig.register_for_auto_class()
 MemoryLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MemoryLlamaModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MemoryEmbeddings", "MemoryLlamaForCausalLM", "MemoryState"]
+__all__ = ["MemoryEmbeddings", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState"]

@@ -3,17 +3,18 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .convert import convert_official
-from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryState, MemoryStateError
+from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryState, MemoryStateError
 
 __version__ = "0.1.0"
 
 AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
-AutoModel.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
+AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
 __all__ = [
     "MemoryLlamaConfig",
     "MemoryLlamaForCausalLM",
+    "MemoryLlamaModel",
     "MemoryState",
     "MemoryStateError",
     "convert_official",
