@@ -7,7 +7,7 @@ slots are dropped (see `memory_pool`).
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_inputs import encoding_rows
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
 from .memory_prefix import (
     PrefixKV,
@@ -36,6 +37,10 @@ from .memory_storage import write_memory_shard
 logger = logging.get_logger(__name__)
 
 PROGRESS_MIN_CHUNKS = 8
+# `from_base` keyword arguments that go to `from_pretrained` (the others configure the memory).
+FROM_BASE_LOAD_KWARGS = (
+    "dtype", "revision", "device_map", "offload_folder", "attn_implementation", "token", "cache_dir", "local_files_only"
+)
 
 
 def _module_fingerprint(module: nn.Module, parts: list) -> None:
@@ -326,13 +331,13 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
     # ------------------------------------------------------------------ writing
     def inject(
         self,
-        text_or_ids: str | Sequence[str] | torch.Tensor | Sequence[int],
+        text_or_ids: str | Sequence[str] | torch.Tensor | Sequence[int] | Mapping,
         tokenizer=None,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool | None = None,
     ) -> int:
-        """Write text (or token ids) into memory; returns the number of memory updates made.
+        """Write text (or token ids, or tokenizer output) into memory; returns the number of memory updates made.
 
         Text longer than `chunk_size` tokens is split into near-equal chunks, injected in order. Each update replaces
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
@@ -372,6 +377,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
         """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
+        if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
+            return [ids for row in encoding_rows(text_or_ids) for ids in self._injection_ids(row, tokenizer)]
         if isinstance(text_or_ids, str) or (
             isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
         ):
@@ -530,6 +537,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         """`from_pretrained` that refuses a memory pool whose shape disagrees with the config (or, with
         `ignore_mismatched_sizes=True`, starts from an empty pool instead of reading a re-initialized one)."""
         want_info = kwargs.pop("output_loading_info", False)
+        if args and kwargs.get("config") is None:
+            cls._refuse_plain_checkpoint(args[0], kwargs)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except RuntimeError as err:
@@ -547,6 +556,19 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
             raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt")
         return (model, info) if want_info else model
+
+    @classmethod
+    def _refuse_plain_checkpoint(cls, path_or_repo, kwargs: dict) -> None:
+        """A checkpoint of another model type (a plain Llama) would load as an untrained memory model: refuse."""
+        lookup = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "gguf_file")
+        config, _ = MemoryLlamaConfig.get_config_dict(path_or_repo, **{k: kwargs[k] for k in lookup if k in kwargs})
+        model_type = config.get("model_type")
+        if model_type != MemoryLlamaConfig.model_type:
+            raise ValueError(
+                f"{path_or_repo} is a {model_type!r} checkpoint, not MemoryLlama: wrap it with "
+                f"{cls.__name__}.from_base(path) (a fresh training-free memory), or convert an official MemoryLLM "
+                "checkpoint with `memoryllm-hf convert --official`"
+            )
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
         """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
@@ -568,7 +590,9 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         Defaults to the training-free "input" update with a "grow" pool. `bos_embedding` starts as the base model's
         own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
-        load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
+        if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
+            memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
+        load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}
         if gguf_file:
             load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
         source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}

@@ -82,3 +82,71 @@ def test_static_cache_generation_reads_memory(model):
 def test_cache_implementation_that_cannot_hold_memory_is_refused_in_one_line(model):
     with pytest.raises(ValueError, match="cannot start with the memory prefix"):
         model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=2, cache_implementation="offloaded")
+
+
+# ---------------------------------------------------------------------- PEFT, loading, tokenizer output
+def test_lora_without_target_modules_uses_llamas_defaults():
+    from peft import LoraConfig, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    peft_model = get_peft_model(tiny_model(), LoraConfig(task_type="CAUSAL_LM", r=2))
+    assert peft_model.peft_config["default"].target_modules == set(DEFAULTS["llama"])
+    assert any("lora_A" in name for name, _ in peft_model.named_parameters())
+
+
+def test_lora_defaults_registered_by_a_fresh_import():
+    """`import memoryllm_hf` before or after peft: both register (in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import {first}; import {second}\n"
+        "from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M\n"
+        "from transformers import AutoConfig\n"
+        "assert M['memory_llama'] == M['llama'] and AutoConfig.for_model('memory_llama').model_type == 'memory_llama'"
+    )
+    for first, second in (("memoryllm_hf", "peft"), ("peft", "memoryllm_hf")):
+        result = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memoryllm_hf.tiny import TINY
+
+    config = LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_from_pretrained_of_a_plain_llama_points_to_from_base(llama_folder):
+    from memoryllm_hf import MemoryLlamaForCausalLM
+
+    with pytest.raises(ValueError, match="from_base"):
+        MemoryLlamaForCausalLM.from_pretrained(llama_folder)
+
+
+@pytest.mark.parametrize("name", ["dtype", "torch_dtype"])
+def test_from_base_honours_the_dtype(llama_folder, name):
+    from memoryllm_hf import MemoryLlamaForCausalLM
+
+    model = MemoryLlamaForCausalLM.from_base(llama_folder, num_memory_tokens=16, num_update_tokens=4, **{name: torch.bfloat16})
+    assert model.dtype == torch.bfloat16 and model.memory.dtype == torch.bfloat16
+
+
+def test_inject_takes_tokenizer_output():
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    tokenizer, texts = tiny_tokenizer(), ["Alice lives in Paris.", "Bob keeps three cats."]
+    by_ids, by_encoding, by_batch = tiny_model(), tiny_model(), tiny_model()
+    for text in texts:
+        by_ids.inject(tokenizer(text)["input_ids"])
+        by_encoding.inject(tokenizer(text, return_tensors="pt"))
+    by_batch.inject(tokenizer(texts, padding=True, return_tensors="pt"))  # rows in order, padding removed
+    for model in (by_encoding, by_batch):
+        assert torch.equal(model.memory, by_ids.memory) and model.num_injections == by_ids.num_injections
+    with pytest.raises(ValueError, match="input_ids"):
+        tiny_model().inject({"attention_mask": [1, 1, 1]})

@@ -1,22 +1,34 @@
-"""memoryllm-hf: MemoryLLM (a Llama with a latent memory pool) for Hugging Face transformers."""
+"""memoryllm-hf: MemoryLLM (a Llama with a latent memory pool) for Hugging Face transformers.
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+Importing the package is cheap: the model classes load on first use, and the transformers Auto classes (and PEFT's
+LoRA defaults) learn about MemoryLlama as soon as transformers (PEFT) is imported.
+"""
 
-from .convert import convert_official
-from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryState, MemoryStateError
+import importlib
+
+from .registration import register_peft, register_transformers, when_imported
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
-AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
+_EXPORTS = {
+    "MemoryLlamaConfig": ".modeling",
+    "MemoryLlamaForCausalLM": ".modeling",
+    "MemoryLlamaModel": ".modeling",
+    "MemoryState": ".modeling",
+    "MemoryStateError": ".modeling",
+    "convert_official": ".convert",
+    "load": ".loading",
+}
 
-__all__ = [
-    "MemoryLlamaConfig",
-    "MemoryLlamaForCausalLM",
-    "MemoryLlamaModel",
-    "MemoryState",
-    "MemoryStateError",
-    "convert_official",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+when_imported("transformers", register_transformers)
+when_imported("peft", register_peft)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
