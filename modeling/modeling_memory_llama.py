@@ -255,12 +255,14 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         drop_cache = False
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
-        if not fresh and cache_prefix_length(cache) and attention_mask is not None and attention_mask.dim() == 2:
-            # continuing from a memory cache: the mask covers the tokens so far (or the memory prefix and them)
+        if not fresh and attention_mask is not None and attention_mask.dim() == 2:
+            # continuing from a cache: the mask covers the tokens so far (or the memory prefix and them); positions
+            # follow it, so right-padded rows continue where their own tokens ended
             prefix = cache_prefix_length(cache)
             seen = int(cache.get_seq_length()) - prefix + length
-            attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, tokens.device)
-            if position_ids is None:
+            if prefix:
+                attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, tokens.device)
+            if position_ids is None and attention_mask.shape[1] == prefix + seen:
                 position_ids = positions_from_mask(attention_mask, length)
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
             checkpointing = self.training and any(
@@ -298,7 +300,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically.
         A cache returned by an earlier call (`cache=`, with the whole sequence so far as input) continues it."""
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        tokens = next((t for t in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if t is not None), None)
+        candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        tokens = next((t for t in candidates if t is not None), None)
         prefix = cache_prefix_length(given_cache)
         if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
             batch, length = tokens.shape[:2]

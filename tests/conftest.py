@@ -36,6 +36,6 @@ def input_model():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the offline default; slow tests only."""
-    from memoryllm_hf.default_model import load_default_model
+    from memoryllm_hf import load
 
-    return load_default_model()
+    return load("default")

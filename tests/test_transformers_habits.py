@@ -53,7 +53,7 @@ def test_forward_continues_from_a_returned_cache(model):
 
 @torch.no_grad()
 def test_continuing_with_only_cached_tokens_says_what_to_pass(model):
-    first = model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    first = model.generate(torch.randint(3, 128, (1, 5)), max_new_tokens=3, **GREEDY)
     with pytest.raises(ValueError, match="whole sequence so far"):
         model.generate(first.sequences[:, -1:], cache=first.cache, max_new_tokens=2)
 
@@ -133,7 +133,8 @@ def test_from_pretrained_of_a_plain_llama_points_to_from_base(llama_folder):
 def test_from_base_honours_the_dtype(llama_folder, name):
     from memoryllm_hf import MemoryLlamaForCausalLM
 
-    model = MemoryLlamaForCausalLM.from_base(llama_folder, num_memory_tokens=16, num_update_tokens=4, **{name: torch.bfloat16})
+    pool = {"num_memory_tokens": 16, "num_update_tokens": 4}
+    model = MemoryLlamaForCausalLM.from_base(llama_folder, **pool, **{name: torch.bfloat16})
     assert model.dtype == torch.bfloat16 and model.memory.dtype == torch.bfloat16
 
 
@@ -150,3 +151,37 @@ def test_inject_takes_tokenizer_output():
         assert torch.equal(model.memory, by_ids.memory) and model.num_injections == by_ids.num_injections
     with pytest.raises(ValueError, match="input_ids"):
         tiny_model().inject({"attention_mask": [1, 1, 1]})
+
+
+# ---------------------------------------------------------------------- tooling edges
+def test_chat_undo_also_drops_the_turns_that_read_the_undone_text(tmp_path, capsys):
+    from memoryllm_hf.chat import ChatSession
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    model = tiny_model(memory_update="input", fresh_pool="grow")
+    session = ChatSession(str(tmp_path), model, tiny_tokenizer(), max_new_tokens=2)
+    for line in ["hello there", "/remember Zorblat was born in Velmora.", "Where was Zorblat born?", "/undo"]:
+        session.handle(line)
+    assert [m["content"] for m in session.history if m["role"] == "user"] == ["hello there"]
+    assert model.num_injections == 0 and "and the 1 conversation turn since" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------- one loader
+def test_one_loader_for_every_source(tmp_path, llama_folder):
+    from memoryllm_hf import MemoryLlamaForCausalLM, load
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    tiny, tokenizer = load("tiny", seed=3, num_memory_tokens=12)
+    assert tiny.config.num_memory_tokens == 12 and not tiny.training and tokenizer("ab")["input_ids"] == [69, 70]
+    tiny.inject(torch.randint(3, 128, (20,)))
+    tiny.save_pretrained(tmp_path / "saved")
+    tiny_tokenizer().save_pretrained(tmp_path / "saved")
+    saved, saved_tokenizer = load(tmp_path / "saved", dtype="bfloat16")
+    assert saved.dtype == torch.bfloat16 and torch.equal(saved.memory, tiny.memory.bfloat16())
+    assert saved_tokenizer is not None
+    with pytest.raises(ValueError, match="cannot be changed on a saved model"):
+        load(tmp_path / "saved", num_memory_tokens=30)
+    wrapped, _ = load(llama_folder, num_memory_tokens=16, num_update_tokens=4)  # a plain Llama gets a fresh memory
+    assert type(wrapped) is MemoryLlamaForCausalLM and wrapped.config.memory_update == "input"
+    with pytest.raises(ValueError, match="neither"):
+        load("no/such/place/here")

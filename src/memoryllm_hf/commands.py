@@ -2,8 +2,6 @@
 
 import argparse
 
-import torch
-
 
 def _demo(args: argparse.Namespace) -> int:
     try:
@@ -16,6 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoTokenizer
 
     from .convert import convert_official
@@ -34,8 +33,18 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_folder(folder: str):
+    """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
+    refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights."""
+    from .folder import folder_config
+    from .loading import load
+
+    folder_config(folder)
+    return load(folder)
+
+
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import load_folder, read_text, replaced_slots, save_memory
+    from .folder import read_text, replaced_slots, save_memory
 
     text = read_text(args.file, args.text, args.encoding)
     model, tokenizer = load_folder(args.folder)
@@ -52,8 +61,7 @@ def _inject(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .chat import reply
-    from .folder import load_folder
+    from .greedy import reply
 
     model, tokenizer = load_folder(args.folder)
     print(reply(model, tokenizer, [{"role": "user", "content": args.question}], args.max_new_tokens))
@@ -62,7 +70,6 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
-    from .folder import load_folder
 
     model, tokenizer = load_folder(args.folder)
     ChatSession(args.folder, model, tokenizer, args.max_new_tokens, args.autosave).run()

@@ -32,18 +32,6 @@ def folder_memory(folder: str | Path) -> MemoryState:
     return MemoryState.load(Path(folder) / MEMORY_FILE)
 
 
-def load_folder(folder: str | Path):
-    """(model, tokenizer) of a MemoryLlama folder; its memory file is checked before any weights are read."""
-    from transformers import AutoTokenizer
-
-    from .modeling import MemoryLlamaForCausalLM
-
-    folder_config(folder)
-    folder_memory(folder)
-    model = MemoryLlamaForCausalLM.from_pretrained(folder).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
-
-
 def save_memory(folder: str | Path, model) -> None:
     """Write the model's memory into the folder's memory.safetensors, atomically (weights are not touched)."""
     write_memory_shard(folder, model.memory_state().as_buffers())
