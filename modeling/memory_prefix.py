@@ -18,7 +18,8 @@ PREFIX_LENGTH_ATTRIBUTE = "memory_prefix_length"
 def prefix_key_values(
     layers: nn.ModuleList, rotary_emb: nn.Module, prefix: list[torch.Tensor], start: int = 0
 ) -> PrefixKV:
-    """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. .
+    """Keys/values [1, kv_heads, P, head_dim] of each layer's prefix hidden states [P, d], at positions start.. ,
+    computed on the layer's own device (`device_map` may spread layers over devices, or offload them).
     Made contiguous once here, so the cache's concatenation at every prefill is a plain copy."""
     length = prefix[0].shape[0]
     positions = torch.arange(start, start + length, device=prefix[0].device)[None]
@@ -26,13 +27,26 @@ def prefix_key_values(
     cos, sin = cos[:, None], sin[:, None]
     out = []
     for layer, hidden in zip(layers, prefix, strict=True):
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden[None])
+        attn, device = layer.self_attn, execution_device(layer)
+        if device != cos.device:
+            cos, sin = cos.to(device), sin.to(device)
+        normed = layer.input_layernorm(hidden[None].to(device))
         shape = (1, length, -1, attn.head_dim)
         keys = attn.k_proj(normed).view(shape).transpose(1, 2)
         values = attn.v_proj(normed).view(shape).transpose(1, 2)
         out.append(((keys * cos + rotate_half(keys) * sin).contiguous(), values.contiguous()))
     return out
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: the device accelerate's hook gives it under a `device_map` (its weights may be
+    offloaded), otherwise the device of its weights."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in (hook, *getattr(hook, "hooks", ())):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return next(module.parameters()).device
 
 
 class ReadOnlyPrefixLayer(DynamicLayer):

@@ -170,7 +170,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
         if bos is None:
             return list(slots)
-        return list(torch.cat([bos.to(slots.dtype), slots], dim=1))
+        return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
 
     def _prefix_fingerprint(self) -> tuple:
         """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
@@ -455,7 +455,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             first_slot = N - requeried - prefix_slots
             prefix = [memory[layer, first_slot : N - requeried] for layer in range(len(layers))]
             if use_bos:
-                prefix = [torch.cat([bos[layer].to(hidden.dtype), p], dim=0) for layer, p in enumerate(prefix)]
+                prefix = [torch.cat([bos[i].to(p.device, hidden.dtype), p], dim=0) for i, p in enumerate(prefix)]
             start = prefix[0].shape[0]
             cache = None
             if start:
@@ -471,20 +471,21 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             aliased_position_emb = add_pos and not start and not requeried
             new_slots = []
             for index, layer in enumerate(layers):
-                x = hidden if not requeried else torch.cat([memory[index, N - requeried :][None], hidden], dim=1)
+                requery = memory[index, N - requeried :][None].to(hidden.device)
+                x = hidden if not requeried else torch.cat([requery, hidden], dim=1)
                 if add_pos:
                     K_here = min(K, x.shape[1])
-                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.dtype)], dim=1)
+                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.device, x.dtype)], dim=1)
                 if self.config.memory_update == "input":
-                    new_slots.append(x[0, -num_new:])
+                    new_slots.append(x[0, -num_new:].to(memory.device))
                     if index == len(layers) - 1:
                         break
                 out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache)
                 if self.config.memory_update == "output":
                     slot = out[0, -num_new:]
                     if aliased_position_emb and index < len(layers) - 1:
-                        slot = slot + pos_emb[0].to(slot.dtype)
-                    new_slots.append(slot)
+                        slot = slot + pos_emb[0].to(slot.device, slot.dtype)
+                    new_slots.append(slot.to(memory.device))
                 hidden = out[:, -input_ids.shape[1] :]
         return torch.stack(new_slots)
 
@@ -636,7 +637,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
         ids = torch.tensor([[self.config.bos_token_id]], device=self.device)
         with self.adapters.use(READ):
             hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
-        bos.copy_(torch.stack([h[0] for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+        bos.copy_(torch.stack([h[0].to(bos.device) for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
 
 
 # ---------------------------------------------------------------------- base model (AutoModel)

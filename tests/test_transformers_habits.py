@@ -185,3 +185,56 @@ def test_one_loader_for_every_source(tmp_path, llama_folder):
     assert type(wrapped) is MemoryLlamaForCausalLM and wrapped.config.memory_update == "input"
     with pytest.raises(ValueError, match="neither"):
         load("no/such/place/here")
+
+
+# ---------------------------------------------------------------------- device_map
+def split_device_map(model, offloaded: str, layer: int = 1) -> dict[str, str]:
+    """Everything on the CPU except decoder layer `layer` (on `offloaded`: "disk", "cuda:0", ...)."""
+    names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head", "memory_embeddings"]
+    names += [name for name, _ in model.named_buffers(recurse=False)]
+    layers = {f"model.layers.{i}": "cpu" for i in range(model.config.num_hidden_layers)}
+    return {**dict.fromkeys(names, "cpu"), **layers, f"model.layers.{layer}": offloaded}
+
+
+def assert_same_reads_and_injects(single, spread) -> None:
+    ids = torch.randint(4, 100, (2, 7))
+    for step in range(3):
+        context = torch.randint(4, 100, (9 + step,))
+        for model in (single, spread):
+            model.inject(context, generator=torch.Generator().manual_seed(step))
+        filled = single.num_filled_slots  # (the empty slots of a fresh pool hold random values, never read)
+        assert spread.num_filled_slots == filled > 0
+        assert (spread.memory[:, -filled:] - single.memory[:, -filled:]).abs().max() <= 1e-5
+        assert (spread(ids).logits - single(ids).logits).abs().max() <= 1e-5
+    assert torch.equal(
+        spread.generate(ids, max_new_tokens=4, do_sample=False), single.generate(ids, max_new_tokens=4, do_sample=False)
+    )
+
+
+@torch.no_grad()
+def test_disk_offloaded_layer_reads_and_injects_like_one_device(llama_folder, tmp_path):
+    from memoryllm_hf import MemoryLlamaForCausalLM
+    from memoryllm_hf.modeling.memory_prefix import execution_device
+
+    pool = {"num_memory_tokens": 24, "num_update_tokens": 6, "min_inject_tokens": 2}
+    single = MemoryLlamaForCausalLM.from_base(llama_folder, **pool).eval()
+    device_map = split_device_map(single, "disk")
+    spread = MemoryLlamaForCausalLM.from_base(
+        llama_folder, device_map=device_map, offload_folder=str(tmp_path / "offload"), **pool
+    ).eval()
+    assert spread.model.layers[1].self_attn.k_proj.weight.device.type == "meta"  # really offloaded
+    assert execution_device(spread.model.layers[1]) == torch.device("cpu")  # where its memory keys are computed
+    assert torch.equal(spread.memory_embeddings.bos_embedding, single.memory_embeddings.bos_embedding)
+    assert_same_reads_and_injects(single, spread)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device next to the CPU")
+@torch.no_grad()
+def test_layers_on_two_devices_read_and_inject_like_one_device(tmp_path):
+    from memoryllm_hf import MemoryLlamaForCausalLM
+
+    single = tiny_model(memory_update="input", fresh_pool="grow")
+    single.save_pretrained(tmp_path)
+    spread = MemoryLlamaForCausalLM.from_pretrained(tmp_path, device_map=split_device_map(single, "cuda:0")).eval()
+    assert spread.model.layers[1].self_attn.k_proj.weight.device.type == "cuda"
+    assert_same_reads_and_injects(single, spread)
