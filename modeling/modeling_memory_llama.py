@@ -43,6 +43,11 @@ FROM_BASE_LOAD_KWARGS = (
 )
 
 
+def _drop_load_report(record) -> bool:
+    """Log filter leaving out transformers' load report (see `from_base`)."""
+    return "LOAD REPORT" not in record.getMessage()
+
+
 def _module_fingerprint(module: nn.Module, parts: list) -> None:
     """Append the identity, adapter settings and parameter versions of `module` and its submodules. Runs at every
     question, so it walks `_modules`/`_parameters` directly (`modules()`/`parameters()` cost ~7x more)."""
@@ -289,10 +294,10 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             outputs.cache = None
         return outputs
 
-    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
-        """Gradient checkpointing that keeps the memory prefix: in training the layers only ever receive the
-        read-only prefix cache (see `forward`), so a checkpoint replay reads exactly the same keys/values."""
-        super().gradient_checkpointing_enable(*args, **kwargs)
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Activation (gradient) checkpointing that keeps the memory prefix: in training the layers only ever receive
+        the read-only prefix cache (see `forward`), so a checkpoint replay reads exactly the same keys/values."""
+        super().activation_checkpointing_enable(*args, **kwargs)
         for layer in self.model.layers:
             layer._can_checkpoint_with_cache = True
 
@@ -612,15 +617,15 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             memory_config.setdefault("min_inject_tokens", 4)
             memory_config.setdefault("fresh_pool", "grow")
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
-        # A base checkpoint has no memory and no adapters: transformers' report would list every adapter weight as
-        # missing. Report only what is not expected.
+        # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
+        # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and
+        # replaced by a report of what is not expected.
         report_logger = logging.get_logger("transformers.modeling_utils")
-        level = report_logger.level
-        report_logger.setLevel(logging.ERROR)
+        report_logger.addFilter(_drop_load_report)
         try:
             model, info = cls.from_pretrained(path_or_repo, config=config, output_loading_info=True, **load_kwargs)
         finally:
-            report_logger.setLevel(level)
+            report_logger.removeFilter(_drop_load_report)
         missing = sorted(key for key in info["missing_keys"] if ".adapter_" not in key)
         surprises = {"missing": missing, "unexpected": sorted(info["unexpected_keys"])}
         if any(surprises.values()):

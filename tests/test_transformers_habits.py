@@ -238,3 +238,39 @@ def test_layers_on_two_devices_read_and_inject_like_one_device(tmp_path):
     spread = MemoryLlamaForCausalLM.from_pretrained(tmp_path, device_map=split_device_map(single, "cuda:0")).eval()
     assert spread.model.layers[1].self_attn.k_proj.weight.device.type == "cuda"
     assert_same_reads_and_injects(single, spread)
+
+
+# ---------------------------------------------------------------------- quiet loads
+QUIET = """
+import sys, torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from memoryllm_hf import MemoryLlamaForCausalLM
+from memoryllm_hf.tiny import TINY, tiny_tokenizer
+folder = sys.argv[1]
+LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})).save_pretrained(
+    folder + "/llama")
+print("LOADS START", file=sys.stderr, flush=True)
+model = MemoryLlamaForCausalLM.from_base(folder + "/llama", num_memory_tokens=16, num_update_tokens=4)
+model.save_pretrained(folder + "/memory")
+tiny_tokenizer().save_pretrained(folder + "/memory")
+MemoryLlamaForCausalLM.from_base(folder + "/llama", num_memory_tokens=16, num_update_tokens=4)  # twice: no state left
+for auto in (AutoModelForCausalLM, AutoModel):
+    auto.from_pretrained(folder + "/memory")
+AutoTokenizer.from_pretrained(folder + "/memory")
+model.train()
+model.activation_checkpointing_enable()
+"""
+
+
+def test_loading_prints_no_warning_the_package_causes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-W", "always", "-c", QUIET, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = result.stderr.split("LOADS START", 1)[1]
+    lines = [line for line in after.splitlines() if line.strip() and "Writing model shards" not in line]
+    assert lines == [], "\n".join(lines)
