@@ -274,3 +274,44 @@ def test_loading_prints_no_warning_the_package_causes(tmp_path):
     after = result.stderr.split("LOADS START", 1)[1]
     lines = [line for line in after.splitlines() if line.strip() and "Writing model shards" not in line]
     assert lines == [], "\n".join(lines)
+
+
+@pytest.mark.parametrize("branch", [None, "customer-b"])
+def test_memory_push_to_a_missing_repo_says_to_push_the_model_first(tmp_path, branch):
+    from memoryllm_hf.hub import hub_endpoint
+    from memoryllm_hf.testing import LocalHub
+
+    model = tiny_model()
+    model.inject(torch.randint(3, 128, (20,)))
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path, token="hf_test"):
+        with pytest.raises(ValueError, match="push the whole model once"):
+            model.push_memory_to_hub("tester/missing", revision=branch, create_branch=branch is not None)
+
+
+def test_convert_official_of_a_plain_llama_says_what_to_run(llama_folder, tmp_path, capsys):
+    from memoryllm_hf.cli import main
+
+    assert main(["convert", "--official", str(llama_folder), str(tmp_path / "out")]) == 1
+    assert "without --official" in capsys.readouterr().err
+
+
+def test_stats_of_one_injection_has_no_degenerate_bins(tmp_path, capsys):
+    from memoryllm_hf.cli import main
+
+    model = tiny_model(memory_update="input", fresh_pool="grow")
+    model.inject(torch.randint(3, 128, (6,)))  # one injection: every slot age is 0
+    model.save_pretrained(tmp_path)
+    assert main(["stats", str(tmp_path), "--png", str(tmp_path / "norms.png")]) == 0
+    out = capsys.readouterr().out
+    assert "e-07" not in out and "(every value)" in out
+
+
+def test_peft_example_default_data_is_in_the_repository():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "peft_finetune.py"
+    spec = importlib.util.spec_from_file_location("peft_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.DEFAULT_DATA.is_file() and Path(__file__).parents[1] in example.DEFAULT_DATA.parents
