@@ -21,6 +21,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["output", "input"])
+def read_model(request):
+    """Tiny model of each update rule with one injection of 40 random tokens (reads see a real memory)."""
+    overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
+    model = tiny_model(**overrides)
+    model.inject(torch.randint(3, 128, (40,)))
+    return model
+
+
 @pytest.fixture
 def output_model():
     """Tiny model with the official update rule and a tiled pool."""

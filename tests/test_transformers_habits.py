@@ -1,5 +1,7 @@
-"""Habits of transformers users that must work with memory: continuing from a returned cache, generating from
-`inputs_embeds`, a static cache. Every decoding step is compared to recomputing the whole sequence from scratch."""
+"""What an experienced transformers / PEFT user does, with memory (issue 14): continue from a returned cache,
+generate from `inputs_embeds`, a static cache (each decoding step compared to recomputing the whole sequence from
+scratch); AutoModel, PEFT defaults, loading traps, tokenizer output, quiet loads, tooling edges, one loader, and
+layers spread over devices (compared to the single-device model)."""
 
 import pytest
 import torch
@@ -7,12 +9,9 @@ import torch
 from memoryllm_hf.tiny import tiny_model
 
 
-@pytest.fixture(params=["output", "input"])
-def model(request):
-    overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
-    model = tiny_model(**overrides)
-    model.inject(torch.randint(3, 128, (40,)))
-    return model
+@pytest.fixture
+def model(read_model):
+    return read_model
 
 
 def assert_matches_recomputation(model, sequence: torch.Tensor, out) -> None:

@@ -4,8 +4,7 @@ Importing the package is cheap: the model classes load on first use, and the tra
 LoRA defaults) learn about MemoryLlama as soon as transformers (PEFT) is imported.
 """
 
-import importlib
-
+from .lazy import lazy_exports
 from .registration import register_peft, register_transformers, when_imported
 
 __version__ = "0.1.0"
@@ -24,11 +23,4 @@ __all__ = [*_EXPORTS, "__version__"]
 
 when_imported("transformers", register_transformers)
 when_imported("peft", register_peft)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

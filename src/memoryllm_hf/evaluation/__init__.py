@@ -6,7 +6,7 @@ wall time); see docs/evaluation.md. Command line: `memoryllm-hf eval TASK ...` o
 `python -m memoryllm_hf.evaluation TASK ...`.
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 # Loaded on first use: the command line builds its parser from this package without importing torch.
 _EXPORTS = {
@@ -26,11 +26,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
