@@ -12,8 +12,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 class LlamaHeadless(LlamaForCausalLM):
     """`forward` returns the decoder's `BaseModelOutputWithPast` (`last_hidden_state`, `cache`, ...); no logits."""
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> BaseModelOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
         if labels is not None:
             raise ValueError("a base model (AutoModel) has no LM head: use AutoModelForCausalLM for a loss")
         return self.model(
