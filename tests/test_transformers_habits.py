@@ -314,3 +314,14 @@ def test_peft_example_default_data_is_in_the_repository():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.DEFAULT_DATA.is_file() and Path(__file__).parents[1] in example.DEFAULT_DATA.parents
+
+
+@pytest.mark.parametrize("name", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_both_checkpointing_names_keep_the_memory_prefix(name):
+    import warnings
+
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name is deprecated by transformers itself
+        getattr(model, name)()
+    assert all(layer._can_checkpoint_with_cache for layer in model.model.layers)
