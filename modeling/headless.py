@@ -12,29 +12,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 class LlamaHeadless(LlamaForCausalLM):
     """`forward` returns the decoder's `BaseModelOutputWithPast` (`last_hidden_state`, `cache`, ...); no logits."""
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        **kwargs,
-    ) -> BaseModelOutputWithPast:
+    def forward(self, labels=None, logits_to_keep=0, **kwargs) -> BaseModelOutputWithPast:
+        """Called with keywords by the memory model's `forward` (input_ids, attention_mask, position_ids, cache,
+        inputs_embeds, use_cache, ...), which go to the decoder as they are."""
         if labels is not None:
             raise ValueError("a base model (AutoModel) has no LM head: use AutoModelForCausalLM for a loss")
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        return self.model(**kwargs)
 
     @classmethod
     def can_generate(cls) -> bool:
