@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, LlamaModel
 
-from memoryllm_hf.default_model import smollm2_base_folder
+from memoryllm_hf import load
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_prefix import PrefixKV, prefix_key_values
-from memoryllm_hf.tiny import tiny_model
 
 SMOLLM2 = "smollm2"
 TINY = "tiny"
@@ -191,17 +190,15 @@ def load_model(
 ) -> MemoryLlamaForCausalLM:
     """The benchmark model (tiny random or SmolLM2-135M) on the run's device, in `dtype` (default: the run's), with
     an empty pool."""
-    dtype = dtype or run.dtype
     memory = {"num_memory_tokens": num_memory_tokens, "num_update_tokens": num_update_tokens}
-    if run.args.model == TINY:
-        grow = {"fresh_pool": "grow"} if memory_update == "input" else {}
-        model = tiny_model(memory_update=memory_update, **grow, **memory)
-    else:
-        model = MemoryLlamaForCausalLM.from_base(
-            smollm2_base_folder(), memory_update=memory_update, dtype=dtype, read_mode="pool", **memory
-        )
+    grow = {"fresh_pool": "grow"} if memory_update == "input" else {}
+    dtype = dtype or run.dtype
+    # the pool read (retrieval reads are measured by benchmarks.retrieve_read)
+    model, _ = load(
+        run.args.model, device=run.device, dtype=dtype, memory_update=memory_update, read_mode="pool", **grow, **memory
+    )
     model.set_attn_implementation(run.args.attn)
-    return model.to(device=run.device, dtype=dtype).eval()
+    return model
 
 
 @torch.no_grad()

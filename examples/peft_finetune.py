@@ -20,19 +20,19 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from memoryllm_hf.peft_utils import add_memory_adapters
-from memoryllm_hf.tiny import tiny_model
+from memoryllm_hf import load
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad_paragraphs.jsonl"
+# SQuAD training paragraphs shipped in the repository (data/train/README.md).
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "train" / "squad_train_paragraphs.jsonl"
 
 
 def load_model(tiny: bool):
     """(model, encode): the model with a fresh memory and a function text -> token ids."""
     if tiny:
-        model = tiny_model(memory_update="input", fresh_pool="grow", num_update_tokens=16, num_memory_tokens=64)
-        return model, lambda text: [3 + b % (model.config.vocab_size - 3) for b in text.encode()]
-    from memoryllm_hf.default_model import load_default_model
-
-    model, tokenizer = load_default_model(num_memory_tokens=1024, num_update_tokens=64)
+        pool = {"memory_update": "input", "fresh_pool": "grow", "num_memory_tokens": 64, "num_update_tokens": 16}
+        model, tokenizer = load("tiny", **pool)
+    else:
+        model, tokenizer = load("default", num_memory_tokens=1024, num_update_tokens=64)
     return model, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.testing import LocalHub
-from memoryllm_hf.tiny import tiny_model
+from memoryllm_hf import load
 
 FACTS = [
     "Zorblat Quenn was born in the town of Velmora in the year 1962 and later became a lighthouse keeper.",
@@ -29,19 +29,13 @@ FACTS = [
 
 
 def load_model(name: str):
-    """(model, tokenizer or None): a tiny random model (token ids are injected) or SmolLM2 with a small pool."""
-    if name == "tiny":
-        return tiny_model(memory_update="input", fresh_pool="grow"), None
-    from memoryllm_hf.default_model import load_default_model
-
-    return load_default_model(num_memory_tokens=512, num_update_tokens=64)
+    """(model, tokenizer): a tiny random model (character tokenizer) or SmolLM2 with a small pool."""
+    pool = {"num_memory_tokens": 512, "num_update_tokens": 64} if name != "tiny" else {}
+    return load("tiny" if name == "tiny" else "default", memory_update="input", fresh_pool="grow", **pool)
 
 
 def inject(model, tokenizer, text: str) -> None:
-    if tokenizer is not None:
-        model.inject(text, tokenizer=tokenizer)
-    else:  # tiny model: bytes as token ids
-        model.inject([3 + b % (model.config.vocab_size - 3) for b in text.encode()])
+    model.inject(text, tokenizer=tokenizer)
 
 
 def same_memory(model, state) -> bool:

@@ -4,8 +4,8 @@
 
 The steps, in library calls (see `memoryllm_hf/demo.py` for the full script):
 
-    from memoryllm_hf.default_model import load_default_model
-    model, tok = load_default_model(num_memory_tokens=1024, num_update_tokens=64)
+    from memoryllm_hf import load
+    model, tok = load("default", num_memory_tokens=1024, num_update_tokens=64)
     model.inject("Zorblat Quenn was born in the town of Velmora in the year 1962.", tokenizer=tok)
     ids = tok.apply_chat_template([{"role": "user", "content": "Where was Zorblat Quenn born?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)

@@ -86,7 +86,7 @@ class MemoryLlamaConfig(LlamaConfig):
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
-                "AutoModel": "modeling_memory_llama.MemoryLlamaForCausalLM",
+                "AutoModel": "modeling_memory_llama.MemoryLlamaModel",
                 "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
             }
 

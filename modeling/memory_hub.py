@@ -21,7 +21,7 @@ from huggingface_hub import (
     ModelCardData,
     hf_hub_download,
 )
-from huggingface_hub.errors import RemoteEntryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
 from transformers import PreTrainedTokenizerBase
 
 from .memory_state import MEMORY_BUFFERS, STATE_FORMAT, MemoryState, MemoryStateError
@@ -156,11 +156,17 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         top of the revision that was checked, so a concurrent push to the same branch fails instead of being lost.
         """
         api = HfApi(token=token)
-        if create_branch:
-            if revision is None:
-                raise ValueError("create_branch=True needs revision=<branch name>")
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        head = api.repo_info(repo_id, revision=revision).sha
+        if create_branch and revision is None:
+            raise ValueError("create_branch=True needs revision=<branch name>")
+        try:
+            if create_branch:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            head = api.repo_info(repo_id, revision=revision).sha
+        except RepositoryNotFoundError:
+            raise ValueError(
+                f"{repo_id} does not exist on the Hub (or this token cannot see it): push the whole model once with "
+                "model.push_to_hub(repo_id), then push memories"
+            ) from None
         self._check_remote_layout(repo_id, head, token)
         with tempfile.TemporaryDirectory() as folder:
             metadata = self._write_memory(folder)

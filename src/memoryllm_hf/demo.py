@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .default_model import load_default_model
+from .greedy import reply
+from .loading import load
 
 FACTS = [
     "Zorblat Quenn was born in the town of Velmora in the year 1962.",
@@ -66,11 +67,7 @@ def fact_slots_in_pool(model, facts: int) -> list[int]:
 
 def ask(model, tokenizer, question: str, use_memory: bool = True) -> str:
     """Greedy answer of the chat model to one question."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    out = model.generate(**ids, max_new_tokens=24, do_sample=False, use_memory=use_memory)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return reply(model, tokenizer, [{"role": "user", "content": question}], 24, use_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     start = time.perf_counter()
-    model, tokenizer = load_default_model(
-        args.adapter, num_memory_tokens=args.num_memory_tokens, num_update_tokens=args.num_update_tokens
+    model, tokenizer = load(
+        args.adapter or "default", num_memory_tokens=args.num_memory_tokens, num_update_tokens=args.num_update_tokens
     )
     cfg = model.config
     print(

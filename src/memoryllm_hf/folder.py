@@ -33,20 +33,6 @@ def folder_memory(folder: str | Path) -> MemoryState:
     return MemoryState.load(Path(folder) / MEMORY_FILE)
 
 
-def load_folder(folder: str | Path, read_mode: str | None = None):
-    """(model, tokenizer) of a MemoryLlama folder; its memory file is checked before any weights are read.
-    `read_mode` overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
-    from transformers import AutoTokenizer
-
-    from .modeling import MemoryLlamaForCausalLM
-
-    folder_config(folder)
-    folder_memory(folder)
-    overrides = {} if read_mode is None else {"read_mode": read_mode}
-    model = MemoryLlamaForCausalLM.from_pretrained(folder, **overrides).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
-
-
 def save_memory(folder: str | Path, model) -> None:
     """Write the model's memory into the folder's memory.safetensors and its long-term store beside it, atomically
     (weights are not touched)."""
@@ -86,8 +72,9 @@ def replaced_slots(before: MemoryState, after: MemoryState) -> int:
 def histogram_lines(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> list[str]:
     """A text histogram, one line per bin: `low - high | ###### count`."""
     values = values.float()
-    low = float(values.min())
-    high = max(float(values.max()), low + 1e-6)
+    low, high = float(values.min()), float(values.max())
+    if high == low:  # one value: no bins to draw (they would be 1e-7 wide)
+        return [f"{low:9.4g} (every value) | {'#' * HISTOGRAM_WIDTH} {values.numel()}"]
     counts = torch.histc(values, bins=bins, min=low, max=high).long().tolist()
     edges = torch.linspace(low, high, bins + 1).tolist()
     peak = max(max(counts), 1)
@@ -146,7 +133,8 @@ def plot_slot_norms(state: MemoryState, path: str | Path) -> None:
         axes.hist(layer_norms.numpy(), bins=30, histtype="step", label=f"layer {layer}")
     axes.set_xlabel("slot norm")
     axes.set_ylabel("slots")
-    axes.set_title(f"memory slot norms ({filled} filled slots per layer, {state.num_injections} injections)")
+    injections = f"{state.num_injections} injection{'s' * (state.num_injections != 1)}"
+    axes.set_title(f"memory slot norms ({filled} filled slots per layer, {injections})")
     if len(norms) <= 12:
         axes.legend(fontsize="small")
     figure.tight_layout()

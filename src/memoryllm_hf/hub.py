@@ -62,15 +62,15 @@ def push_folder(
     A memory-only push needs the repo to hold the same model already; `revision` is then created as a branch
     (from main) when missing. Returns the commit info.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .folder import folder_config
+    from .loading import load
 
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    folder_config(folder)
+    model, tokenizer = load(folder)  # tokenizer None when the folder has none
     if memory_only:
         return model.push_memory_to_hub(
             repo_id, revision=revision, commit_message=commit_message, create_branch=revision is not None, token=token
         )
-    has_tokenizer = any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
     return model.push_to_hub(
         repo_id, revision=revision, commit_message=commit_message, token=token, tokenizer=tokenizer
     )

@@ -4,13 +4,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from ..loading import DTYPE_NAMES
 from .data import default_data_dir, load_data
-from .models import DTYPES, load_model
 from .prompts import PROMPT_STYLES
-from .retention import DEFAULT_GRID
-from .runner import result_document, seed_everything, write_json
+
+# torch, the model and the tasks are imported when a task runs: `--help` stays fast.
 
 TASK_DATASETS = {
     "retention": ("squad", "nq"),
@@ -25,8 +23,15 @@ def _styles(args: argparse.Namespace) -> list[str]:
 
 
 def _setup(args: argparse.Namespace):
+    import torch
+
+    from .models import load_model
+    from .runner import seed_everything
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     seed_everything(args.seed)
     memory = {
         "num_memory_tokens": args.num_memory_tokens,
@@ -38,6 +43,8 @@ def _setup(args: argparse.Namespace):
 
 
 def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result: dict, plot=None) -> int:
+    from .runner import result_document, write_json
+
     config = {key: value for key, value in vars(args).items() if key != "func"}
     document = result_document(args.task, config, model_info, data_info, args.seed, **result)
     output = Path(args.output or Path("outputs") / "eval" / f"{args.task}-{data_info.get('dataset') or 'tiny'}.json")
@@ -65,8 +72,9 @@ def _print_summary(document: dict) -> None:
 
 def _retention(args: argparse.Namespace) -> int:
     from .plots import plot_retention
-    from .retention import run_retention
+    from .retention import DEFAULT_GRID, run_retention
 
+    args.grid = args.grid or list(DEFAULT_GRID)
     model, tokenizer, info = _setup(args)
     data = load_data(args.data, args.dataset, args.limit)
     depth = None if args.shared_depth < 0 else args.shared_depth
@@ -162,8 +170,8 @@ def _common(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--data", default=default_data_dir(), help="folder of the evaluation data (jsonl files)")
     parser.add_argument("--limit", type=int, help="first N examples (file order)")
     parser.add_argument("--output", help="results JSON (PNG beside it); default outputs/eval/TASK-DATASET.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--num-memory-tokens", type=int, help="N (default, tiny and adapter models)")
     parser.add_argument("--num-update-tokens", type=int, help="K (default, tiny and adapter models)")
@@ -181,7 +189,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     retention = tasks.add_parser("retention", help="accuracy vs unrelated contexts injected (SQuAD, NQ)")
     _common(retention, "retention")
-    retention.add_argument("--grid", type=lambda s: [int(k) for k in s.split(",")], default=list(DEFAULT_GRID))
+    retention.add_argument(
+        "--grid", type=lambda s: [int(k) for k in s.split(",")], help="unrelated contexts before each probe (0,1,2,...)"
+    )
     retention.add_argument("--context-tokens", type=int, default=512, help="tokens per unrelated context")
     retention.add_argument("--prefill", type=int, help="unrelated contexts written first (default: fill the pool)")
     retention.add_argument(

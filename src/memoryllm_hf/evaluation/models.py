@@ -1,71 +1,20 @@
 """Loading the model under evaluation: `default` (SmolLM2, training-free memory), `tiny` (random, CI), a trained
 adapter folder (`OUT/adapter` of `memoryllm_hf.train`) or a saved MemoryLlama folder."""
 
-import torch
+from ..loading import load
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Memory settings the command line may override (None = keep the model's own).
 MEMORY_FLAGS = ("num_memory_tokens", "num_update_tokens", "memory_update", "fresh_pool")
 
 
-def char_tokenizer():
-    """A character-level tokenizer (printable ASCII + newline, ids < 100) with a chat template, for tiny models."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [chr(code) for code in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{ch: i + 4 for i, ch in enumerate(chars)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
-    )
-    return tokenizer
-
-
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32", seed: int = 0, **memory):
     """(model in eval mode on `device`/`dtype`, tokenizer, description) for `spec` = default | tiny | adapter folder
-    | model folder.
-
-    `memory` holds MEMORY_FLAGS overrides; a saved model's memory config can only be overridden where the pool
-    shape stays the same (update rule), so N/K overrides apply to `default`, `tiny` and adapter folders only.
-    """
-    memory = {key: value for key, value in memory.items() if value is not None}
-    if spec == "default":
-        from ..default_model import load_default_model
-
-        model, tokenizer = load_default_model(**memory)
-    elif spec == "tiny":
-        from ..tiny import tiny_model
-
-        model, tokenizer = tiny_model(seed=seed, **memory), char_tokenizer()
-    elif _is_adapter_folder(spec):
-        from ..training.checkpoint import load_trained_model
-
-        model, tokenizer = load_trained_model(spec, **memory)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        shape = {key: memory.pop(key) for key in ("num_memory_tokens", "num_update_tokens") if key in memory}
-        if shape:
-            raise ValueError(f"{sorted(shape)} cannot be changed on a saved model; convert it again instead")
-        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, **memory)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+    | model folder (see `memoryllm_hf.load`). `memory` holds MEMORY_FLAGS overrides; a saved model keeps its pool
+    shape (N/K overrides apply to `default`, `tiny` and adapter folders only)."""
+    model, tokenizer = load(spec, device=device, dtype=dtype, seed=seed, **memory)
     if not hasattr(model, "inject"):
         raise ValueError(f"{spec} is not a MemoryLlama model (no inject()); convert it with `memoryllm-hf convert`")
-    model = model.to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
     return model, tokenizer, describe(model, spec)
-
-
-def _is_adapter_folder(spec: str) -> bool:
-    from ..training.checkpoint import is_adapter_folder  # training imports accelerate: only when a folder is given
-
-    return is_adapter_folder(spec)
 
 
 def describe(model, spec: str) -> dict:

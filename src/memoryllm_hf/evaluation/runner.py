@@ -11,6 +11,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
+from ..greedy import generate, greedy_config  # noqa: F401 (the tasks take them from here)
 from ..modeling.memory_storage import atomic_write
 
 
@@ -19,36 +20,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def greedy_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
-    """Explicit greedy decoding (a checkpoint's generation_config may sample; we never do so silently)."""
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-
-
 def decoding_info(config: GenerationConfig) -> dict:
     return {"do_sample": config.do_sample, "num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
-
-
-@torch.no_grad()
-def generate(
-    model, tokenizer, prompts: Sequence[Sequence[int]], use_memory: bool, config: GenerationConfig
-) -> list[str]:
-    """Greedy continuations of prompts generated as one left-padded batch, decoded without special tokens."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(list(prompt))
-        mask[row, width - len(prompt) :] = 1
-    output = model.generate(
-        ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config, use_memory=use_memory
-    )
-    return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
 
 def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +48,6 @@ def continuation_scores(
     prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
     row_of = [prefixes.index(tuple(prefix)) for prefix, _ in pairs]
     prefix_ids, prefix_mask = _right_padded(prefixes, pad_id)
-    memory = model.memory_prefix_length if use_memory and model.memory_is_initialized else 0
     first = model(
         input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_memory=use_memory, use_cache=True
     )
@@ -84,15 +56,8 @@ def continuation_scores(
     cache = first.cache
     cache.reorder_cache(torch.tensor(row_of, device=device))
     target_ids, target_mask = _right_padded([target for _, target in pairs], pad_id)
-    full_mask = torch.cat([torch.ones(len(pairs), memory, dtype=torch.long), prefix_mask[row_of], target_mask], 1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -target_ids.shape[1] :]
-    second = model(
-        input_ids=target_ids.to(device),
-        attention_mask=full_mask.to(device),
-        position_ids=positions.to(device),
-        cache=cache,
-        use_memory=use_memory,
-    )
+    mask = torch.cat([prefix_mask[row_of], target_mask], 1)  # the tokens so far: the model adds memory, positions
+    second = model(input_ids=target_ids.to(device), attention_mask=mask.to(device), cache=cache, use_memory=use_memory)
     # The distribution of target token j: after the prefix for j = 0, after target token j - 1 otherwise.
     logits = torch.cat([next_logits[row_of][:, None], second.logits[:, :-1]], dim=1)
     log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()

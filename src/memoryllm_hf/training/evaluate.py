@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation.data import read_jsonl
 from ..evaluation.metrics import normalize_answer
+from ..greedy import generate, greedy_config
 from .checkpoint import MODEL_CONFIG_FILE, load_trained_model
 from .config import ModelConfig
 from .model import build_model
@@ -22,17 +23,10 @@ from .model import build_model
 PROMPT = "Question: {question}\nAnswer:"
 
 
-@torch.no_grad()
 def answer(model, tokenizer, prompt: str, use_memory: bool, max_new_tokens: int = 10) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    out = model.generate(
-        ids,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        use_memory=use_memory,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
+    """First line of the greedy continuation of a plain prompt."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return generate(model, tokenizer, [ids], use_memory, greedy_config(tokenizer, max_new_tokens))[0].split("\n")[0]
 
 
 def qa_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:

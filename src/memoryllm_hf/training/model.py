@@ -5,6 +5,7 @@ from torch import nn
 
 from ..modeling import MemoryLlamaForCausalLM
 from ..peft_utils import train_builtin_memory_parameters
+from ..sources import load_base
 from .config import ModelConfig
 
 
@@ -14,35 +15,20 @@ def build_model(config: ModelConfig) -> tuple[MemoryLlamaForCausalLM, object | N
     if not config.lora:
         raise ValueError("model.lora is empty: training needs the write/read adapters (r, lora_alpha, target_modules)")
     memory = {
+        "read_mode": "pool",  # training optimises the pool read: no long-term store (unless the config asks)
         **config.memory,
         "memory_update": config.memory_update,
         "lora_config": config.lora,
         "add_decoder_lora": config.add_decoder_lora,
     }
+    model, tokenizer = load_base(config.base, seed=config.seed, **memory)
     if config.base == "tiny":
-        from ..tiny import tiny_model, tiny_tokenizer
-
-        model = tiny_model(seed=config.seed, **memory)
         for module in model.adapters.modules:  # fresh adapters change nothing, as after `from_base`
             module.adapter_A.reset()
             module.adapter_B.reset()
         with torch.no_grad():
             model.get_input_embeddings().weight.mul_(config.tiny_embedding_scale)
-        return model, tiny_tokenizer()
-    from transformers import AutoConfig, AutoTokenizer
-
-    if config.base == "smollm2":
-        from ..default_model import smollm2_base_folder
-
-        folder = str(smollm2_base_folder())
-    else:
-        folder = config.base
-    if AutoConfig.from_pretrained(folder).model_type == "llama":
-        # training optimises the pool read: no long-term store, no retrieval (unless the config asks)
-        model = MemoryLlamaForCausalLM.from_base(folder, **{"read_mode": "pool", **memory})
-    else:
-        model = MemoryLlamaForCausalLM.from_pretrained(folder, **memory)
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
 
 
 def mark_trainable(model: MemoryLlamaForCausalLM, train_memory_embeddings: bool) -> list[nn.Parameter]:

@@ -132,6 +132,6 @@ def enable_gradient_checkpointing(model) -> None:
     def context_fn():
         return contextlib.nullcontext(), _active_adapters(modules, [m.active_adapter for m in modules])
 
-    model.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn}
     )

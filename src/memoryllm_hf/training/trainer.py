@@ -17,6 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..loading import torch_dtype
 from .checkpoint import checkpoints, export_adapter, load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import DocumentExamples, ExampleSource
@@ -25,7 +26,6 @@ from .objective import PROCESSES, MemoryTrainingModule, StreamState, enable_grad
 from .plots import plot_loss_curves
 from .synthetic import KeyValueTask
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def make_accelerator(config: TrainConfig, cpu: bool = False) -> Accelerator:
@@ -196,7 +196,7 @@ class Trainer:
         """Adapter folder, loss history (jsonl), loss curves (PNG) and the config used, under `output_dir`."""
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        export_adapter(self.model, self.config.model, out / "adapter", DTYPES[self.config.export_dtype])
+        export_adapter(self.model, self.config.model, out / "adapter", torch_dtype(self.config.export_dtype))
         (out / "train_config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         (out / "losses.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.history))
         title = f"{self.config.model.base} ({self.config.model.memory_update} rule): training loss"
