@@ -29,6 +29,7 @@ from .memory_prefix import (
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, seeded_rng_state
 from .memory_storage import write_memory_shard
+from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +79,8 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
     config_class = MemoryLlamaConfig
     config: MemoryLlamaConfig
     _keys_to_ignore_on_load_missing = [r"^memory", r"^memory_embeddings\."]
+    # Batches of >1 rows reading the pool hold its keys/values once (`shared_prefix_attention`); False: per-row copies.
+    share_memory_prefix: bool = True
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
@@ -198,7 +201,11 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
 
     def memory_cache(self, batch_size: int = 1, slots: torch.Tensor | None = None, read_only: bool = False):
         """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows."""
-        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only)
+        prefix_kv = self._memory_key_values(slots)
+        shared = self.share_memory_prefix and slots is None and not read_only and not self.training
+        if shared and shares_prefix(self.config, batch_size):
+            return SharedPrefixCache(prefix_kv)
+        return seeded_cache(self.config, prefix_kv, batch_size, read_only)
 
     def _memory_prefix(self, batch_size: int, slots: torch.Tensor | None = None, read_only: bool = False):
         """(cache, prefix length) taken from one consistent memory state."""
@@ -242,17 +249,18 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         if drop_cache:
             outputs.cache = None
         return outputs
