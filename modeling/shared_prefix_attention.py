@@ -132,16 +132,16 @@ def shared_prefix_attention(
     scale = dim**-0.5 if scaling is None else scaling
     kv_heads, prefix_length = key.shape[1], prefix_keys.shape[-2]
     groups = heads // kv_heads
-    grouped = query.float().reshape(batch, kv_heads, groups, length, dim)  # query head h reads kv head h // groups
+    grouped = query.reshape(batch, kv_heads, groups, length, dim)  # query head h reads kv head h // groups
     # Prefix: every row's queries as one sequence per kv head, against the one copy of the prefix.
     stacked = grouped.transpose(0, 1).reshape(1, kv_heads, batch * groups * length, dim)
-    out_prefix, lse_prefix = _attend(stacked, prefix_keys.float(), prefix_values.float(), scale, None)
+    out_prefix, lse_prefix = _attend_prefix(stacked, prefix_keys, prefix_values, scale)
     out_prefix = out_prefix.view(kv_heads, batch, groups, length, dim).transpose(0, 1)
     lse_prefix = lse_prefix.view(kv_heads, batch, groups, length, 1).transpose(0, 1)
     # The rows' own keys, under the mask's own columns (or causal, aligned to the last query).
     own_mask = _own_mask(attention_mask, prefix_length, length, key.shape[-2], query.device)
     out_rows, lse_rows = _attend(
-        grouped.reshape(batch, kv_heads, groups * length, dim), key.float(), value.float(), scale, own_mask, groups
+        grouped.reshape(batch, kv_heads, groups * length, dim).float(), key.float(), value.float(), scale, own_mask, groups
     )
     out_rows = out_rows.view(batch, kv_heads, groups, length, dim)
     lse_rows = lse_rows.view(batch, kv_heads, groups, length, 1)
@@ -149,6 +149,17 @@ def shared_prefix_attention(
     out = out_prefix * torch.exp(lse_prefix - lse) + out_rows * torch.exp(lse_rows - lse)
     out = out.reshape(batch, heads, length, dim).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_prefix(query, keys, values, scale: float):
+    """`_attend` without a mask; on the CPU through torch's fused flash kernel (which returns the log-sum-exp too,
+    about 5x faster than the matmul-softmax-matmul at P = 4,097) unless a gradient is needed (the kernel's backward
+    ignores the gradient of its log-sum-exp)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, values))
+    if query.device.type == "cpu" and not needs_grad:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, False, scale=scale)[:2]
+        return out.float(), lse.float()[..., None]
+    return _attend(query.float(), keys.float(), values.float(), scale, None)
 
 
 def _attend(query, keys, values, scale: float, mask: torch.Tensor | None, groups: int = 1):

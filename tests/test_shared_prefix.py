@@ -81,7 +81,7 @@ def test_batched_greedy_equals_one_by_one(model):
     with counting_shared_attention() as calls:
         batched = generate(model, ids, attention_mask=mask, do_sample=False)
     assert len(calls) == NEW_TOKENS * model.config.num_hidden_layers and all(calls)
-    assert isinstance(batched.past_key_values, SharedPrefixCache)
+    assert isinstance(batched.cache, SharedPrefixCache)
     with per_row_copies(model):
         for i, row in enumerate(rows):
             single = generate(model, row[None], do_sample=False)
@@ -95,7 +95,7 @@ def test_batched_beam_search_equals_one_by_one(model):
     rows, ids, mask = left_padded(model, (6, 4))
     beams = {"num_beams": 3, "num_return_sequences": 2, "do_sample": False, "output_scores": True}
     batched = generate(model, ids, attention_mask=mask, **beams)
-    assert isinstance(batched.past_key_values, SharedPrefixCache)
+    assert isinstance(batched.cache, SharedPrefixCache)
     with per_row_copies(model):
         for i, row in enumerate(rows):
             single = generate(model, row[None], **beams)
@@ -110,7 +110,7 @@ def test_sampling_with_a_seed_equals_the_per_row_copy_batch(model):
     sample = {"do_sample": True, "top_k": 20, "num_return_sequences": 2, "attention_mask": mask}
     torch.manual_seed(7)
     batched = generate(model, ids, **sample)
-    assert isinstance(batched.past_key_values, SharedPrefixCache)
+    assert isinstance(batched.cache, SharedPrefixCache)
     with per_row_copies(model):
         torch.manual_seed(7)
         reference = generate(model, ids, **sample)
@@ -124,13 +124,13 @@ def test_the_batch_holds_no_per_row_copy_of_the_memory(model):
     _, ids, mask = left_padded(model)
     out = generate(model, ids, attention_mask=mask, do_sample=False)
     memory = model.memory_cache()  # the model's one copy of the memory keys/values
-    for layer, memory_layer in zip(out.past_key_values.layers, memory.layers, strict=True):
+    for layer, memory_layer in zip(out.cache.layers, memory.layers, strict=True):
         assert layer.prefix_keys.shape[0] == layer.prefix_values.shape[0] == 1
         assert layer.prefix_keys.data_ptr() == memory_layer.keys.data_ptr()
         assert layer.prefix_values.data_ptr() == memory_layer.values.data_ptr()
         # the rows hold only their own positions: prompt + generated tokens (the last one is never fed back)
         assert layer.keys.shape[:3] == (3, model.config.num_key_value_heads, ids.shape[1] + NEW_TOKENS - 1)
-    assert out.past_key_values.get_seq_length() == model.memory_prefix_length + ids.shape[1] + NEW_TOKENS - 1
+    assert out.cache.get_seq_length() == model.memory_prefix_length + ids.shape[1] + NEW_TOKENS - 1
 
 
 def test_where_sharing_does_not_apply_the_standard_cache_is_used(model):
@@ -219,3 +219,13 @@ def test_a_shared_prefix_has_batch_dimension_one():
     with pytest.raises(ValueError, match="batch dimension 1"):
         SharedPrefixCache([(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4))])
     assert isinstance(SharedPrefixCache([(torch.zeros(1, 1, 3, 4), torch.zeros(1, 1, 3, 4))]), DynamicCache)
+
+
+@torch.no_grad()
+def test_bfloat16_batch_matches_the_per_row_copy_batch(model):
+    model.to(torch.bfloat16)
+    _, ids, mask = left_padded(model)
+    logits = model(ids, attention_mask=mask).logits.float()
+    with per_row_copies(model):
+        reference = model(ids, attention_mask=mask).logits.float()
+    assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
