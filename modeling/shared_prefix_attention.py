@@ -23,7 +23,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-ATTENTION_NAME = "memory_shared_prefix"
+# One name per copy of this module: a checkpoint's remote code and the installed package may both be loaded, and each
+# function must see the cache class of its own copy.
+ATTENTION_NAME = f"memory_shared_prefix[{__name__}]"
 # The attention implementation the shared path replaces (its masks and its fallback).
 BASE_ATTENTION = "sdpa"
 CACHE_KWARG = "shared_prefix_cache"

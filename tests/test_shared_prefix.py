@@ -229,3 +229,20 @@ def test_bfloat16_batch_matches_the_per_row_copy_batch(model):
     with per_row_copies(model):
         reference = model(ids, attention_mask=mask).logits.float()
     assert (logits - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+@torch.no_grad()
+def test_a_second_copy_of_the_module_does_not_take_over_the_package_models(model):
+    """A checkpoint's remote code loads its own copy of this file next to the package's: each keeps its own
+    registration (a shared name would let the last copy's function meet the other copy's cache class)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("remote_copy.shared_prefix_attention", shared.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.ATTENTION_NAME != shared.ATTENTION_NAME
+    _, ids, mask = left_padded(model)
+    logits = model(ids, attention_mask=mask).logits
+    with per_row_copies(model):
+        reference = model(ids, attention_mask=mask).logits
+    assert (logits - reference).abs().max() <= 1e-5
