@@ -89,9 +89,7 @@ class BatchedRead:
     def batched(self, share: bool = True):
         self.model.share_memory_prefix = share
         try:
-            out = self.model.generate(
-                self.ids, attention_mask=self.mask, return_dict_in_generate=True, **self.options
-            )
+            out = self.model.generate(self.ids, attention_mask=self.mask, return_dict_in_generate=True, **self.options)
         finally:
             self.model.share_memory_prefix = True
         return out

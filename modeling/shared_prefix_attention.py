@@ -123,14 +123,18 @@ def shared_prefix_attention(
     """
     cache = kwargs.get(CACHE_KWARG)
     if not isinstance(cache, SharedPrefixCache):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     layer = cache.layers[module.layer_idx]
     prefix_keys, prefix_values = layer.prefix_keys, layer.prefix_values
     batch, heads, length, dim = query.shape
     if (dropout > 0 and module.training) or not cache.prefix_visible:
         keys = torch.cat([prefix_keys.expand(batch, -1, -1, -1), key], dim=-2)
         values = torch.cat([prefix_values.expand(batch, -1, -1, -1), value], dim=-2)
-        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scale = dim**-0.5 if scaling is None else scaling
     kv_heads, prefix_length = key.shape[1], prefix_keys.shape[-2]
     groups = heads // kv_heads
@@ -142,9 +146,8 @@ def shared_prefix_attention(
     lse_prefix = lse_prefix.view(kv_heads, batch, groups, length, 1).transpose(0, 1)
     # The rows' own keys, under the mask's own columns (or causal, aligned to the last query).
     own_mask = _own_mask(attention_mask, prefix_length, length, key.shape[-2], query.device)
-    out_rows, lse_rows = _attend(
-        grouped.reshape(batch, kv_heads, groups * length, dim).float(), key.float(), value.float(), scale, own_mask, groups
-    )
+    own_queries = grouped.reshape(batch, kv_heads, groups * length, dim).float()
+    out_rows, lse_rows = _attend(own_queries, key.float(), value.float(), scale, own_mask, groups)
     out_rows = out_rows.view(batch, kv_heads, groups, length, dim)
     lse_rows = lse_rows.view(batch, kv_heads, groups, length, 1)
     lse = torch.logaddexp(lse_prefix, lse_rows)
@@ -159,7 +162,9 @@ def _attend_prefix(query, keys, values, scale: float):
     ignores the gradient of its log-sum-exp)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, keys, values))
     if query.device.type == "cpu" and not needs_grad:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, 0.0, False, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, False, scale=scale
+        )[:2]
         return out.float(), lse.float()[..., None]
     return _attend(query.float(), keys.float(), values.float(), scale, None)
 

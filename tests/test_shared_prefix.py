@@ -17,7 +17,7 @@ NEW_TOKENS = 6
 
 @pytest.fixture(params=["output", "input"])
 def model(request):
-    """"output": official rule, tiled pool; "input": from_base-style training-free rule, growing pool."""
+    """The official rule with a tiled pool ("output"), the from_base-style training-free rule with a growing pool."""
     overrides = {"memory_update": "input", "fresh_pool": "grow"} if request.param == "input" else {}
     model = tiny_model(**overrides)
     model.inject(torch.randint(3, 128, (40,)))
@@ -58,9 +58,7 @@ def left_padded(model, lengths=(7, 3, 5)):
 
 
 def generate(model, ids, **kwargs):
-    return model.generate(
-        ids, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True, **kwargs
-    )
+    return model.generate(ids, max_new_tokens=NEW_TOKENS, output_logits=True, return_dict_in_generate=True, **kwargs)
 
 
 @torch.no_grad()
@@ -210,7 +208,9 @@ def test_attention_with_dropout_in_training_falls_back_to_sdpa_over_the_concaten
     torch.manual_seed(1)
     ours, _ = shared_prefix_attention(module, query, keys, values, mask, dropout=0.5, shared_prefix_cache=cache)
     torch.manual_seed(1)
-    full = [torch.cat([p.expand(2, -1, -1, -1), own], dim=-2) for p, own in ((prefix_keys, keys), (prefix_values, values))]
+    full = [
+        torch.cat([p.expand(2, -1, -1, -1), own], dim=-2) for p, own in ((prefix_keys, keys), (prefix_values, values))
+    ]
     reference, _ = sdpa_attention_forward(module, query, *full, mask, dropout=0.5)
     assert torch.equal(ours, reference)
 
