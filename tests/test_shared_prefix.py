@@ -290,3 +290,29 @@ def test_smollm2_full_memory_batched_chat_questions_equal_one_by_one(smollm2, on
                     assert (step[i] - step_single[0]).abs().max() <= 1e-2
     finally:
         model.load_memory_state(before)
+
+
+@torch.no_grad()
+def test_concurrent_shared_and_single_row_reads_stay_exact_and_restore_sdpa(model, one_thread):
+    """The attention switch is per forward: threads mixing shared batches and single rows each get their own
+    result, and the model is back on sdpa afterwards."""
+    import threading
+
+    _, ids, mask = left_padded(model)
+    expected_batch, expected_row = model(ids, attention_mask=mask).logits, model(ids[:1]).logits
+    errors = []
+
+    @torch.no_grad()  # (grad mode is per thread)
+    def read(batched: bool):
+        for _ in range(15):
+            got = model(ids, attention_mask=mask).logits if batched else model(ids[:1]).logits
+            reference = expected_batch if batched else expected_row
+            errors.append(float((got - reference).abs().max()))
+
+    threads = [threading.Thread(target=read, args=(i % 2 == 0,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 60 and max(errors) <= 1e-6
+    assert model.config._attn_implementation == "sdpa" and not shared._SWITCHED
