@@ -29,6 +29,8 @@ ATTENTION_NAME = f"memory_shared_prefix[{__name__}]"
 # The attention implementation the shared path replaces (its masks and its fallback).
 BASE_ATTENTION = "sdpa"
 CACHE_KWARG = "shared_prefix_cache"
+# Most score elements one explicit prefix-attention block may hold (64 Mi: 256 MB in float32).
+SCORES_BUDGET = 64 * 2**20
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -166,7 +168,12 @@ def _attend_prefix(query, keys, values, scale: float):
             query, keys, values, 0.0, False, scale=scale
         )[:2]
         return out.float(), lse.float()[..., None]
-    return _attend(query.float(), keys.float(), values.float(), scale, None)
+    # Elsewhere (other devices, or with gradient): explicit scores, in blocks of queries so that one block's scores
+    # stay within SCORES_BUDGET elements (all rows' queries against the whole prefix would not fit for long prompts).
+    keys, values = keys.float(), values.float()
+    block = max(1, SCORES_BUDGET // (query.shape[1] * keys.shape[-2]))
+    parts = [_attend(chunk.float(), keys, values, scale, None) for chunk in query.split(block, dim=-2)]
+    return torch.cat([out for out, _ in parts], dim=-2), torch.cat([lse for _, lse in parts], dim=-2)
 
 
 def _attend(query, keys, values, scale: float, mask: torch.Tensor | None, groups: int = 1):

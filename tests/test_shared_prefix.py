@@ -316,3 +316,14 @@ def test_concurrent_shared_and_single_row_reads_stay_exact_and_restore_sdpa(mode
         thread.join()
     assert len(errors) == 60 and max(errors) <= 1e-6
     assert model.config._attn_implementation == "sdpa" and not shared._SWITCHED
+
+
+def test_the_explicit_prefix_path_in_query_blocks_equals_one_block(model, monkeypatch):
+    """With a gradient (or off the CPU) the prefix part is explicit, in blocks of queries within SCORES_BUDGET."""
+    _, ids, mask = left_padded(model)
+    whole = model(ids, attention_mask=mask).logits  # gradient enabled: explicit path, one block
+    monkeypatch.setattr(shared, "SCORES_BUDGET", 2 * model.memory_prefix_length)  # blocks of one query per kv head
+    blocks = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(blocks, whole, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, whole, atol=1e-5, rtol=0)
