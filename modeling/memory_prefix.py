@@ -93,7 +93,7 @@ def seeded_cache(
         cache = StaticCache(config=config, max_cache_len=max_cache_len)
         for layer, (keys, values) in zip(cache.layers, prefix_kv, strict=True):
             layer.update(keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1))
-        return _record_prefix(cache, prefix_kv, prefix_mask)
+        return record_prefix(cache, prefix_kv, prefix_mask)
     if read_only:
         cache = Cache(layers=[ReadOnlyPrefixLayer() for _ in prefix_kv])
     elif _full_attention_only(config):
@@ -106,10 +106,11 @@ def seeded_cache(
         if keys.shape[0] != batch_size:
             keys, values = keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
         layer.keys, layer.values = keys, values
-    return _record_prefix(cache, prefix_kv, prefix_mask)
+    return record_prefix(cache, prefix_kv, prefix_mask)
 
 
-def _record_prefix(cache: Cache, prefix_kv: PrefixKV, prefix_mask: torch.Tensor | None) -> Cache:
+def record_prefix(cache: Cache, prefix_kv: PrefixKV, prefix_mask: torch.Tensor | None = None) -> Cache:
+    """Mark `cache` as starting with the memory prefix `prefix_kv` (and, if not all ones, each row's `prefix_mask`)."""
     setattr(cache, PREFIX_LENGTH_ATTRIBUTE, prefix_kv[0][0].shape[-2])
     if prefix_mask is not None and not bool(prefix_mask.all()):
         setattr(cache, PREFIX_MASK_ATTRIBUTE, prefix_mask)

@@ -31,11 +31,13 @@ from .memory_prefix import (
     extend_attention_mask,
     positions_from_mask,
     prefix_key_values,
+    record_prefix,
     seeded_cache,
 )
 from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
 from .memory_storage import write_memory_shard
 from .memory_store import default_long_term_tokens, write_long_term_file
+from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
 
 logger = logging.get_logger(__name__)
 
@@ -96,6 +98,8 @@ class MemoryLlamaForCausalLM(
     config_class = MemoryLlamaConfig
     config: MemoryLlamaConfig
     _keys_to_ignore_on_load_missing = [r"^memory", r"^memory_embeddings\."]
+    # Batches of >1 rows reading the pool hold its keys/values once (`shared_prefix_attention`); False: per-row copies.
+    share_memory_prefix: bool = True
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
@@ -229,8 +233,13 @@ class MemoryLlamaForCausalLM(
         max_cache_len: int | None = None,
     ):
         """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
-        (a `StaticCache` of `max_cache_len` positions when given)."""
-        return seeded_cache(self.config, self._memory_key_values(slots), batch_size, read_only, max_cache_len)
+        (a `StaticCache` of `max_cache_len` positions when given). Rows of a batch share one copy of the pool's
+        prefix (`SharedPrefixCache`, see `share_memory_prefix`)."""
+        prefix_kv = self._memory_key_values(slots)
+        shared = self.share_memory_prefix and slots is None and not read_only and not self.training
+        if shared and max_cache_len is None and shares_prefix(self.config, batch_size):
+            return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
+        return seeded_cache(self.config, prefix_kv, batch_size, read_only, max_cache_len)
 
     def _memory_prefix(
         self,
@@ -336,17 +345,18 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         if drop_cache:
             outputs.cache = None
         return outputs

@@ -169,3 +169,16 @@ def test_seeded_cache_keeps_the_config_layers_for_sliding_windows():
     config = MistralConfig(sliding_window=4, num_hidden_layers=2)
     cache = seeded_cache(config, prefix_for(config), 1)
     assert [type(layer) for layer in cache.layers] == [type(layer) for layer in DynamicCache(config=config).layers]
+
+
+def test_batched_read_prints_the_ratio_and_equal_outputs(run_script):
+    from benchmarks.batched_read import COLUMNS
+
+    printed, result = run_script(
+        "batched_read", "--memory-tokens", "64", "--update-tokens", "8", "--questions", "3", "--new-tokens", "3"
+    )
+    assert_table(printed, "batched_read", COLUMNS, rows=1)
+    (row,) = result["rows"]
+    assert row["questions"] == 3 and row["outputs_equal"] is True
+    assert row["batched_vs_one_by_one"] > 0 and row["copy_vs_one_by_one"] > 0
+    assert row["cache_MB"] < row["copy_cache_MB"]  # the shared batch holds the memory keys/values once

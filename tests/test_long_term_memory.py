@@ -321,3 +321,28 @@ def test_cached_block_key_values_equal_a_fresh_computation_and_follow_weight_cha
     model.__dict__.pop("_retrieval_kv_cache")
     assert (changed - first).abs().max() > 1e-5
     assert (model(prompt).logits - changed).abs().max() < 1e-6
+
+
+@torch.no_grad()
+def test_retrieval_reads_continue_from_a_returned_cache():
+    """Rows whose retrieved prefixes differ in length (left-padded) continue from the cache generate returned: each
+    step equals a from-scratch read of the whole sequence (which retrieves the same injections here)."""
+    model = retrieval_model(read_tokens=7)
+    generator = torch.Generator().manual_seed(2)
+    stored = [torch.randint(3, 128, (n,), generator=generator) for n in (2, 6, 3, 5)]
+    for ids in stored:
+        model.inject(ids)
+    prompt = torch.stack([stored[1], torch.cat([stored[0], stored[2], stored[0][:1]])])
+    picks = model.retrieve(prompt)
+    first = model.generate(prompt, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert first.cache.memory_prefix_mask is not None  # the rows' prefixes really differ in length
+    turn = torch.cat([first.sequences, torch.randint(3, 128, (2, 3), generator=generator)], dim=1)
+    second = model.generate(
+        turn, cache=first.cache, max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    sequence = turn
+    for step, logits in enumerate(second.logits):
+        reference = model(sequence).logits[:, -1]
+        assert model.last_retrieval == picks  # the reference reads what the cache holds
+        assert (reference - logits).abs().max() < 1e-5, f"step {step}"
+        sequence = torch.cat([sequence, second.sequences[:, turn.shape[1] + step][:, None]], dim=1)

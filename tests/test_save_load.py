@@ -110,7 +110,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
     model.inject(torch.randint(3, 128, (30,)))
     folder = tmp_path / "ckpt"
     model.save_pretrained(folder)
-    prompt, context = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 9))
+    prompt, context = torch.randint(3, 128, (2, 5)), torch.randint(3, 128, (1, 9))  # 2 rows: shared-prefix reads
     with torch.no_grad():
         expected = {
             "memory": model.memory.clone(),

@@ -325,3 +325,12 @@ def test_both_checkpointing_names_keep_the_memory_prefix(name):
         warnings.simplefilter("ignore", FutureWarning)  # the old name is deprecated by transformers itself
         getattr(model, name)()
     assert all(layer._can_checkpoint_with_cache for layer in model.model.layers)
+
+
+@torch.no_grad()
+def test_a_batch_continues_from_its_shared_prefix_cache(model):
+    """Two rows share one copy of the memory prefix (SharedPrefixCache); continuing from that cache works too."""
+    first = model.generate(torch.randint(3, 128, (2, 5)), max_new_tokens=3, **GREEDY)
+    turn = torch.cat([first.sequences, torch.randint(3, 128, (2, 4))], dim=1)
+    second = model.generate(turn, cache=first.cache, max_new_tokens=3, **GREEDY)
+    assert_matches_recomputation(model, turn, second)
