@@ -145,7 +145,8 @@ def test_retention_end_to_end(data_dir, tmp_path):
     assert first["decoding"]["do_sample"] is False and first["prompt_styles"] == ["plain", "chat"]
     assert first["data"]["num_examples"] == 3 and len(first["data"]["file_sha256"]) == 2
     record = first["records"][0]
-    assert set(record["memory"]) == set(record["in_context"]) == {"0", "1", "2"}
+    assert set(record["memory"]) == set(record["same_text"]) == {"0", "1", "2"}
+    assert set(record["passage_only"]) == set(record["no_memory"]) == {"plain", "chat"}
     assert set(record["memory"]["2"]["chat"]) >= {"generation", "answer", "exact_hit", "f1", "exact_match"}
     assert record["updates_after_related"]["0"] == 0 < record["updates_after_related"]["1"]
     metrics = first["metrics"]
@@ -207,8 +208,8 @@ def test_retention_sharing_is_recorded_and_optional(data_dir, tmp_path):
     assert sum(r["chunks"]["shared"] for r in shared["records"]) > 0
     assert sum(r["chunks"]["shared"] for r in exact["records"]) == 0
     assert exact["protocol"]["shared_depth"] is None
-    in_context = exact["metrics"]["plain"]["in_context"]
-    assert in_context["0"]["n"] == 3 and in_context["2"]["n"] == 0
+    same_text = exact["metrics"]["plain"]["same_text"]
+    assert same_text["0"]["n"] == 3 and same_text["2"]["n"] == 0
 
 
 def test_editing_end_to_end(data_dir, tmp_path):

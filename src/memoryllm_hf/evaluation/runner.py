@@ -1,5 +1,7 @@
 """What every task shares: seeding, greedy generation, continuation log-probabilities, the results file."""
 
+import dataclasses
+import hashlib
 import json
 import platform
 import random
@@ -11,12 +13,25 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
+from ..modeling.memory_state import MemoryState, seeded_rng_state
 from ..modeling.memory_storage import atomic_write
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def example_seed(seed: int, key: str) -> int:
+    """A seed for one example, derived from the run's `seed` and the example's id (a stable hash: the same in every
+    process and Python version, unlike `hash()`), so examples draw independent but reproducible drops."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def with_drop_seed(state: MemoryState, seed: int) -> MemoryState:
+    """`state` whose drop generator restarts from `seed` (the pool itself is shared, not copied)."""
+    return dataclasses.replace(state, rng_state=seeded_rng_state(seed).to(state.rng_state.device))
 
 
 def greedy_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
