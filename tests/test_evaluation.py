@@ -357,3 +357,239 @@ def test_batched_generation_matches_single_prompts():
     for use_memory in (False, True):
         alone = [generate(model, tokenizer, [prompt], use_memory, config)[0] for prompt in prompts]
         assert generate(model, tokenizer, prompts, use_memory, config) == alone
+
+
+# ---------------------------------------------------------------- independent drops, baselines, overrides
+
+
+def _retention_data(count: int, same_text: bool = False):
+    """EvalData with `count` questions (identical texts with `same_text`) and enough unrelated paragraphs."""
+    from memoryllm_hf.evaluation.data import EvalData
+
+    examples = [
+        {
+            "id": f"q{i}",
+            "article": "Rivers",
+            "context": "The rivers page says the key is k0." if same_text else f"The page {i} says the key is k{i}.",
+            "question": "What is the key?",
+            "answers": ["k0"],
+        }
+        for i in range(count)
+    ]
+    unrelated = [{"id": f"p{i}", "article": f"A{i}", "text": f"U{i:02d} paragraph on topic {i}."} for i in range(40)]
+    return EvalData("squad", examples, unrelated)
+
+
+def test_example_seed_is_a_stable_hash_of_seed_and_id():
+    from memoryllm_hf.evaluation.runner import example_seed
+
+    assert example_seed(0, "q1") == example_seed(0, "q1")
+    assert len({example_seed(0, "q1"), example_seed(0, "q2"), example_seed(1, "q1")}) == 3
+    assert example_seed(0, "q1") == 7670228066775147330  # the same in every process (no salted hash())
+
+
+@torch.no_grad()
+def test_retention_draws_drops_per_question_reproducibly(monkeypatch):
+    """Two questions with the same texts: their pools differ once drops happen (independent drop realisations), and
+    a second run gives the same pools (reproducible from the seed)."""
+    from memoryllm_hf.evaluation import replay, retention
+
+    pools = []
+    load = replay.QuestionChain.load
+
+    def spy(chain):
+        pools.append(chain.pool.materialize().memory.clone())
+        load(chain)
+
+    monkeypatch.setattr(replay.QuestionChain, "load", spy)
+    runs = []
+    for _ in range(2):
+        pools.clear()
+        model, tokenizer = tiny_model(), char_tokenizer()
+        retention.run_retention(
+            model,
+            tokenizer,
+            _retention_data(2, same_text=True),
+            ["plain"],
+            grid=[0, 3],
+            context_tokens=24,
+            max_new_tokens=1,
+            in_context_max_k=0,
+            shared_depth=None,
+        )
+        runs.append(list(pools))
+    (first_k0, first_k3, second_k0, second_k3) = runs[0]
+    assert not torch.equal(first_k3, second_k3)  # same texts, other drops
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+
+
+def test_retention_baselines_are_the_passage_and_the_same_text(monkeypatch):
+    """passage only = the passage + question; same text = prefill + passage + k unrelated contexts + question, cut
+    from the left to the window (the question kept); memory prompts hold only the question."""
+    from memoryllm_hf.evaluation import retention
+
+    calls = []
+
+    def spy(model, tokenizer, prompts, use_memory, config):
+        calls.extend((tokenizer.decode(ids), use_memory) for ids in prompts)
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(retention, "generate", spy)
+    model, tokenizer = tiny_model(), char_tokenizer()
+    data = _retention_data(1)
+    tail = "\n\nQuestion: What is the key? Answer:"
+    for window in (1000, 110):
+        calls.clear()
+        result = retention.run_retention(
+            model, tokenizer, data, ["plain"], grid=[0, 2], context_tokens=24, max_new_tokens=2, window=window
+        )
+        record = result["records"][0]
+        contexts = retention.unrelated_contexts(data.unrelated, tokenizer, "article", 24)
+        prefill = [contexts[i].text for i in range(result["protocol"]["prefill_contexts"])]
+        unrelated = [contexts[i].text for i in record["unrelated_contexts"]]
+        passage = data.examples[0]["context"]
+        asked = [text for text, use_memory in calls if not use_memory]
+        assert [text for text, use_memory in calls if use_memory] == ["Question: What is the key? Answer:"] * 2
+        assert asked[0] == "Question: What is the key? Answer:" and asked[1] == passage + tail
+        for k, text in zip((0, 2), asked[2:], strict=True):
+            full = "\n\n".join([*prefill, passage, *unrelated[:k]]) + tail
+            assert text.endswith(tail) and len(text) + 2 <= window
+            if window == 1000:
+                assert text == full and "truncated_tokens" not in record["same_text"][str(k)]["plain"]
+            else:  # cut from the left: a suffix of the same text
+                assert (
+                    full.endswith(text[-len(tail) - 40 :]) and record["same_text"][str(k)]["plain"]["truncated_tokens"]
+                )
+        assert set(record) >= {"no_memory", "passage_only", "memory", "same_text", "passage_injections"}
+
+
+def test_retention_records_what_a_retrieving_model_retrieved(monkeypatch):
+    from memoryllm_hf.evaluation import retention
+
+    monkeypatch.setattr(
+        retention, "generate", lambda model, tokenizer, prompts, use_memory, config: ["x"] * len(prompts)
+    )
+    model, tokenizer = tiny_model(), char_tokenizer()
+    model.last_retrieval = [torch.tensor([3, 1]), [2]]  # what a model with retrieval reports per batch row
+    result = retention.run_retention(
+        model, tokenizer, _retention_data(1), ["plain", "chat"], grid=[0], context_tokens=24, max_new_tokens=2
+    )
+    record = result["records"][0]
+    assert record["memory"]["0"]["plain"]["retrieved"] == [3, 1] and record["memory"]["0"]["chat"]["retrieved"] == [2]
+    assert "retrieved" not in record["no_memory"]["plain"] and "retrieved" not in record["same_text"]["0"]["plain"]
+    assert record["passage_injections"] == [5, 6]  # after two prefill contexts of two chunks each
+
+
+def test_config_overrides_reach_the_model_and_unknown_fields_fail(data_dir, tmp_path):
+    from transformers import LlamaConfig
+
+    from memoryllm_hf.evaluation.models import check_overrides, parse_overrides
+
+    assert parse_overrides(["memory_seed=5", "read_mode=retrieve", "x=0.5"]) == {
+        "memory_seed": 5,
+        "read_mode": "retrieve",
+        "x": 0.5,
+    }
+    result = _run("integrity", data_dir, tmp_path / "o.json", "--updates", "1", "--set", "memory_seed=5")
+    assert result["model"]["memory"]["memory_seed"] == 5 and result["config"]["set"] == ["memory_seed=5"]
+    assert "--set memory_seed=5" in report(tmp_path / "o.json")
+    with pytest.raises(ValueError, match="has no field 'read_mode'.*drop --read-mode"):
+        check_overrides(LlamaConfig, {"read_mode": "retrieve"})
+    with pytest.raises(ValueError, match="has no field 'no_such_field'"):
+        _run("integrity", data_dir, tmp_path / "p.json", "--updates", "1", "--set", "no_such_field=1")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["read_mode"])
+
+
+def test_read_mode_passes_through_to_the_config(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.models import config_fields
+    from memoryllm_hf.modeling import MemoryLlamaConfig
+
+    if "read_mode" not in config_fields(MemoryLlamaConfig):
+        with pytest.raises(ValueError, match="no field 'read_mode'"):
+            _run("integrity", data_dir, tmp_path / "r.json", "--updates", "1", "--read-mode", "retrieve")
+        return
+    result = _run("integrity", data_dir, tmp_path / "r.json", "--updates", "1", "--read-mode", "retrieve")
+    assert result["model"]["read"]["read_mode"] == "retrieve"
+
+
+# ---------------------------------------------------------------- resumable, splittable runs
+
+SHARD_ARGS = {
+    "retention": ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
+    "editing": ["--sequential", "--prompt-style", "plain"],
+    "longcontext": ["--max-new-tokens", "2", "--prompt-style", "chat"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(SHARD_ARGS))
+def test_shards_merged_equal_one_run(data_dir, tmp_path, task):
+    from memoryllm_hf.evaluation.report import main as report_main
+
+    whole = _run(task, data_dir, tmp_path / "whole.json", *SHARD_ARGS[task])
+    for shard in range(2):
+        _run(task, data_dir, tmp_path / f"s{shard}.json", *SHARD_ARGS[task], "--shard", f"{shard}/2")
+    shards = [str(tmp_path / f"s{shard}.json") for shard in (1, 0)]
+    second = json.loads((tmp_path / "s1.json").read_text())["records"]
+    assert _drop_times(second) == _drop_times(whole["records"][1::2])
+    assert report_main(["--merge", str(tmp_path / "merged.json"), *shards]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [s["shard"] for s in merged.pop("shards")] == [[0, 2], [1, 2]]
+    assert _drop_times(merged) == _drop_times(whole)
+    with pytest.raises(ValueError, match="every shard"):
+        report_main(["--merge", str(tmp_path / "bad.json"), shards[0]])
+
+
+def _log_lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path):
+    """A real process killed mid-run, resumed: the records equal those of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = _retention_data(8)
+    _write(folder, "squad_qa.jsonl", data.examples)
+    _write(folder, "squad_paragraphs.jsonl", data.unrelated)
+    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1,2", "--context-tokens", "24"]
+    argv += ["--max-new-tokens", "4", "--threads", "1"]
+    killed = tmp_path / "killed.json"
+    log = tmp_path / "killed.records.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memoryllm_hf.evaluation", *argv, "--output", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(_log_lines(log)) >= 3:  # header + 2 records
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    done = len(_log_lines(log)) - 1
+    assert process.returncode == -signal.SIGKILL and 2 <= done < 8 and not killed.exists()
+    with open(log, "a") as handle:  # as if the kill had come in the middle of writing a record
+        handle.write('{"key": "q7", "index": 7, "rec')
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(["eval", *argv, "--output", str(killed)])
+    with pytest.raises(ValueError, match="max_new_tokens: 4 in the log, 3 now"):
+        main(["eval", *argv[:-3], "3", "--threads", "1", "--output", str(killed), "--resume"])
+    assert main(["eval", *argv, "--threads", "2", "--output", str(killed), "--resume"]) == 0
+    assert len(_log_lines(log)) == 1 + 8  # each record once, the cut line gone
+    whole = _run_argv(argv, tmp_path / "whole.json")
+    resumed = json.loads(killed.read_text())
+    assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+
+
+def _run_argv(argv, out):
+    assert main(["eval", *argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())

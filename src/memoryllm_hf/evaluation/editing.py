@@ -204,7 +204,10 @@ def metrics_of(document: dict) -> dict:
     sequential = document.get("sequential")
     if sequential:
         if "shard_documents" in document:  # merging shards: their probes back in order
-            sequential = {**sequential, "records": interleave([d["sequential"]["records"] for d in document["shard_documents"]])}
+            sequential = {
+                **sequential,
+                "records": interleave([d["sequential"]["records"] for d in document["shard_documents"]]),
+            }
         fields["sequential"] = {
             **sequential,
             **sequential_metrics(sequential["records"], styles, sequential["age_buckets"]),

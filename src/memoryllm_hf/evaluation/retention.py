@@ -247,7 +247,10 @@ def aggregate(
         for k in map(str, grid):
             rows = {
                 **{condition: [r[condition][style] for r in records] for condition in ONCE},
-                **{condition: [r[condition][k][style] for r in records if r[condition][k][style]] for condition in PER_K},
+                **{
+                    condition: [r[condition][k][style] for r in records if r[condition][k][style]]
+                    for condition in PER_K
+                },
             }
             for condition, scores in rows.items():
                 curves[condition][k] = {
