@@ -557,8 +557,8 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     data = _retention_data(8)
     _write(folder, "squad_qa.jsonl", data.examples)
     _write(folder, "squad_paragraphs.jsonl", data.unrelated)
-    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1,2", "--context-tokens", "24"]
-    argv += ["--max-new-tokens", "4", "--threads", "1"]
+    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1", "--context-tokens", "24"]
+    argv += ["--prompt-style", "plain", "--max-new-tokens", "4", "--threads", "1"]
     killed = tmp_path / "killed.json"
     log = tmp_path / "killed.records.jsonl"
     process = subprocess.Popen(
@@ -593,3 +593,32 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
 def _run_argv(argv, out):
     assert main(["eval", *argv, "--output", str(out)]) == 0
     return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["qa", "tiny"])
+def test_integrity_resumes_after_its_last_row(data_dir, tmp_path, monkeypatch, mode):
+    """Interrupted after 5 injections (rows every 2), resumed: the rows equal an unbroken run's; only the latest
+    memory checkpoint is kept."""
+    from memoryllm_hf.evaluation import integrity
+
+    extra = ["--updates", "7", "--record-every", "2", "--probe", "teacher-forced"]
+    extra += ["--tiny"] if mode == "tiny" else []
+    whole = _run("integrity", data_dir, tmp_path / "whole.json", *extra)
+    statistics, calls = integrity.memory_statistics, []
+
+    def interrupted(model):
+        calls.append(model.num_injections)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return statistics(model)
+
+    monkeypatch.setattr(integrity, "memory_statistics", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run("integrity", data_dir, tmp_path / "cut.json", *extra)
+    monkeypatch.setattr(integrity, "memory_statistics", statistics)
+    kept = sorted(path.name for path in tmp_path.glob("cut.records.jsonl.memory-*"))
+    assert kept == ["cut.records.jsonl.memory-4.safetensors"]
+    resumed = _run("integrity", data_dir, tmp_path / "cut.json", *extra, "--resume")
+    assert [row["injections"] for row in resumed["rows"]] == [2, 4, 6, 7]
+    assert _drop_times(resumed["rows"]) == _drop_times(whole["rows"])
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])

@@ -156,8 +156,6 @@ def _integrity(args: argparse.Namespace) -> int:
 
     if args.shard:
         raise ValueError("integrity is one chain of injections; it cannot be split into shards (drop --shard)")
-    if args.resume:
-        raise ValueError("integrity runs cannot be resumed yet (drop --resume)")
     if args.tiny:
         args.model = "tiny"
     model, tokenizer, info = _setup(args)
@@ -182,6 +180,7 @@ def _integrity(args: argparse.Namespace) -> int:
         args.seed,
         args.probe_every,
         args.max_new_tokens or 16,
+        log=_log(args, info, data_info),
     )
     result.update(prompt_styles=[style] if examples else [])
     return _finish(args, info, data_info, result, plot_integrity)

@@ -131,6 +131,11 @@ class RecordLog:
         self._append({"key": key, "index": index, "record": record})
         self._records[key] = (index, record)
 
+    def get(self, key: str) -> dict | None:
+        """The finished record of `key`, or None."""
+        found = self._records.get(key)
+        return found[1] if found is not None else None
+
     def records(self, keys: Iterable[str]) -> list[dict]:
         """This shard's records of `keys`, in their order (every one must be finished)."""
         keys = list(keys)
