@@ -335,9 +335,16 @@ def test_continuation_scores_match_full_forward_passes(use_memory):
     """Shared prefixes, different lengths, padding: each score equals the one read off a plain forward pass."""
     model = tiny_model(memory_update="input", fresh_pool="grow")
     model.inject(list(range(10, 40)))
+    header = [20, 21, 22, 23, 24, 25]  # a shared start (chat header) is run once
     pairs = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8], [11]), ([5, 6], [12, 13, 14, 15, 16])]
+    one_token = [(header + [7], [9]), (header + [8, 9], [10]), (header, [11]), (header + [7], [12])]
+    shared = [(header + [7, 8], [9, 10, 11]), (header + [9], [12, 13]), ([30, 31], [32, 33]), ([40], [41, 42])]
     scores = continuation_scores(model, pairs, use_memory)
-    for (prefix, target), score in zip(pairs, scores, strict=True):
+    for (prefix, target), score in [
+        *zip(pairs, scores, strict=True),
+        *zip(one_token, continuation_scores(model, one_token, use_memory), strict=True),
+        *zip(shared, continuation_scores(model, shared, use_memory), strict=True),
+    ]:
         log_probs = model(torch.tensor([prefix + target]), use_memory=use_memory).logits.log_softmax(-1)[0]
         steps = log_probs[len(prefix) - 1 : len(prefix) + len(target) - 1]
         expected = steps[torch.arange(len(target)), torch.tensor(target)].sum()

@@ -76,6 +76,31 @@ def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def _shared_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens at the start of every row, leaving each row at least one token of its own."""
+    shortest = min(map(len, rows)) - 1
+    for position in range(shortest):
+        if len({row[position] for row in rows}) > 1:
+            return position
+    return max(shortest, 0)
+
+
+def _extend(model, ids, mask, cache, use_memory: bool, keep):
+    """Forward `ids` [B, n] after `cache` (None: a fresh read, `mask` then covers `ids` only; else it covers the
+    cached positions too) with logits at the positions `keep` of `ids` only; returns (logits, cache)."""
+    positions = None if cache is None else (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :].to(model.device)
+    output = model(
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        position_ids=positions,
+        cache=cache,
+        use_memory=use_memory,
+        use_cache=True,
+        logits_to_keep=keep.to(model.device),
+    )
+    return output.logits, output.cache
+
+
 @torch.no_grad()
 def continuation_scores(
     model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], use_memory: bool, pad_id: int = 0
@@ -84,32 +109,37 @@ def continuation_scores(
     log-probabilities), `greedy` (every target token is the argmax: greedy decoding would produce the target) and
     `token_accuracy` (fraction of target tokens that are the argmax).
 
-    Each distinct prefix is run once (right-padded batch); the targets then continue from its cache rows.
+    The tokens every prefix starts with (a chat template's header, an in-context statement) are run once; each
+    distinct rest of a prefix once (right-padded batch); the targets then continue from its cache rows. Logits are
+    computed only where a score reads them.
     """
-    device = model.device
     prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
-    row_of = [prefixes.index(tuple(prefix)) for prefix, _ in pairs]
-    prefix_ids, prefix_mask = _right_padded(prefixes, pad_id)
+    row_of = torch.tensor([prefixes.index(tuple(prefix)) for prefix, _ in pairs])
     memory = model.memory_prefix_length if use_memory and model.memory_is_initialized else 0
-    first = model(
-        input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), use_memory=use_memory, use_cache=True
-    )
-    lengths = prefix_mask.sum(-1)
-    next_logits = first.logits[torch.arange(len(prefixes), device=device), (lengths - 1).to(device)]
-    cache = first.cache
-    cache.reorder_cache(torch.tensor(row_of, device=device))
+    shared, cache = _shared_length(prefixes), None
+    mask = torch.ones(len(prefixes), memory + shared, dtype=torch.long)
+    if shared:
+        ids = torch.tensor([prefixes[0][:shared]])
+        _, cache = _extend(model, ids, torch.ones_like(ids), None, use_memory, torch.tensor([shared - 1]))
+        cache.reorder_cache(torch.zeros(len(prefixes), dtype=torch.long, device=model.device))
+    rest_ids, rest_mask = _right_padded([prefix[shared:] for prefix in prefixes], pad_id)
+    mask = torch.cat([mask, rest_mask], 1) if cache is not None else rest_mask
+    ends = rest_mask.sum(-1) - 1
+    kept, column = torch.unique(ends, return_inverse=True)
+    logits, cache = _extend(model, rest_ids, mask, cache, use_memory, kept)
+    next_logits = logits[torch.arange(len(prefixes), device=logits.device), column.to(logits.device)][row_of]
     target_ids, target_mask = _right_padded([target for _, target in pairs], pad_id)
-    full_mask = torch.cat([torch.ones(len(pairs), memory, dtype=torch.long), prefix_mask[row_of], target_mask], 1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -target_ids.shape[1] :]
-    second = model(
-        input_ids=target_ids.to(device),
-        attention_mask=full_mask.to(device),
-        position_ids=positions.to(device),
-        cache=cache,
-        use_memory=use_memory,
-    )
-    # The distribution of target token j: after the prefix for j = 0, after target token j - 1 otherwise.
-    logits = torch.cat([next_logits[row_of][:, None], second.logits[:, :-1]], dim=1)
+    logits = next_logits[:, None]
+    if target_ids.shape[1] > 1:  # the distribution of target token j > 0: after target token j - 1
+        if memory and cache is None:  # (not reached: a memory read always leaves a cache)
+            raise RuntimeError("continuation_scores lost the memory cache")
+        cache.reorder_cache(row_of.to(model.device))
+        if memory and not shared:
+            mask = torch.cat([torch.ones(len(prefixes), memory, dtype=torch.long), mask], 1)
+        full = torch.cat([mask[row_of], target_mask], 1)
+        keep = torch.arange(target_ids.shape[1] - 1)
+        later, _ = _extend(model, target_ids[:, :-1], full[:, :-1], cache, use_memory, keep)
+        logits = torch.cat([logits, later], dim=1)
     log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
     scores = []
     for row, (_, target) in enumerate(pairs):
