@@ -81,7 +81,9 @@ def retention_table(result: dict) -> str:
     grid = result["protocol"]["grid"]
     rows = []
     for style in _styles(result):
-        for condition in ("no_memory", "passage_only", "memory", "same_text"):
+        # (results files of the earlier protocol have one in-context condition, "in_context": related + k texts)
+        conditions = ("no_memory", "passage_only", "memory", "same_text", "in_context")
+        for condition in [c for c in conditions if c in result["metrics"][style]]:
             cells = result["metrics"][style][condition]
             rows.append([style, condition.replace("_", " "), *(cells[str(k)]["exact_hit"] for k in grid)])
         rows.append([style, "memory meets no memory at k", result["metrics"][style]["memory_meets_no_memory_at_k"]])
