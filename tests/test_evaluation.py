@@ -354,6 +354,21 @@ def test_continuation_scores_match_full_forward_passes(use_memory):
 
 
 @torch.no_grad()
+def test_extending_prompts_reuse_the_cache_and_answer_like_plain_generation():
+    from memoryllm_hf.evaluation.runner import ExtendingPrompts, generate, greedy_config
+
+    model, tokenizer = tiny_model(), char_tokenizer()
+    config = greedy_config(tokenizer, 6)
+    texts = ["The first passage.", "The first passage. And a second one.", "Cut: a second one.", "Cut: a second"]
+    prompts = [tokenizer(f"{text}\nQuestion: where? Answer:")["input_ids"] for text in texts]
+    chain = ExtendingPrompts(model, tokenizer, config)
+    for ids in prompts:
+        assert chain.answer(ids) == generate(model, tokenizer, [ids], False, config)[0]
+    # reused: "The first passage." (18), then "Cut: a second" (13)
+    assert chain.reused == len(tokenizer("The first passage.")["input_ids"]) + len("Cut: a second")
+
+
+@torch.no_grad()
 def test_batched_generation_matches_single_prompts():
     from memoryllm_hf.evaluation.runner import generate, greedy_config
 
@@ -441,7 +456,12 @@ def test_retention_baselines_are_the_passage_and_the_same_text(monkeypatch):
         calls.extend((tokenizer.decode(ids), use_memory) for ids in prompts)
         return ["x"] * len(prompts)
 
+    def answer(prompts, ids):
+        calls.append((prompts.tokenizer.decode(ids), False))
+        return "x"
+
     monkeypatch.setattr(retention, "generate", spy)
+    monkeypatch.setattr(retention.ExtendingPrompts, "answer", answer)
     model, tokenizer = tiny_model(), char_tokenizer()
     data = _retention_data(1)
     tail = "\n\nQuestion: What is the key? Answer:"

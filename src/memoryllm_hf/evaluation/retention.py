@@ -28,7 +28,15 @@ from .metrics import mean, score_answer
 from .prompts import Prompter
 from .records import RecordLog
 from .replay import QuestionChain, ReferenceChain, Write, chunk_writes
-from .runner import Timer, decoding_info, example_seed, generate, greedy_config, with_drop_seed
+from .runner import (
+    ExtendingPrompts,
+    Timer,
+    decoding_info,
+    example_seed,
+    generate,
+    greedy_config,
+    with_drop_seed,
+)
 
 DEFAULT_GRID = (0, 1, 2, 4, 8, 16, 32, 64)
 # Conditions per style: asked once per question (the same at every k) / at every k.
@@ -195,6 +203,7 @@ def _run_question(
     # The same text as the memory got, in the prompt: the passage ends this many context tokens in.
     lead = "\n\n".join([*(c.text for c in prefill), example["context"]])
     passage_end = len(tokenizer(lead, add_special_tokens=False)["input_ids"])
+    same_text = {style: ExtendingPrompts(model, tokenizer, setup.decoding) for style in setup.prompters}
     for k in range(setup.grid[-1] + 1):
         if k:
             chain.write(setup.writes_of(unrelated[k - 1]))
@@ -206,13 +215,14 @@ def _run_question(
         record["same_text"][str(k)] = {style: None for style in setup.prompters}
         if setup.in_context_max_k is None or k <= setup.in_context_max_k:
             text = "\n\n".join([lead, *(c.text for c in unrelated[:k])])
-            prompts = {
-                style: p.question(example["question"], text, reserve=reserve) for style, p in setup.prompters.items()
-            }
-            # Once the passage is cut away completely the prompt no longer holds it: not run (None).
-            kept = {style: prompt for style, prompt in prompts.items() if prompt.truncated_tokens < passage_end}
-            record["same_text"][str(k)].update(_ask(model, tokenizer, kept, False, setup.decoding, example["answers"]))
+            for style, prompter in setup.prompters.items():
+                prompt = prompter.question(example["question"], text, reserve=reserve)
+                # Once the passage is cut away completely the prompt no longer holds it: not run (None).
+                if prompt.truncated_tokens < passage_end:
+                    generation = same_text[style].answer(prompt.ids)
+                    record["same_text"][str(k)][style] = _scores(prompt, generation, example["answers"])
     record["chunks"] = chain.counts
+    record["same_text_reused_tokens"] = sum(prompts.reused for prompts in same_text.values())
     return record
 
 
@@ -223,15 +233,22 @@ def _ask(model, tokenizer, prompts: dict, use_memory: bool, decoding, answers) -
     if not prompts:
         return {}
     generations = generate(model, tokenizer, [prompt.ids for prompt in prompts.values()], use_memory, decoding)
-    scores = {style: score_answer(text, answers) for style, text in zip(prompts, generations, strict=True)}
-    for style, prompt in prompts.items():
-        if prompt.truncated_tokens:
-            scores[style]["truncated_tokens"] = prompt.truncated_tokens
+    scores = {
+        style: _scores(prompt, text, answers)
+        for (style, prompt), text in zip(prompts.items(), generations, strict=True)
+    }
     retrieval = getattr(model, "last_retrieval", None) if use_memory else None
     if retrieval is not None:
         for row, style in enumerate(prompts):
             ids = retrieval[row] if row < len(retrieval) else None
             scores[style]["retrieved"] = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return scores
+
+
+def _scores(prompt, generation: str, answers) -> dict:
+    scores = score_answer(generation, answers)
+    if prompt.truncated_tokens:
+        scores["truncated_tokens"] = prompt.truncated_tokens
     return scores
 
 

@@ -66,6 +66,44 @@ def generate(
     return tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
 
 
+class ExtendingPrompts:
+    """Greedy answers (batch 1, no memory) to a series of prompts that mostly extend one another (retention's
+    same-text prompts across k): the previous prompt's cache, cut back to the tokens both prompts start with, is
+    reused and only the rest is run. The cache then holds exactly the keys/values of those tokens, so this is the
+    same computation (up to float rounding of a split prefill); a prompt that starts differently (cut from the left
+    by the window) is run from scratch. `reused` counts the prompt tokens not run again."""
+
+    def __init__(self, model, tokenizer, config: GenerationConfig):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = GenerationConfig(**{**config.to_dict(), "return_dict_in_generate": True})
+        self.ids: list[int] = []
+        self.cache = None
+        self.reused = 0
+
+    @torch.no_grad()
+    def answer(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        common = 0
+        # (the last prompt token is always run: it gives the first logits)
+        for old, new in zip(self.ids, ids[:-1], strict=False):
+            if old != new:
+                break
+            common += 1
+        cache = self.cache if common else None
+        if cache is not None and cache.get_seq_length() > common:
+            cache.crop(common - cache.get_seq_length())
+        tokens = torch.tensor([ids], device=self.model.device)
+        output = self.model.generate(
+            tokens,
+            attention_mask=torch.ones_like(tokens),
+            generation_config=self.config,
+            use_memory=False,
+            cache=cache,
+        )
+        self.ids, self.cache, self.reused = ids, output["cache"], self.reused + common
+        return self.tokenizer.decode(output["sequences"][0, len(ids) :], skip_special_tokens=True)
+
+
 def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
