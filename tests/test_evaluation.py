@@ -364,6 +364,11 @@ def test_extending_prompts_reuse_the_cache_and_answer_like_plain_generation():
     chain = ExtendingPrompts(model, tokenizer, config)
     for ids in prompts:
         assert chain.answer(ids) == generate(model, tokenizer, [ids], False, config)[0]
+        # the kept cache starts with exactly this prompt's keys/values
+        fresh = model(torch.tensor([ids]), use_memory=False, use_cache=True).cache
+        for kept, plain in zip(chain.cache.layers, fresh.layers, strict=True):
+            torch.testing.assert_close(kept.keys[:, :, : len(ids)], plain.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kept.values[:, :, : len(ids)], plain.values, rtol=1e-5, atol=1e-5)
     # reused: "The first passage." (18), then "Cut: a second" (13)
     assert chain.reused == len(tokenizer("The first passage.")["input_ids"]) + len("Cut: a second")
 
