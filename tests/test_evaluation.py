@@ -654,3 +654,14 @@ def test_integrity_resumes_after_its_last_row(data_dir, tmp_path, monkeypatch, m
     assert [row["injections"] for row in resumed["rows"]] == [2, 4, 6, 7]
     assert _drop_times(resumed["rows"]) == _drop_times(whole["rows"])
     assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+
+
+def test_shard_option_is_checked(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.records import parse_shard
+
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="cannot be split into shards"):
+        _run("integrity", data_dir, tmp_path / "i.json", "--updates", "1", "--shard", "0/2")

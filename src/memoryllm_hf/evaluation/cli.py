@@ -186,6 +186,13 @@ def _integrity(args: argparse.Namespace) -> int:
     return _finish(args, info, data_info, result, plot_integrity)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _common(parser: argparse.ArgumentParser, task: str) -> None:
     datasets = TASK_DATASETS[task]
     parser.add_argument(
@@ -224,7 +231,7 @@ def _common(parser: argparse.ArgumentParser, task: str) -> None:
     shard_help = "run only items I, I+N, I+2N, ... (merge the shards with `python -m memoryllm_hf.evaluation.report`)"
     if task == "integrity":
         shard_help = argparse.SUPPRESS
-    parser.add_argument("--shard", type=parse_shard, metavar="I/N", help=shard_help)
+    parser.add_argument("--shard", type=_shard, metavar="I/N", help=shard_help)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
