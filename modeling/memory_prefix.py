@@ -114,6 +114,14 @@ def record_prefix(cache: Cache, prefix_kv: PrefixKV, prefix_mask: torch.Tensor |
     setattr(cache, PREFIX_LENGTH_ATTRIBUTE, prefix_kv[0][0].shape[-2])
     if prefix_mask is not None and not bool(prefix_mask.all()):
         setattr(cache, PREFIX_MASK_ATTRIBUTE, prefix_mask)
+        reorder = cache.reorder_cache
+
+        def reorder_cache(beam_idx: torch.LongTensor) -> None:  # the rows' prefix masks follow their rows
+            reorder(beam_idx)
+            mask = getattr(cache, PREFIX_MASK_ATTRIBUTE)
+            setattr(cache, PREFIX_MASK_ATTRIBUTE, mask[beam_idx.to(mask.device)])
+
+        cache.reorder_cache = reorder_cache
     return cache
 
 

@@ -143,3 +143,26 @@ def test_question_influence_on_later_chunks_fades_on_smollm2(smollm2):
     difference = [float((a - b).norm() / a.norm()) for a, b in zip(*slots, strict=True)]
     assert difference[6] < 1e-3 < difference[0]
     assert difference[6] < difference[3] < difference[0]
+
+
+@torch.no_grad()
+def test_prefill_sharing_stays_exact_with_per_question_drop_seeds():
+    """A question whose chain is the reference's own writes but with its own drop seed: short writes (fewer than K
+    slots) leave drop survivors in the next write's window, so only the writes that see the reference's window may
+    take its slots; the result equals plain injection with the question's seed, bit for bit."""
+    from memoryllm_hf.evaluation.runner import with_drop_seed
+
+    rule = {"memory_update": "input", "fresh_pool": "grow"}
+    model, naive = tiny_model(**rule), tiny_model(**rule)
+    texts = _texts(24, seed=8, low=3, high=6)  # 3-5 slots per write, K = 6
+    writes = [w for i, ids in enumerate(texts) for w in _writes(model, f"u{i}", ids)]
+    start = model.memory_state()
+    reference = ReferenceChain(model, writes, start, depth=2)
+    mine = with_drop_seed(start, 1234)
+    chain = QuestionChain(model, mine, reference)
+    chain.write(writes)
+    naive.load_memory_state(mine)
+    for ids in texts:
+        naive.inject(ids)
+    _assert_same_state(chain.pool.materialize(), naive)
+    assert chain.counts["shared"] > 0 and chain.counts["computed"] > 0  # both cases occurred

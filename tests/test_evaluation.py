@@ -145,7 +145,8 @@ def test_retention_end_to_end(data_dir, tmp_path):
     assert first["decoding"]["do_sample"] is False and first["prompt_styles"] == ["plain", "chat"]
     assert first["data"]["num_examples"] == 3 and len(first["data"]["file_sha256"]) == 2
     record = first["records"][0]
-    assert set(record["memory"]) == set(record["in_context"]) == {"0", "1", "2"}
+    assert set(record["memory"]) == set(record["same_text"]) == {"0", "1", "2"}
+    assert set(record["passage_only"]) == set(record["no_memory"]) == {"plain", "chat"}
     assert set(record["memory"]["2"]["chat"]) >= {"generation", "answer", "exact_hit", "f1", "exact_match"}
     assert record["updates_after_related"]["0"] == 0 < record["updates_after_related"]["1"]
     metrics = first["metrics"]
@@ -207,8 +208,8 @@ def test_retention_sharing_is_recorded_and_optional(data_dir, tmp_path):
     assert sum(r["chunks"]["shared"] for r in shared["records"]) > 0
     assert sum(r["chunks"]["shared"] for r in exact["records"]) == 0
     assert exact["protocol"]["shared_depth"] is None
-    in_context = exact["metrics"]["plain"]["in_context"]
-    assert in_context["0"]["n"] == 3 and in_context["2"]["n"] == 0
+    same_text = exact["metrics"]["plain"]["same_text"]
+    assert same_text["0"]["n"] == 3 and same_text["2"]["n"] == 0
 
 
 def test_editing_end_to_end(data_dir, tmp_path):
@@ -334,15 +335,42 @@ def test_continuation_scores_match_full_forward_passes(use_memory):
     """Shared prefixes, different lengths, padding: each score equals the one read off a plain forward pass."""
     model = tiny_model(memory_update="input", fresh_pool="grow")
     model.inject(list(range(10, 40)))
+    header = [20, 21, 22, 23, 24, 25]  # a shared start (chat header) is run once
     pairs = [([5, 6, 7, 8], [9, 10]), ([5, 6, 7, 8], [11]), ([5, 6], [12, 13, 14, 15, 16])]
+    one_token = [(header + [7], [9]), (header + [8, 9], [10]), (header, [11]), (header + [7], [12])]
+    shared = [(header + [7, 8], [9, 10, 11]), (header + [9], [12, 13]), ([30, 31], [32, 33]), ([40], [41, 42])]
     scores = continuation_scores(model, pairs, use_memory)
-    for (prefix, target), score in zip(pairs, scores, strict=True):
+    for (prefix, target), score in [
+        *zip(pairs, scores, strict=True),
+        *zip(one_token, continuation_scores(model, one_token, use_memory), strict=True),
+        *zip(shared, continuation_scores(model, shared, use_memory), strict=True),
+    ]:
         log_probs = model(torch.tensor([prefix + target]), use_memory=use_memory).logits.log_softmax(-1)[0]
         steps = log_probs[len(prefix) - 1 : len(prefix) + len(target) - 1]
         expected = steps[torch.arange(len(target)), torch.tensor(target)].sum()
         assert score["logprob"] == pytest.approx(float(expected), abs=1e-5)
         assert score["greedy"] is bool((steps.argmax(-1) == torch.tensor(target)).all())
     assert scores[0]["logprob"] != scores[1]["logprob"]
+
+
+@torch.no_grad()
+def test_extending_prompts_reuse_the_cache_and_answer_like_plain_generation():
+    from memoryllm_hf.evaluation.runner import ExtendingPrompts, generate, greedy_config
+
+    model, tokenizer = tiny_model(), char_tokenizer()
+    config = greedy_config(tokenizer, 6)
+    texts = ["The first passage.", "The first passage. And a second one.", "Cut: a second one.", "Cut: a second"]
+    prompts = [tokenizer(f"{text}\nQuestion: where? Answer:")["input_ids"] for text in texts]
+    chain = ExtendingPrompts(model, tokenizer, config)
+    for ids in prompts:
+        assert chain.answer(ids) == generate(model, tokenizer, [ids], False, config)[0]
+        # the kept cache starts with exactly this prompt's keys/values
+        fresh = model(torch.tensor([ids]), use_memory=False, use_cache=True).cache
+        for kept, plain in zip(chain.cache.layers, fresh.layers, strict=True):
+            torch.testing.assert_close(kept.keys[:, :, : len(ids)], plain.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kept.values[:, :, : len(ids)], plain.values, rtol=1e-5, atol=1e-5)
+    # reused: "The first passage." (18), then "Cut: a second" (13)
+    assert chain.reused == len(tokenizer("The first passage.")["input_ids"]) + len("Cut: a second")
 
 
 @torch.no_grad()
@@ -356,3 +384,288 @@ def test_batched_generation_matches_single_prompts():
     for use_memory in (False, True):
         alone = [generate(model, tokenizer, [prompt], use_memory, config)[0] for prompt in prompts]
         assert generate(model, tokenizer, prompts, use_memory, config) == alone
+
+
+# ---------------------------------------------------------------- independent drops, baselines, overrides
+
+
+def _retention_data(count: int, same_text: bool = False):
+    """EvalData with `count` questions (identical texts with `same_text`) and enough unrelated paragraphs."""
+    from memoryllm_hf.evaluation.data import EvalData
+
+    examples = [
+        {
+            "id": f"q{i}",
+            "article": "Rivers",
+            "context": "The rivers page says the key is k0." if same_text else f"The page {i} says the key is k{i}.",
+            "question": "What is the key?",
+            "answers": ["k0"],
+        }
+        for i in range(count)
+    ]
+    unrelated = [{"id": f"p{i}", "article": f"A{i}", "text": f"U{i:02d} paragraph on topic {i}."} for i in range(40)]
+    return EvalData("squad", examples, unrelated)
+
+
+def test_example_seed_is_a_stable_hash_of_seed_and_id():
+    from memoryllm_hf.evaluation.runner import example_seed
+
+    assert example_seed(0, "q1") == example_seed(0, "q1")
+    assert len({example_seed(0, "q1"), example_seed(0, "q2"), example_seed(1, "q1")}) == 3
+    assert example_seed(0, "q1") == 7670228066775147330  # the same in every process (no salted hash())
+
+
+@torch.no_grad()
+def test_retention_draws_drops_per_question_reproducibly(monkeypatch):
+    """Two questions with the same texts: their pools differ once drops happen (independent drop realisations), and
+    a second run gives the same pools (reproducible from the seed)."""
+    from memoryllm_hf.evaluation import replay, retention
+
+    pools = []
+    load = replay.QuestionChain.load
+
+    def spy(chain):
+        pools.append(chain.pool.materialize().memory.clone())
+        load(chain)
+
+    monkeypatch.setattr(replay.QuestionChain, "load", spy)
+    runs = []
+    for _ in range(2):
+        pools.clear()
+        model, tokenizer = tiny_model(), char_tokenizer()
+        retention.run_retention(
+            model,
+            tokenizer,
+            _retention_data(2, same_text=True),
+            ["plain"],
+            grid=[0, 3],
+            context_tokens=24,
+            max_new_tokens=1,
+            in_context_max_k=0,
+            shared_depth=None,
+        )
+        runs.append(list(pools))
+    (first_k0, first_k3, second_k0, second_k3) = runs[0]
+    assert not torch.equal(first_k3, second_k3)  # same texts, other drops
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1], strict=True))
+
+
+def test_retention_baselines_are_the_passage_and_the_same_text(monkeypatch):
+    """passage only = the passage + question; same text = prefill + passage + k unrelated contexts + question, cut
+    from the left to the window (the question kept); memory prompts hold only the question."""
+    from memoryllm_hf.evaluation import retention
+
+    calls = []
+
+    def spy(model, tokenizer, prompts, use_memory, config):
+        calls.extend((tokenizer.decode(ids), use_memory) for ids in prompts)
+        return ["x"] * len(prompts)
+
+    def answer(prompts, ids):
+        calls.append((prompts.tokenizer.decode(ids), False))
+        return "x"
+
+    monkeypatch.setattr(retention, "generate", spy)
+    monkeypatch.setattr(retention.ExtendingPrompts, "answer", answer)
+    model, tokenizer = tiny_model(), char_tokenizer()
+    data = _retention_data(1)
+    tail = "\n\nQuestion: What is the key? Answer:"
+    for window in (1000, 110):
+        calls.clear()
+        result = retention.run_retention(
+            model, tokenizer, data, ["plain"], grid=[0, 2], context_tokens=24, max_new_tokens=2, window=window
+        )
+        record = result["records"][0]
+        contexts = retention.unrelated_contexts(data.unrelated, tokenizer, "article", 24)
+        prefill = [contexts[i].text for i in range(result["protocol"]["prefill_contexts"])]
+        unrelated = [contexts[i].text for i in record["unrelated_contexts"]]
+        passage = data.examples[0]["context"]
+        asked = [text for text, use_memory in calls if not use_memory]
+        assert [text for text, use_memory in calls if use_memory] == ["Question: What is the key? Answer:"] * 2
+        assert asked[0] == "Question: What is the key? Answer:" and asked[1] == passage + tail
+        for k, text in zip((0, 2), asked[2:], strict=True):
+            full = "\n\n".join([*prefill, passage, *unrelated[:k]]) + tail
+            assert text.endswith(tail) and len(text) + 2 <= window
+            if window == 1000:
+                assert text == full and "truncated_tokens" not in record["same_text"][str(k)]["plain"]
+            else:  # cut from the left: a suffix of the same text
+                assert (
+                    full.endswith(text[-len(tail) - 40 :]) and record["same_text"][str(k)]["plain"]["truncated_tokens"]
+                )
+        assert set(record) >= {"no_memory", "passage_only", "memory", "same_text", "passage_injections"}
+
+
+def test_retention_records_what_a_retrieving_model_retrieved(monkeypatch):
+    from memoryllm_hf.evaluation import retention
+
+    monkeypatch.setattr(
+        retention, "generate", lambda model, tokenizer, prompts, use_memory, config: ["x"] * len(prompts)
+    )
+    model, tokenizer = tiny_model(), char_tokenizer()
+    model.last_retrieval = [torch.tensor([3, 1]), [2]]  # what a model with retrieval reports per batch row
+    result = retention.run_retention(
+        model, tokenizer, _retention_data(1), ["plain", "chat"], grid=[0], context_tokens=24, max_new_tokens=2
+    )
+    record = result["records"][0]
+    assert record["memory"]["0"]["plain"]["retrieved"] == [3, 1] and record["memory"]["0"]["chat"]["retrieved"] == [2]
+    assert "retrieved" not in record["no_memory"]["plain"] and "retrieved" not in record["same_text"]["0"]["plain"]
+    assert record["passage_injections"] == [5, 6]  # after two prefill contexts of two chunks each
+
+
+def test_config_overrides_reach_the_model_and_unknown_fields_fail(data_dir, tmp_path):
+    from transformers import LlamaConfig
+
+    from memoryllm_hf.evaluation.models import check_overrides, parse_overrides
+
+    assert parse_overrides(["memory_seed=5", "read_mode=retrieve", "x=0.5"]) == {
+        "memory_seed": 5,
+        "read_mode": "retrieve",
+        "x": 0.5,
+    }
+    result = _run("integrity", data_dir, tmp_path / "o.json", "--updates", "1", "--set", "memory_seed=5")
+    assert result["model"]["memory"]["memory_seed"] == 5 and result["config"]["set"] == ["memory_seed=5"]
+    assert "--set memory_seed=5" in report(tmp_path / "o.json")
+    with pytest.raises(ValueError, match="has no field 'read_mode'.*drop --read-mode"):
+        check_overrides(LlamaConfig, {"read_mode": "retrieve"})
+    with pytest.raises(ValueError, match="has no field 'no_such_field'"):
+        _run("integrity", data_dir, tmp_path / "p.json", "--updates", "1", "--set", "no_such_field=1")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["read_mode"])
+
+
+def test_read_mode_passes_through_to_the_config(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.models import config_fields
+    from memoryllm_hf.modeling import MemoryLlamaConfig
+
+    if "read_mode" not in config_fields(MemoryLlamaConfig):
+        with pytest.raises(ValueError, match="no field 'read_mode'"):
+            _run("integrity", data_dir, tmp_path / "r.json", "--updates", "1", "--read-mode", "retrieve")
+        return
+    with pytest.raises(ValueError, match="long_term_memory_tokens > 0"):  # the tiny model has no store by default
+        _run("integrity", data_dir, tmp_path / "r.json", "--updates", "1", "--read-mode", "retrieve")
+    args = ("--updates", "1", "--read-mode", "retrieve", "--set", "long_term_memory_tokens=64")
+    result = _run("integrity", data_dir, tmp_path / "r.json", *args)
+    assert result["model"]["read"]["read_mode"] == "retrieve"
+    assert result["model"]["read"]["long_term_memory_tokens"] == 64
+
+
+# ---------------------------------------------------------------- resumable, splittable runs
+
+SHARD_ARGS = {
+    "retention": ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
+    "editing": ["--sequential", "--prompt-style", "plain"],
+    "longcontext": ["--max-new-tokens", "2", "--prompt-style", "chat"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(SHARD_ARGS))
+def test_shards_merged_equal_one_run(data_dir, tmp_path, task):
+    from memoryllm_hf.evaluation.report import main as report_main
+
+    whole = _run(task, data_dir, tmp_path / "whole.json", *SHARD_ARGS[task])
+    for shard in range(2):
+        _run(task, data_dir, tmp_path / f"s{shard}.json", *SHARD_ARGS[task], "--shard", f"{shard}/2")
+    shards = [str(tmp_path / f"s{shard}.json") for shard in (1, 0)]
+    second = json.loads((tmp_path / "s1.json").read_text())["records"]
+    assert _drop_times(second) == _drop_times(whole["records"][1::2])
+    assert report_main(["--merge", str(tmp_path / "merged.json"), *shards]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [s["shard"] for s in merged.pop("shards")] == [[0, 2], [1, 2]]
+    assert _drop_times(merged) == _drop_times(whole)
+    with pytest.raises(ValueError, match="every shard"):
+        report_main(["--merge", str(tmp_path / "bad.json"), shards[0]])
+
+
+def _log_lines(path):
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_killed_run_resumes_to_the_same_records(tmp_path):
+    """A real process killed mid-run, resumed: the records equal those of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = _retention_data(8)
+    _write(folder, "squad_qa.jsonl", data.examples)
+    _write(folder, "squad_paragraphs.jsonl", data.unrelated)
+    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1", "--context-tokens", "24"]
+    argv += ["--prompt-style", "plain", "--max-new-tokens", "4", "--threads", "1"]
+    killed = tmp_path / "killed.json"
+    log = tmp_path / "killed.records.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "memoryllm_hf.evaluation", *argv, "--output", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if log.exists() and len(_log_lines(log)) >= 3:  # header + 2 records
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    done = len(_log_lines(log)) - 1
+    assert process.returncode == -signal.SIGKILL and 2 <= done < 8 and not killed.exists()
+    with open(log, "a") as handle:  # as if the kill had come in the middle of writing a record
+        handle.write('{"key": "q7", "index": 7, "rec')
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(["eval", *argv, "--output", str(killed)])
+    with pytest.raises(ValueError, match="max_new_tokens: 4 in the log, 3 now"):
+        main(["eval", *argv[:-3], "3", "--threads", "1", "--output", str(killed), "--resume"])
+    assert main(["eval", *argv, "--threads", "2", "--output", str(killed), "--resume"]) == 0
+    assert len(_log_lines(log)) == 1 + 8  # each record once, the cut line gone
+    whole = _run_argv(argv, tmp_path / "whole.json")
+    resumed = json.loads(killed.read_text())
+    assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+
+
+def _run_argv(argv, out):
+    assert main(["eval", *argv, "--output", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["qa", "tiny"])
+def test_integrity_resumes_after_its_last_row(data_dir, tmp_path, monkeypatch, mode):
+    """Interrupted after 5 injections (rows every 2), resumed: the rows equal an unbroken run's; only the latest
+    memory checkpoint is kept."""
+    from memoryllm_hf.evaluation import integrity
+
+    extra = ["--updates", "7", "--record-every", "2", "--probe", "teacher-forced"]
+    extra += ["--tiny"] if mode == "tiny" else []
+    whole = _run("integrity", data_dir, tmp_path / "whole.json", *extra)
+    statistics, calls = integrity.memory_statistics, []
+
+    def interrupted(model):
+        calls.append(model.num_injections)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return statistics(model)
+
+    monkeypatch.setattr(integrity, "memory_statistics", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run("integrity", data_dir, tmp_path / "cut.json", *extra)
+    monkeypatch.setattr(integrity, "memory_statistics", statistics)
+    kept = sorted(path.name for path in tmp_path.glob("cut.records.jsonl.memory-*"))
+    assert kept == ["cut.records.jsonl.memory-4.safetensors"]
+    resumed = _run("integrity", data_dir, tmp_path / "cut.json", *extra, "--resume")
+    assert [row["injections"] for row in resumed["rows"]] == [2, 4, 6, 7]
+    assert _drop_times(resumed["rows"]) == _drop_times(whole["rows"])
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+
+
+def test_shard_option_is_checked(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.records import parse_shard
+
+    assert parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "1", "a/b", "-1/2"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="cannot be split into shards"):
+        _run("integrity", data_dir, tmp_path / "i.json", "--updates", "1", "--shard", "0/2")

@@ -25,29 +25,53 @@ def _styles(args: argparse.Namespace) -> list[str]:
 def _setup(args: argparse.Namespace):
     import torch
 
-    from .models import load_model
-    from .runner import seed_everything
+    from .models import load_model, parse_overrides
+    from .runner import Timer, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     seed_everything(args.seed)
+    args.timer = Timer()
     memory = {
         "num_memory_tokens": args.num_memory_tokens,
         "num_update_tokens": args.num_update_tokens,
         "memory_update": args.memory_update,
         "fresh_pool": args.fresh_pool,
     }
-    return load_model(args.model, args.device, args.dtype, args.seed, **memory)
+    overrides = parse_overrides(args.set or [])
+    if args.read_mode is not None:
+        overrides["read_mode"] = args.read_mode
+    return load_model(args.model, args.device, args.dtype, args.seed, overrides=overrides, **memory)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {key: value for key, value in vars(args).items() if key not in ("func", "timer")}
+
+
+def _output(args: argparse.Namespace, dataset: str | None) -> Path:
+    if args.output:
+        return Path(args.output)
+    shard = f"-shard{args.shard[0]}of{args.shard[1]}" if args.shard else ""
+    return Path("outputs") / "eval" / f"{args.task}-{dataset or 'tiny'}{shard}.json"
+
+
+def _log(args: argparse.Namespace, model_info: dict, data_info: dict):
+    """The run's record log beside its results file (continued with --resume)."""
+    from .records import RecordLog, log_path, run_header
+
+    header = run_header(args.task, _config(args), data_info, model_info)
+    path = log_path(_output(args, data_info.get("dataset")))
+    return RecordLog(path, header, resume=args.resume, shard=args.shard or (0, 1))
 
 
 def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result: dict, plot=None) -> int:
     from .runner import result_document, write_json
 
-    config = {key: value for key, value in vars(args).items() if key != "func"}
-    document = result_document(args.task, config, model_info, data_info, args.seed, **result)
-    output = Path(args.output or Path("outputs") / "eval" / f"{args.task}-{data_info.get('dataset') or 'tiny'}.json")
+    result.setdefault("wall_time_s", args.timer.seconds())
+    document = result_document(args.task, _config(args), model_info, data_info, args.seed, **result)
+    output = _output(args, data_info.get("dataset"))
     write_json(output, document)
     print(f"results: {output}")
     if plot is not None:
@@ -91,6 +115,7 @@ def _retention(args: argparse.Namespace) -> int:
         window=args.window,
         seed=args.seed,
         in_context_max_k=args.in_context_max_k,
+        log=_log(args, info, data.info()),
     )
     return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result}, plot_retention)
 
@@ -110,6 +135,7 @@ def _editing(args: argparse.Namespace) -> int:
         args.seed,
         args.window,
         sequential_probe_every=args.sequential_probe_every,
+        log=_log(args, info, data.info()),
     )
     result.update(prompt_styles=_styles(args), decoding={"scoring": "teacher-forced target log-probabilities"})
     return _finish(args, info, data.info(), result, plot_sequential_editing if args.sequential else None)
@@ -121,7 +147,14 @@ def _longcontext(args: argparse.Namespace) -> int:
     model, tokenizer, info = _setup(args)
     data = load_data(args.data, args.dataset, args.limit)
     result = run_longcontext(
-        model, tokenizer, data, _styles(args), args.max_new_tokens or MAX_NEW_TOKENS, args.window, args.seed
+        model,
+        tokenizer,
+        data,
+        _styles(args),
+        args.max_new_tokens or MAX_NEW_TOKENS,
+        args.window,
+        args.seed,
+        log=_log(args, info, data.info()),
     )
     return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result})
 
@@ -130,6 +163,8 @@ def _integrity(args: argparse.Namespace) -> int:
     from .integrity import run_integrity
     from .plots import plot_integrity
 
+    if args.shard:
+        raise ValueError("integrity is one chain of injections; it cannot be split into shards (drop --shard)")
     if args.tiny:
         args.model = "tiny"
     model, tokenizer, info = _setup(args)
@@ -154,9 +189,19 @@ def _integrity(args: argparse.Namespace) -> int:
         args.seed,
         args.probe_every,
         args.max_new_tokens or 16,
+        log=_log(args, info, data_info),
     )
     result.update(prompt_styles=[style] if examples else [])
     return _finish(args, info, data_info, result, plot_integrity)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        from .records import parse_shard
+
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _common(parser: argparse.ArgumentParser, task: str) -> None:
@@ -181,6 +226,23 @@ def _common(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--window", type=int, help="prompt window in tokens (default: the model's)")
     parser.add_argument("--max-new-tokens", type=int, help="greedy answer length")
+    parser.add_argument(
+        "--read-mode",
+        help="the model's read_mode config field (e.g. pool | retrieve); an error for a model without that field",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a field of the model's config (repeatable); an error for a field the config does not have",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in OUTPUT.records.jsonl (same configuration)"
+    )
+    shard_help = "run only items I, I+N, I+2N, ... (merge the shards with `python -m memoryllm_hf.evaluation.report`)"
+    if task == "integrity":
+        shard_help = argparse.SUPPRESS
+    parser.add_argument("--shard", type=_shard, metavar="I/N", help=shard_help)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

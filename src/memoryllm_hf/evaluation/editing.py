@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .data import EvalData
 from .metrics import harmonic_mean, mean
 from .prompts import Prompter
-from .runner import Timer, continuation_scores
+from .records import RecordLog, interleave
+from .runner import Timer, continuation_scores, example_seed, with_drop_seed
 
 PROMPT_KIND = {"counterfact": "sentence", "zsre": "question"}
 PROBES = ("efficacy", "generalization", "specificity")
@@ -87,17 +88,22 @@ def run_editing(
     window: int | None = None,
     age_buckets: int = 10,
     sequential_probe_every: int = 1,
+    log: RecordLog | None = None,
 ) -> dict:
-    """Individual edits (three conditions) and, with `sequential`, all edits in one pool."""
+    """Individual edits (three conditions) and, with `sequential`, all edits in one pool. Records are kept in
+    `log` as they finish (its shard's records only; the sequential probes are split between shards too)."""
     kind = PROMPT_KIND[data.dataset]
+    log = log or RecordLog()
     window = window or model.config.max_position_embeddings
     prompters = {style: Prompter(tokenizer, style, window) for style in styles}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.reset_memory(seed)
     empty = model.memory_state()
-    timer, records = Timer(), []
-    for record in tqdm(data.examples, desc=f"editing {data.dataset}", unit="edit"):
-        model._set_state(empty)
+    timer = Timer()
+    keys = [f"edit:{record['case_id']}" for record in data.examples]
+    for index in log.pending(keys, desc=f"editing {data.dataset}", unit="edit"):
+        record, record_timer = data.examples[index], Timer()
+        model._set_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
         model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
 
         row = {
@@ -114,16 +120,14 @@ def run_editing(
             row["no_edit"][style] = probe_record(model, prompter, record, kind, False, None, pad_id)
             row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id)
             row["in_context"][style] = probe_record(model, prompter, record, kind, False, statement, pad_id)
-        records.append(row)
-    metrics = {
-        style: {cond: summarize([r[cond][style] for r in records]) for cond in ("no_edit", "memory", "in_context")}
-        for style in styles
-    }
-    result = {"metrics": metrics, "records": records, "individual_wall_time_s": timer.seconds()}
+        row["wall_time_s"] = record_timer.seconds()
+        log.add(keys[index], index, row)
+    result = {"records": log.records(keys), "individual_wall_time_s": timer.seconds()}
     if sequential:
         result["sequential"] = run_sequential(
-            model, tokenizer, data.examples, prompters, kind, empty, pad_id, age_buckets, sequential_probe_every
+            model, tokenizer, data.examples, prompters, kind, empty, pad_id, age_buckets, sequential_probe_every, log
         )
+    result.update(metrics_of({**result, "prompt_styles": list(styles)}))
     result["wall_time_s"] = timer.seconds()
     return result
 
@@ -138,42 +142,74 @@ def run_sequential(
     pad_id: int,
     age_buckets: int,
     probe_every: int = 1,
+    log: RecordLog | None = None,
 ) -> dict:
     """Inject every edit in order into one pool, then probe every `probe_every`-th edit counted from the newest
-    (age 0); success by age (edits injected after the probed one), oldest bucket first."""
+    (age 0); success by age (edits injected after the probed one), oldest bucket first. (A resumed or sharded run
+    injects all edits again, then probes the ones its shard has no record of.)"""
+    log = log or RecordLog()
     timer = Timer()
-    model._set_state(empty)
-    for record in tqdm(examples, desc="sequential edits", unit="edit"):
-        model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
-
-    inject_seconds = timer.seconds()
     count = len(examples)
     probed = [(i, count - 1 - i) for i in range(count) if (count - 1 - i) % probe_every == 0]
-    probes = {style: [] for style in prompters}
-    for index, _ in tqdm(probed, desc="sequential probes", unit="edit"):
+    keys = [f"sequential:{examples[index]['case_id']}" for index, _ in probed]
+    todo = log.pending(keys, desc="sequential probes", unit="edit")
+    first = next(todo, None)
+    model._set_state(empty)
+    if first is not None:
+        for record in tqdm(examples, desc="sequential edits", unit="edit"):
+            model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
+    inject_seconds = timer.seconds()
+    for position in ([first] if first is not None else []) + list(todo):
+        index, age = probed[position]
+        row = {"case_id": examples[index]["case_id"], "age": age}
         for style, prompter in prompters.items():
-            probes[style].append(probe_record(model, prompter, examples[index], kind, True, None, pad_id))
-    size = max(1, -(-len(probed) // age_buckets))
-    by_age = {
-        style: [
-            {
-                "age_min": probed[min(start + size, len(probed)) - 1][1],
-                "age_max": probed[start][1],
-                **summarize(results[start : start + size]),
-            }
-            for start in range(0, len(probed), size)
-        ]
-        for style, results in probes.items()
-    }
+            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id)
+        log.add(keys[position], position, row)
     return {
-        "metrics": {style: summarize(results) for style, results in probes.items()},
-        "by_age": by_age,
-        "records": [
-            {"case_id": examples[index]["case_id"], "age": age, **{s: probes[s][n] for s in prompters}}
-            for n, (index, age) in enumerate(probed)
-        ],
+        "records": log.records(keys),
         "probe_every": probe_every,
+        "age_buckets": age_buckets,
         "num_filled_slots": model.num_filled_slots,
         "inject_seconds": inject_seconds,
         "wall_time_s": timer.seconds(),
     }
+
+
+def sequential_metrics(records: Sequence[dict], styles: Sequence[str], age_buckets: int) -> dict:
+    """Summaries over the probed edits and by age (records ordered newest-probed last, i.e. oldest first)."""
+    size = max(1, -(-len(records) // age_buckets))
+    by_age = {
+        style: [
+            {
+                "age_min": records[min(start + size, len(records)) - 1]["age"],
+                "age_max": records[start]["age"],
+                **summarize([r[style] for r in records[start : start + size]]),
+            }
+            for start in range(0, len(records), size)
+        ]
+        for style in styles
+    }
+    return {"metrics": {style: summarize([r[style] for r in records]) for style in styles}, "by_age": by_age}
+
+
+def metrics_of(document: dict) -> dict:
+    """The metrics (and sequential summaries) of a results document, from its records."""
+    styles, records = document["prompt_styles"], document["records"]
+    fields = {
+        "metrics": {
+            style: {c: summarize([r[c][style] for r in records]) for c in ("no_edit", "memory", "in_context")}
+            for style in styles
+        }
+    }
+    sequential = document.get("sequential")
+    if sequential:
+        if "shard_documents" in document:  # merging shards: their probes back in order
+            sequential = {
+                **sequential,
+                "records": interleave([d["sequential"]["records"] for d in document["shard_documents"]]),
+            }
+        fields["sequential"] = {
+            **sequential,
+            **sequential_metrics(sequential["records"], styles, sequential["age_buckets"]),
+        }
+    return fields

@@ -14,12 +14,15 @@ non-finite values in the pool, and seconds per update.
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.memory_state import MemoryState
 from .metrics import exact_hit, first_line
 from .prompts import Prompter
+from .records import RecordLog
 from .runner import Timer, continuation_scores, generate, greedy_config
 
 
@@ -55,6 +58,16 @@ def probe(model, tokenizer, prompter: Prompter, example: dict, mode: str, pad_id
     return bool(exact_hit(first_line(generation), example["answers"]))
 
 
+def row_steps(updates: int, record_every: int) -> list[int]:
+    """The injections after which a row is recorded."""
+    return [step for step in range(1, updates + 1) if step % record_every == 0 or step == updates]
+
+
+def checkpoint_path(log: RecordLog, step: int) -> Path | None:
+    """Where the memory after `step` injections is kept (beside the record log) so a run can resume there."""
+    return None if log.path is None else log.path.with_name(f"{log.path.name}.memory-{step}.safetensors")
+
+
 def run_integrity(
     model,
     tokenizer,
@@ -67,8 +80,13 @@ def run_integrity(
     probe_every: int = 1,
     max_new_tokens: int = 16,
     chunk_tokens: int | None = None,
+    log: RecordLog | None = None,
 ) -> dict:
-    """`updates` injections of QA contexts (with probes) or, with `examples=None`, of random token chunks."""
+    """`updates` injections of QA contexts (with probes) or, with `examples=None`, of random token chunks.
+
+    Each row is kept in `log` as it is recorded, with the memory at that point beside it (only the latest one is
+    kept): a resumed run loads it and continues after the last row, with the same records as an unbroken run."""
+    log = log or RecordLog()
     model.reset_memory(seed)
     generator = torch.Generator().manual_seed(seed)
     chunk_tokens = chunk_tokens or model.config.inject_chunk_size
@@ -76,10 +94,21 @@ def run_integrity(
     prompter = Prompter(tokenizer, style, model.config.max_position_embeddings) if examples else None
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     stream = shuffled_forever(examples, seed) if examples else None
-    rows, window_updates, window_seconds, inject_seconds = [], 0, 0.0, 0.0
+    keys = [f"row:{step}" for step in row_steps(updates, record_every)]
+    rows = [row for row in map(log.get, keys) if row is not None]
+    window_updates, window_seconds, inject_seconds = 0, 0.0, 0.0
     hits = probes = window_hits = window_probes = 0
+    done = 0
+    if rows:  # resume after the last recorded row
+        last = rows[-1]
+        done, hits, probes = last["injections"], last.get("hits", 0), last.get("probes", 0)
+        inject_seconds = last["inject_seconds"]
+        model.load_memory_state(MemoryState.load(checkpoint_path(log, done)))
+        for _ in range(done):  # the stream / random chunks continue where the run stopped
+            next(stream) if stream is not None else torch.randint(0, vocab, (chunk_tokens,), generator=generator)
     timer = Timer()
-    for step in tqdm(range(1, updates + 1), desc="integrity", unit="injection", mininterval=5):
+    bar = tqdm(range(done + 1, updates + 1), desc="integrity", unit="injection", mininterval=5)
+    for step in bar:
         start = time.perf_counter()
         if stream is not None:
             example = next(stream)
@@ -94,20 +123,23 @@ def run_integrity(
             hits, probes = hits + success, probes + 1
             window_hits, window_probes = window_hits + success, window_probes + 1
         if step % record_every == 0 or step == updates:
+            inject_seconds += window_seconds
             row = {
                 "injections": step,
                 "updates": model.num_injections,
                 **memory_statistics(model),
                 "seconds_per_update": window_seconds / max(window_updates, 1),
+                "inject_seconds": inject_seconds,
             }
             if stream is not None:
                 row.update(
                     probes=probes,
+                    hits=hits,
                     running_accuracy=hits / max(probes, 1),
                     window_accuracy=window_hits / max(window_probes, 1),
                 )
+            _keep_row(model, log, row, len(rows), rows[-1]["injections"] if rows else None)
             rows.append(row)
-            inject_seconds += window_seconds
             window_hits = window_probes = window_updates = 0
             window_seconds = 0.0
     return {
@@ -126,3 +158,14 @@ def run_integrity(
         else None,
         "wall_time_s": timer.seconds(),
     }
+
+
+def _keep_row(model, log: RecordLog, row: dict, index: int, previous: int | None) -> None:
+    """Memory checkpoint first, then the row (a row in the log always has its checkpoint), then the previous
+    checkpoint goes."""
+    path = checkpoint_path(log, row["injections"])
+    if path is not None:
+        model.memory_state().save(path)
+    log.add(f"row:{row['injections']}", index, row)
+    if path is not None and previous is not None:
+        checkpoint_path(log, previous).unlink(missing_ok=True)

@@ -8,12 +8,11 @@ exact hit. The in-context condition puts the passages in the prompt, cut from th
 
 from collections.abc import Sequence
 
-from tqdm.auto import tqdm
-
 from .data import EvalData
 from .metrics import mean, score_answer
 from .prompts import Prompter
-from .runner import Timer, decoding_info, generate, greedy_config
+from .records import RecordLog
+from .runner import Timer, decoding_info, example_seed, generate, greedy_config, with_drop_seed
 
 INSTRUCTION = (
     "Answer the question based on the given passages. Only give me the answer and do not output any other words."
@@ -34,16 +33,20 @@ def run_longcontext(
     max_new_tokens: int = MAX_NEW_TOKENS,
     window: int | None = None,
     seed: int = 0,
+    log: RecordLog | None = None,
 ) -> dict:
+    log = log or RecordLog()
     window = window or model.config.max_position_embeddings
     prompters = {style: Prompter(tokenizer, style, window) for style in styles}
     decoding = greedy_config(tokenizer, max_new_tokens)
     model.reset_memory(seed)
     empty = model.memory_state()
-    timer, records = Timer(), []
-    for example in tqdm(data.examples, desc="longcontext hotpotqa", unit="question"):
+    timer = Timer()
+    keys = [str(example["id"]) for example in data.examples]
+    for index in log.pending(keys, desc="longcontext hotpotqa", unit="question"):
+        example, example_timer = data.examples[index], Timer()
         text, answers = passages_text(example), [example["answer"]]
-        model._set_state(empty)
+        model._set_state(with_drop_seed(empty, example_seed(seed, keys[index])))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # what inject(text, tokenizer) would write
         updates = model.inject(ids, progress=False)
 
@@ -75,7 +78,20 @@ def run_longcontext(
             row[condition] = {style: score_answer(g, answers) for style, g in zip(prompts, generations, strict=True)}
         for style, prompt in full.items():
             row["in_context"][style]["truncated_tokens"] = prompt.truncated_tokens
-        records.append(row)
+        row["wall_time_s"] = example_timer.seconds()
+        log.add(keys[index], index, row)
+    records = log.records(keys)
+    return {
+        **metrics_of({"records": records, "prompt_styles": list(styles)}),
+        "records": records,
+        "decoding": decoding_info(decoding),
+        "wall_time_s": timer.seconds(),
+    }
+
+
+def metrics_of(document: dict) -> dict:
+    """F1 / EM / exact hit per style and condition, from the document's records."""
+    records, styles = document["records"], document["prompt_styles"]
     metrics = {
         style: {
             condition: {
@@ -90,4 +106,4 @@ def run_longcontext(
         metrics[style]["in_context"]["truncated_examples"] = sum(
             r["in_context"][style]["truncated_tokens"] > 0 for r in records
         )
-    return {"metrics": metrics, "records": records, "decoding": decoding_info(decoding), "wall_time_s": timer.seconds()}
+    return {"metrics": metrics}

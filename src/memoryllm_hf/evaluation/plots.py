@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CONDITION_STYLE = {
     "memory": {"color": "tab:blue", "marker": "o", "label": "memory"},
-    "in_context": {"color": "tab:green", "marker": "s", "label": "in context (window-truncated)"},
+    "same_text": {"color": "tab:green", "marker": "s", "label": "same text in context (window-cut)"},
+    "passage_only": {"color": "tab:green", "marker": None, "label": "passage only in context", "linestyle": "--"},
     "no_memory": {"color": "tab:red", "marker": None, "label": "no memory", "linestyle": ":"},
 }
 
@@ -35,7 +36,8 @@ def _save(figure, path: str | Path) -> Path:
 
 
 def plot_retention(result: dict, path: str | Path) -> Path:
-    """Exact-hit accuracy against the number of unrelated contexts k, per prompt style, with the (1-K/N)^u bound."""
+    """Exact-hit accuracy against the number of unrelated contexts k (and the memory updates made after the
+    passage, under each k), per prompt style, with both in-context baselines and the (1-K/N)^u bound."""
     metrics, grid = result["metrics"], result["protocol"]["grid"]
     styles = [s for s in metrics if s not in ("retention_bound", "updates_after_related")]
     figure, axes = plt.subplots(1, len(styles), figsize=(6 * len(styles), 4.2), squeeze=False)
@@ -55,10 +57,11 @@ def plot_retention(result: dict, path: str | Path) -> Path:
             linestyle="--",
             label=f"(1-K/N)^u, K={memory['num_update_tokens']}, N={memory['num_memory_tokens']}",
         )
-        axis.set_xticks(list(positions), [str(k) for k in grid])
+        updates = metrics["updates_after_related"]
+        axis.set_xticks(list(positions), [f"{k}\n{updates[str(k)]:g}" for k in grid])
         _label_axis(
             axis,
-            "unrelated contexts injected after the related one (k)",
+            "k unrelated contexts after the passage\n(memory updates after the passage)",
             "exact-hit accuracy / fraction of slots kept",
             f"{result['data']['dataset']} retention, {style} prompts (n={result['data']['num_examples']})",
             rate=True,
@@ -102,3 +105,7 @@ def plot_integrity(result: dict, path: str | Path) -> Path:
         ylabel = f"probe accuracy ({result['probe']['mode']})"
         _label_axis(accuracy, "injections", ylabel, "question about the latest injected context", rate=True)
     return _save(figure, path)
+
+
+# Each task's plot (what `report --merge` redraws for a merged run).
+PLOTS = {"retention": plot_retention, "editing": plot_sequential_editing, "integrity": plot_integrity}

@@ -12,10 +12,15 @@ Two pieces:
   with each write (measured on SmolLM2: relative difference 2e-1, 8e-2, 2.5e-2, 6e-3, 1.2e-3, 3e-4 after 0..5
   chunks). A chunk whose last `depth` predecessors are the same as in the reference chain (the unrelated texts
   written in order from an empty pool) takes the reference chain's slots; every other chunk is computed in the
-  question's own chain. `depth=None` shares nothing (the exact protocol).
+  question's own chain. `depth=None` shares nothing (the exact protocol). While a question's chain is still
+  the reference's own write sequence (the prefill), sharing is exact, and stays so with per-question drop seeds
+  only when the write sees the same window as in the reference (`LazyPool.window_digest`, checked): a write of
+  fewer than K slots leaves older survivors in the next window, and which survive depends on the drops.
 """
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,20 +76,36 @@ class LazyPool:
         self.pieces.append(new)
         self._state = None
 
-    def materialize(self) -> MemoryState:
-        """The MemoryState the commits lead to (built once per change; later commits start from it)."""
-        if self._state is not None:
-            return self._state
-        index = self.indices.memory[..., 0]
-        pool = torch.empty_like(self.pieces[0])
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The slots [L, n, d] that `index` [L, n] names (indices into the pieces written so far)."""
+        out = self.pieces[0].new_empty(index.shape[0], index.shape[1], self.pieces[0].shape[2])
         start = 0
         for piece in self.pieces:
             end = start + piece.shape[1]
             layer, slot = ((index >= start) & (index < end)).nonzero(as_tuple=True)
             if len(layer):
                 source = (index[layer, slot] - start).to(piece.device)
-                pool[layer.to(pool.device), slot.to(pool.device)] = piece[layer.to(piece.device), source]
+                out[layer.to(out.device), slot.to(out.device)] = piece[layer.to(piece.device), source]
             start = end
+        return out
+
+    def window_digest(self) -> str:
+        """Identifies everything the next write's slots depend on besides its own tokens: the fill level and the
+        window of the last min(K, filled) slots (both update rules read exactly these)."""
+        filled = self.indices.num_filled_slots
+        count = min(self.config.num_update_tokens, filled)
+        digest = hashlib.sha256(f"{filled}:".encode())
+        if count:
+            index = self.indices.memory[..., 0]
+            window = self._gather(index[:, index.shape[1] - count :]).cpu().contiguous()
+            digest.update(window.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def materialize(self) -> MemoryState:
+        """The MemoryState the commits lead to (built once per change; later commits start from it)."""
+        if self._state is not None:
+            return self._state
+        pool = self._gather(self.indices.memory[..., 0])
         self._state = dataclasses.replace(self.indices, memory=pool, long_term=self.long_term)
         self.pieces = [pool]
         layers, slots = pool.shape[:2]
@@ -103,19 +124,29 @@ class ReferenceChain:
         self.keys = [write.key for write in writes]
         self.position = {key: i for i, key in enumerate(self.keys)}
         self.slots: list[torch.Tensor] = []
+        self.windows: list[str] = []  # window_digest() of the reference pool before each write
         self._pool = LazyPool(start, model.config)
 
-    def lookup(self, history: list[str], write: Write) -> torch.Tensor | None:
-        """The shared slots for `write` after `history`, or None when it must be computed in the question's chain."""
+    def lookup(self, history: list[str], write: Write, window: Callable[[], str]) -> torch.Tensor | None:
+        """The shared slots for `write` after `history`, or None when it must be computed in the question's chain.
+        `window()` is the question pool's `window_digest()`, asked only where sharing is meant to be exact."""
         position = self.position.get(write.key)
         if self.depth is None or position is None:
             return None
-        window = min(self.depth, position)
-        if position < self.depth and len(history) != position:
+        if len(history) == position and history == self.keys[:position]:
+            # The question's chain so far is the reference's own writes: sharing is exact when the write also sees
+            # the same window (with per-question drop seeds a short write can leave other survivors in it).
+            slots = self._slots(position)
+            return slots if window() == self.windows[position] else None
+        if position < self.depth:
             return None
-        if window and history[-window:] != self.keys[position - window : position]:
+        if self.depth and history[-self.depth :] != self.keys[position - self.depth : position]:
             return None
+        return self._slots(position)
+
+    def _slots(self, position: int) -> torch.Tensor:
         while len(self.slots) <= position:
+            self.windows.append(self._pool.window_digest())
             self.slots.append(compute_slots(self.model, self._pool, self.writes[len(self.slots)]))
         return self.slots[position]
 
@@ -131,7 +162,7 @@ class QuestionChain:
 
     def write(self, writes: list[Write]) -> None:
         for write in writes:
-            slots = self.reference.lookup(self.history, write) if self.reference else None
+            slots = self.reference.lookup(self.history, write, self.pool.window_digest) if self.reference else None
             call = self._call(write)
             if slots is None:
                 compute_slots(self.model, self.pool, write, call)

@@ -1,9 +1,11 @@
 """Markdown tables from evaluation results files (what the README and docs/evaluation.md show).
 
     python -m memoryllm_hf.evaluation.report docs/results/*.json
+    python -m memoryllm_hf.evaluation.report --merge OUT.json SHARD0.json SHARD1.json ...
 
 Each file becomes a heading (task, dataset, examples, model, memory, wall time), the exact command that reproduces it
-(rebuilt from the recorded configuration) and its table.
+(rebuilt from the recorded configuration) and its table. `--merge` first joins the results of all shards of one
+run (`--shard i/n`) into OUT.json (records in example order, metrics recomputed, PNG beside it) and reports that.
 """
 
 import argparse
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Recorded configuration entries that are not command-line flags of `memoryllm-hf eval TASK`.
-NOT_FLAGS = ("command", "task", "output")
+NOT_FLAGS = ("command", "task", "output", "resume")
 
 
 def command(config: dict, output: str | None = None) -> str:
@@ -25,6 +27,10 @@ def command(config: dict, output: str | None = None) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif key == "shard":
+            parts.append(f"{flag} {value[0]}/{value[1]}")
+        elif key == "set":
+            parts += [f"{flag} {pair}" for pair in value]
         elif isinstance(value, list):
             parts.append(f"{flag} {','.join(str(v) for v in value)}")
         else:
@@ -75,12 +81,14 @@ def retention_table(result: dict) -> str:
     grid = result["protocol"]["grid"]
     rows = []
     for style in _styles(result):
-        for condition in ("no_memory", "memory", "in_context"):
+        # (results files of the earlier protocol have one in-context condition, "in_context": related + k texts)
+        conditions = ("no_memory", "passage_only", "memory", "same_text", "in_context")
+        for condition in [c for c in conditions if c in result["metrics"][style]]:
             cells = result["metrics"][style][condition]
-            rows.append([style, condition, *(cells[str(k)]["exact_hit"] for k in grid)])
+            rows.append([style, condition.replace("_", " "), *(cells[str(k)]["exact_hit"] for k in grid)])
         rows.append([style, "memory meets no memory at k", result["metrics"][style]["memory_meets_no_memory_at_k"]])
     rows.append(["", "bound (1-K/N)^u", *(result["metrics"]["retention_bound"][str(k)] for k in grid)])
-    rows.append(["", "updates after the context", *(result["metrics"]["updates_after_related"][str(k)] for k in grid)])
+    rows.append(["", "updates after the passage", *(result["metrics"]["updates_after_related"][str(k)] for k in grid)])
     width = 2 + len(grid)
     rows = [row + [""] * (width - len(row)) for row in rows]
     return _table(["prompt", "exact hit of", *(f"k={k}" for k in grid)], rows)
@@ -132,11 +140,39 @@ def report(path: str | Path) -> str:
     return f"{heading}\n\n```\n{command(result['config'], str(path))}\n```\n\n{TABLES[result['task']](result)}\n"
 
 
+def _task_module(task: str):
+    from . import editing, longcontext, retention
+
+    modules = {"editing": editing, "retention": retention, "longcontext": longcontext}
+    if task not in modules:
+        raise ValueError(f"{task} runs are one chain and are not split into shards: there is nothing to merge")
+    return modules[task]
+
+
+def merge(output: str | Path, shards: list[str | Path]) -> Path:
+    """Join the results files of all shards of one run into `output` (and its PNG)."""
+    from .plots import PLOTS
+    from .records import merge_shards
+    from .runner import write_json
+
+    documents = [json.loads(Path(path).read_text()) for path in shards]
+    task = documents[0]["task"] if documents else None
+    merged = merge_shards(documents, _task_module(task).metrics_of)
+    merged["config"]["output"] = str(output)
+    write_json(output, merged)
+    plot = PLOTS.get(task)
+    if plot is not None and (task != "editing" or merged.get("sequential")):
+        plot(merged, Path(output).with_suffix(".png"))
+    return Path(output)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSON files written by `memoryllm-hf eval`")
+    parser.add_argument("--merge", metavar="OUT", help="merge the given shard results into OUT, then report it")
     args = parser.parse_args(argv)
-    print("\n".join(report(path) for path in args.results))
+    paths = [merge(args.merge, args.results)] if args.merge else args.results
+    print("\n".join(report(path) for path in paths))
     return 0
 
 

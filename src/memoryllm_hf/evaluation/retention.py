@@ -1,32 +1,48 @@
 """Knowledge retention (paper §4.5): inject a question's context, then k unrelated contexts, ask; k on a grid.
 
-Per question the pool starts from a reset (seeded) state and is first filled with unrelated contexts ("prefill"),
-so forgetting is measured on a full pool as with the official models; then the related context is written, then
-unrelated contexts of `context_tokens` tokens (texts of other articles/titles than the question's, concatenated and
-cut, as the official script builds them). The same writes, in the same order, are what `model.inject` would make;
-`replay` makes the protocol affordable (see its docstring for the one, measured, approximation and how to turn it
-off with `shared_depth=None`).
+Per question the pool starts from a reset state and is first filled with unrelated contexts ("prefill"), so
+forgetting is measured on a full pool as with the official models; then the related context (the passage) is
+written, then unrelated contexts of `context_tokens` tokens (texts of other articles/titles than the question's,
+concatenated and cut, as the official script builds them). Every question draws its own drops: its pool's generator
+is seeded from the run's seed and the question id (`runner.example_seed`), so questions are independent samples and
+each one is reproducible on its own (resumed or sharded runs give the same records). The same writes, in the same
+order, are what `model.inject` would make; `replay` makes the protocol affordable (see its docstring for the one,
+measured, approximation and how to turn it off with `shared_depth=None`).
 
-Conditions, on the same questions: no memory (`use_memory=False`, once per question), memory (at every k), and in
-context (related + k unrelated texts in the prompt, the oldest tokens cut to fit the window; not run once the
-related text is cut completely, as it then no longer is in the prompt).
+Conditions, on the same questions: *no memory* (`use_memory=False`, once per question), *passage only* (the passage
+in the prompt, once per question: the ceiling a reader of the right text reaches), *memory* (at every k) and *same
+text* (the texts the memory was given, prefill + passage + k unrelated contexts, in the prompt, the oldest tokens
+cut to fit the window, the question kept; not run once the passage is cut completely, as it then no longer is in
+the prompt). Records and metrics also give the memory updates made after the passage at every k.
 """
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..modeling.memory_state import MemoryState
 from .data import SOURCE_FIELD, EvalData
 from .metrics import mean, score_answer
 from .prompts import Prompter
+from .records import RecordLog
 from .replay import QuestionChain, ReferenceChain, Write, chunk_writes
-from .runner import Timer, decoding_info, generate, greedy_config
+from .runner import (
+    ExtendingPrompts,
+    Timer,
+    decoding_info,
+    example_seed,
+    generate,
+    greedy_config,
+    with_drop_seed,
+)
 
 DEFAULT_GRID = (0, 1, 2, 4, 8, 16, 32, 64)
+# Conditions per style: asked once per question (the same at every k) / at every k.
+ONCE = ("no_memory", "passage_only")
+PER_K = ("memory", "same_text")
+CONDITIONS = ("no_memory", "passage_only", "memory", "same_text")
 
 
 @dataclass
@@ -78,11 +94,14 @@ def run_retention(
     window: int | None = None,
     seed: int = 0,
     in_context_max_k: int | None = None,
+    log: RecordLog | None = None,
 ) -> dict:
-    """Run the protocol on `data.examples`; returns {"metrics", "records", ...} for the results file.
-    `in_context_max_k` limits the (costly) in-context condition to k <= that value."""
+    """Run the protocol on `data.examples` (those of `log`'s shard that it has no record of yet); returns
+    {"metrics", "records", ...} for the results file. `in_context_max_k` limits the (costly) same-text condition
+    to k <= that value."""
     grid = sorted(set(grid))
     cfg = model.config
+    log = log or RecordLog()
     window = window or cfg.max_position_embeddings
     source_field = SOURCE_FIELD[data.dataset]
     contexts = unrelated_contexts(data.unrelated, tokenizer, source_field, context_tokens)
@@ -104,14 +123,19 @@ def run_retention(
     start = model.memory_state()
     last = max(found[needed - 1].index for found in usable.values()) if usable else 0
     reference = ReferenceChain(model, [w for c in contexts[: last + 1] for w in writes_of(c)], start, shared_depth)
-    setup = _Setup(grid, writes_of, reference, start, prompters, decoding, in_context_max_k)
-    records, timer = [], Timer()
-    for example in tqdm(data.examples, desc=f"retention {data.dataset}", unit="question"):
-        found, question_timer = usable[example["id"]], Timer()
-        records.append(_run_question(model, tokenizer, example, found[:prefill], found[prefill:needed], setup))
-        records[-1]["wall_time_s"] = question_timer.seconds()
+    setup = _Setup(grid, writes_of, reference, start, seed, prompters, decoding, in_context_max_k)
+    keys = [str(example["id"]) for example in data.examples]
+    timer = Timer()
+    for index in log.pending(keys, desc=f"retention {data.dataset}", unit="question"):
+        example, question_timer = data.examples[index], Timer()
+        found = usable[example["id"]]
+        record = _run_question(model, tokenizer, example, found[:prefill], found[prefill:needed], setup)
+        record["wall_time_s"] = question_timer.seconds()
+        log.add(keys[index], index, record)
+    records = log.records(keys)
+    slots_per_update = min(cfg.num_update_tokens, cfg.inject_chunk_size)
     return {
-        "metrics": aggregate(records, grid, styles, cfg),
+        "metrics": aggregate(records, grid, styles, cfg.num_memory_tokens, slots_per_update),
         "records": records,
         "protocol": {
             "grid": grid,
@@ -121,6 +145,8 @@ def run_retention(
             "window": window,
             "in_context_max_k": in_context_max_k,
             "num_unrelated_contexts": len(contexts),
+            "slots_per_update": slots_per_update,
+            "drop_seeds": "per question: runner.example_seed(seed, id)",
         },
         "decoding": decoding_info(decoding),
         "wall_time_s": timer.seconds(),
@@ -135,6 +161,7 @@ class _Setup:
     writes_of: Callable[[Context], list[Write]]
     reference: ReferenceChain
     start: MemoryState
+    seed: int
     prompters: dict[str, Prompter]
     decoding: GenerationConfig
     in_context_max_k: int | None
@@ -147,27 +174,36 @@ def _run_question(
     cfg = model.config
     related_ids = tokenizer(example["context"], add_special_tokens=False)["input_ids"]
     related = chunk_writes(f"q:{example['id']}", related_ids, cfg.inject_chunk_size, cfg.min_inject_tokens)
-    chain = QuestionChain(model, setup.start, setup.reference)
+    drop_seed = example_seed(setup.seed, str(example["id"]))
+    chain = QuestionChain(model, with_drop_seed(setup.start, drop_seed), setup.reference)
     record = {
         "id": example["id"],
         "question": example["question"],
         "answers": example["answers"],
+        "drop_seed": drop_seed,
         "related_tokens": len(related_ids),
         "unrelated_contexts": [c.index for c in unrelated],
-        "no_memory": {},
-        "memory": {},
-        "in_context": {},
+        **{condition: {} for condition in CONDITIONS},
         "updates_after_related": {},
     }
-    questions = {
-        style: p.question(example["question"], reserve=setup.decoding.max_new_tokens)
+    reserve = setup.decoding.max_new_tokens
+    questions = {style: p.question(example["question"], reserve=reserve) for style, p in setup.prompters.items()}
+    passage = {
+        style: p.question(example["question"], example["context"], reserve=reserve)
         for style, p in setup.prompters.items()
     }
     record["no_memory"] = _ask(model, tokenizer, questions, False, setup.decoding, example["answers"])
+    record["passage_only"] = _ask(model, tokenizer, passage, False, setup.decoding, example["answers"])
     for context in prefill:
         chain.write(setup.writes_of(context))
-    chain.write(related)
     updates_before = chain.pool.injections
+    chain.write(related)
+    record["passage_injections"] = list(range(updates_before + 1, chain.pool.injections + 1))
+    updates_before = chain.pool.injections
+    # The same text as the memory got, in the prompt: the passage ends this many context tokens in.
+    lead = "\n\n".join([*(c.text for c in prefill), example["context"]])
+    passage_end = len(tokenizer(lead, add_special_tokens=False)["input_ids"])
+    same_text = {style: ExtendingPrompts(model, tokenizer, setup.decoding) for style in setup.prompters}
     for k in range(setup.grid[-1] + 1):
         if k:
             chain.write(setup.writes_of(unrelated[k - 1]))
@@ -176,44 +212,62 @@ def _run_question(
         chain.load()
         record["updates_after_related"][str(k)] = chain.pool.injections - updates_before
         record["memory"][str(k)] = _ask(model, tokenizer, questions, True, setup.decoding, example["answers"])
-        record["in_context"][str(k)] = {style: None for style in setup.prompters}
+        record["same_text"][str(k)] = {style: None for style in setup.prompters}
         if setup.in_context_max_k is None or k <= setup.in_context_max_k:
-            text = "\n\n".join([example["context"], *(c.text for c in unrelated[:k])])
-            prompts = {
-                style: p.question(example["question"], text, reserve=setup.decoding.max_new_tokens)
-                for style, p in setup.prompters.items()
-            }
-            # Once the related text is cut away completely the prompt no longer holds it: not run (None).
-            kept = {style: prompt for style, prompt in prompts.items() if prompt.truncated_tokens < len(related_ids)}
-            record["in_context"][str(k)].update(_ask(model, tokenizer, kept, False, setup.decoding, example["answers"]))
+            text = "\n\n".join([lead, *(c.text for c in unrelated[:k])])
+            for style, prompter in setup.prompters.items():
+                prompt = prompter.question(example["question"], text, reserve=reserve)
+                # Once the passage is cut away completely the prompt no longer holds it: not run (None).
+                if prompt.truncated_tokens < passage_end:
+                    generation = same_text[style].answer(prompt.ids)
+                    record["same_text"][str(k)][style] = _scores(prompt, generation, example["answers"])
     record["chunks"] = chain.counts
+    record["same_text_reused_tokens"] = sum(prompts.reused for prompts in same_text.values())
     return record
 
 
 def _ask(model, tokenizer, prompts: dict, use_memory: bool, decoding, answers) -> dict:
-    """Scores per style of the greedy answers to `prompts` ({style: Prompt}, generated as one batch)."""
+    """Scores per style of the greedy answers to `prompts` ({style: Prompt}, generated as one batch). Reading the
+    memory of a model that reports what it retrieved (`model.last_retrieval`, one list of injection ids per batch
+    row), the retrieved ids are kept per style (`retrieved`: recall@k against the record's `passage_injections`)."""
     if not prompts:
         return {}
     generations = generate(model, tokenizer, [prompt.ids for prompt in prompts.values()], use_memory, decoding)
-    scores = {style: score_answer(text, answers) for style, text in zip(prompts, generations, strict=True)}
-    for style, prompt in prompts.items():
-        if prompt.truncated_tokens:
-            scores[style]["truncated_tokens"] = prompt.truncated_tokens
+    scores = {
+        style: _scores(prompt, text, answers)
+        for (style, prompt), text in zip(prompts.items(), generations, strict=True)
+    }
+    retrieval = getattr(model, "last_retrieval", None) if use_memory else None
+    if retrieval is not None:
+        for row, style in enumerate(prompts):
+            ids = retrieval[row] if row < len(retrieval) else None
+            scores[style]["retrieved"] = ids.tolist() if isinstance(ids, torch.Tensor) else ids
     return scores
 
 
-def aggregate(records: list[dict], grid: Sequence[int], styles: Sequence[str], config) -> dict:
-    """Accuracy (exact hit, F1, EM) per style, condition and k; the (1-K/N)^u bound; where memory meets baseline."""
-    N = config.num_memory_tokens
+def _scores(prompt, generation: str, answers) -> dict:
+    scores = score_answer(generation, answers)
+    if prompt.truncated_tokens:
+        scores["truncated_tokens"] = prompt.truncated_tokens
+    return scores
+
+
+def aggregate(
+    records: list[dict], grid: Sequence[int], styles: Sequence[str], num_memory_tokens: int, slots_per_update: int
+) -> dict:
+    """Accuracy (exact hit, F1, EM) per style, condition and k (the once-per-question conditions repeated at every
+    k); the (1-K/N)^u bound; the updates after the passage; where memory meets the no-memory baseline."""
     updates = {str(k): mean(r["updates_after_related"][str(k)] for r in records) for k in grid}
     metrics = {}
     for style in styles:
-        curves = {"no_memory": {}, "memory": {}, "in_context": {}}
+        curves = {condition: {} for condition in CONDITIONS}
         for k in map(str, grid):
             rows = {
-                "no_memory": [r["no_memory"][style] for r in records],
-                "memory": [r["memory"][k][style] for r in records],
-                "in_context": [r["in_context"][k][style] for r in records if r["in_context"][k][style]],
+                **{condition: [r[condition][style] for r in records] for condition in ONCE},
+                **{
+                    condition: [r[condition][k][style] for r in records if r[condition][k][style]]
+                    for condition in PER_K
+                },
             }
             for condition, scores in rows.items():
                 curves[condition][k] = {
@@ -227,7 +281,21 @@ def aggregate(records: list[dict], grid: Sequence[int], styles: Sequence[str], c
             "memory_meets_no_memory_at_k": meets[0] if meets else None,
             "memory_meets_no_memory_at_updates": updates[str(meets[0])] if meets else None,
         }
-    slots_per_update = min(config.num_update_tokens, config.inject_chunk_size)
-    metrics["retention_bound"] = {k: (1 - slots_per_update / N) ** u for k, u in updates.items()}
+    metrics["retention_bound"] = {k: (1 - slots_per_update / num_memory_tokens) ** u for k, u in updates.items()}
     metrics["updates_after_related"] = updates
     return metrics
+
+
+def metrics_of(document: dict) -> dict:
+    """The metrics of a results document recomputed from its records (merging shards)."""
+    protocol, memory = document["protocol"], document["model"]["memory"]
+    records = document["records"]
+    return {
+        "metrics": aggregate(
+            records,
+            protocol["grid"],
+            document["prompt_styles"],
+            memory["num_memory_tokens"],
+            protocol["slots_per_update"],
+        )
+    }

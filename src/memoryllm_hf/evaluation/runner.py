@@ -1,5 +1,7 @@
 """What every task shares: seeding, greedy generation, continuation log-probabilities, the results file."""
 
+import dataclasses
+import hashlib
 import json
 import platform
 import random
@@ -12,6 +14,7 @@ import transformers
 from transformers import GenerationConfig
 
 from ..greedy import generate, greedy_config  # noqa: F401 (the tasks take them from here)
+from ..modeling.memory_state import MemoryState, seeded_rng_state
 from ..modeling.memory_storage import atomic_write
 
 
@@ -20,8 +23,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def example_seed(seed: int, key: str) -> int:
+    """A seed for one example, derived from the run's `seed` and the example's id (a stable hash: the same in every
+    process and Python version, unlike `hash()`), so examples draw independent but reproducible drops."""
+    digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def with_drop_seed(state: MemoryState, seed: int) -> MemoryState:
+    """`state` whose drop generator restarts from `seed` (the pool itself is shared, not copied)."""
+    return dataclasses.replace(state, rng_state=seeded_rng_state(seed).to(state.rng_state.device))
+
+
 def decoding_info(config: GenerationConfig) -> dict:
     return {"do_sample": config.do_sample, "num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens}
+
+
+class ExtendingPrompts:
+    """Greedy answers (batch 1, no memory) to a series of prompts that mostly extend one another (retention's
+    same-text prompts across k): the previous prompt's cache, cut back to the tokens both prompts start with, is
+    reused and only the rest is run. The cache then holds exactly the keys/values of those tokens, so this is the
+    same computation (up to float rounding of a split prefill); a prompt that starts differently (cut from the left
+    by the window) is run from scratch. `reused` counts the prompt tokens not run again."""
+
+    def __init__(self, model, tokenizer, config: GenerationConfig):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = GenerationConfig(**{**config.to_dict(), "return_dict_in_generate": True})
+        self.ids: list[int] = []
+        self.cache = None
+        self.reused = 0
+
+    @torch.no_grad()
+    def answer(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        common = 0
+        # (the last prompt token is always run: it gives the first logits)
+        for old, new in zip(self.ids, ids[:-1], strict=False):
+            if old != new:
+                break
+            common += 1
+        cache = self.cache if common else None
+        if cache is not None and cache.get_seq_length() > common:
+            cache.crop(common - cache.get_seq_length())
+        tokens = torch.tensor([ids], device=self.model.device)
+        output = self.model.generate(
+            tokens,
+            attention_mask=torch.ones_like(tokens),
+            generation_config=self.config,
+            use_memory=False,
+            cache=cache,
+        )
+        self.ids, self.cache, self.reused = ids, output["cache"], self.reused + common
+        return self.tokenizer.decode(output["sequences"][0, len(ids) :], skip_special_tokens=True)
 
 
 def _right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +95,8 @@ def continuation_scores(
     log-probabilities), `greedy` (every target token is the argmax: greedy decoding would produce the target) and
     `token_accuracy` (fraction of target tokens that are the argmax).
 
-    Each distinct prefix is run once (right-padded batch); the targets then continue from its cache rows.
+    Each distinct prefix is run once (right-padded batch, so a retrieval read sees each row's whole prompt); the
+    targets then continue from its cache rows.
     """
     device = model.device
     prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
