@@ -1,28 +1,167 @@
-"""Scoring stored injections against a prompt (training-free, from the model's own states). PLACEHOLDER scorer:
-mean over prompt tokens of the best cosine similarity to a block's layer-0 slots."""
+"""Training-free retrieval: which stored injections does a question need?
+
+Every injection (one memory update) is a block of slots [L, k, d]. At write time `block_features` keeps two small
+views of it; at read time `question_features` takes the same views of the prompt's layer inputs (a memory-less
+forward) and `score_blocks` ranks the stored blocks. Only the model's own weights are used (no extra network, no
+stored text):
+
+- lexical: the layer-0 slots of the "input" rule are the token embeddings of the injected text. A question token
+  matches a block when the block holds a near-identical layer-0 vector (cosine >= `LEXICAL_MATCH`), weighted by an
+  IDF computed from how many stored blocks hold one (BM25's IDF). Chat-template tokens and stop words are in every
+  block or in none, so they count little or nothing, whatever the prompt style.
+- keys: InfLLM-style attention scores at a few calibrated layers: the question's queries q_proj(input_layernorm(h))
+  against the block's un-rotated keys k_proj(input_layernorm(slot)); the queries of a kv group's heads are summed
+  (sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g), each question token takes its best slot of the block, and the
+  block's score is the mean over question tokens, summed over groups and layers.
+
+The two scores are z-scored over the stored blocks (per question) and added with `SCORE_WEIGHTS`; the best block's
+fused score against `RETRIEVAL_THRESHOLD` tells "this question's injection is stored" from "nothing relevant is".
+"""
+
+from collections.abc import Sequence
 
 import torch
 
-DEFAULT_THRESHOLD = None
+# Calibrated on SmolLM2-135M-Instruct ("input" rule) with the dev sets (SQuAD, NQ; benchmarks/retrieval_recall.py).
+# For another model, rerun that benchmark with `--calibrate` on its own dev questions and set these from its output:
+# layers whose queries/keys retrieve, the weights of the two scores and the threshold on the best block's score.
+KEY_LAYERS: tuple[int, ...] = (18,)
+SCORE_WEIGHTS: dict[str, float] = {"lexical": 1.0, "keys": 0.0}
+RETRIEVAL_THRESHOLD: float = 5.0
+# Cosine at which two layer-0 vectors count as the same token (identical tokens give 1 up to float16 rounding).
+LEXICAL_MATCH: float = 0.95
+FEATURE_DTYPE = torch.float16
 
 
-def block_features(layers, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Features of one block from its slots [L, k, d]."""
-    return {"unit": torch.nn.functional.normalize(slots[0].float(), dim=-1)}
+def _project(layer, states: torch.Tensor, proj: str) -> torch.Tensor:
+    """q_proj or k_proj of the layer's input_layernorm, without rotary position (computed in float32)."""
+    attention = layer.self_attn
+    weight = getattr(attention, proj)
+    normed = layer.input_layernorm(states.to(layer.input_layernorm.weight.dtype))
+    return weight(normed).float()
 
 
-def question_features(layers, hidden_states, attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Features of a batch of prompts from their layer inputs (`hidden_states[l]` [B, T, d] is layer l's input)."""
-    hidden = hidden_states[0]
-    mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
-    return {"unit": torch.nn.functional.normalize(hidden.float(), dim=-1), "mask": mask.float()}
+def block_features(
+    layers: Sequence[torch.nn.Module], slots: torch.Tensor, key_layers: Sequence[int] = KEY_LAYERS
+) -> dict[str, torch.Tensor]:
+    """Features of one stored block, computed once at write time from its slots [L, k, d] (`layers`: the decoder
+    layers, `model.model.layers`).
+
+    Returns (float16) "tokens" [k, d]: the unit-normalised layer-0 slots; "keys" [len(key_layers), k, kv_heads *
+    head_dim]: un-rotated keys at `key_layers`. For SmolLM2 that is (576 + 192 * len(key_layers)) * 2 bytes per
+    stored token.
+    """
+    if slots.dim() != 3 or slots.shape[0] != len(layers):
+        raise ValueError(f"slots must be [num_layers={len(layers)}, k, hidden], got {tuple(slots.shape)}")
+    with torch.no_grad():
+        tokens = torch.nn.functional.normalize(slots[0].float(), dim=-1)
+        keys = [_project(layers[layer], slots[layer], "k_proj") for layer in key_layers]
+        keys = torch.stack(keys) if keys else slots.new_zeros(0, slots.shape[1], 0)
+    return {"tokens": tokens.to(FEATURE_DTYPE), "keys": keys.to(FEATURE_DTYPE)}
 
 
-def score_blocks(question: dict[str, torch.Tensor], blocks: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Scores [B, num_blocks]: higher = more relevant."""
-    unit, mask = question["unit"], question["mask"]
-    columns = []
-    for block in blocks:
-        best = torch.einsum("btd,kd->btk", unit, block["unit"].to(unit.device)).amax(-1)
-        columns.append((best * mask).sum(-1) / mask.sum(-1).clamp(min=1))
-    return torch.stack(columns, dim=1)
+def question_features(
+    layers: Sequence[torch.nn.Module],
+    hidden_states: Sequence[torch.Tensor | None],
+    attention_mask: torch.Tensor | None,
+    key_layers: Sequence[int] = KEY_LAYERS,
+) -> dict[str, torch.Tensor]:
+    """Features of a batch of prompts from their layer inputs: `hidden_states[l]` [B, T, d] is the input of layer l
+    (as in `output_hidden_states=True`; only layer 0 and `key_layers` are read, others may be None) and
+    `attention_mask` [B, T] (1 = token, 0 = padding, left or right; None = all tokens).
+
+    Returns "tokens" [B, T, d] (unit-normalised layer-0 states), "queries" [B, len(key_layers), T, kv_heads *
+    head_dim] (un-rotated queries, summed over each kv group's heads) and "mask" [B, T] (bool).
+    """
+    first = hidden_states[0]
+    if first is None or first.dim() != 3:
+        raise ValueError("hidden_states[0] must be the [B, T, d] layer-0 input (the token embeddings)")
+    batch, length = first.shape[:2]
+    if attention_mask is None:
+        mask = torch.ones(batch, length, dtype=torch.bool, device=first.device)
+    elif attention_mask.shape != (batch, length):
+        raise ValueError(f"attention_mask must be [B, T] = {(batch, length)}, got {tuple(attention_mask.shape)}")
+    else:
+        mask = attention_mask.bool()
+    queries = []
+    with torch.no_grad():
+        for layer in key_layers:
+            states = hidden_states[layer]
+            if states is None:
+                raise ValueError(f"hidden_states[{layer}] is needed (a retrieval layer) but is None")
+            attention = layers[layer].self_attn
+            groups, head_dim = attention.num_key_value_groups, attention.head_dim
+            q = _project(layers[layer], states, "q_proj").view(batch, length, -1, groups, head_dim)
+            queries.append(q.sum(3).flatten(2))
+        tokens = torch.nn.functional.normalize(first.float(), dim=-1)
+    queries = torch.stack(queries, 1) if queries else first.new_zeros(batch, 0, length, 0)
+    return {"tokens": tokens, "queries": queries.float(), "mask": mask}
+
+
+def _segment_max(scores: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
+    """[..., N] scores of stored slots -> [..., count]: the best slot of each block (`segment` [N]: block ids)."""
+    out = scores.new_full((*scores.shape[:-1], count), -torch.inf)
+    return out.scatter_reduce(-1, segment.expand_as(scores), scores, "amax")
+
+
+def _zscore(scores: torch.Tensor) -> torch.Tensor:
+    if scores.numel() < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+
+
+def lexical_scores(tokens: torch.Tensor, stored: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
+    """IDF-weighted share of the question's distinct tokens [T, d] found (near-identical layer-0 vector) in each
+    block. Each distinct token counts once: a chat template repeats its newlines and markers, and counted every
+    time they outweighed the question's own words."""
+    same = (tokens @ tokens.T) >= LEXICAL_MATCH
+    first = ~same.tril(-1).any(1)
+    best = _segment_max(tokens[first] @ stored.T, segment, count)  # [distinct tokens, blocks]
+    found = best >= LEXICAL_MATCH
+    holding = found.sum(1, dtype=torch.float32)
+    idf = torch.log1p((count - holding + 0.5) / (holding + 0.5))
+    return (idf[:, None] * found).sum(0) / idf.sum().clamp(min=1e-6)
+
+
+def key_scores(queries: torch.Tensor, keys: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
+    """Mean over question tokens of the best slot's attention logit (unscaled: the fusion z-scores it), summed over
+    kv groups and layers. queries [layers, T, kv * hd], keys [layers, N, kv * hd]."""
+    total = queries.new_zeros(count)
+    for q, k in zip(queries, keys):
+        total = total + _segment_max(q @ k.T, segment, count).mean(0)
+    return total
+
+
+def score_blocks(
+    question_feats: dict[str, torch.Tensor],
+    block_feats: Sequence[dict[str, torch.Tensor]],
+    weights: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Relevance [B, num_blocks] of every stored block to every question (higher = more relevant): the weighted sum
+    of the z-scored lexical and key scores. Rows are scored one by one (padding removed), so a batch equals its rows."""
+    weights = SCORE_WEIGHTS if weights is None else weights
+    unknown = set(weights) - {"lexical", "keys"}
+    if unknown:
+        raise ValueError(f"unknown score weights {sorted(unknown)}; use 'lexical' and 'keys'")
+    batch = question_feats["tokens"].shape[0]
+    if not block_feats:
+        return question_feats["tokens"].new_zeros(batch, 0)
+    count = len(block_feats)
+    device = question_feats["tokens"].device
+    segment = torch.cat(
+        [torch.full((b["tokens"].shape[0],), i, device=device) for i, b in enumerate(block_feats)]
+    )
+    stored = torch.cat([b["tokens"] for b in block_feats]).to(device, torch.float32)
+    keys = torch.cat([b["keys"] for b in block_feats], 1).to(device, torch.float32)
+    rows = []
+    for row in range(batch):
+        valid = question_feats["mask"][row]
+        score = question_feats["tokens"].new_zeros(count)
+        if weights.get("lexical", 0):
+            lexical = lexical_scores(question_feats["tokens"][row, valid], stored, segment, count)
+            score = score + weights["lexical"] * _zscore(lexical)
+        if weights.get("keys", 0):
+            by_keys = key_scores(question_feats["queries"][row][:, valid], keys, segment, count)
+            score = score + weights["keys"] * _zscore(by_keys)
+        rows.append(score)
+    return torch.stack(rows)
