@@ -32,9 +32,11 @@ DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa", "coun
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
 # Scorer variants: the default fusion and its parts, plus the simple baseline (mean-pooled slot cosine).
 MEAN_POOL_LAYER = 12
+DEFAULT = "default (lexical + keys)"
 VARIANTS = {
-    "default (lexical)": None,
-    f"keys only (layers {','.join(map(str, retrieval.KEY_LAYERS))})": {"keys": 1.0},
+    DEFAULT: None,
+    "lexical only": {"lexical": 1.0},
+    f"keys only (attention mass, layers {','.join(map(str, retrieval.KEY_LAYERS))})": {"keys": 1.0},
 }
 
 
@@ -197,7 +199,7 @@ def main() -> None:
                 "mean_rank": sum(found) / len(found),
                 "questions": len(found),
             }
-        best = [float(s.max()) for s in scores["default (lexical)"]]
+        best = [float(s.max()) for s in scores[DEFAULT]]
         by_role = {}
         for question, score in zip(questions, best):
             by_role.setdefault(question["role"], []).append(score)
@@ -206,6 +208,7 @@ def main() -> None:
         results["threshold"][style] = {
             "default": threshold_report(positive, negative, retrieval.RETRIEVAL_THRESHOLD),
             "best_on_this_data": threshold_report(positive, negative, best_threshold(positive, negative)),
+            "best_scores": {"stored": positive, "not_stored": negative},
             "best_score_quantiles": {
                 role: [round(statistics.quantiles(v, n=10)[i], 3) for i in (0, 4, 8)] if len(v) > 1 else v
                 for role, v in by_role.items()

@@ -9,15 +9,17 @@ stored text):
   matches a block when the block holds a near-identical layer-0 vector (cosine >= `LEXICAL_MATCH`), weighted by an
   IDF computed from how many stored blocks hold one (BM25's IDF). Chat-template tokens and stop words are in every
   block or in none, so they count little or nothing, whatever the prompt style.
-- keys: InfLLM-style attention scores at a few calibrated layers: the question's queries q_proj(input_layernorm(h))
-  against the block's un-rotated keys k_proj(input_layernorm(slot)); the queries of a kv group's heads are summed
-  (sum_h q_h . k_g(h) = sum_g (sum_{h in g} q_h) . k_g), each question token takes its best slot of the block, and the
-  block's score is the mean over question tokens, summed over groups and layers.
+- keys: InfLLM-style attention mass at a few calibrated layers: the question's queries q_proj(input_layernorm(h))
+  against the block's un-rotated keys k_proj(input_layernorm(slot)); the queries of a kv group's heads are averaged
+  (GQA: one query per kv group, 192 dims for SmolLM2), each question token attends (softmax) over all stored slots
+  at once, and a block's score is the attention mass its slots get, averaged over the question tokens. (The best
+  slot per block instead of the mass favours long blocks: template tokens then pick the longest ones.)
 
 The two scores are z-scored over the stored blocks (per question) and added with `SCORE_WEIGHTS`; the best block's
 fused score against `RETRIEVAL_THRESHOLD` tells "this question's injection is stored" from "nothing relevant is".
 """
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +28,7 @@ import torch
 # For another model, rerun that benchmark with `--calibrate` on its own dev questions and set these from its output:
 # layers whose queries/keys retrieve, the weights of the two scores and the threshold on the best block's score.
 KEY_LAYERS: tuple[int, ...] = (18,)
-SCORE_WEIGHTS: dict[str, float] = {"lexical": 1.0, "keys": 0.0}
+SCORE_WEIGHTS: dict[str, float] = {"lexical": 1.0, "keys": 0.5}
 RETRIEVAL_THRESHOLD: float = 5.0
 # Cosine at which two layer-0 vectors count as the same token (identical tokens give 1 up to float16 rounding).
 LEXICAL_MATCH: float = 0.95
@@ -47,7 +49,7 @@ def block_features(
     """Features of one stored block, computed once at write time from its slots [L, k, d] (`layers`: the decoder
     layers, `model.model.layers`).
 
-    Returns (float16) "tokens" [k, d]: the unit-normalised layer-0 slots; "keys" [len(key_layers), k, kv_heads *
+    Returns (float16) "tokens" [k, d]: the unit-normalised layer-0 slots; "keys" [len(key_layers), k, kv_heads,
     head_dim]: un-rotated keys at `key_layers`. For SmolLM2 that is (576 + 192 * len(key_layers)) * 2 bytes per
     stored token.
     """
@@ -56,7 +58,8 @@ def block_features(
     with torch.no_grad():
         tokens = torch.nn.functional.normalize(slots[0].float(), dim=-1)
         keys = [_project(layers[layer], slots[layer], "k_proj") for layer in key_layers]
-        keys = torch.stack(keys) if keys else slots.new_zeros(0, slots.shape[1], 0)
+        head_dim = layers[0].self_attn.head_dim
+        keys = torch.stack(keys).unflatten(-1, (-1, head_dim)) if keys else slots.new_zeros(0, slots.shape[1], 1, 0)
     return {"tokens": tokens.to(FEATURE_DTYPE), "keys": keys.to(FEATURE_DTYPE)}
 
 
@@ -70,8 +73,8 @@ def question_features(
     (as in `output_hidden_states=True`; only layer 0 and `key_layers` are read, others may be None) and
     `attention_mask` [B, T] (1 = token, 0 = padding, left or right; None = all tokens).
 
-    Returns "tokens" [B, T, d] (unit-normalised layer-0 states), "queries" [B, len(key_layers), T, kv_heads *
-    head_dim] (un-rotated queries, summed over each kv group's heads) and "mask" [B, T] (bool).
+    Returns "tokens" [B, T, d] (unit-normalised layer-0 states), "queries" [B, len(key_layers), T, kv_heads,
+    head_dim] (un-rotated queries, averaged over each kv group's heads, divided by sqrt(head_dim)) and "mask" [B, T] (bool).
     """
     first = hidden_states[0]
     if first is None or first.dim() != 3:
@@ -92,9 +95,9 @@ def question_features(
             attention = layers[layer].self_attn
             groups, head_dim = attention.num_key_value_groups, attention.head_dim
             q = _project(layers[layer], states, "q_proj").view(batch, length, -1, groups, head_dim)
-            queries.append(q.sum(3).flatten(2))
+            queries.append(q.mean(3) / math.sqrt(head_dim))
         tokens = torch.nn.functional.normalize(first.float(), dim=-1)
-    queries = torch.stack(queries, 1) if queries else first.new_zeros(batch, 0, length, 0)
+    queries = torch.stack(queries, 1) if queries else first.new_zeros(batch, 0, length, 1, 0)
     return {"tokens": tokens, "queries": queries.float(), "mask": mask}
 
 
@@ -124,11 +127,14 @@ def lexical_scores(tokens: torch.Tensor, stored: torch.Tensor, segment: torch.Te
 
 
 def key_scores(queries: torch.Tensor, keys: torch.Tensor, segment: torch.Tensor, count: int) -> torch.Tensor:
-    """Mean over question tokens of the best slot's attention logit (unscaled: the fusion z-scores it), summed over
-    kv groups and layers. queries [layers, T, kv * hd], keys [layers, N, kv * hd]."""
+    """Attention mass per block: each question token's mean query of a kv group attends (softmax) over all stored
+    slots at once; a block's score is the mass its slots get, averaged over question tokens and summed over kv
+    groups and key layers. queries [layers, T, kv, hd] (pre-scaled), keys [layers, N, kv, hd]."""
     total = queries.new_zeros(count)
     for q, k in zip(queries, keys):
-        total = total + _segment_max(q @ k.T, segment, count).mean(0)
+        weights = torch.softmax(torch.einsum("tgd,ngd->gtn", q, k), dim=-1)  # [kv, T, N]
+        mass = weights.new_zeros(*weights.shape[:-1], count).index_add_(-1, segment, weights)
+        total = total + mass.mean(1).sum(0)
     return total
 
 

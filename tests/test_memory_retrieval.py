@@ -52,10 +52,10 @@ def texts():
 
 def test_feature_shapes_and_bytes(input_model, texts):
     cfg = input_model.config
-    kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
     (block,) = store(input_model, texts[:1])
     assert block["tokens"].shape == (len(texts[0]), cfg.hidden_size)
-    assert block["keys"].shape == (len(KEY_LAYERS), len(texts[0]), kv_dim)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert block["keys"].shape == (len(KEY_LAYERS), len(texts[0]), cfg.num_key_value_heads, head_dim)
     assert all(t.dtype == retrieval.FEATURE_DTYPE for t in block.values())
     # "input" rule: layer-0 slots are the token embeddings, so the lexical view is the normalised embeddings
     embeddings = torch.nn.functional.normalize(input_model.model.embed_tokens.weight[texts[0]], dim=-1)
@@ -63,7 +63,7 @@ def test_feature_shapes_and_bytes(input_model, texts):
     feats, _, _ = questions(input_model, texts[:2])
     length = max(len(t) for t in texts[:2])
     assert feats["tokens"].shape == (2, length, cfg.hidden_size)
-    assert feats["queries"].shape == (2, len(KEY_LAYERS), length, kv_dim)
+    assert feats["queries"].shape == (2, len(KEY_LAYERS), length, cfg.num_key_value_heads, head_dim)
     assert feats["mask"].dtype == torch.bool
 
 
@@ -76,15 +76,21 @@ def test_block_found_by_its_own_tokens(input_model, texts, weights):
     assert torch.equal(scores.argmax(1), torch.arange(len(texts)))
 
 
-def test_key_scores_match_a_loop_over_blocks(input_model, texts):
-    """Keys view: per block, the mean over question tokens of the best slot's q.k (summed over key layers)."""
+def test_key_scores_are_the_attention_mass_of_each_block(input_model, texts):
+    """Keys view: each question token's (group-mean) query attends over all stored slots; a block scores the mass
+    its slots get, averaged over tokens, summed over kv groups (checked against a plain loop)."""
     blocks = store(input_model, texts)
     feats, _, mask = questions(input_model, texts[:1])
     by_keys = retrieval.score_blocks(feats, blocks, {"keys": 1.0})[0]
-    q = feats["queries"][0][:, mask[0].bool()]
-    expected = torch.stack(
-        [sum((ql @ kl.float().T).max(1).values.mean() for ql, kl in zip(q, b["keys"])) for b in blocks]
-    )
+    q = feats["queries"][0][:, mask[0].bool()]  # [layers, T, kv, hd]
+    keys = torch.cat([b["keys"].float() for b in blocks], 1)
+    sizes = [b["keys"].shape[1] for b in blocks]
+    expected = torch.zeros(len(blocks))
+    for layer in range(q.shape[0]):
+        for group in range(q.shape[2]):
+            attention = torch.softmax(q[layer, :, group] @ keys[layer, :, group].T, dim=-1)
+            expected += torch.stack([part.sum(1).mean() for part in attention.split(sizes, dim=1)])
+    assert torch.allclose(expected.sum(), torch.tensor(float(q.shape[0] * q.shape[2])))
     torch.testing.assert_close(by_keys, (expected - expected.mean()) / expected.std())
 
 
