@@ -76,6 +76,15 @@ def test_block_found_by_its_own_tokens(input_model, texts, weights):
     assert torch.equal(scores.argmax(1), torch.arange(len(texts)))
 
 
+def test_repeated_question_tokens_count_once(input_model, texts):
+    """A token the prompt repeats (a chat template's newlines) counts once: repeated 8 times, a token found only in
+    another block must not outrank the block that holds all of the question's other tokens."""
+    blocks = store(input_model, texts)
+    repeated = next(t for t in texts[1] if all(t not in other for other in texts[:1] + texts[2:]))
+    feats, _, _ = questions(input_model, [texts[0] + [repeated] * 8])
+    assert int(retrieval.score_blocks(feats, blocks, {"lexical": 1.0}).argmax()) == 0
+
+
 def test_key_scores_are_the_attention_mass_of_each_block(input_model, texts):
     """Keys view: each question token's (group-mean) query attends over all stored slots; a block scores the mass
     its slots get, averaged over tokens, summed over kv groups (checked against a plain loop)."""
