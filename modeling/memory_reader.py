@@ -13,7 +13,7 @@ import torch
 
 from .memory_adapters import READ
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
-from .memory_retrieval import block_features, question_features, score_blocks
+from .memory_retrieval import block_features, question_features, retrieval_key_layers, score_blocks
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
 
 
@@ -105,10 +105,12 @@ class LongTermMemoryMixin:
         with self._memory_lock:
             store = self._long_term
             dtype, device = self.memory.dtype, self.memory.device
+            key_layers = retrieval_key_layers(self.config.num_hidden_layers)
             features = []
             for block in store:
                 if block.features is None:  # computed once per block, on first use
-                    block.features = block_features(self.model.layers, block.slots.to(device=device, dtype=dtype))
+                    slots = block.slots.to(device=device, dtype=dtype)
+                    block.features = block_features(self.model.layers, slots, key_layers)
                 features.append(block.features)
         with self.adapters.use(READ):
             hidden = self.model(
@@ -120,7 +122,7 @@ class LongTermMemoryMixin:
             ).hidden_states
         if not store:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
-        return score_blocks(question_features(self.model.layers, hidden, attention_mask), features)
+        return score_blocks(question_features(self.model.layers, hidden, attention_mask, key_layers), features)
 
     def retrieve(
         self,

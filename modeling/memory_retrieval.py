@@ -30,6 +30,13 @@ import torch
 KEY_LAYERS: tuple[int, ...] = (18,)
 SCORE_WEIGHTS: dict[str, float] = {"lexical": 1.0, "keys": 0.5}
 RETRIEVAL_THRESHOLD: float = 5.0
+def retrieval_key_layers(num_layers: int) -> tuple[int, ...]:
+    """`KEY_LAYERS` where the model has them, else the same relative depth (a model of another depth: calibrate)."""
+    if all(layer < num_layers for layer in KEY_LAYERS):
+        return KEY_LAYERS
+    return tuple(sorted({min(num_layers - 1, round(layer / 30 * num_layers)) for layer in KEY_LAYERS}))
+
+
 # Cosine at which two layer-0 vectors count as the same token (identical tokens give 1 up to float16 rounding).
 LEXICAL_MATCH: float = 0.95
 FEATURE_DTYPE = torch.float16

@@ -13,8 +13,13 @@ from memoryllm_hf.tiny import TINY, tiny_config, tiny_model
 
 
 def retrieval_model(**overrides):
+    """A tiny training-free model that retrieves. Like `from_base` models, it adds no position embedding to the
+    slots it writes (the tiny model's random one would hide the layer-0 token match the scorer uses)."""
     settings = dict(memory_update="input", fresh_pool="grow", long_term_memory_tokens=60, read_mode="retrieve")
-    return tiny_model(**{**settings, **overrides})
+    model = tiny_model(**{**settings, **overrides})
+    with torch.no_grad():
+        model.memory_embeddings.new_memory_positional_emb.zero_()
+    return model
 
 
 def texts(count, length=6, seed=1):
