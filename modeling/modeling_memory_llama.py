@@ -675,6 +675,7 @@ class MemoryLlamaForCausalLM(
             # What leaves the pool stays findable: a long-term store of about 1 GiB and retrieval reads.
             if memory_config.get("read_mode", "retrieve") == "retrieve":
                 memory_config.setdefault("read_mode", "retrieve")
+                memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
                 memory_config.setdefault(
                     "long_term_memory_tokens",
