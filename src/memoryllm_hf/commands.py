@@ -35,14 +35,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import load_folder, read_text, replaced_slots, save_memory
+    from .folder import load_folder, locked, read_text, replaced_slots, save_memory
 
     text = read_text(args.file, args.text, args.encoding)
-    model, tokenizer = load_folder(args.folder)
-    before = model.memory_state()
-    updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-    save_memory(args.folder, model)
-    after = model.memory_state()
+    with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
+        model, tokenizer = load_folder(args.folder)
+        before = model.memory_state()
+        updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
+        save_memory(args.folder, model)
+        after = model.memory_state()
     print(
         f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
         f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
@@ -70,13 +71,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms
+    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms, png_path
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
     print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
     if args.png:
         plot_slot_norms(state, args.png)
-        print(f"slot norm histogram written to {args.png}")
+        print(f"slot norm histogram written to {png_path(args.png)}")
     return 0
 
 
