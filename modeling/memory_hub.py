@@ -14,9 +14,10 @@ import tempfile
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from .memory_state import MEMORY_BUFFERS, MemoryState, MemoryStateError, folder_memory_file
+from .memory_state import MEMORY_BUFFERS, MemoryState, MemoryStateError
 from .memory_storage import INDEX_FILE, MEMORY_FILE, WEIGHTS_FILE
 
 MEMORY_STATE_FILE = "memory_state.json"
@@ -62,24 +63,34 @@ def _read_json_object(path: str, what: str) -> dict:
 _HUB_LOAD_ARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
 
 
-def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, str | None]:
-    """(memory file, local folder) of a checkpoint that `from_pretrained(source, **load_kwargs)` just read: its
-    memory.safetensors when the index lists the memory there (None when the memory is inside the weights), and
-    the folder when `source` is a local one."""
+def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, set[str] | None, str | None]:
+    """What `from_pretrained(source, **load_kwargs)` just read about the memory: (the file holding the `memory`
+    tensor, the memory buffers the checkpoint lists (None: unknown, e.g. a .bin checkpoint), the local folder)."""
     if source is None:
-        return None, None
-    source = os.fspath(source)
-    subfolder = load_kwargs.get("subfolder") or ""
-    if os.path.isdir(os.path.join(source, subfolder)):
-        folder = os.path.join(source, subfolder)
-        return folder_memory_file(folder), folder
-    from transformers.utils import cached_file
+        return None, None, None
+    source, subfolder = os.fspath(source), load_kwargs.get("subfolder") or ""
+    folder = os.path.join(source, subfolder) if os.path.isdir(os.path.join(source, subfolder)) else None
 
-    hub = {key: load_kwargs[key] for key in _HUB_LOAD_ARGS if key in load_kwargs}
-    index = cached_file(source, INDEX_FILE, _raise_exceptions_for_missing_entries=False, **hub)
-    if index is None or _read_json_object(index, INDEX_FILE).get("weight_map", {}).get("memory") != MEMORY_FILE:
-        return None, None
-    return cached_file(source, MEMORY_FILE, **hub), None
+    def fetch(name: str) -> str | None:
+        if folder is not None:
+            return os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+        from transformers.utils import cached_file
+
+        hub = {key: load_kwargs[key] for key in _HUB_LOAD_ARGS if key in load_kwargs}
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub)
+
+    index = fetch(INDEX_FILE)
+    if index is not None:
+        weight_map = _read_json_object(index, INDEX_FILE).get("weight_map", {})
+        keys, name = {key for key in MEMORY_BUFFERS if key in weight_map}, weight_map.get("memory")
+    else:
+        name = WEIGHTS_FILE
+        path = fetch(name)
+        if path is None:
+            return None, None, folder
+        with safe_open(path, "pt") as handle:
+            keys = set(handle.keys()) & set(MEMORY_BUFFERS)
+    return (fetch(name) if name is not None and "memory" in keys else None), keys, folder
 
 
 class MemoryHubMixin:

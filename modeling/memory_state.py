@@ -18,7 +18,6 @@ from .memory_pool import is_sole_reference
 from .memory_storage import (
     MEMORY_FILE,
     model_owned_files,
-    read_index,
     stage_memory_files,
     update_folder,
     write_tensor_file,
@@ -167,6 +166,12 @@ class MemoryState:
         written = self.written_at
         if tuple(written.shape) != tuple(memory.shape[:2]) or written.is_floating_point():
             raise MemoryStateError(f"written_at must be an integer tensor {tuple(memory.shape[:2])}")
+        empty = memory.shape[1] - int(filled)
+        if written.numel() and (int(written.max()) > int(injections) or bool(written[:, :empty].any())):
+            raise MemoryStateError(
+                f"written_at disagrees with the counters (slots written after injection {int(injections)}, or in "
+                f"the {empty} empty slots): a torn or corrupted memory"
+            )
         if rng.dtype != torch.uint8 or tuple(rng.shape) != (_RNG_STATE_BYTES,):
             raise MemoryStateError(
                 f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), "
@@ -297,16 +302,6 @@ def check_unchanged(folder: str, expected_hash: str | None) -> None:
         )
 
 
-def folder_memory_file(folder: str | os.PathLike) -> str | None:
-    """Path of the memory file of a model folder (per its index; None when the memory is inside the weights)."""
-    folder = os.fspath(folder)
-    index = read_index(folder)
-    name = index["weight_map"].get("memory") if index is not None else None
-    if name == MEMORY_FILE or (index is None and os.path.isfile(os.path.join(folder, MEMORY_FILE))):
-        return os.path.join(folder, MEMORY_FILE)
-    return None
-
-
 def seeded_rng_state(seed: int) -> torch.Tensor:
     """State of a fresh CPU generator seeded with `seed` (what a new pool starts from)."""
     return torch.Generator().manual_seed(seed).get_state()
@@ -420,20 +415,19 @@ class MemoryStateMixin:
         save_model_folder(folder, save_weights, state, expected_hash=origin[1] if same else None)
         self.__dict__["_memory_origin"] = (os.path.realpath(folder), state.content_hash())
 
-    def _adopt_checkpoint_memory(self, info: dict, memory_file: str | None, folder: str | None, allow_other_model):
-        """After `from_pretrained`: install the checkpoint's memory only after the full check of `MemoryState.load`
-        (tensors complete and finite, counters, hash, this model's fingerprint); a checkpoint without memory starts
-        empty. `memory_file`: the resolved memory.safetensors (None when the memory is inside the weights)."""
-        missing = [name for name in MEMORY_BUFFERS if name in info["missing_keys"]]
-        if len(missing) == len(MEMORY_BUFFERS):  # a base model: no memory yet
+    def _adopt_checkpoint_memory(self, memory_file: str | None, keys: set[str] | None, folder, allow_other_model):
+        """After `from_pretrained`: a checkpoint without memory (`keys` empty) starts empty; a memory file is
+        installed only after the full check of `MemoryState.load` (complete, finite, counters, hash) and this
+        model's fingerprint check; a memory stored inside the weights (older layouts) must be complete and valid."""
+        if keys is not None and not keys:  # a base model: no memory yet
             self.reset_memory()
             return
-        if memory_file is None:
-            if missing not in ([], ["memory_written_at"]):
-                raise MemoryStateError(f"the checkpoint's memory is incomplete: {missing} are missing")
-            state = self._current_state()
+        missing = [name for name in MEMORY_BUFFERS[:4] if keys is not None and name not in keys]
+        if missing:
+            raise MemoryStateError(f"the checkpoint's memory is incomplete: {missing} are missing")
+        if memory_file is None or os.path.basename(memory_file) != MEMORY_FILE:
             try:
-                state.validate()
+                self._current_state().validate()
             except MemoryStateError as err:
                 raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
             return

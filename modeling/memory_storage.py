@@ -85,6 +85,9 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600): keep the replaced file's mode, or the usual one for a new file
+        mode = os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -101,7 +104,7 @@ def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
 
 
 # ---------------------------------------------------------------------------------------------- folder lock
-_LOCKS: dict[str, FileLock] = {}
+_LOCKS: dict[tuple[int, str], FileLock] = {}  # per process: a lock object must not be used across a fork
 
 
 def folder_lock(folder: str | os.PathLike) -> FileLock:
@@ -112,10 +115,11 @@ def folder_lock(folder: str | os.PathLike) -> FileLock:
     folder = os.path.realpath(os.fspath(folder))
     parent, name = os.path.split(folder)
     path = os.path.join(parent, f".{name}.lock")
-    if path not in _LOCKS:
+    key = (os.getpid(), path)
+    if key not in _LOCKS:
         os.makedirs(parent, exist_ok=True)
-        _LOCKS[path] = FileLock(path)
-    return _LOCKS[path]
+        _LOCKS[key] = FileLock(path)
+    return _LOCKS[key]
 
 
 # ---------------------------------------------------------------------------------------------- folder updates
@@ -190,7 +194,7 @@ def update_folder(folder: str | os.PathLike, write: Callable[[str, str | None], 
             if old is not None:
                 os.chmod(staging, os.stat(old).st_mode & 0o7777)
             else:
-                os.chmod(staging, 0o777 & ~_umask())
+                os.chmod(staging, 0o777 & ~_UMASK)
             _fsync_directory(staging)
             if old is None:
                 os.rename(staging, folder)
@@ -204,10 +208,13 @@ def update_folder(folder: str | os.PathLike, write: Callable[[str, str | None], 
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0o22)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: setting it is process-wide, not something to do while other threads write
 
 
 # ---------------------------------------------------------------------------------------------- memory in a folder

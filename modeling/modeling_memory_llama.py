@@ -529,7 +529,7 @@ class MemoryLlamaForCausalLM(MemoryStateMixin, MemoryHubMixin, LlamaForCausalLM,
             model.reset_memory()
         else:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model._adopt_checkpoint_memory(info, *checkpoint_memory_file(source, kwargs), allow_other_model)
+            model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
         return (model, info) if want_info else model
 
     def _reset_missing_adapters(self, missing_keys: set[str]) -> None:

@@ -107,7 +107,7 @@ class ChatSession:
             command(argument.strip())
         except KeyboardInterrupt:
             self.say(f"/{name} cancelled; the memory is as it was before it")
-        except (ValueError, KeyError, OSError) as err:
+        except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as err:
             self.say(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
         return True
 
