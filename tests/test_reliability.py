@@ -251,7 +251,7 @@ for _ in range(int(sys.argv[2])):
 
 
 def test_two_cli_processes_lose_no_update(folder):
-    rounds = 3
+    rounds = 4
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen([sys.executable, "-c", CLI_TWICE, str(folder), str(rounds), SHORT], env=env)

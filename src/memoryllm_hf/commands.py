@@ -1,6 +1,7 @@
 """Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -36,13 +37,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _inject(args: argparse.Namespace) -> int:
     from .folder import load_folder, locked, read_text, replaced_slots, save_memory
+    from .modeling.memory_state import stored_content_hash
+    from .modeling.memory_storage import MEMORY_FILE
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
+        loaded = stored_content_hash(Path(args.folder) / MEMORY_FILE)
         model, tokenizer = load_folder(args.folder)
         before = model.memory_state()
         updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-        save_memory(args.folder, model)
+        save_memory(args.folder, model, expected_hash=loaded)  # (refuses a memory changed meanwhile)
         after = model.memory_state()
     print(
         f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
