@@ -6,6 +6,7 @@ so branches or commits of one repo can hold many memories of the same model.
 """
 
 import dataclasses
+import glob
 import hashlib
 import importlib.metadata
 import json
@@ -21,11 +22,12 @@ from huggingface_hub import (
     ModelCardData,
     hf_hub_download,
 )
-from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from .memory_state import MEMORY_BUFFERS, STATE_FORMAT, MemoryState, MemoryStateError
-from .memory_storage import INDEX_FILE, MEMORY_FILE
+from .memory_state import MEMORY_BUFFERS, MemoryState, MemoryStateError
+from .memory_storage import INDEX_FILE, MEMORY_FILE, WEIGHTS_FILE
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store
 
 MEMORY_STATE_FILE = "memory_state.json"
@@ -56,26 +58,62 @@ def _download(repo_id: str, filename: str, revision: str | None, token, cache_di
         return None
 
 
+def _read_json_object(path: str, what: str) -> dict:
+    """A JSON file that must hold an object (a list, null or broken JSON is refused with a clear error)."""
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except ValueError as err:
+        raise MemoryStateError(f"{what} is not valid JSON ({err})") from None
+    if not isinstance(content, dict):
+        raise MemoryStateError(f"{what} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+_HUB_LOAD_ARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
+
+
+def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, set[str] | None, str | None]:
+    """What `from_pretrained(source, **load_kwargs)` just read about the memory: (the file holding the `memory`
+    tensor, the memory buffers the checkpoint lists (None: unknown, e.g. a .bin checkpoint), the local folder)."""
+    if source is None:
+        return None, None, None
+    source, subfolder = os.fspath(source), load_kwargs.get("subfolder") or ""
+    folder = os.path.join(source, subfolder) if os.path.isdir(os.path.join(source, subfolder)) else None
+
+    def fetch(name: str) -> str | None:
+        if folder is not None:
+            return os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+        from transformers.utils import cached_file
+
+        hub = {key: load_kwargs[key] for key in _HUB_LOAD_ARGS if key in load_kwargs}
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub)
+
+    index = fetch(INDEX_FILE)
+    if index is not None:
+        weight_map = _read_json_object(index, INDEX_FILE).get("weight_map", {})
+        keys, name = {key for key in MEMORY_BUFFERS if key in weight_map}, weight_map.get("memory")
+    else:
+        name = WEIGHTS_FILE
+        path = fetch(name)
+        if path is None:
+            return None, None, folder
+        with safe_open(path, "pt") as handle:
+            keys = set(handle.keys()) & set(MEMORY_BUFFERS)
+    return (fetch(name) if name is not None and "memory" in keys else None), keys, folder
+
+
 class MemoryHubMixin:
     """Memory push/pull for MemoryLlama (relies on the model's `_current_state` / `_set_state`)."""
 
     # ------------------------------------------------------------------ metadata and card
     def memory_metadata(self, state: MemoryState, memory_file: str) -> dict:
-        """`memory_state.json` content for `state` (taken from this model), saved in `memory_file`."""
-        cfg = self.config
+        """`memory_state.json` content for `state` (taken from this model), saved in `memory_file`: the memory
+        file's own metadata (`MemoryState.describe`, same field names) plus the file's sha256 and the versions."""
         return {
-            "format": STATE_FORMAT,
-            "injections": state.num_injections,
-            "num_memory_tokens": state.num_slots,
-            "num_update_tokens": cfg.num_update_tokens,
-            "num_hidden_layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size,
-            "filled_slots": state.num_filled_slots,
-            "memory_update": cfg.memory_update,
-            "dtype": str(state.memory.dtype).removeprefix("torch."),
+            **state.describe(),
+            "memory_update": self.config.memory_update,
             "sha256": sha256_file(memory_file),
-            "content_hash": state.content_hash(),
-            "fingerprint": state.fingerprint,
             "package_version": package_version(),
         }
 
@@ -187,8 +225,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         index_path = _download(repo_id, INDEX_FILE, revision, token, None)
         weight_map = {}
         if index_path is not None:
-            with open(index_path) as handle:
-                weight_map = json.load(handle).get("weight_map", {})
+            weight_map = _read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
         if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
             raise ValueError(
                 f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
@@ -196,8 +233,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
             )
         state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
         if state_path is not None:
-            with open(state_path) as handle:
-                remote = json.load(handle).get("fingerprint")
+            remote = _read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
             if remote is not None and remote != self.memory_fingerprint():
                 raise ValueError(
                     f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
@@ -220,12 +256,15 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> CommitInfo:
         """Upload the whole model (weights, memory shard, `memory_state.json`, remote code, a README.md model card
-        and, if given, the tokenizer) as one commit. Safetensors files no longer written are removed from the repo."""
+        and, if given, the tokenizer) as one commit. Weight files of an earlier push that this one no longer writes
+        (those its index listed, and a single `model.safetensors`) are removed; nothing else in the repo is."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with tempfile.TemporaryDirectory() as folder:
+        stale = self._pushed_weight_files(api, repo_id, revision)
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = os.path.join(scratch, "model")
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             self._write_memory(folder)  # one consistent snapshot of the memory, with its metadata
             if tokenizer is not None:
@@ -238,8 +277,21 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 commit_description=commit_description,
                 revision=revision,
                 create_pr=create_pr,
-                delete_patterns=["*.safetensors", INDEX_FILE],
+                delete_patterns=sorted(stale - set(os.listdir(folder))) or None,
             )
+
+    @staticmethod
+    def _pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
+        """Top-level weight files a model push wrote to `revision` before (per its index; a single weights file)."""
+        try:
+            present = set(api.list_repo_files(repo_id, revision=revision))
+        except RevisionNotFoundError:
+            return set()
+        owned = {WEIGHTS_FILE, INDEX_FILE}
+        if INDEX_FILE in present:
+            path = _download(repo_id, INDEX_FILE, revision, api.token, None)
+            owned |= set(_read_json_object(path, f"{repo_id} {INDEX_FILE}").get("weight_map", {}).values())
+        return {name for name in owned & present if "/" not in name and glob.escape(name) == name}
 
     # ------------------------------------------------------------------ load
     def load_memory_from_hub(
@@ -248,6 +300,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
+        allow_other_model: bool = False,
     ) -> dict:
         """Install the memory saved at `repo_id`@`revision` (branch, tag or commit sha); returns its metadata
         (the content of `memory_state.json`, empty when the repo has none).
@@ -260,17 +313,16 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         memory_path = _download(repo_id, MEMORY_FILE, revision, token, cache_dir)
         if memory_path is None:
             raise ValueError(f"{where} has no {MEMORY_FILE}; push one with model.push_memory_to_hub")
-        metadata = {}
-        if state_path is not None:
-            with open(state_path) as handle:
-                metadata = json.load(handle)
         try:
+            metadata = {} if state_path is None else _read_json_object(state_path, MEMORY_STATE_FILE)
             if metadata.get("sha256") not in (None, sha256_file(memory_path)):
                 raise MemoryStateError(
                     f"{MEMORY_FILE} does not match the sha256 in {MEMORY_STATE_FILE} (the branch moved during the "
                     "download, or an upload was incomplete); load it again or pin a commit sha"
                 )
             state = MemoryState.load(memory_path)
+            if metadata.get("content_hash") not in (None, state.content_hash()):
+                raise MemoryStateError(f"{MEMORY_FILE} does not match the content_hash in {MEMORY_STATE_FILE}")
             if state.fingerprint is None:
                 state.fingerprint = metadata.get("fingerprint")
             if "long_term_sha256" in metadata:
@@ -281,7 +333,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                         "commit sha"
                     )
                 state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
-            self.load_memory_state(state)
+            self.load_memory_state(state, allow_other_model)
         except (MemoryStateError, LongTermStoreError) as err:
             raise MemoryStateError(f"{where}: {err}") from None
         return metadata

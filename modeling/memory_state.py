@@ -2,8 +2,10 @@
 
 import dataclasses
 import hashlib
+import json
 import os
 import threading
+import unicodedata
 from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -11,19 +13,28 @@ from types import MappingProxyType
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
-from .memory_storage import atomic_write
 from .memory_store import (
+    LONG_TERM_FILE,
+    STORE_TENSORS,
     LongTermStore,
     LongTermStoreError,
     MemoryBlock,
     store_append,
+    store_content_hash,
+    store_file_metadata,
     store_from_tensors,
     store_num_slots,
     store_to_tensors,
     validate_store,
+)
+from .memory_storage import (
+    MEMORY_FILE,
+    model_owned_files,
+    stage_memory_files,
+    update_folder,
+    write_tensor_file,
 )
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
@@ -31,10 +42,35 @@ MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_st
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 _TENSOR_FIELDS = ("memory", "filled", "injections", "rng_state", "written_at")
 _RNG_STATE_BYTES = torch.Generator().get_state().numel()
+# Every memory file a folder can hold (the file group of each part of a memory; one today).
+MEMORY_GROUP_FILES = (MEMORY_FILE, LONG_TERM_FILE)
+# Metadata fields of a memory file (and of the Hub's memory_state.json) that must agree with its tensors.
+_COUNTERS = ("num_hidden_layers", "num_memory_tokens", "hidden_size", "filled_slots", "injections")
 
 
 class MemoryStateError(ValueError):
     """A memory state that must not be used: truncated or corrupted, non-finite, or made for another model."""
+
+
+class MemoryChangedOnDiskError(MemoryStateError):
+    """The memory saved in a folder changed since it was loaded (another process saved it): not overwritten."""
+
+
+def is_blank_text(text: str) -> bool:
+    """True for text with nothing to inject: empty, whitespace, or only invisible format characters (zero-width)."""
+    return not "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+
+
+def check_finite_slots(slots: torch.Tensor) -> torch.Tensor:
+    """New memory slots [L, k, d] before they are committed: refuse NaN/inf, naming the first broken layer."""
+    finite = torch.isfinite(slots).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        layer = int((~finite).nonzero()[0])
+        raise MemoryStateError(
+            f"the new memory slots of layer {layer} hold NaN/inf values (broken weights or overflow in this dtype); "
+            "nothing was written, the memory is unchanged"
+        )
+    return slots
 
 
 @dataclasses.dataclass
@@ -77,10 +113,6 @@ class MemoryState:
         """A copy that shares nothing mutable (long-term blocks are immutable and are shared)."""
         return dataclasses.replace(self, **{f: getattr(self, f).detach().clone() for f in _TENSOR_FIELDS})
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the state by file name: the pool buffers and the long-term store's (when not empty)."""
-        return {**self.as_buffers(), **store_to_tensors(self.long_term)}
-
     @property
     def num_slots(self) -> int:
         """N, slots per layer."""
@@ -95,32 +127,47 @@ class MemoryState:
         return int(self.injections)
 
     def content_hash(self) -> str:
-        """sha256 of the tensors (names, dtypes, shapes and bytes), long-term store included: equal hashes mean
-        identical memories."""
+        """sha256 of the pool's tensors (names, dtypes, shapes and bytes): equal hashes mean identical pools (the
+        long-term store has its own, `store_content_hash`)."""
         digest = hashlib.sha256()
-        for name, tensor in self.tensors().items():
+        for name, tensor in self.as_buffers().items():
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
-    def metadata(self) -> dict[str, str]:
-        """What `save` writes beside the tensors (safetensors metadata is str -> str)."""
+    def describe(self) -> dict:
+        """The metadata schema of a memory file (also the core of the Hub's `memory_state.json`): format, geometry,
+        counters, K, the model fingerprint, the content hash and every tensor's dtype and shape."""
         L, N, d = self.memory.shape
         info = {
-            "format": "pt",
             "memory_state": STATE_FORMAT,
-            "num_layers": L,
+            "num_hidden_layers": L,
             "num_memory_tokens": N,
             "hidden_size": d,
             "dtype": str(self.memory.dtype).removeprefix("torch."),
-            "filled": self.num_filled_slots,
+            "filled_slots": self.num_filled_slots,
             "injections": self.num_injections,
-            "content_hash": self.content_hash(),
             "num_update_tokens": self.num_update_tokens,
             "fingerprint": self.fingerprint,
+            "content_hash": self.content_hash(),
+            "tensors": {
+                name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                for name, t in self.as_buffers().items()
+            },
         }
-        return {key: str(value) for key, value in info.items() if value is not None}
+        return {key: value for key, value in info.items() if value is not None}
+
+    def metadata(self) -> dict[str, str]:
+        """`describe()` as safetensors metadata (str -> str)."""
+        return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in self.describe().items()}
+
+    def file_groups(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """The files this memory is saved in beside the weights: `{file name: (tensors, metadata)}`."""
+        groups = {MEMORY_FILE: (self.as_buffers(), self.metadata())}
+        if self.long_term:
+            groups[LONG_TERM_FILE] = (store_to_tensors(self.long_term), store_file_metadata(self.long_term, self.fingerprint))
+        return groups
 
     def validate(self) -> None:
         """Raise MemoryStateError unless the tensors form a usable memory (shapes, dtypes, ranges, all finite)."""
@@ -142,6 +189,12 @@ class MemoryState:
         written = self.written_at
         if tuple(written.shape) != tuple(memory.shape[:2]) or written.is_floating_point():
             raise MemoryStateError(f"written_at must be an integer tensor {tuple(memory.shape[:2])}")
+        empty = memory.shape[1] - int(filled)
+        if written.numel() and (int(written.max()) > int(injections) or bool(written[:, :empty].any())):
+            raise MemoryStateError(
+                f"written_at disagrees with the counters (slots written after injection {int(injections)}, or in "
+                f"the {empty} empty slots): a torn or corrupted memory"
+            )
         if rng.dtype != torch.uint8 or tuple(rng.shape) != (_RNG_STATE_BYTES,):
             raise MemoryStateError(
                 f"rng_state must be a CPU generator state (uint8[{_RNG_STATE_BYTES}]), "
@@ -156,15 +209,18 @@ class MemoryState:
             raise MemoryStateError(str(err)) from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file with metadata, atomically: a crash mid-save leaves the previous file intact."""
+        """Write a safetensors file with metadata, atomically: a crash mid-save leaves the previous file intact. A
+        long-term store goes into the same file (with its own hash)."""
         self.validate()
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.tensors().items()}
         metadata = self.metadata()
-        atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        if self.long_term:
+            metadata["long_term_hash"] = store_content_hash(self.long_term)
+        write_tensor_file(os.fspath(path), {**self.as_buffers(), **store_to_tensors(self.long_term)}, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryState":
-        """Read a file written by `save` (or a checkpoint's memory.safetensors); checks it completely first."""
+        """Read a memory file (`save`, a checkpoint's memory.safetensors, a snapshot) and check it completely:
+        exactly the memory tensors, valid and finite, counters and shapes as its metadata says, its content hash."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no memory state file at {path}")
@@ -174,26 +230,115 @@ class MemoryState:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError) as err:
             raise MemoryStateError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
-        missing = [name for name in MEMORY_BUFFERS[:4] if name not in tensors]
-        if missing:
-            raise MemoryStateError(f"{path} is not a memory state: tensors {missing} are missing")
-        K = metadata.get("num_update_tokens")
-        if K is not None and not K.isdigit():
-            raise MemoryStateError(f"{path} is corrupted: num_update_tokens={K!r} in its metadata")
         try:
-            state = cls.from_buffers(
-                tensors,
-                fingerprint=metadata.get("fingerprint"),
-                num_update_tokens=int(K) if K is not None else None,
-                long_term=store_from_tensors(tensors),
-            )
-            state.validate()
-        except (MemoryStateError, LongTermStoreError) as err:
+            return cls._from_file(tensors, metadata)
+        except MemoryStateError as err:
             raise MemoryStateError(f"{path}: {err}") from None
+
+    @classmethod
+    def _from_file(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> "MemoryState":
+        described = "memory_state" in metadata  # older files carry only {"format": "pt"}
+        required = MEMORY_BUFFERS if described else MEMORY_BUFFERS[:4]
+        missing = [name for name in required if name not in tensors]
+        if missing:
+            raise MemoryStateError(f"not a memory state: tensors {missing} are missing")
+        try:
+            long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
+        if long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
+            raise MemoryStateError("corrupted: its long-term store differs from the hash recorded when it was saved")
+        extra = sorted(set(tensors) - set(MEMORY_BUFFERS))
+        if extra:
+            raise MemoryStateError(f"holds tensors that are not part of a memory ({extra[:5]}); not a memory file")
+        numbers = {}
+        for key in ("num_update_tokens", *_COUNTERS):
+            if key in metadata:
+                if not metadata[key].isdigit():
+                    raise MemoryStateError(f"corrupted: {key}={metadata[key]!r} in its metadata")
+                numbers[key] = int(metadata[key])
+        K = numbers.get("num_update_tokens")
+        state = cls.from_buffers(
+            tensors, fingerprint=metadata.get("fingerprint"), num_update_tokens=K, long_term=long_term
+        )
+        state.validate()
+        if described:
+            try:
+                recorded = json.loads(metadata.get("tensors", "null"))
+            except ValueError:
+                recorded = None
+            actual = state.describe()
+            if recorded != actual["tensors"]:
+                raise MemoryStateError(
+                    f"corrupted: its tensors {actual['tensors']} differ from its metadata {recorded}"
+                )
+            wrong = {key: (numbers.get(key), actual[key]) for key in _COUNTERS if numbers.get(key) != actual[key]}
+            if wrong:
+                raise MemoryStateError(f"corrupted: metadata and tensors disagree on {wrong} (metadata, tensors)")
+            if metadata.get("dtype") != actual["dtype"]:
+                raise MemoryStateError(f"corrupted: dtype {metadata.get('dtype')!r} in its metadata")
         expected = metadata.get("content_hash")
+        if described and expected is None:
+            raise MemoryStateError("corrupted: its metadata has no content_hash")
         if expected is not None and expected != state.content_hash():
-            raise MemoryStateError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
+            raise MemoryStateError("corrupted: its content differs from the hash recorded when it was saved")
         return state
+
+
+def stored_content_hash(path: str | os.PathLike) -> str | None:
+    """Content hash of the memory file at `path` (from its metadata when recorded), None when there is none."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with safe_open(path, "pt") as handle:
+            recorded = (handle.metadata() or {}).get("content_hash")
+    except (SafetensorError, OSError):
+        recorded = None
+    return recorded or MemoryState.load(path).content_hash()
+
+
+def save_memory_to_folder(folder: str | os.PathLike, state: MemoryState, expected_hash: str | None = None) -> None:
+    """Replace the memory files of a model folder (weights untouched), crash-safely and under the folder lock.
+
+    With `expected_hash`, refuses (MemoryChangedOnDiskError, nothing written) when the folder's memory is no longer
+    the one with that hash: another process saved it since this memory was loaded.
+    """
+    state.validate()
+
+    def write(staging: str, old: str | None) -> set[str]:
+        if old is None:
+            raise FileNotFoundError(f"{folder} does not exist; save the whole model with save_pretrained")
+        check_unchanged(old, expected_hash)
+        return stage_memory_files(staging, old, state.file_groups(), MEMORY_GROUP_FILES)
+
+    update_folder(folder, write)
+
+
+def save_model_folder(folder: str | os.PathLike, save_weights, state: MemoryState, expected_hash=None) -> None:
+    """A whole model folder: `save_weights(staging)` writes weights, config and code, then the memory files; the old
+    folder is swapped for the new one at the end (see `update_folder`)."""
+    state.validate()
+
+    def write(staging: str, old: str | None) -> set[str]:
+        if old is not None:
+            check_unchanged(old, expected_hash)
+        save_weights(staging)
+        return model_owned_files(old) | stage_memory_files(staging, staging, state.file_groups(), MEMORY_GROUP_FILES)
+
+    update_folder(folder, write)
+
+
+def check_unchanged(folder: str, expected_hash: str | None) -> None:
+    """Raise MemoryChangedOnDiskError when `folder`'s memory is not the one with `expected_hash` (None: no check)."""
+    if expected_hash is None:
+        return
+    found = stored_content_hash(os.path.join(folder, MEMORY_FILE))
+    if found != expected_hash:
+        raise MemoryChangedOnDiskError(
+            f"the memory in {folder} changed since it was loaded (another process saved it): not overwritten. "
+            "Load the folder again to continue from the saved memory, or save this memory to another folder"
+        )
 
 
 def next_state(
@@ -313,10 +458,15 @@ class MemoryStateMixin:
                 )
             ).encode()
         )
-        for layer in self.model.layers:
-            digest.update(layer.input_layernorm.weight.detach().float().cpu().numpy().tobytes())
-        digest.update(self.model.norm.weight.detach().float().cpu().numpy().tobytes())
+        # Rounded to bfloat16: the same model loaded in float32, bfloat16 (or float16) keeps its fingerprint.
+        for norm in [layer.input_layernorm for layer in self.model.layers] + [self.model.norm]:
+            digest.update(norm.weight.detach().to(torch.bfloat16).float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def state_dict(self, *args, **kwargs):
+        """`nn.Module.state_dict`, taken under the memory lock: the memory buffers come from one memory state."""
+        with self._memory_lock:
+            return super().state_dict(*args, **kwargs)
 
     def memory_state(self) -> MemoryState:
         """A copy of the current memory (pool, fill level, injections, drop RNG, this model's fingerprint);
@@ -327,14 +477,15 @@ class MemoryStateMixin:
             state, fingerprint=self.memory_fingerprint(), num_update_tokens=self.config.num_update_tokens
         )
 
-    def load_memory_state(self, state: MemoryState) -> None:
+    def load_memory_state(self, state: MemoryState, allow_other_model: bool = False) -> None:
         """Replace the memory by a copy of `state`. Refuses (changing nothing) a state that is broken or belongs to
-        another model: wrong pool shape, other K, other fingerprint, NaN/inf."""
-        self._check_compatible(state)
+        another model: wrong pool shape, other K, other fingerprint, NaN/inf. `allow_other_model=True` accepts
+        another model's memory of the same shape and K (its slots then mean something else to this model)."""
+        self._check_compatible(state, allow_other_model)
         with self._memory_lock:
             self._set_state(state.clone())
 
-    def _check_compatible(self, state: MemoryState) -> None:
+    def _check_compatible(self, state: MemoryState, allow_other_model: bool = False) -> None:
         state.validate()
         if tuple(state.memory.shape) != tuple(self.memory.shape):
             raise MemoryStateError(
@@ -343,11 +494,56 @@ class MemoryStateMixin:
         K = self.config.num_update_tokens
         if state.num_update_tokens is not None and state.num_update_tokens != K:
             raise MemoryStateError(f"memory state was written with K={state.num_update_tokens}, this model has K={K}")
-        if state.fingerprint is not None and state.fingerprint != self.memory_fingerprint():
+        if not allow_other_model and state.fingerprint not in (None, self.memory_fingerprint()):
             raise MemoryStateError(
                 f"memory state belongs to another model (fingerprint {state.fingerprint}, this model's is "
-                f"{self.memory_fingerprint()}); load it into the model it was saved from"
+                f"{self.memory_fingerprint()}); load it into the model it was saved from (or pass "
+                "allow_other_model=True if you really mean to)"
             )
+
+    # ------------------------------------------------------------------ checkpoint folders
+    def _memory_for_save(self, state_dict: dict, long_term: tuple = ()) -> MemoryState:
+        """Pop the memory buffers out of a state dict (taken under the memory lock) as this model's memory state."""
+        buffers = {name: state_dict.pop(name) for name in MEMORY_BUFFERS if name in state_dict}
+        return MemoryState.from_buffers(
+            buffers,
+            fingerprint=self.memory_fingerprint(),
+            num_update_tokens=self.config.num_update_tokens,
+            long_term=long_term,
+        )
+
+    def _save_folder(self, folder, save_weights, state: MemoryState, overwrite_memory: bool) -> None:
+        """`save_pretrained`'s folder update: crash-safe, locked, and refusing to overwrite a memory that another
+        process saved since this model loaded it from that folder (unless `overwrite_memory`)."""
+        origin = self.__dict__.get("_memory_origin")
+        same = origin is not None and origin[0] == os.path.realpath(folder) and not overwrite_memory
+        save_model_folder(folder, save_weights, state, expected_hash=origin[1] if same else None)
+        self.__dict__["_memory_origin"] = (os.path.realpath(folder), state.content_hash())
+
+    def _adopt_checkpoint_memory(self, memory_file: str | None, keys: set[str] | None, folder, allow_other_model):
+        """After `from_pretrained`: a checkpoint without memory (`keys` empty) starts empty; a memory file is
+        installed only after the full check of `MemoryState.load` (complete, finite, counters, hash) and this
+        model's fingerprint check; a memory stored inside the weights (older layouts) must be complete and valid."""
+        if keys is not None and not keys:  # a base model: no memory yet
+            self.reset_memory()
+            return
+        missing = [name for name in MEMORY_BUFFERS[:4] if keys is not None and name not in keys]
+        if missing:
+            raise MemoryStateError(f"the checkpoint's memory is incomplete: {missing} are missing")
+        if memory_file is None or os.path.basename(memory_file) != MEMORY_FILE:
+            try:
+                self._current_state().validate()
+            except MemoryStateError as err:
+                raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
+            return
+        state = MemoryState.load(memory_file)
+        try:
+            self._check_compatible(state, allow_other_model)
+        except MemoryStateError as err:
+            raise MemoryStateError(f"{memory_file}: {err}") from None
+        self._set_state(state)
+        if folder is not None:
+            self.__dict__["_memory_origin"] = (os.path.realpath(folder), state.content_hash())
 
     # ------------------------------------------------------------------ snapshots
     @property
@@ -431,6 +627,7 @@ class MemoryStateMixin:
                 final = self._current_state()
                 for name in _TENSOR_FIELDS:
                     setattr(state, name, getattr(final, name))
+                state.long_term = final.long_term
                 state.fingerprint, state.num_update_tokens = self.memory_fingerprint(), self.config.num_update_tokens
                 self._set_state(previous)
                 self.__dict__["_undo_history"] = previous_history if previous_history is not None else deque()

@@ -157,24 +157,28 @@ def store_content_hash(store: LongTermStore) -> str:
     return digest.hexdigest()
 
 
-def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
-    """Write the store to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
-    tensors = store_to_tensors(store)
-    if not tensors:
-        raise LongTermStoreError("the long-term store is empty: there is nothing to save")
-    L, S, d = tensors["long_term_slots"].shape
+def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) -> dict[str, str]:
+    """Metadata of a store file: format, geometry, counts, content hash (and the model's fingerprint)."""
+    L, _, d = store[0].slots.shape
     metadata = {
-        "format": "pt",
         "long_term_store": STORE_FORMAT,
         "num_layers": str(L),
         "hidden_size": str(d),
-        "slots": str(S),
+        "slots": str(store_num_slots(store)),
         "injections": str(len(store)),
         "content_hash": store_content_hash(store),
     }
     if fingerprint is not None:
         metadata["fingerprint"] = fingerprint
-    atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return metadata
+
+
+def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
+    """Write the store to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
+    if not store:
+        raise LongTermStoreError("the long-term store is empty: there is nothing to save")
+    metadata = {"format": "pt", **store_file_metadata(store, fingerprint)}
+    atomic_write(os.fspath(path), lambda tmp: save_file(store_to_tensors(store), tmp, metadata=metadata))
 
 
 def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongTermStore:
@@ -201,12 +205,3 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return store
 
-
-def write_long_term_file(folder: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
-    """Keep a folder's `long_term_memory.safetensors` in step with its memory: write the store, or remove an older
-    file when the store is empty (it would come back with a memory it does not belong to)."""
-    path = os.path.join(os.fspath(folder), LONG_TERM_FILE)
-    if store:
-        save_store(path, store, fingerprint)
-    elif os.path.exists(path):
-        os.remove(path)

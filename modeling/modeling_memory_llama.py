@@ -20,7 +20,7 @@ from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
 from .memory_generation import static_cache_room, uncached_length
-from .memory_hub import MemoryHubMixin
+from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
@@ -34,9 +34,17 @@ from .memory_prefix import (
     record_prefix,
     seeded_cache,
 )
-from .memory_state import MEMORY_BUFFERS, MemoryLock, MemoryState, MemoryStateMixin, next_state, seeded_rng_state
-from .memory_storage import write_memory_shard
-from .memory_store import default_long_term_tokens, write_long_term_file
+from .memory_state import (
+    MEMORY_BUFFERS,
+    MemoryLock,
+    MemoryState,
+    MemoryStateMixin,
+    check_finite_slots,
+    is_blank_text,
+    next_state,
+    seeded_rng_state,
+)
+from .memory_store import default_long_term_tokens
 from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
 
 logger = logging.get_logger(__name__)
@@ -424,9 +432,9 @@ class MemoryLlamaForCausalLM(
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
         On any error the memory is left exactly as it was.
         """
-        chunk_size = chunk_size or self.config.inject_chunk_size
+        chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
-            raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens})")
+            raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
         chunks = [c for ids in self._injection_ids(text_or_ids, tokenizer) for c in self._split(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self._memory_lock:
@@ -435,7 +443,7 @@ class MemoryLlamaForCausalLM(
             try:
                 with torch.no_grad():
                     for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                        new = self.new_memory_slots(chunk)
+                        new = check_finite_slots(self.new_memory_slots(chunk))
                         state = self._state_after(new, generator, self._take_spare_pool(), call)
                         replaced = self.memory
                         self._set_state(state)
@@ -455,7 +463,7 @@ class MemoryLlamaForCausalLM(
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
         with self._memory_lock:
             before = self._current_state()
-            self._set_state(self._state_after(slots.detach(), generator))
+            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator))
             self._remember_undo(before)
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
@@ -466,7 +474,7 @@ class MemoryLlamaForCausalLM(
             isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
         ):
             texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
-            if any(isinstance(t, str) and not t.strip() for t in texts):
+            if any(isinstance(t, str) and is_blank_text(t) for t in texts):
                 raise ValueError("text is empty or whitespace only: there is nothing to inject")
             if tokenizer is None:
                 raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
@@ -580,23 +588,41 @@ class MemoryLlamaForCausalLM(
         self._prefix_kv = self._spare_pool = None
         return super()._apply(fn, *args, **kwargs)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, state_dict: dict | None = None, **kwargs):
-        """`save_pretrained` with the memory in its own file (`memory.safetensors`), so it can be updated alone."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args,
+        state_dict: dict | None = None,
+        overwrite_memory: bool = False,
+        **kwargs,
+    ):
+        """`save_pretrained` with the memory in its own file (`memory.safetensors`), so it can be updated alone.
+
+        Crash-safe over an existing folder (the new folder is written beside it, then swapped in) and locked
+        against other savers. Refuses to overwrite a memory that changed on disk since this model was loaded from
+        that folder, unless `overwrite_memory=True`."""
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        with self._memory_lock:
+        with self._memory_lock:  # one memory state: the buffers and the long-term store
             long_term = self._long_term
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        memory = {name: state_dict.pop(name) for name in MEMORY_BUFFERS if name in state_dict}
-        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        if memory and kwargs.get("is_main_process", True):
-            write_memory_shard(save_directory, memory)
-            write_long_term_file(save_directory, long_term, self.memory_fingerprint())
+        state = self._memory_for_save(state_dict, long_term)
+        save_weights = super().save_pretrained
+        if not kwargs.get("is_main_process", True):
+            return save_weights(save_directory, *args, state_dict=state_dict, **kwargs)
+        self._save_folder(
+            save_directory,
+            lambda staging: save_weights(staging, *args, state_dict=state_dict, **kwargs),
+            state,
+            overwrite_memory,
+        )
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`from_pretrained` that refuses a memory pool whose shape disagrees with the config (or, with
-        `ignore_mismatched_sizes=True`, starts from an empty pool instead of reading a re-initialized one)."""
+    def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
+        """`from_pretrained` that checks the memory fully before using it (`MemoryState.load`: complete, finite,
+        consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
+        whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
+        instead of reading a re-initialized one)."""
         want_info = kwargs.pop("output_loading_info", False)
         if args and kwargs.get("config") is None:
             cls._refuse_plain_checkpoint(args[0], kwargs)
@@ -614,11 +640,12 @@ class MemoryLlamaForCausalLM(
         if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
             logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
             model.reset_memory()
+        else:
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
+            if source is not None:
+                model._load_long_term_file(source, kwargs)
         model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
-        if not 0 <= model.num_filled_slots <= model.config.num_memory_tokens:
-            raise ValueError(f"memory_filled={model.num_filled_slots} is outside [0, num_memory_tokens]: corrupt")
-        if args:
-            model._load_long_term_file(args[0], kwargs)
         return (model, info) if want_info else model
 
     @classmethod

@@ -279,3 +279,97 @@ def test_push_memory_example_runs_against_a_local_hub(capsys):
     out = capsys.readouterr().out
     assert out.count("bit-identical: True") == 4 and "False" not in out
     assert "files changed ['memory.safetensors', 'memory_state.json']" in out
+
+
+# ---------------------------------------------------------------- pushes that must not lose or add files
+def test_push_twice_keeps_files_it_did_not_write(hub):
+    api = HfApi()
+    model = model_with_memory()
+    model.push_to_hub(REPO)  # creates the repo
+    api.upload_file(path_or_fileobj=b"adapter", path_in_repo="adapters/x.safetensors", repo_id=REPO)
+    api.upload_file(path_or_fileobj=b"mine", path_in_repo="extra.safetensors", repo_id=REPO)
+    assert api.create_repo(REPO, exist_ok=True).repo_id == REPO  # the local Hub answers 409 like the real one
+    model.inject(torch.arange(40, 52))
+    model.push_to_hub(REPO, max_shard_size="20KB")  # a second push with another shard layout
+    files = hub.files(REPO)
+    assert files["adapters/x.safetensors"] == b"adapter" and files["extra.safetensors"] == b"mine"
+    index = json.loads(files["model.safetensors.index.json"])["weight_map"]
+    shards = {name for name in files if name.startswith("model-")}
+    assert shards == set(index.values()) - {"memory.safetensors"} and len(shards) > 1  # old shard removed
+    model.push_to_hub(REPO)  # and back to one shard: the sharded files go, nothing else does
+    files = hub.files(REPO)
+    assert {name for name in files if name.startswith("model-")} == {"model-00001-of-00001.safetensors"}
+    assert files["adapters/x.safetensors"] == b"adapter" and files["extra.safetensors"] == b"mine"
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO), model.memory_state())
+
+
+def test_memory_only_push_uploads_only_the_memory_files(hub, monkeypatch):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    sent = []
+    real = HfApi.create_commit
+
+    def recording(self, repo_id, operations, *args, **kwargs):
+        sent.extend(op.path_in_repo for op in operations)
+        return real(self, repo_id, operations, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", recording)
+    model.push_memory_to_hub(REPO)  # nothing changed: identical re-uploads are still visible here
+    assert sorted(sent) == sorted(MEMORY_FILES)
+
+
+def test_memory_push_fails_when_the_branch_moved_meanwhile(hub, monkeypatch):
+    """push_memory_to_hub commits on top of the revision it checked (parent_commit): a concurrent push fails."""
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    model.inject(torch.arange(40, 52))
+    real = HfApi.create_commit
+
+    def someone_else_first(self, repo_id, operations, *args, **kwargs):
+        real(self, repo_id, [CommitOperationAdd("notes.txt", b"concurrent")], commit_message="other writer")
+        return real(self, repo_id, operations, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", someone_else_first)
+    with pytest.raises(HfHubHTTPError, match="412"):
+        model.push_memory_to_hub(REPO)
+    assert hub.files(REPO)["notes.txt"] == b"concurrent"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"null", b"{not json"])
+def test_load_refuses_a_memory_state_json_that_is_not_an_object(hub, content):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    HfApi().upload_file(path_or_fileobj=content, path_in_repo="memory_state.json", repo_id=REPO)
+    before = model.memory_state().content_hash()
+    with pytest.raises(ValueError, match="memory_state.json"):
+        model.load_memory_from_hub(REPO)
+    assert model.memory_state().content_hash() == before
+
+
+def test_load_checks_the_content_hash_of_memory_state_json(hub):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    metadata = json.loads(hub.files(REPO)["memory_state.json"])
+    metadata.pop("sha256")
+    metadata["content_hash"] = "0" * 64
+    HfApi().upload_file(path_or_fileobj=json.dumps(metadata).encode(), path_in_repo="memory_state.json", repo_id=REPO)
+    with pytest.raises(ValueError, match="content_hash"):
+        model.load_memory_from_hub(REPO)
+
+
+def test_from_pretrained_by_revision_refuses_a_broken_memory(hub):
+    model = model_with_memory()
+    model.push_to_hub(REPO)
+    state = model.memory_state()
+    state.memory[0, -1, 0] = float("nan")
+    tensors = {k: v.contiguous() for k, v in state.as_buffers().items()}
+    HfApi().create_branch(REPO, branch="broken")
+    HfApi().upload_file(
+        path_or_fileobj=save(tensors, metadata={"format": "pt", **model.memory_state().metadata()}),
+        path_in_repo="memory.safetensors",
+        repo_id=REPO,
+        revision="broken",
+    )
+    with pytest.raises(ValueError, match="NaN/inf"):
+        AutoModelForCausalLM.from_pretrained(REPO, revision="broken")
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision="main"), model.memory_state())

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from memoryllm_hf.modeling import memory_state as memory_state_module
+from memoryllm_hf.modeling import memory_storage as memory_storage_module
 from memoryllm_hf.modeling.memory_state import MemoryState, MemoryStateError
 from memoryllm_hf.tiny import tiny_model
 
@@ -75,7 +76,7 @@ def test_save_load_roundtrip_with_metadata(tmp_path, dtype):
     with safe_open(path, "pt") as handle:
         metadata = handle.metadata()
     assert metadata["content_hash"] == state.content_hash()
-    assert metadata["injections"] == "1" and metadata["filled"] == "24" and metadata["num_memory_tokens"] == "24"
+    assert metadata["injections"] == "1" and metadata["filled_slots"] == "24" and metadata["num_memory_tokens"] == "24"
     assert metadata["dtype"] == str(dtype).removeprefix("torch.")
     assert metadata["fingerprint"] == model.memory_fingerprint()
     model.reset_memory()
@@ -88,7 +89,7 @@ def test_checkpoint_memory_file_is_a_state(tmp_path, output_model):
     output_model.save_pretrained(tmp_path)
     loaded = MemoryState.load(tmp_path / "memory.safetensors")
     assert states_equal(loaded, output_model.memory_state())
-    assert loaded.fingerprint is None
+    assert (loaded.fingerprint, loaded.num_update_tokens) == (output_model.memory_fingerprint(), 6)  # one format
 
 
 def test_failed_save_keeps_previous_file(tmp_path, output_model, monkeypatch):
@@ -102,7 +103,7 @@ def test_failed_save_keeps_previous_file(tmp_path, output_model, monkeypatch):
         Path(tmp).write_bytes(b"\x00" * 100)
         raise OSError("disk full")
 
-    monkeypatch.setattr(memory_state_module, "save_file", half_written)
+    monkeypatch.setattr(memory_storage_module, "save_file", half_written)
     with pytest.raises(OSError, match="disk full"):
         output_model.memory_state().save(path)
     assert states_equal(MemoryState.load(path), first)

@@ -5,9 +5,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
+
 from .folder import folder_config, memory_report, save_memory
 from .greedy import reply
-from .modeling.memory_state import MemoryState
+from .modeling.memory_state import MemoryChangedOnDiskError, MemoryState
 
 HISTORY_TURNS = 8
 SNAPSHOT_FOLDER = "snapshots"
@@ -18,9 +21,9 @@ HELP = """Plain lines are chat turns. Commands:
   /snapshot NAME   keep the current memory as NAME (also saved as FOLDER/snapshots/NAME.safetensors)
   /restore NAME    bring back snapshot NAME
   /stats           describe the memory
-  /save            save the memory into FOLDER
+  /save [force]    save the memory into FOLDER (force: even over a memory another process saved meanwhile)
   /help            this text
-  /quit            leave (so does Ctrl-D)"""
+  /quit            leave (so does Ctrl-D); Ctrl-C cancels an answer or a /remember"""
 
 
 class ChatSession:
@@ -33,6 +36,7 @@ class ChatSession:
         # history length at each /remember: /undo also drops the turns that could have read the undone text
         self.remember_marks: list[int] = []
         self.unsaved = False
+        self.saved_hash = model.memory_state().content_hash()  # the folder's memory this session started from
         self.commands: dict[str, Callable[[str], None]] = {
             "remember": self.remember,
             "forget": self.forget,
@@ -48,18 +52,24 @@ class ChatSession:
         print(text, flush=True)
 
     def run(self, read_line: Callable[[str], str] = input) -> None:
-        """Read lines until /quit or end of input; a failing line reports its error and changes nothing."""
+        """Read lines until /quit or end of input; a failing line reports its error and changes nothing; Ctrl-C
+        cancels the running answer or /remember (or, at the prompt, only the line) and the session goes on."""
         prompt = "> " if sys.stdin.isatty() else ""
         self.say(f"memory chat on {self.folder} ({self.model.num_filled_slots} slots filled); /help lists commands")
         while True:
             try:
                 line = read_line(prompt)
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 break
+            except KeyboardInterrupt:
+                self.say("(Ctrl-C: /quit or Ctrl-D leaves)")
+                continue
             if not self.handle(line):
                 break
         if self.unsaved:
-            self.say("note: memory changes of this session were not saved (use /save, or run chat with --autosave)")
+            self.say(
+                "warning: memory changes of this session were not saved (use /save next time, or chat --autosave)"
+            )
 
     def handle(self, line: str) -> bool:
         """Run one line; False means the session ends."""
@@ -78,21 +88,39 @@ class ChatSession:
             return True
         try:
             command(argument.strip())
-        except (ValueError, KeyError, OSError) as err:
+        except KeyboardInterrupt:
+            self.say(f"/{name} cancelled; the memory is as it was before it")
+        except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as err:
             self.say(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
         return True
 
     def turn(self, text: str) -> None:
-        self.history.append({"role": "user", "content": text})
-        answer = reply(self.model, self.tokenizer, self.history[-2 * HISTORY_TURNS + 1 :], self.max_new_tokens)
-        self.history.append({"role": "assistant", "content": answer})
+        messages = [*self.history[-2 * HISTORY_TURNS + 2 :], {"role": "user", "content": text}]
+        try:
+            answer = reply(self.model, self.tokenizer, messages, self.max_new_tokens)
+        except KeyboardInterrupt:
+            self.say("(answer cancelled)")
+            return
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self.say(answer)
 
     def changed(self) -> None:
+        self.unsaved = True
         if self.autosave:
-            save_memory(self.folder, self.model)
-        else:
-            self.unsaved = True
+            self.store()
+
+    def store(self, force: bool = False) -> bool:
+        """Save the memory into the folder; a failure is reported and the memory stays in the session."""
+        try:
+            self.saved_hash = save_memory(self.folder, self.model, expected_hash=None if force else self.saved_hash)
+        except MemoryChangedOnDiskError as err:
+            self.say(f"not saved: {err}. This session keeps its memory; `/save force` overwrites the folder's")
+            return False
+        except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+            self.say(f"not saved ({type(err).__name__}: {err}); this session keeps its memory: fix it and /save")
+            return False
+        self.unsaved = False
+        return True
 
     def remember(self, text: str) -> None:
         if not text:
@@ -128,9 +156,9 @@ class ChatSession:
 
     def snapshot(self, name: str) -> None:
         path = self.snapshot_path(name)
-        state = self.model.snapshot(name)
         path.parent.mkdir(exist_ok=True)
-        state.save(path)
+        self.model.memory_state().save(path)  # registered only once saved
+        self.model.snapshot(name)
         self.say(f"snapshot {name!r} saved to {path}")
 
     def restore(self, name: str) -> None:
@@ -145,10 +173,11 @@ class ChatSession:
     def stats(self, _: str) -> None:
         self.say("\n".join(memory_report(self.model.memory_state(), folder_config(self.folder))))
 
-    def save(self, _: str) -> None:
-        save_memory(self.folder, self.model)
-        self.unsaved = False
-        self.say(f"memory saved to {self.folder}")
+    def save(self, argument: str) -> None:
+        if argument not in ("", "force"):
+            raise ValueError("usage: /save [force]")
+        if self.store(force=argument == "force"):
+            self.say(f"memory saved to {self.folder}")
 
     def help(self, _: str) -> None:
         self.say(HELP)

@@ -1,6 +1,7 @@
 """Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -39,22 +40,27 @@ def load_folder(folder: str, read_mode: str | None = None):
     """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
     refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights. `read_mode`
     overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
-    from .folder import folder_config
+    from .folder import folder_config, locked
     from .loading import load
 
     folder_config(folder)
-    return load(folder, read_mode=read_mode)
+    with locked(folder):  # not while another process swaps the folder
+        return load(folder, read_mode=read_mode)
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import read_text, replaced_slots, save_memory
+    from .folder import locked, read_text, replaced_slots, save_memory
+    from .modeling.memory_state import stored_content_hash
+    from .modeling.memory_storage import MEMORY_FILE
 
     text = read_text(args.file, args.text, args.encoding)
-    model, tokenizer = load_folder(args.folder)
-    before = model.memory_state()
-    updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-    save_memory(args.folder, model)
-    after = model.memory_state()
+    with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
+        loaded = stored_content_hash(Path(args.folder) / MEMORY_FILE)
+        model, tokenizer = load_folder(args.folder)
+        before = model.memory_state()
+        updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
+        save_memory(args.folder, model, expected_hash=loaded)  # (refuses a memory changed meanwhile)
+        after = model.memory_state()
     print(
         f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
         f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
@@ -80,13 +86,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms
+    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms, png_path
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
     print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
     if args.png:
         plot_slot_norms(state, args.png)
-        print(f"slot norm histogram written to {args.png}")
+        print(f"slot norm histogram written to {png_path(args.png)}")
     return 0
 
 

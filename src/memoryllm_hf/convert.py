@@ -17,8 +17,8 @@ from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from .modeling.memory_state import seeded_rng_state
-from .modeling.memory_storage import INDEX_FILE, atomic_write, write_memory_shard
+from .modeling.memory_state import MEMORY_GROUP_FILES, MemoryState, seeded_rng_state
+from .modeling.memory_storage import INDEX_FILE, model_owned_files, stage_memory_files, update_folder
 
 # Official config keys that become MemoryLlama fields (or are dropped as unused by the official code).
 _OFFICIAL_ONLY = {
@@ -137,49 +137,52 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Convert an official MemoryLLM checkpoint folder into a MemoryLlama folder (returns `dst`)."""
+    """Convert an official MemoryLLM checkpoint folder into a MemoryLlama folder (returns `dst`). The folder is
+    written beside `dst` and swapped in at the end, so an existing `dst` stays intact until the conversion is done."""
     src, dst = Path(src), Path(dst)
     config = official_config_to_memory_llama(json.loads((src / "config.json").read_text()))
-    dst.mkdir(parents=True, exist_ok=True)
     files = _weight_files(src)
-    weight_map, memory = {}, {}
-    for number, path in enumerate(files, start=1):
-        shard = {rename_official_key(k): v for k, v in _load_shard(path).items()}
-        memory.update({k: shard.pop(k) for k in _MEMORY_KEYS & shard.keys()})
-        if dtype is not None:
-            shard = {k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
-        name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
-        atomic_write(
-            str(dst / name),
-            lambda p, s=shard: save_file({k: v.contiguous() for k, v in s.items()}, p, metadata={"format": "pt"}),
+
+    def write(staging: str, old: str | None) -> set[str]:
+        staging = Path(staging)
+        weight_map, memory = {}, {}
+        for number, path in enumerate(files, start=1):
+            shard = {rename_official_key(k): v for k, v in _load_shard(path).items()}
+            memory.update({k: shard.pop(k) for k in _MEMORY_KEYS & shard.keys()})
+            if dtype is not None:
+                shard = {k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
+            name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in shard.items()}, staging / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        if "memory" not in memory:
+            raise ValueError(f"{src} has no `memory` tensor: not an official MemoryLLM checkpoint")
+        pool = memory["memory"] if dtype is None else memory["memory"].to(dtype)
+        expected = (config.num_hidden_layers, config.num_memory_tokens, config.hidden_size)
+        if tuple(pool.shape) != expected:
+            raise ValueError(f"memory has shape {tuple(pool.shape)}, the config implies {expected}")
+        (staging / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        state = MemoryState(
+            memory=pool,
+            filled=torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
+            injections=torch.tensor(0, dtype=torch.long),
+            rng_state=seeded_rng_state(config.memory_seed),
+            written_at=torch.zeros(pool.shape[:2], dtype=torch.long),  # official pools: unknown
+            num_update_tokens=config.num_update_tokens,
         )
-        weight_map.update(dict.fromkeys(shard, name))
-    if "memory" not in memory:
-        raise ValueError(f"{src} has no `memory` tensor: not an official MemoryLLM checkpoint")
-    pool = memory["memory"] if dtype is None else memory["memory"].to(dtype)
-    expected = (config.num_hidden_layers, config.num_memory_tokens, config.hidden_size)
-    if tuple(pool.shape) != expected:
-        raise ValueError(f"memory has shape {tuple(pool.shape)}, the config implies {expected}")
-    (dst / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    write_memory_shard(
-        dst,
-        {
-            "memory": pool,
-            "memory_filled": torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
-            "memory_injections": torch.tensor(0, dtype=torch.long),
-            "memory_rng_state": seeded_rng_state(config.memory_seed),
-            "memory_written_at": torch.zeros(pool.shape[:2], dtype=torch.long),  # official pools: unknown
-        },
-    )
-    config.dtype = str(pool.dtype).removeprefix("torch.")
-    config.architectures = [MemoryLlamaForCausalLM.__name__]
-    with torch.device("meta"):
-        skeleton = MemoryLlamaForCausalLM(config)
-    custom_object_save(skeleton, dst, config=config)
-    config.save_pretrained(dst)
-    if (src / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(src).save_pretrained(dst)
-    for name in _TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+        state.validate()
+        dropped = stage_memory_files(str(staging), str(staging), state.file_groups(), MEMORY_GROUP_FILES)
+        config.dtype = str(pool.dtype).removeprefix("torch.")
+        config.architectures = [MemoryLlamaForCausalLM.__name__]
+        with torch.device("meta"):
+            skeleton = MemoryLlamaForCausalLM(config)
+        custom_object_save(skeleton, staging, config=config)
+        config.save_pretrained(staging)
+        if (src / "generation_config.json").exists():
+            GenerationConfig.from_pretrained(src).save_pretrained(staging)
+        for name in _TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, staging / name)
+        return dropped | model_owned_files(old)
+
+    update_folder(dst, write)
     return dst

@@ -1,17 +1,22 @@
 """A MemoryLlama folder as the command line uses it: load it, read input text, save its memory, describe it."""
 
+import codecs
+import contextlib
 import json
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from filelock import Timeout
 
-from .modeling.memory_state import MemoryState
-from .modeling.memory_storage import MEMORY_FILE, write_memory_shard
-from .modeling.memory_store import write_long_term_file
+from .modeling.memory_state import MemoryState, is_blank_text, save_memory_to_folder
+from .modeling.memory_storage import MEMORY_FILE, folder_lock
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
+MAX_TEXT_BYTES = 256 * 2**20  # --file larger than this is refused (split it): reading is not streamed
 
 
 def folder_config(folder: str | Path) -> dict:
@@ -20,6 +25,8 @@ def folder_config(folder: str | Path) -> dict:
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); make one with memoryllm-hf convert")
     config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}: the folder is broken")
     if config.get("model_type") != "memory_llama":
         raise ValueError(
             f"{folder} holds a {config.get('model_type')!r} model, not MemoryLlama; "
@@ -33,19 +40,42 @@ def folder_memory(folder: str | Path) -> MemoryState:
     return MemoryState.load(Path(folder) / MEMORY_FILE)
 
 
-def save_memory(folder: str | Path, model) -> None:
-    """Write the model's memory into the folder's memory.safetensors and its long-term store beside it, atomically
-    (weights are not touched)."""
+@contextlib.contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """Hold the folder's lock (other memoryllm-hf processes and savers wait); says so when it has to wait."""
+    lock = folder_lock(folder)
+    try:
+        lock.acquire(timeout=1)
+    except Timeout:
+        print(f"waiting for another process that is updating {folder} ...", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def save_memory(folder: str | Path, model, expected_hash: str | None = None) -> str:
+    """Write the model's memory into the folder's memory.safetensors (crash-safe, locked; weights are not touched);
+    returns its content hash. With `expected_hash` (the hash of the memory this one was loaded from), refuses
+    (MemoryChangedOnDiskError) when another process saved the folder's memory in the meantime."""
     state = model.memory_state()
-    write_memory_shard(folder, state.as_buffers())
-    write_long_term_file(folder, state.long_term, state.fingerprint)
+    save_memory_to_folder(folder, state, expected_hash)
+    return state.content_hash()
 
 
 def read_text(file: str | None, text: str | None, encoding: str = "utf-8") -> str:
     """The text to inject, from `--file` or `--text`: undecodable or blank input gets an error saying what to do."""
     source = file if file is not None else "--text"
     if file is not None:
-        raw = Path(file).read_bytes()
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding {encoding!r} (try utf-8, latin-1, cp1252, utf-16)") from None
+        with open(file, "rb") as handle:
+            raw = handle.read(MAX_TEXT_BYTES + 1)
+        if len(raw) > MAX_TEXT_BYTES:
+            raise ValueError(f"{file} is larger than {MAX_TEXT_BYTES >> 20} MiB: split it and inject the parts")
         try:
             text = raw.decode("utf-8-sig" if encoding.replace("_", "-").lower() == "utf-8" else encoding)
         except UnicodeDecodeError as err:
@@ -53,7 +83,7 @@ def read_text(file: str | None, text: str | None, encoding: str = "utf-8") -> st
                 f"{file} is not {encoding} text (byte {raw[err.start]:#04x} at offset {err.start}); convert it "
                 f"(e.g. `iconv -f latin1 -t utf-8 {file}`) or name its encoding with --encoding"
             ) from None
-    if not text or not text.strip():
+    if not text or is_blank_text(text):
         raise ValueError(f"{source} is empty or whitespace only: there is nothing to inject")
     return text
 
@@ -117,8 +147,16 @@ def memory_report(state: MemoryState, config: dict) -> list[str]:
     return lines
 
 
+def png_path(path: str | Path) -> Path:
+    """Where `--png PATH` writes: PATH itself when it ends in .png, else PATH.png (a folder is refused)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name such as {path / 'slot_norms.png'}")
+    return path if path.suffix.lower() == ".png" else path.with_name(path.name + ".png")
+
+
 def plot_slot_norms(state: MemoryState, path: str | Path) -> None:
-    """PNG histogram of the filled slots' norms, one curve per layer."""
+    """PNG histogram of the filled slots' norms, one curve per layer (written to `png_path(path)`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,5 +176,5 @@ def plot_slot_norms(state: MemoryState, path: str | Path) -> None:
     if len(norms) <= 12:
         axes.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(png_path(path), dpi=100)
     plt.close(figure)

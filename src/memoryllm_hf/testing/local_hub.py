@@ -30,9 +30,9 @@ def git_blob_id(data: bytes) -> str:
 class HubError(Exception):
     """An HTTP error answered with the Hub's `X-Error-Code` / `X-Error-Message` headers."""
 
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, **fields):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.fields = status, message, code, fields
 
 
 @dataclass
@@ -83,7 +83,7 @@ class HubStore:
     def create_repo(self, repo_id: str) -> Repo:
         with self.lock:
             if repo_id in self.repos:
-                raise HubError(409, "You already created this model repo")
+                raise HubError(409, "You already created this model repo", url=repo_id)
             repo = self.repos[repo_id] = Repo(repo_id)
             self.commit(repo, "main", {".gitattributes": GITATTRIBUTES}, [], "initial commit", "")
             return repo
@@ -191,7 +191,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             headers = {"X-Error-Message": err.message}
             if err.code:
                 headers["X-Error-Code"] = err.code
-            self._send(err.status, json.dumps({"error": err.message}).encode(), headers=headers)
+            fields = dict(err.fields)
+            if "url" in fields:  # the real Hub answers an existing repo's create with its url (the client reads it)
+                fields["url"] = f"{self.server.hub.url}/{fields['url']}"
+            self._send(err.status, json.dumps({"error": err.message, **fields}).encode(), headers=headers)
         except (KeyError, TypeError, ValueError) as err:  # a malformed request: answer it, keep serving
             self._send(400, json.dumps({"error": f"bad request: {err!r}"}).encode())
 

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..modeling.memory_state import MemoryState
+from ..modeling.memory_storage import MEMORY_FILE
 from .config import ModelConfig
 from .model import build_model, trainable_state
 from .objective import StreamState
@@ -87,8 +88,7 @@ def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stre
     accelerator.wait_for_everyone()
     mine = rank_folder(partial, accelerator.process_index)
     mine.mkdir()
-    memory = {k: v.contiguous().cpu() for k, v in model.memory_state().as_buffers().items()}
-    save_file(memory, mine / "memory.safetensors", metadata={"format": "pt"})
+    model.memory_state().save(mine / MEMORY_FILE)  # the one memory file format (checked, hashed)
     generators = {
         "cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -114,7 +114,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stre
     load_trainables(model, folder / TRAINABLES_FILE)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
-    model.load_memory_state(MemoryState.from_buffers(load_file(mine / "memory.safetensors")))
+    model.load_memory_state(MemoryState.load(mine / MEMORY_FILE))
     saved = torch.load(mine / "stream.pt", weights_only=False)
     stream.load_dict(saved["stream"])
     torch.set_rng_state(saved["torch_rng"]["cpu"])
