@@ -73,10 +73,10 @@ def ask(model, tokenizer, question: str, use_memory: bool = True) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoryllm-hf demo", description=__doc__)
     parser.add_argument("--output", default="outputs/quickstart-memory", help="folder for the saved model + memory")
-    parser.add_argument("--num-memory-tokens", type=int, default=1024, help="N slots per layer")
+    parser.add_argument("--num-memory-tokens", type=int, default=512, help="N slots per layer")
     parser.add_argument("--num-update-tokens", type=int, default=64, help="K slots per injection")
     parser.add_argument(
-        "--unrelated", type=int, default=40, help="unrelated paragraphs injected after the facts (default: 40)"
+        "--unrelated", type=int, default=24, help="unrelated paragraphs injected after the facts (default: 24)"
     )
     parser.add_argument(
         "--adapter",
