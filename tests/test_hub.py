@@ -373,3 +373,39 @@ def test_from_pretrained_by_revision_refuses_a_broken_memory(hub):
     with pytest.raises(ValueError, match="NaN/inf"):
         AutoModelForCausalLM.from_pretrained(REPO, revision="broken")
     assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision="main"), model.memory_state())
+
+
+def _store(model):
+    return [(b.injection, b.call, b.slots) for b in model.long_term_memory]
+
+
+def assert_same_store(a, b) -> None:
+    assert [(i, c) for i, c, _ in _store(a)] == [(i, c) for i, c, _ in _store(b)]
+    assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(_store(a), _store(b), strict=True))
+
+
+def test_long_term_store_travels_with_pushes_and_revisions(hub):
+    """The long-term store is its own file beside memory.safetensors: whole-model pushes, memory-only pushes,
+    revisions and loads by revision bring it back bit for bit; a memory without a store removes the old file."""
+    store = {"long_term_memory_tokens": 600, "read_mode": "retrieve"}
+    model = model_with_memory(injections=3, **store)
+    first = model.push_to_hub(REPO).oid
+    assert "long_term_memory.safetensors" in tree("main")
+    reloaded = AutoModelForCausalLM.from_pretrained(REPO)
+    assert_same_store(reloaded, model)
+    a = model.memory_state()
+    model.inject(torch.arange(40, 52))
+    model.push_memory_to_hub(REPO, revision="b", create_branch=True)
+    assert_same_store(AutoModelForCausalLM.from_pretrained(REPO, revision="b"), model)
+    reloaded.load_memory_from_hub(REPO, revision="b")
+    assert_same_store(reloaded, model)
+    reloaded.load_memory_from_hub(REPO, revision=first)
+    assert [b.injection for b in reloaded.long_term_memory] == [b.injection for b in a.long_term]
+    model.reset_memory()
+    model.inject(torch.arange(3, 13))
+    model.config.long_term_memory_tokens = 0  # a memory without a store from here on
+    model.config.read_mode = "pool"
+    model.load_memory_state(type(a)(a.memory, a.filled, a.injections, a.rng_state, a.written_at))
+    model.push_memory_to_hub(REPO, revision="b")
+    assert "long_term_memory.safetensors" not in tree("b")
+    assert AutoModelForCausalLM.from_pretrained(REPO, revision="b", read_mode="pool").long_term_memory == ()
