@@ -17,6 +17,8 @@ import gc
 
 import torch
 
+from memoryllm_hf.modeling.memory_state import next_state
+
 from memoryllm_hf.reference import reference_new_memory_slots
 
 from .common import (
@@ -72,6 +74,7 @@ class InjectCell:
         self.new_slots = model.new_memory_slots(self.ids)
         self.generator = torch.Generator().manual_seed(0)
         self.drop_out = torch.empty_like(model.memory)
+        self.state = model.memory_state()  # the pool the drop case updates (taken once, outside the timing)
         self.limit_cache = None
 
     def restore_pool(self) -> None:
@@ -91,7 +94,7 @@ class InjectCell:
         self.model.lm_head(self.model.model.norm(self.context_hidden))
 
     def drop(self):
-        return self.model._state_after(self.new_slots, self.generator, self.drop_out)
+        return next_state(self.state, self.new_slots, self.model.config, self.generator, self.drop_out)
 
     def row(self) -> dict:
         samples = {}

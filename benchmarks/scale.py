@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from memoryllm_hf.modeling.memory_state import next_state
+
 from .common import Case, Run, common_parser, fill_pool, interleaved_medians, load_model, paired_ratio
 
 COLUMNS = (
@@ -52,7 +54,7 @@ def measure(run: Run, num_memory_tokens: int) -> dict:
                 lambda: model.inject(context, chunk_size=context.shape[1]),
                 prepare=lambda: model.load_memory_state(full_pool),
             ),
-            "drop": Case(lambda: model._state_after(new_slots, generator, drop_out)),
+            "drop": Case(lambda: next_state(full_pool, new_slots, model.config, generator, drop_out)),
             "question": Case(lambda: model(question, logits_to_keep=1)),
             "first_question": Case(lambda: model(question, logits_to_keep=1), prepare=forget_memory_kv),
         },

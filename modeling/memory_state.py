@@ -485,6 +485,18 @@ class MemoryStateMixin:
         with self._memory_lock:
             self._set_state(state.clone())
 
+    def set_memory_state(self, state: MemoryState, validate: bool = True) -> None:
+        """Make `state` the memory, as it is (no copy: the caller hands it over and must not edit its tensors). For
+        tooling that swaps many states of this model in and out (the evaluation replay); `validate=False` skips the
+        full check (shapes, finiteness) on a hot path whose states come from this model. Use `load_memory_state`
+        for states from elsewhere."""
+        if validate:
+            self._check_compatible(state)
+        elif tuple(state.memory.shape) != tuple(self.memory.shape):
+            raise MemoryStateError(f"memory state has shape {tuple(state.memory.shape)}, this model's pool is "
+                                   f"{tuple(self.memory.shape)}")
+        self._set_state(state)
+
     def _check_compatible(self, state: MemoryState, allow_other_model: bool = False) -> None:
         state.validate()
         if tuple(state.memory.shape) != tuple(self.memory.shape):

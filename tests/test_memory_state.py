@@ -371,3 +371,21 @@ def test_concurrent_generate_and_inject_follow_a_serial_order():
         replay.load_memory_state(state)
         readable.add(tuple(replay.generate(QUERY, max_new_tokens=3, do_sample=False)[0, 4:].tolist()))
     assert len(outputs) == 12 and all(tuple(out) in readable for out in outputs)
+
+
+def test_set_memory_state_hands_over_a_state_and_checks_it(input_model):
+    """The public swap used by tooling: the state becomes the memory as it is; a broken or foreign one is refused."""
+    input_model.inject(torch.randint(3, 128, (10,)))
+    state = input_model.memory_state()
+    input_model.reset_memory()
+    input_model.set_memory_state(state)
+    assert input_model.memory is state.memory  # handed over, not copied
+    bad = state.clone()
+    bad.memory[0, -1, 0] = float("nan")
+    with pytest.raises(MemoryStateError, match="NaN"):
+        input_model.set_memory_state(bad)
+    wrong = state.clone()
+    wrong.memory = wrong.memory[:, :-1]
+    with pytest.raises(MemoryStateError, match="shape"):
+        input_model.set_memory_state(wrong, validate=False)
+    assert input_model.memory is state.memory

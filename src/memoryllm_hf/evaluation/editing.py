@@ -103,7 +103,7 @@ def run_editing(
     keys = [f"edit:{record['case_id']}" for record in data.examples]
     for index in log.pending(keys, desc=f"editing {data.dataset}", unit="edit"):
         record, record_timer = data.examples[index], Timer()
-        model._set_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
+        model.set_memory_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
         model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
 
         row = {
@@ -154,7 +154,7 @@ def run_sequential(
     keys = [f"sequential:{examples[index]['case_id']}" for index, _ in probed]
     todo = log.pending(keys, desc="sequential probes", unit="edit")
     first = next(todo, None)
-    model._set_state(empty)
+    model.set_memory_state(empty)
     if first is not None:
         for record in tqdm(examples, desc="sequential edits", unit="edit"):
             model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)

@@ -46,7 +46,7 @@ def run_longcontext(
     for index in log.pending(keys, desc="longcontext hotpotqa", unit="question"):
         example, example_timer = data.examples[index], Timer()
         text, answers = passages_text(example), [example["answer"]]
-        model._set_state(with_drop_seed(empty, example_seed(seed, keys[index])))
+        model.set_memory_state(with_drop_seed(empty, example_seed(seed, keys[index])))
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # what inject(text, tokenizer) would write
         updates = model.inject(ids, progress=False)
 

@@ -182,13 +182,13 @@ class QuestionChain:
 
     def load(self) -> None:
         """Make the chain's current pool the model's memory."""
-        self.model._set_state(self.pool.materialize())
+        self.model.set_memory_state(self.pool.materialize(), validate=False)
 
 
 @torch.no_grad()
 def compute_slots(model, pool: LazyPool, write: Write, call: int | None = None) -> torch.Tensor:
     """New slots of `write` with the model's memory set to `pool`'s state; commits them to `pool`."""
-    model._set_state(pool.materialize())
+    model.set_memory_state(pool.materialize(), validate=False)
     slots = model.new_memory_slots(write.ids.to(model.device))
     pool.commit(slots, call)
     return slots
