@@ -55,8 +55,10 @@ def build_case(args, tokenizer) -> tuple[list[tuple[str, int]], list[dict]]:
         kind = "sentence" if args.data == "counterfact" else "question"
         stored, unstored = rows[: args.stored], rows[args.stored : args.stored + args.unstored]
         texts = [(r["edit_text"], i) for i, r in enumerate(stored)]
-        questions = [{"text": r["prompt"], "kind": kind, "owner": i, "role": "edit prompt"} for i, r in enumerate(stored)]
-        questions = questions[: args.questions]
+        questions = [
+            {"text": r["prompt"], "kind": kind, "owner": i, "role": "edit prompt"}
+            for i, r in enumerate(stored[: args.questions])
+        ]
         questions += [
             {"text": r["neighborhood_prompts"][0]["prompt"], "kind": kind, "owner": -1, "role": "neighbourhood"}
             for r in stored[: args.questions]
@@ -163,7 +165,7 @@ def main() -> None:
     features, owners, pooled = store_blocks(model, tokenizer, texts)
     pooled = torch.stack(pooled)
     stored_tokens = sum(f["tokens"].shape[0] for f in features)
-    bytes_per_token = sum(t[..., 0, :].numel() * t.element_size() for t in features[0].values())
+    bytes_per_token = sum(t.numel() * t.element_size() for f in features for t in f.values()) / stored_tokens
 
     layers = model.model.layers
     results = {"variants": {}, "threshold": {}, "questions": {}}
