@@ -32,7 +32,9 @@ import torch
 # stored blocks, so it assumes a store of ~100 blocks or more (with a handful, z-scores say little).
 KEY_LAYERS: tuple[int, ...] = (18,)
 SCORE_WEIGHTS: dict[str, float] = {"lexical": 1.0, "keys": 0.5}
-RETRIEVAL_THRESHOLD: float = 5.0
+RETRIEVAL_THRESHOLD: float = 6.5
+
+
 def retrieval_key_layers(num_layers: int) -> tuple[int, ...]:
     """`KEY_LAYERS` where the model has them, else the same relative depth (a model of another depth: calibrate)."""
     if all(layer < num_layers for layer in KEY_LAYERS):
