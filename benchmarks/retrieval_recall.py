@@ -49,7 +49,7 @@ def build_case(args, tokenizer) -> tuple[list[tuple[str, int]], list[dict]]:
 
     Questions: {"prompt": (style, text, kind), "owner": index of its stored text or -1 (not stored), "role"}."""
     rng = random.Random(args.seed)
-    rows = read_jsonl(args.data_dir / f"{DATA[args.data]}.jsonl")
+    rows = read_jsonl((args.heldout_dir if args.data == "heldout" else args.data_dir) / f"{DATA[args.data]}.jsonl")
     rng.shuffle(rows)
     if args.data in ("counterfact", "zsre"):
         kind = "sentence" if args.data == "counterfact" else "question"
