@@ -44,7 +44,9 @@ class MemoryLlamaConfig(LlamaConfig):
         read_tokens: with `"retrieve"`, at most this many slots are read (whole injections, best first).
         retrieval_threshold: with `"retrieve"`, injections scoring below it are never read (None: no threshold).
         retrieval_neighbors: with `"retrieve"`, also read this many neighbouring updates (before and after) of the
-            same `inject()` call as a retrieved update, budget permitting.
+            same text as a retrieved update, budget permitting (a long text is injected as several updates).
+        retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
+            (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
     """
 
     model_type = "memory_llama"
@@ -68,6 +70,7 @@ class MemoryLlamaConfig(LlamaConfig):
     read_tokens: int = 1024
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
+    retrieval_margin: float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -114,9 +117,12 @@ class MemoryLlamaConfig(LlamaConfig):
                              f"got {self.long_term_memory_dtype!r}")
         if not isinstance(self.retrieval_neighbors, int) or self.retrieval_neighbors < 0:
             raise ValueError(f"retrieval_neighbors must be an integer >= 0, got {self.retrieval_neighbors!r}")
-        threshold = self.retrieval_threshold
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise ValueError(f"retrieval_threshold must be a number or None, got {threshold!r}")
+        for name in ("retrieval_threshold", "retrieval_margin"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number or None, got {value!r}")
+        if self.retrieval_margin is not None and self.retrieval_margin < 0:
+            raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
 
 
 __all__ = ["MemoryLlamaConfig"]

@@ -24,13 +24,14 @@ def select_injections(
     budget: int,
     threshold: float | None = None,
     neighbors: int = 0,
+    margin: float | None = None,
 ) -> list[int]:
     """Indices (ascending, i.e. in the order written) of the blocks one row reads.
 
-    Blocks are taken best score first while their slots fit the `budget`; a block scoring below `threshold` is never
-    taken. With `neighbors` > 0, after each taken block the `neighbors` blocks before and after it that belong to the
-    same `inject()` call are taken too, nearest first, while they fit (a long text injected in one call is several
-    blocks). Ties are broken by recency (the newer block first), so the choice is deterministic.
+    Blocks are taken best score first while their slots fit the `budget`; a block scoring below `threshold`, or more
+    than `margin` below the best block, is not taken for its own score. With `neighbors` > 0, after each taken block
+    the `neighbors` blocks before and after it that belong to the same text (`calls`: the first update of the text)
+    are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the newer block first), so the choice is deterministic.
     """
     count = len(sizes)
     if scores.shape != (count,):
@@ -45,8 +46,12 @@ def select_injections(
             chosen.add(index)
             used += sizes[index]
 
+    floor = threshold
+    if margin is not None and count:
+        best = float(scores[order[0]]) - margin
+        floor = best if floor is None else max(floor, best)
     for index in order:
-        if threshold is not None and float(scores[index]) < threshold:
+        if floor is not None and float(scores[index]) < floor:
             break
         if index in chosen:
             continue
@@ -142,7 +147,10 @@ class LongTermMemoryMixin:
         cfg = self.config
         sizes, calls = [block.num_slots for block in store], [block.call for block in store]
         chosen = [
-            select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors)
+            select_injections(
+                row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors,
+                cfg.retrieval_margin,
+            )
             for row in scores.float().cpu()
         ]
         self.last_retrieval = [[store[i].injection for i in row] for row in chosen]

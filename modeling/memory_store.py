@@ -26,8 +26,8 @@ STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
 @dataclasses.dataclass(eq=False)
 class MemoryBlock:
     """The slots [L, k, d] written by one injection (number `injection`, 1-based, as in `memory_written_at`), and the
-    injection number of the first update of the `inject()` call it belongs to (`call`: a long text injected in one
-    call is several updates that share it)."""
+    injection number of the first update of the text it belongs to (`call`: a long text is injected as several
+    updates that share it)."""
 
     injection: int
     call: int

@@ -435,14 +435,19 @@ class MemoryLlamaForCausalLM(
         chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
             raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
-        chunks = [c for ids in self._injection_ids(text_or_ids, tokenizer) for c in self._split(ids, chunk_size)]
+        # (text number, chunk): the chunks of one text share its first update's number in the long-term store
+        chunks = [
+            (text, c) for text, ids in enumerate(self._injection_ids(text_or_ids, tokenizer))
+            for c in self._split(ids, chunk_size)
+        ]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self._memory_lock:
             before = self._current_state()
-            call = self.num_injections + 1  # the updates of one call share it (long-term store, retrieval neighbours)
+            first_update: dict[int, int] = {}
             try:
                 with torch.no_grad():
-                    for chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
+                    for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
+                        call = first_update.setdefault(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
                         state = self._state_after(new, generator, self._take_spare_pool(), call)
                         replaced = self.memory
@@ -703,6 +708,8 @@ class MemoryLlamaForCausalLM(
             if memory_config.get("read_mode", "retrieve") == "retrieve":
                 memory_config.setdefault("read_mode", "retrieve")
                 memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
+                memory_config.setdefault("retrieval_margin", 2.0)  # read only the clear winners (z-scored scores)
+                memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
                 memory_config.setdefault(
                     "long_term_memory_tokens",

@@ -28,6 +28,11 @@ def test_from_base_defaults_and_plain_behaviour(llama_folder):
     model = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16).eval()
     cfg = model.config
     assert (cfg.memory_update, cfg.fresh_pool, cfg.inject_chunk_size) == ("input", "grow", 16)
+    # what leaves the pool stays findable: a long-term store (about 1 GiB in bfloat16) and retrieval reads
+    assert (cfg.read_mode, cfg.long_term_memory_dtype, cfg.read_tokens) == ("retrieve", "bfloat16", 64)
+    assert (cfg.retrieval_margin, cfg.retrieval_neighbors) == (2.0, 1)
+    assert cfg.long_term_memory_tokens * cfg.num_hidden_layers * cfg.hidden_size * 2 <= 2**30
+    assert (cfg.long_term_memory_tokens + 16) * cfg.num_hidden_layers * cfg.hidden_size * 2 > 2**30
     prompt = torch.randint(3, 128, (2, 6))
     assert torch.allclose(model(prompt).logits, llama(prompt).logits, atol=1e-6)  # empty pool = the base model
     hidden = llama.model(torch.tensor([[cfg.bos_token_id]]), output_hidden_states=True).hidden_states
@@ -41,7 +46,7 @@ def test_memory_equals_in_context_until_slots_are_dropped(llama_folder):
     every earlier slot fits in the write window (filled <= K) and nothing was dropped, reading memory is reading
     `[BOS] + text` in context."""
     folder, llama = llama_folder
-    model = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=32).eval()
+    model = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=32, read_mode="pool").eval()
     chunks = [torch.randint(3, 128, (n,)) for n in (10, 12, 9)]
     for chunk in chunks:
         model.inject(chunk)

@@ -9,7 +9,7 @@ from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling import MemoryLlamaConfig, MemoryStateError
 from memoryllm_hf.modeling.memory_reader import select_injections
 from memoryllm_hf.modeling.memory_store import LONG_TERM_FILE, MemoryBlock, store_append
-from memoryllm_hf.tiny import TINY, tiny_config, tiny_model
+from memoryllm_hf.tiny import TINY, tiny_config, tiny_model, tiny_tokenizer
 
 
 def retrieval_model(**overrides):
@@ -72,11 +72,13 @@ def test_store_off_is_the_official_behaviour():
     assert model.long_term_memory == () and model.memory_state().long_term == ()
 
 
-def test_a_long_text_in_one_call_shares_the_call_number():
+def test_the_updates_of_one_text_share_its_number():
     model = retrieval_model()
     model.inject(texts(1, length=40)[0], chunk_size=16)  # 3 updates
     model.inject(texts(1, length=8)[0])
-    assert [(b.injection, b.call) for b in model.long_term_memory] == [(1, 1), (2, 1), (3, 1), (4, 4)]
+    model.inject(["a text of twenty chars", "eight ch"], tokenizer=tiny_tokenizer(), chunk_size=16)  # 3 updates
+    pairs = [(b.injection, b.call) for b in model.long_term_memory]
+    assert pairs == [(1, 1), (2, 1), (3, 1), (4, 4), (5, 5), (6, 5), (7, 7)]
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -91,6 +93,7 @@ def test_a_long_text_in_one_call_shares_the_call_number():
         ({"long_term_memory_tokens": 60, "long_term_memory_dtype": "float8"}, "long_term_memory_dtype"),
         ({"retrieval_neighbors": -1}, "retrieval_neighbors"),
         ({"retrieval_threshold": "high"}, "retrieval_threshold"),
+        ({"retrieval_margin": -1.0}, "retrieval_margin"),
     ],
 )
 def test_config_refuses_unknown_values(overrides, message):
@@ -117,6 +120,11 @@ def test_selection_takes_best_first_within_budget_in_written_order():
     # neighbours of the same call come along, budget permitting
     assert select_injections(scores, [6, 6, 6, 6], [1, 1, 1, 4], budget=18, neighbors=1) == [0, 1, 2]
     assert select_injections(scores, [6, 6, 6, 6], [1, 1, 3, 4], budget=18, neighbors=1) == [0, 1, 3]
+    # a margin keeps only the blocks close to the best one (their neighbours still come along)
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=24, margin=0.2) == [1, 3]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=24, margin=0.05) == [1]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 1, 3, 4], budget=24, margin=0.05, neighbors=1) == [0, 1]
+    assert select_injections(scores, [6, 6, 6, 6], [1, 2, 3, 4], budget=24, margin=0.2, threshold=0.85) == [1]
 
 
 # ---------------------------------------------------------------------------------------------- reads
