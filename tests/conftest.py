@@ -1,5 +1,8 @@
 """Shared fixtures: tiny random models for the default run, SmolLM2 for tests marked `slow`."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,3 +51,36 @@ def smollm2():
     from memoryllm_hf import load
 
     return load("default")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """A tiny MemoryLlama folder with a real tokenizer (copy it with `folder` before changing it)."""
+    from tiny_folder import save_tiny_folder
+
+    return save_tiny_folder(tmp_path_factory.mktemp("template") / "model")
+
+
+@pytest.fixture
+def folder(template, tmp_path) -> Path:
+    """A fresh copy of `template` for one test."""
+    return Path(shutil.copytree(template, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """(folder, model) of a plain tiny Llama (random, norm weights jittered) saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memoryllm_hf.tiny import TINY
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})
+    llama = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in llama.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    folder = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(folder)
+    return folder, llama

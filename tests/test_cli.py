@@ -21,16 +21,6 @@ from memoryllm_hf.modeling.memory_state import MemoryState
 NOTES = "Alice lives in Paris and works as a baker. Bob keeps three cats; the oldest one is called Pepper!"
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("template") / "model")
-
-
-@pytest.fixture
-def folder(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "model"))
-
-
 def memory_bytes(folder: Path) -> bytes:
     return (folder / "memory.safetensors").read_bytes()
 

@@ -2,24 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memoryllm_hf import MemoryLlamaForCausalLM
-from memoryllm_hf.tiny import TINY
-
-
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})
-    llama = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in llama.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
-    folder = tmp_path_factory.mktemp("llama")
-    llama.save_pretrained(folder)
-    return folder, llama
 
 
 @torch.no_grad()

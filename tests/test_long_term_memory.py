@@ -3,13 +3,12 @@ batches equal rows, round trips keep the store, bad input is refused without tou
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling import MemoryLlamaConfig, MemoryStateError
 from memoryllm_hf.modeling.memory_reader import select_injections
 from memoryllm_hf.modeling.memory_store import LONG_TERM_FILE, MemoryBlock, store_append
-from memoryllm_hf.tiny import TINY, tiny_config, tiny_model, tiny_tokenizer
+from memoryllm_hf.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 
 def retrieval_model(**overrides):
@@ -128,20 +127,6 @@ def test_selection_takes_best_first_within_budget_in_written_order():
 
 
 # ---------------------------------------------------------------------------------------------- reads
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = LlamaConfig(**{k: v for k, v in TINY.items() if k in LlamaConfig().to_dict()})
-    llama = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in llama.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
-    folder = tmp_path_factory.mktemp("llama")
-    llama.save_pretrained(folder)
-    return folder, llama
-
-
 @torch.no_grad()
 def test_retrieving_one_injection_reads_like_the_text_in_context(llama_folder):
     folder, llama = llama_folder

@@ -17,29 +17,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_folder import save_tiny_folder
 from tqdm.std import TqdmDefaultWriteLock, tqdm
 
 from memoryllm_hf import MemoryLlamaForCausalLM, cli
 from memoryllm_hf.chat import ChatSession
 from memoryllm_hf.commands import load_folder
-from memoryllm_hf.folder import save_memory
 from memoryllm_hf.modeling import memory_storage
 from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError, MemoryState, MemoryStateError
 from memoryllm_hf.modeling.memory_storage import iter_orphans
 from memoryllm_hf.tiny import tiny_model
 
 SHORT = "Bob keeps three cats."  # one memory update of the tiny folder
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return save_tiny_folder(tmp_path_factory.mktemp("template") / "model")
-
-
-@pytest.fixture
-def folder(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "model"))
 
 
 def injections_on_disk(folder: Path) -> int:
