@@ -77,3 +77,14 @@ def test_help_does_not_import_torch():
     code = "import sys; from memoryllm_hf.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_peft_defaults_survive_an_availability_check_before_peft_is_imported():
+    """transformers looks PEFT up with importlib.util.find_spec (no import) before anyone imports it; the LoRA
+    defaults for memory_llama must still be registered when PEFT is imported afterwards."""
+    code = (
+        "import importlib.util, memoryllm_hf; importlib.util.find_spec('peft'); import peft.utils.constants as c; "
+        "print('memory_llama' in c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"

@@ -35,16 +35,23 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.name, self.callback = name, callback
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.name:
+        # A look-up that does not import (transformers' `importlib.util.find_spec("peft")` availability checks) must
+        # not use the hook up: the finder steps out only once the module has really been executed.
+        if fullname != self.name or self.__dict__.get("_finding"):
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
         if spec is None or spec.loader is None:
             return spec
-        exec_module, callback = spec.loader.exec_module, self.callback
+        exec_module, callback, finder = spec.loader.exec_module, self.callback, self
 
         def exec_then_register(module):
             exec_module(module)
+            if finder in sys.meta_path:
+                sys.meta_path.remove(finder)
             callback()
 
         spec.loader.exec_module = exec_then_register
