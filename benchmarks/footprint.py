@@ -91,7 +91,7 @@ def measure(run: Run, dtype: str, num_memory_tokens: int) -> dict:
         "N": num_memory_tokens,
         "pool_dtype": str(model.memory.dtype).removeprefix("torch."),
         "pool_MB": model.memory.nbytes / MB,
-        "memory_kv_MB": nbytes(t for kv in model._memory_key_values() for t in kv) / MB,
+        "memory_kv_MB": nbytes(t for kv in model.memory_key_values() for t in kv) / MB,
         "weights_MB": nbytes(model.parameters()) / MB,
         "loaded_MB": (loaded - start) / MB,
         "inject_peak_MB": inject_peak / MB,

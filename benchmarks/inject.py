@@ -63,7 +63,7 @@ class InjectCell:
         self.run, self.model, self.full_pool, self.scratch_pool = run, model, full_pool, scratch_pool
         config, device, dtype = model.config, run.device, run.dtype
         self.ids = torch.randint(3, config.vocab_size, (1, length), device=device)
-        use_bos, prefix_slots, requeried, _, _ = model._write_layout(length)
+        use_bos, prefix_slots, requeried, _, _ = model.write_layout(length)
         prefix, queries = int(use_bos) + prefix_slots, requeried + length
         layers = config.num_hidden_layers if config.memory_update == "output" else config.num_hidden_layers - 1
         self.decoder = plain_decoder(model, layers)

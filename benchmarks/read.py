@@ -71,7 +71,7 @@ class ReadCell:
         self.run, self.model, self.plain = run, model, plain
         self.prompt = torch.randint(3, model.config.vocab_size, (1, length), device=run.device)
         self.mask = torch.ones(1, model.memory_prefix_length + length, dtype=torch.long, device=run.device)
-        self.limit_cache = cache_from(model.config, model._memory_key_values())
+        self.limit_cache = cache_from(model.config, model.memory_key_values())
         self.limit_prefix = [(layer.keys, layer.values) for layer in self.limit_cache.layers]
 
     def rewind_limit_cache(self) -> None:
@@ -81,7 +81,7 @@ class ReadCell:
             layer.keys, layer.values = keys, values
 
     def forget_memory_kv(self) -> None:
-        self.model._prefix_kv = None
+        self.model.clear_memory_key_values()
 
     def prefill_cases(self) -> dict[str, Case]:
         model, prompt = self.model, self.prompt

@@ -44,7 +44,7 @@ def measure(run: Run, num_memory_tokens: int) -> dict:
     drop_out = torch.empty_like(model.memory)  # a reused buffer, like the recycled pool inject writes into
 
     def forget_memory_kv():
-        model._prefix_kv = None
+        model.clear_memory_key_values()
 
     samples = {}
     times = interleaved_medians(

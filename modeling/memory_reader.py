@@ -92,7 +92,7 @@ def stack_prefixes(rows: list[PrefixKV]) -> tuple[PrefixKV, torch.Tensor]:
 
 class LongTermMemoryMixin:
     """The long-term store and retrieval reads of MemoryLlama (relies on the model's `_long_term`, `_memory_lock`,
-    `memory`, `adapters`, `_memory_prefix_hidden`)."""
+    `memory`, `adapters`, `memory_prefix_hidden`)."""
 
     @property
     def long_term_memory(self) -> tuple:

@@ -188,7 +188,7 @@ class MemoryLlamaForCausalLM(
             self._prefix_kv = None
 
     # ------------------------------------------------------------------ reading
-    def _memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-layer prefix hidden states `[bos_l; slots_l]` ([P, d] each); slots default to the filled pool."""
         bos, _ = self.memory_embeddings()
         if slots is None:
@@ -214,19 +214,24 @@ class MemoryLlamaForCausalLM(
                 _module_fingerprint(module, parts)
         return tuple(parts)
 
-    def _memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
+    def memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
         """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
         The pool's are cached until the memory or the weights change; they are computed afresh (with gradient)
         when gradients can flow into the prefix path."""
         if slots is not None or (torch.is_grad_enabled() and self._prefix_needs_grad()):
-            return prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden(slots))
+            return prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden(slots))
         with self._memory_lock:
             fingerprint = self._prefix_fingerprint()
             if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
                 with torch.no_grad():
-                    kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self._memory_prefix_hidden())
+                    kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden())
                 self._prefix_kv = (fingerprint, kv)
             return self._prefix_kv[1]
+
+    def clear_memory_key_values(self) -> None:
+        """Forget the cached keys/values of the pool's prefix (the next read computes them again)."""
+        with self._memory_lock:
+            self._prefix_kv = None
 
     def _prefix_needs_grad(self) -> bool:
         bos, _ = self.memory_embeddings()
@@ -243,7 +248,7 @@ class MemoryLlamaForCausalLM(
         """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
         (a `StaticCache` of `max_cache_len` positions when given). Rows of a batch share one copy of the pool's
         prefix (`SharedPrefixCache`, see `share_memory_prefix`)."""
-        prefix_kv = self._memory_key_values(slots)
+        prefix_kv = self.memory_key_values(slots)
         shared = self.share_memory_prefix and slots is None and not read_only and not self.training
         if shared and max_cache_len is None and shares_prefix(self.config, batch_size):
             return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
@@ -520,7 +525,7 @@ class MemoryLlamaForCausalLM(
         count = -(-ids.numel() // chunk_size)
         return [c[None].to(self.device) for c in torch.tensor_split(ids, count)]
 
-    def _write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
+    def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
         """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
         re-processed as queries, add the position embedding, number of new slots).
 
@@ -538,7 +543,7 @@ class MemoryLlamaForCausalLM(
 
     def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
-        use_bos, prefix_slots, requeried, add_pos, num_new = self._write_layout(input_ids.shape[1])
+        use_bos, prefix_slots, requeried, add_pos, num_new = self.write_layout(input_ids.shape[1])
         bos, pos_emb = self.memory_embeddings()
         N, K = self.config.num_memory_tokens, self.config.num_update_tokens
         layers = self.model.layers

@@ -37,7 +37,7 @@ def reference_logits(model: MemoryLlamaForCausalLM, input_ids: torch.LongTensor)
     """Logits [1, T, V] of a read: every layer input is `[bos_l; filled memory_l; tokens]`."""
     layers, rotary = model.model.layers, model.model.rotary_emb
     hidden = model.model.embed_tokens(input_ids)
-    prefix = model._memory_prefix_hidden() if model.memory_is_initialized else None
+    prefix = model.memory_prefix_hidden() if model.memory_is_initialized else None
     for index, layer in enumerate(layers):
         window = hidden if prefix is None else torch.cat([prefix[index][None].to(hidden.dtype), hidden], dim=1)
         hidden = _layer_on_window(layer, window, hidden.shape[1], rotary)
@@ -50,7 +50,7 @@ def reference_new_memory_slots(model: MemoryLlamaForCausalLM, input_ids: torch.L
     context]`, queries over the last (re-processed slots + context) positions, the position embedding added in place
     to the last K of them, only the context carried to the next layer."""
     length = input_ids.shape[1]
-    use_bos, prefix_slots, requeried, add_pos, num_new = model._write_layout(length)
+    use_bos, prefix_slots, requeried, add_pos, num_new = model.write_layout(length)
     bos, pos_emb = model.memory_embeddings()
     N, K = model.config.num_memory_tokens, model.config.num_update_tokens
     rotary = model.model.rotary_emb
