@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memoryllm_hf.default_model import load_default_model
+from memoryllm_hf.evaluation.data import default_data_dir
+from memoryllm_hf.loading import load
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_retrieval as retrieval
 
@@ -148,7 +149,7 @@ def time_scoring(features: list[dict], question: dict, target_tokens: int, repea
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=tuple(DATA), default="squad")
-    parser.add_argument("--data-dir", type=Path, default=Path("/work/shared/data"))
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
     parser.add_argument("--heldout-dir", type=Path, default=Path("data/train"))
     parser.add_argument("--questions", type=int, default=100, help="questions whose passage is stored")
     parser.add_argument("--stored", type=int, default=200, help="stored texts (questions' passages + unrelated ones)")
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default: docs/results/retrieval_recall_<data>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_default_model()
+    model, tokenizer = load("default")
     texts, questions = build_case(args, tokenizer)
     features, owners, pooled = store_blocks(model, tokenizer, texts)
     pooled = torch.stack(pooled)

@@ -182,3 +182,15 @@ def test_batched_read_prints_the_ratio_and_equal_outputs(run_script):
     assert row["questions"] == 3 and row["outputs_equal"] is True
     assert row["batched_vs_one_by_one"] > 0 and row["copy_vs_one_by_one"] > 0
     assert row["cache_MB"] < row["copy_cache_MB"]  # the shared batch holds the memory keys/values once
+
+
+def test_retrieve_read_prints_the_ratio_per_store_size(run_script, tmp_path):
+    from benchmarks.retrieve_read import COLUMNS
+
+    plot = tmp_path / "retrieve.png"
+    printed, result = run_script(
+        "retrieve_read", "--memory-tokens", "24", "--update-tokens", "6", "--stored", "3", "12", "--plot", str(plot)
+    )
+    assert_table(printed, "retrieve_read", COLUMNS, rows=2)
+    assert [row["stored_tokens"] for row in result["rows"]] == [18, 72]
+    assert all(row["retrieve_vs_pool"] > 0 for row in result["rows"]) and plot.stat().st_size > 0
