@@ -713,7 +713,6 @@ class MemoryLlamaForCausalLM(
             if memory_config.get("read_mode", "retrieve") == "retrieve":
                 memory_config.setdefault("read_mode", "retrieve")
                 memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
-                memory_config.setdefault("retrieval_margin", 2.0)  # read only the clear winners (z-scored scores)
                 memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
                 memory_config.setdefault(

@@ -14,7 +14,7 @@ def test_from_base_defaults_and_plain_behaviour(llama_folder):
     assert (cfg.memory_update, cfg.fresh_pool, cfg.inject_chunk_size) == ("input", "grow", 16)
     # what leaves the pool stays findable: a long-term store (about 1 GiB in bfloat16) and retrieval reads
     assert (cfg.read_mode, cfg.long_term_memory_dtype, cfg.read_tokens) == ("retrieve", "bfloat16", 64)
-    assert (cfg.retrieval_margin, cfg.retrieval_neighbors) == (2.0, 1)
+    assert (cfg.retrieval_margin, cfg.retrieval_neighbors) == (None, 1)
     assert cfg.long_term_memory_tokens * cfg.num_hidden_layers * cfg.hidden_size * 2 <= 2**30
     assert (cfg.long_term_memory_tokens + 16) * cfg.num_hidden_layers * cfg.hidden_size * 2 > 2**30
     prompt = torch.randint(3, 128, (2, 6))
