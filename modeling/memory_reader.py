@@ -13,7 +13,7 @@ import torch
 
 from .memory_adapters import READ
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
-from .memory_retrieval import block_features, question_features, retrieval_key_layers, score_blocks
+from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
 
 
@@ -111,12 +111,17 @@ class LongTermMemoryMixin:
             store = self._long_term
             dtype, device = self.memory.dtype, self.memory.device
             key_layers = retrieval_key_layers(self.config.num_hidden_layers)
-            features = []
-            for block in store:
-                if block.features is None:  # computed once per block, on first use
-                    slots = block.slots.to(device=device, dtype=dtype)
-                    block.features = block_features(self.model.layers, slots, key_layers)
-                features.append(block.features)
+            packed = self.__dict__.get("_packed_store")
+            if packed is None or packed[0] is not store or packed[1] != (key_layers, device):
+                features = []
+                for block in store:
+                    if block.features is None:  # computed once per block, on first use
+                        slots = block.slots.to(device=device, dtype=dtype)
+                        block.features = block_features(self.model.layers, slots, key_layers)
+                    features.append(block.features)
+                # packed once per store (a store is an immutable tuple: a new one after every injection)
+                packed = (store, (key_layers, device), pack_blocks(features, device))
+                self.__dict__["_packed_store"] = packed
         with self.adapters.use(READ):
             hidden = self.model(
                 input_ids=input_ids,
@@ -127,7 +132,7 @@ class LongTermMemoryMixin:
             ).hidden_states
         if not store:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
-        return score_blocks(question_features(self.model.layers, hidden, attention_mask, key_layers), features)
+        return score_packed(question_features(self.model.layers, hidden, attention_mask, key_layers), packed[2])
 
     def retrieve(
         self,

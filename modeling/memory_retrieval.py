@@ -151,6 +151,18 @@ def key_scores(queries: torch.Tensor, keys: torch.Tensor, segment: torch.Tensor,
     return total
 
 
+def pack_blocks(block_feats: Sequence[dict[str, torch.Tensor]], device: torch.device | str) -> dict:
+    """All blocks' features in one place for scoring ("segment": the block of every stored token; "stored": layer-0
+    vectors; "keys": un-rotated keys, float32 on `device`). A store that did not change can be scored many times
+    against the same packing (the model keeps it until the next injection)."""
+    segment = torch.cat(
+        [torch.full((b["tokens"].shape[0],), i, device=device) for i, b in enumerate(block_feats)]
+    ) if block_feats else torch.zeros(0, device=device)
+    stored = torch.cat([b["tokens"] for b in block_feats]).to(device, torch.float32) if block_feats else None
+    keys = torch.cat([b["keys"] for b in block_feats], 1).to(device, torch.float32) if block_feats else None
+    return {"count": len(block_feats), "segment": segment, "stored": stored, "keys": keys}
+
+
 def score_blocks(
     question_feats: dict[str, torch.Tensor],
     block_feats: Sequence[dict[str, torch.Tensor]],
@@ -158,20 +170,20 @@ def score_blocks(
 ) -> torch.Tensor:
     """Relevance [B, num_blocks] of every stored block to every question (higher = more relevant): the weighted sum
     of the z-scored lexical and key scores. Rows are scored one by one (padding removed), so a batch equals its rows."""
+    return score_packed(question_feats, pack_blocks(block_feats, question_feats["tokens"].device), weights)
+
+
+def score_packed(question_feats: dict[str, torch.Tensor], packed: dict, weights: dict[str, float] | None = None):
+    """`score_blocks` against blocks already packed by `pack_blocks`."""
     weights = SCORE_WEIGHTS if weights is None else weights
     unknown = set(weights) - {"lexical", "keys"}
     if unknown:
         raise ValueError(f"unknown score weights {sorted(unknown)}; use 'lexical' and 'keys'")
     batch = question_feats["tokens"].shape[0]
-    if not block_feats:
+    count = packed["count"]
+    if not count:
         return question_feats["tokens"].new_zeros(batch, 0)
-    count = len(block_feats)
-    device = question_feats["tokens"].device
-    segment = torch.cat(
-        [torch.full((b["tokens"].shape[0],), i, device=device) for i, b in enumerate(block_feats)]
-    )
-    stored = torch.cat([b["tokens"] for b in block_feats]).to(device, torch.float32)
-    keys = torch.cat([b["keys"] for b in block_feats], 1).to(device, torch.float32)
+    segment, stored, keys = packed["segment"], packed["stored"], packed["keys"]
     rows = []
     for row in range(batch):
         valid = question_feats["mask"][row]

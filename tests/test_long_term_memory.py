@@ -344,3 +344,18 @@ def test_retrieval_reads_continue_from_a_returned_cache():
         assert model.last_retrieval == picks  # the reference reads what the cache holds
         assert (reference - logits).abs().max() < 1e-5, f"step {step}"
         sequence = torch.cat([sequence, second.sequences[:, turn.shape[1] + step][:, None]], dim=1)
+
+
+@torch.no_grad()
+def test_reads_between_injections_see_the_newest_store():
+    """The scorer's packed features are kept per store: a read after an injection scores the new block too."""
+    model = retrieval_model(long_term_memory_tokens=600, read_tokens=6)
+    stored = texts(12, length=6, seed=8)
+    for ids in stored[:-1]:
+        model.inject(ids)
+    first = model.retrieve(stored[0][None])
+    model.inject(stored[-1])
+    assert model.retrieve(stored[-1][None]) == [[12]]
+    assert model.retrieve(stored[0][None]) == first
+    model.undo()  # back to the earlier store: the newest block is not scored any more
+    assert 12 not in model.retrieve(stored[-1][None])[0]
