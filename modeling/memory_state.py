@@ -32,7 +32,9 @@ from .memory_store import (
 from .memory_storage import (
     MEMORY_FILE,
     model_owned_files,
+    read_tensor_file,
     stage_memory_files,
+    tensors_digest,
     update_folder,
     write_tensor_file,
 )
@@ -129,12 +131,7 @@ class MemoryState:
     def content_hash(self) -> str:
         """sha256 of the pool's tensors (names, dtypes, shapes and bytes): equal hashes mean identical pools (the
         long-term store has its own, `store_content_hash`)."""
-        digest = hashlib.sha256()
-        for name, tensor in self.as_buffers().items():
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        return tensors_digest(self.as_buffers())
 
     def describe(self) -> dict:
         """The metadata schema of a memory file (also the core of the Hub's `memory_state.json`): format, geometry,
@@ -225,9 +222,7 @@ class MemoryState:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no memory state file at {path}")
         try:
-            with safe_open(path, "pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors, metadata = read_tensor_file(path)
         except (SafetensorError, OSError) as err:
             raise MemoryStateError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
         try:

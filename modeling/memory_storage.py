@@ -13,6 +13,7 @@ Guarantees (see README "Reliability"):
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -95,6 +96,22 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in order): the content hash of every memory file."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def read_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; raises SafetensorError / OSError for a broken or missing file."""
+    with safe_open(path, "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
 
 
 def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

@@ -10,14 +10,13 @@ snapshots, undo) share their tensors.
 """
 
 import dataclasses
-import hashlib
 import os
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .memory_storage import atomic_write
+from .memory_storage import atomic_write, read_tensor_file, tensors_digest
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
 STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
@@ -150,11 +149,7 @@ STORE_FORMAT = "memoryllm-hf/long-term-store/1"
 
 def store_content_hash(store: LongTermStore) -> str:
     """sha256 of the store's tensors (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in store_to_tensors(store).items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_digest(store_to_tensors(store))
 
 
 def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) -> dict[str, str]:
@@ -186,9 +181,7 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
     `fingerprint` is given and the file records one) another model's store."""
     path = os.fspath(path)
     try:
-        with safe_open(path, "pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        tensors, metadata = read_tensor_file(path)
     except (SafetensorError, OSError) as err:
         raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
     extra = sorted(set(tensors) - set(STORE_TENSORS))
