@@ -12,9 +12,11 @@ from collections import OrderedDict
 import torch
 
 from .memory_adapters import READ
+from .memory_fields import torch_dtype
+from .memory_files import checkpoint_store
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
+from .memory_store import LongTermStoreError, validate_store
 
 
 def select_injections(
@@ -210,27 +212,16 @@ class LongTermMemoryMixin:
 
     def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
         """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
-        from transformers.utils import cached_file
-
-        options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
-        path = cached_file(
-            path_or_repo,
-            LONG_TERM_FILE,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **options,
-        )
-        if path is None:
-            return
         try:
-            store = load_store(path, self.memory_fingerprint())
+            store = checkpoint_store(path_or_repo, kwargs, self.memory_fingerprint())
+            if store is None:
+                return
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
         except LongTermStoreError as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
-        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
+        dtype = torch_dtype(self.config.long_term_memory_dtype)
         device = self.config.long_term_memory_device or "cpu"
         for block in store:
             block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
         with self._memory_lock:
             self._long_term = store
-

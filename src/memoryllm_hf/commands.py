@@ -50,8 +50,7 @@ def load_folder(folder: str, read_mode: str | None = None):
 
 def _inject(args: argparse.Namespace) -> int:
     from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling.memory_state import stored_content_hash
-    from .modeling.memory_storage import MEMORY_FILE
+    from .modeling import MEMORY_FILE, stored_content_hash
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
@@ -146,7 +145,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
     chat.set_defaults(func=_chat)
 
-    stats = subparsers.add_parser("stats", help="describe a folder's memory (N, K, injections, fill, slot norms)")
+    stats = subparsers.add_parser(
+        "stats", help="describe a folder's memory (N, K, injections, fill, slot norms, long-term store)"
+    )
     stats.add_argument("folder", help="MemoryLlama folder")
     stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
     stats.set_defaults(func=_stats)
