@@ -15,21 +15,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoTokenizer
 
     from .convert import convert_official
+    from .loading import torch_dtype
     from .modeling import MemoryLlamaForCausalLM
 
     if args.official:
-        convert_official(args.source, args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        convert_official(args.source, args.output, dtype=torch_dtype(args.dtype))
     else:
         memory = {"num_memory_tokens": args.num_memory_tokens, "num_update_tokens": args.num_update_tokens}
         if args.read_mode:
             memory["read_mode"] = args.read_mode
         model = MemoryLlamaForCausalLM.from_base(args.source, gguf_file=args.gguf_file, **memory)
         if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
+            model = model.to(torch_dtype(args.dtype))
         model.save_pretrained(args.output)
         AutoTokenizer.from_pretrained(args.source, gguf_file=args.gguf_file).save_pretrained(args.output)
     print(f"saved MemoryLlama to {args.output}")
