@@ -56,7 +56,7 @@ def _download(repo_id: str, filename: str, revision: str | None, token, cache_di
 
 
 class MemoryHubMixin:
-    """Memory push/pull for MemoryLlama (relies on the model's `_current_state` / `_set_state`)."""
+    """Memory push/pull for MemoryLlama (through the model's public memory API; the files are `memory_files`' Hub layout)."""
 
     # ------------------------------------------------------------------ metadata and card
     def model_card(self, repo_id: str, base_model: str | None = None, tags: list[str] | None = None) -> ModelCard:

@@ -93,7 +93,7 @@ def stack_prefixes(rows: list[PrefixKV]) -> tuple[PrefixKV, torch.Tensor]:
 
 
 class LongTermMemoryMixin:
-    """The long-term store and retrieval reads of MemoryLlama (relies on the model's `_long_term`, `_memory_lock`,
+    """The long-term store and retrieval reads of MemoryLlama (relies on the model's `_long_term`, `memory_lock`,
     `memory`, `adapters`, `memory_prefix_hidden`)."""
 
     @property
@@ -109,7 +109,7 @@ class LongTermMemoryMixin:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
-        with self._memory_lock:
+        with self.memory_lock:
             store = self._long_term
             dtype, device = self.memory.dtype, self.memory.device
             key_layers = retrieval_key_layers(self.config.num_hidden_layers)
@@ -148,7 +148,7 @@ class LongTermMemoryMixin:
 
     def _retrieved_blocks(self, input_ids, inputs_embeds, attention_mask) -> list[list]:
         """The blocks each row reads; also kept as `last_retrieval` (injection numbers per row)."""
-        with self._memory_lock:
+        with self.memory_lock:
             store = self._long_term
             scores = self.retrieval_scores(input_ids, attention_mask, inputs_embeds)
         cfg = self.config
@@ -223,5 +223,5 @@ class LongTermMemoryMixin:
         device = self.config.long_term_memory_device or "cpu"
         for block in store:
             block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
-        with self._memory_lock:
+        with self.memory_lock:
             self._long_term = store

@@ -141,7 +141,7 @@ class MemoryLock:
 
 class MemoryStateMixin:
     """Memory-state API of MemoryLlama: states, snapshots, undo and per-user memories (relies on the model's
-    `_current_state` / `_set_state` and `_memory_lock`, and on the objects it declares: `undo_history`,
+    `live_memory_state` / `swap_memory_state` and `memory_lock`, and on the objects it declares: `undo_history`,
     `memory_snapshots`, `spare_pool`, `memory_origin`)."""
 
     # How many injections `undo()` can take back; each step keeps one old pool alive (0 turns undo off).
@@ -177,14 +177,14 @@ class MemoryStateMixin:
 
     def state_dict(self, *args, **kwargs):
         """`nn.Module.state_dict`, taken under the memory lock: the memory buffers come from one memory state."""
-        with self._memory_lock:
+        with self.memory_lock:
             return super().state_dict(*args, **kwargs)
 
     def memory_state(self) -> MemoryState:
         """A copy of the current memory (pool, fill level, injections, drop RNG, this model's fingerprint);
         `load_memory_state` restores it exactly, including which slots the next injection drops."""
-        with self._memory_lock:
-            state = self._current_state().clone()
+        with self.memory_lock:
+            state = self.live_memory_state().clone()
         return dataclasses.replace(
             state, fingerprint=self.memory_fingerprint(), num_update_tokens=self.config.num_update_tokens
         )
@@ -194,8 +194,8 @@ class MemoryStateMixin:
         another model: wrong pool shape, other K, other fingerprint, NaN/inf. `allow_other_model=True` accepts
         another model's memory of the same shape and K (its slots then mean something else to this model)."""
         self.check_compatible(state, allow_other_model)
-        with self._memory_lock:
-            self._set_state(state.clone())
+        with self.memory_lock:
+            self.swap_memory_state(state.clone())
 
     def set_memory_state(self, state: MemoryState, validate: bool = True) -> None:
         """Make `state` the memory, as it is (no copy: the caller hands it over and must not edit its tensors). For
@@ -207,7 +207,7 @@ class MemoryStateMixin:
         elif tuple(state.memory.shape) != tuple(self.memory.shape):
             raise MemoryStateError(f"memory state has shape {tuple(state.memory.shape)}, this model's pool is "
                                    f"{tuple(self.memory.shape)}")
-        self._set_state(state)
+        self.swap_memory_state(state)
 
     def check_compatible(self, state: MemoryState, allow_other_model: bool = False) -> None:
         """Raise MemoryStateError unless `state` is valid and fits this model (shape, K, fingerprint)."""
@@ -255,7 +255,7 @@ class MemoryStateMixin:
             raise MemoryStateError(f"the checkpoint's memory is incomplete: {missing} are missing")
         if memory_file is None or os.path.basename(memory_file) != MEMORY_FILE:
             try:
-                self._current_state().validate()
+                self.live_memory_state().validate()
             except MemoryStateError as err:
                 raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
             return
@@ -264,7 +264,7 @@ class MemoryStateMixin:
             self.check_compatible(state, allow_other_model)
         except MemoryStateError as err:
             raise MemoryStateError(f"{memory_file}: {err}") from None
-        self._set_state(state)
+        self.swap_memory_state(state)
         if folder is not None:
             self.memory_origin.record(folder, state.content_hash())
 
@@ -290,8 +290,8 @@ class MemoryStateMixin:
     def undo(self) -> None:
         """Take back the last `inject` (up to `undo_depth` of them, newest first). Refuses when the memory was
         replaced since (`load_memory_state`, `restore`, `reset_memory`, an in-place edit)."""
-        with self._memory_lock:
-            self._set_state(self.undo_history.pop(self.memory, self.undo_depth))
+        with self.memory_lock:
+            self.swap_memory_state(self.undo_history.pop(self.memory, self.undo_depth))
 
     # ------------------------------------------------------------------ per-user memories
     @contextmanager
@@ -304,17 +304,17 @@ class MemoryStateMixin:
         """
         self.check_compatible(state)
         entering = state.clone()
-        with self._memory_lock:
-            previous = self._current_state()
+        with self.memory_lock:
+            previous = self.live_memory_state()
             previous_history = self.undo_history.swap()
-            self._set_state(entering)
+            self.swap_memory_state(entering)
             try:
                 yield state
             finally:
-                final = self._current_state()
+                final = self.live_memory_state()
                 for name in FIELD_NAMES:
                     setattr(state, name, getattr(final, name))
                 state.long_term = final.long_term
                 state.fingerprint, state.num_update_tokens = self.memory_fingerprint(), self.config.num_update_tokens
-                self._set_state(previous)
+                self.swap_memory_state(previous)
                 self.undo_history.swap(previous_history)

@@ -113,7 +113,7 @@ class MemoryLlamaForCausalLM(
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
         self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
-        self._memory_lock = MemoryLock()
+        self.memory_lock = MemoryLock()
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
@@ -155,15 +155,17 @@ class MemoryLlamaForCausalLM(
 
     def reset_memory(self, seed: int | None = None) -> None:
         """Empty the pool and the long-term store: reads use no memory until the next injection."""
-        self._set_state(MemoryState.empty(self.config, seed, self.memory.dtype, self.memory.device))
+        self.swap_memory_state(MemoryState.empty(self.config, seed, self.memory.dtype, self.memory.device))
 
-    def _current_state(self) -> MemoryState:
+    def live_memory_state(self) -> MemoryState:
+        """The memory as a state that shares the model's tensors (no copy, no checks; `memory_state()` copies)."""
         buffers = {name: getattr(self, name) for name in MEMORY_BUFFERS}
         return MemoryState.from_buffers(buffers, long_term=self._long_term)
 
-    def _set_state(self, state: MemoryState) -> None:
-        """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
-        with self._memory_lock:
+    def swap_memory_state(self, state: MemoryState) -> None:
+        """The only place that changes the memory: swaps in `state`'s tensors (never edits them in place), without
+        the checks of `load_memory_state` / `set_memory_state` (for states of this model)."""
+        with self.memory_lock:
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
@@ -204,7 +206,7 @@ class MemoryLlamaForCausalLM(
         when gradients can flow into the prefix path."""
         if slots is not None or (torch.is_grad_enabled() and self._prefix_needs_grad()):
             return prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden(slots))
-        with self._memory_lock:
+        with self.memory_lock:
             fingerprint = self._prefix_fingerprint()
             if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
                 with torch.no_grad():
@@ -214,7 +216,7 @@ class MemoryLlamaForCausalLM(
 
     def clear_memory_key_values(self) -> None:
         """Forget the cached keys/values of the pool's prefix (the next read computes them again)."""
-        with self._memory_lock:
+        with self.memory_lock:
             self._prefix_kv = None
 
     def _prefix_needs_grad(self) -> bool:
@@ -247,7 +249,7 @@ class MemoryLlamaForCausalLM(
     ):
         """(cache, prefix length) taken from one consistent memory state. `max_cache_len` asks for a static cache
         with room for that many token positions after the prefix."""
-        with self._memory_lock:
+        with self.memory_lock:
             length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
             static = None if max_cache_len is None else length + max_cache_len
             return self.memory_cache(batch_size, slots, read_only, static), length
@@ -428,8 +430,8 @@ class MemoryLlamaForCausalLM(
         items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
         chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
-        with self._memory_lock:
-            before = self._current_state()
+        with self.memory_lock:
+            before = self.live_memory_state()
             calls = CallNumbers()
             try:
                 with torch.no_grad():
@@ -438,7 +440,7 @@ class MemoryLlamaForCausalLM(
                         new = check_finite_slots(self.new_memory_slots(chunk))
                         state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
                         replaced = self.memory
-                        self._set_state(state)
+                        self.swap_memory_state(state)
                         del state
                         # A pool between two chunks of this call. (is_sole_reference counts references: keep the
                         # call inline, a helper in between would add one and turn recycling off.)
@@ -446,16 +448,16 @@ class MemoryLlamaForCausalLM(
                             self.spare_pool.keep(replaced)
                         del replaced
             except BaseException:
-                self._set_state(before)
+                self.swap_memory_state(before)
                 raise
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
         return len(chunks)
 
     def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
-        with self._memory_lock:
-            before = self._current_state()
-            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator))
+        with self.memory_lock:
+            before = self.live_memory_state()
+            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
@@ -524,7 +526,7 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
         """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
-        return next_state(self._current_state(), new, self.config, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
@@ -547,7 +549,7 @@ class MemoryLlamaForCausalLM(
         that folder, unless `overwrite_memory=True`."""
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        with self._memory_lock:  # one memory state: the buffers and the long-term store
+        with self.memory_lock:  # one memory state: the buffers and the long-term store
             long_term = self._long_term
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
         save_weights = super().save_pretrained
