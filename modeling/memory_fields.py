@@ -1,5 +1,6 @@
 """The memory field table: every tensor of a memory pool state (name, model buffer, dtype rule, shape rule, fresh value,
-saved or not) and the error for a memory that must not be used, read by the model's buffers, `_init_weights`, `reset_memory`, `MemoryState` and the memory file format.
+saved or not), read by the model's buffers, `_init_weights`, `reset_memory`, `MemoryState` and the memory file
+format; the dtype helper of the remote code; the error for a memory that must not be used.
 
 Adding a field to the pool state is one `MemoryField` entry in `MEMORY_FIELDS` (plus its attribute on `MemoryState`,
 which `tests/test_memory_state.py` keeps in step with this table). The long-term store is not a pool tensor: it has
@@ -95,7 +96,7 @@ MEMORY_FIELDS: tuple[MemoryField, ...] = (
     # injections made so far
     MemoryField("injections", "memory_injections", _fixed(torch.long), _scalar, _zeros(torch.long, _scalar)),
     # the CPU generator that picks dropped slots (seeded: a fresh pool drops the same slots every time)
-    MemoryField("rng_state", "memory_rng_state", _fixed(torch.uint8), _rng_shape, lambda g, p, seed: seeded_rng_state(seed)),
+    MemoryField("rng_state", "memory_rng_state", _fixed(torch.uint8), _rng_shape, lambda g, p, s: seeded_rng_state(s)),
     # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown (absent from older files)
     MemoryField(
         "written_at", "memory_written_at", _fixed(torch.long), _per_slot, _zeros(torch.long, _per_slot), required=False

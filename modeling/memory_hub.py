@@ -56,7 +56,8 @@ def _download(repo_id: str, filename: str, revision: str | None, token, cache_di
 
 
 class MemoryHubMixin:
-    """Memory push/pull for MemoryLlama (through the model's public memory API; the files are `memory_files`' Hub layout)."""
+    """Memory push/pull for MemoryLlama (through the model's public memory API; the files are the Hub layout of
+    `memory_files`)."""
 
     # ------------------------------------------------------------------ metadata and card
     def model_card(self, repo_id: str, base_model: str | None = None, tags: list[str] | None = None) -> ModelCard:
@@ -109,7 +110,8 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         """Write a snapshot of the memory as the Hub file set into `folder` (refusing a broken memory); returns the
         content of its `memory_state.json`."""
         state = self.memory_state()
-        return write_hub_files(folder, state, {"memory_update": self.config.memory_update, "package_version": package_version()})
+        versions = {"memory_update": self.config.memory_update, "package_version": package_version()}
+        return write_hub_files(folder, state, versions)
 
     def push_memory_to_hub(
         self,

@@ -57,7 +57,9 @@ class MemoryState:
 
     def __repr__(self) -> str:
         L, N, d = self.memory.shape
-        store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots" if self.long_term else ""
+        store = ""
+        if self.long_term:
+            store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots"
         return (
             f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
             f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint}{store})"

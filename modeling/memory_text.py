@@ -27,7 +27,8 @@ def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> l
     """Validate and tokenize everything `inject` was given, up front (so a bad item fails before memory changes):
     one 1-D id tensor per text (a text, a list of texts, token ids, or tokenizer output: each row in order)."""
     if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
-        return [ids for row in encoding_rows(text_or_ids) for ids in injection_ids(row, tokenizer, min_tokens, vocab_size)]
+        rows = encoding_rows(text_or_ids)
+        return [ids for row in rows for ids in injection_ids(row, tokenizer, min_tokens, vocab_size)]
     if isinstance(text_or_ids, str) or (
         isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
     ):
@@ -41,7 +42,9 @@ def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> l
         try:
             ids = torch.as_tensor(text_or_ids)
         except RuntimeError as err:  # e.g. None or dicts among the ids
-            raise TypeError(f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}") from None
+            raise TypeError(
+                f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
+            ) from None
         if ids.is_meta or ids.layout != torch.strided:
             kind = "meta" if ids.is_meta else str(ids.layout)
             raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")

@@ -217,7 +217,7 @@ def test_one_dtype_helper_in_the_remote_code():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and node.args:
                 owner = node.args[0]
                 if path.name != "memory_fields.py" and isinstance(owner, ast.Name) and owner.id == "torch":
-                    pytest.fail(f"{path.name}:{node.lineno} turns a name into a torch dtype: use memory_fields.torch_dtype")
+                    pytest.fail(f"{path.name}:{node.lineno} turns a name into a dtype: use memory_fields.torch_dtype")
 
 
 def test_memory_state_error_is_the_one_from_the_field_table():

@@ -171,7 +171,8 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
         (staging / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
         # an empty memory (no injections, slot ages unknown) holding the official pool
         filled = config.num_memory_tokens if int(memory.get("initialized", 1)) else 0
-        state = dataclasses.replace(MemoryState.empty(config, dtype=pool.dtype), memory=pool, filled=torch.tensor(filled))
+        empty = MemoryState.empty(config, dtype=pool.dtype)
+        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled))
         state.validate()
         dropped = stage_memory_files(str(staging), str(staging), state_file_groups(state))
         config.dtype = str(pool.dtype).removeprefix("torch.")

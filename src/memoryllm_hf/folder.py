@@ -158,7 +158,8 @@ def store_report(state: MemoryState, config: dict) -> list[str]:
     size = sum(block.slots.numel() * block.slots.element_size() for block in store)
     texts = len({block.call for block in store})
     return [
-        f"long-term     {len(store)} injections ({texts} texts, injections {store[0].injection}-{store[-1].injection}), "
+        f"long-term     {len(store)} injections ({texts} texts, "
+        f"injections {store[0].injection}-{store[-1].injection}), "
         f"{slots}/{bound} slots per layer",
         f"store size    {size / 2**20:.4g} MiB ({str(first.dtype).removeprefix('torch.')}, "
         f"{first.shape[0]} layers x {first.shape[2]})",
