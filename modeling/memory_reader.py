@@ -13,7 +13,7 @@ import torch
 
 from .memory_adapters import READ
 from .memory_fields import torch_dtype
-from .memory_files import checkpoint_store
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, validate_store
@@ -212,10 +212,11 @@ class LongTermMemoryMixin:
 
     def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
         """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
+        path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
+        if path is None:
+            return
         try:
-            store = checkpoint_store(path_or_repo, kwargs, self.memory_fingerprint())
-            if store is None:
-                return
+            store = load_store(path, self.memory_fingerprint())
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
         except LongTermStoreError as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
