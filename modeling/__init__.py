@@ -15,11 +15,11 @@ from .memory_files import (
     MEMORY_FILE,
     MEMORY_PARTS,
     model_owned_files,
-    read_folder_memory,
     save_memory_to_folder,
     stage_memory_files,
     state_file_groups,
 )
+from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
@@ -36,6 +36,7 @@ __all__ = [
     "MEMORY_FIELDS",
     "MEMORY_FILE",
     "MEMORY_PARTS",
+    "MAX_JOURNAL_RECORDS",
     "CallNumbers",
     "MemoryBlock",
     "MemoryChangedOnDiskError",

@@ -9,6 +9,11 @@ and writers, and every format constant.
   (`atomic_io.update_folder`).
 * Hub file set (`push_memory_to_hub`): the same part files plus `memory_state.json` (the pool file's metadata, the
   files' sha256 and versions), committed together.
+* Journal (`memory_journal/` in a checkpoint folder): saves that cost what changed. A memory save after injections
+  appends one record file (the new slots of each injection, its numbers, the state of an external generator) that
+  replays bit-exactly onto the pool and store files; records chain by hash from the pool file's content hash (the
+  folder's *head* is the newest record's hash, else the pool's). A full save (compaction) writes the pool and store
+  files and drops the journal. See `memory_journal`.
 
 A new part of a memory on disk (a store head record, a segment store, a write-ahead log) is one `MemoryPart` plus
 its entry in `MEMORY_PARTS`: folders, Hub pushes and loads, and `memoryllm-hf stats` go through that table.
@@ -23,8 +28,15 @@ from collections.abc import Callable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .atomic_io import atomic_write, link_tree, read_tensor_file, update_folder, write_tensor_file
-from .memory_fields import MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryChangedOnDiskError, MemoryStateError, dtype_name
+from .atomic_io import atomic_write, link_tree, read_tensor_file, tensors_digest, update_folder, write_tensor_file
+from .memory_fields import (
+    MEMORY_BUFFERS,
+    REQUIRED_BUFFERS,
+    RNG_STATE_BYTES,
+    MemoryChangedOnDiskError,
+    MemoryStateError,
+    dtype_name,
+)
 from .memory_store import (
     STORE_TENSORS,
     LongTermStore,
@@ -42,7 +54,9 @@ MEMORY_STATE_FILE = "memory_state.json"  # Hub: describes the pushed memory
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model-00001-of-00001.safetensors"
+JOURNAL_DIR = "memory_journal"
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
+JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
 # Metadata fields of a memory file (and of the Hub's memory_state.json) that must agree with its tensors.
 COUNTERS = ("num_hidden_layers", "num_memory_tokens", "hidden_size", "filled_slots", "injections")
@@ -214,6 +228,185 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
     return store
 
 
+# ---------------------------------------------------------------------------------------------- journal records
+@dataclasses.dataclass(frozen=True)
+class JournalEntry:
+    """One injection as the journal keeps it, enough to replay it bit-exactly (`memory_transition.replay`): its
+    number, the number of the `inject()` call it belongs to, its new slots [L, k, d] exactly as committed, and the
+    state of the external generator that drew its dropped slots (None: the pool's own generator)."""
+
+    injection: int
+    call: int
+    slots: torch.Tensor
+    generator: torch.Tensor | None = None
+
+
+JOURNAL_TENSORS = ("journal_slots", "journal_injection", "journal_call", "journal_generator", "journal_external")
+_RECORD_DIGITS = 10
+
+
+def journal_record_name(first: int, last: int) -> str:
+    """File name of the record of injections `first`..`last` (sorting by name sorts by injection)."""
+    return f"{first:0{_RECORD_DIGITS}d}-{last:0{_RECORD_DIGITS}d}.safetensors"
+
+
+def record_hash(parent: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The hash that names a record: its parent's (the head it was appended to) and its own tensors."""
+    return hashlib.sha256(f"{parent}:{tensors_digest(tensors)}".encode()).hexdigest()
+
+
+def encode_journal_record(entries, parent: str, fingerprint: str | None) -> TensorFile:
+    """(tensors, metadata) of the record of `entries` (consecutive injections) appended to head `parent`."""
+    if not entries:
+        raise ValueError("a journal record needs at least one injection")
+    dtypes = {entry.slots.dtype for entry in entries}
+    if len(dtypes) != 1:
+        raise ValueError(f"one journal record holds slots of one dtype, got {sorted(map(str, dtypes))}")
+    sizes = [entry.slots.shape[1] for entry in entries]
+    external = [entry.generator is not None for entry in entries]
+    generators = [
+        entry.generator.cpu() if entry.generator is not None else torch.zeros(RNG_STATE_BYTES, dtype=torch.uint8)
+        for entry in entries
+    ]
+    tensors = {
+        "journal_slots": torch.cat([entry.slots.detach().cpu() for entry in entries], dim=1).contiguous(),
+        "journal_injection": torch.tensor([e.injection for e, k in zip(entries, sizes) for _ in range(k)]),
+        "journal_call": torch.tensor([e.call for e, k in zip(entries, sizes) for _ in range(k)]),
+        "journal_generator": torch.stack(generators),
+        "journal_external": torch.tensor(external, dtype=torch.uint8),
+    }
+    metadata = {
+        "memory_journal": JOURNAL_FORMAT,
+        "first": str(entries[0].injection),
+        "last": str(entries[-1].injection),
+        "parent": parent,
+        "record_hash": record_hash(parent, tensors),
+    }
+    if fingerprint is not None:
+        metadata["fingerprint"] = fingerprint
+    return tensors, metadata
+
+
+def _journal_error(path: str, problem: str) -> MemoryStateError:
+    return MemoryStateError(
+        f"{path}: {problem}. The memory saved before this journal record is intact: move this file and the records "
+        "after it out of the folder to load that memory, or restore the folder from a backup"
+    )
+
+
+def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[list[JournalEntry], dict[str, str]]:
+    """The entries and metadata of one journal record, fully checked (format, its hash, the model's fingerprint,
+    consecutive injection numbers, generator states)."""
+    try:
+        tensors, metadata = read_tensor_file(path)
+    except (SafetensorError, OSError) as err:
+        raise _journal_error(path, f"truncated or corrupted ({err})") from None
+    if metadata.get("memory_journal") != JOURNAL_FORMAT or set(tensors) != set(JOURNAL_TENSORS):
+        raise _journal_error(path, f"not a journal record (format {metadata.get('memory_journal')!r})")
+    recorded = metadata.get("fingerprint")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise _journal_error(path, f"belongs to another model (fingerprint {recorded}, this model's is {fingerprint})")
+    tensors = {name: tensors[name] for name in JOURNAL_TENSORS}
+    if metadata.get("record_hash") != record_hash(metadata.get("parent", ""), tensors):
+        raise _journal_error(path, "corrupted: its content differs from the hash recorded when it was written")
+    slots, injection, call, generator, external = tensors.values()
+    count = generator.shape[0]
+    try:
+        first, last = int(metadata["first"]), int(metadata["last"])
+        change = torch.nonzero(injection[1:] != injection[:-1]).squeeze(1) + 1
+        bounds = [0, *change.tolist(), injection.shape[0]]
+        numbers = [int(injection[start]) for start in bounds[:-1]]
+        consistent = (
+            slots.dim() == 3 and slots.is_floating_point() and injection.shape == call.shape == (slots.shape[1],)
+            and numbers == list(range(first, last + 1)) == list(range(first, first + count))
+            and tuple(generator.shape) == (count, RNG_STATE_BYTES) and tuple(external.shape) == (count,)
+            and os.path.basename(path) == journal_record_name(first, last)
+        )
+    except (KeyError, ValueError):
+        consistent = False
+    if not consistent:
+        raise _journal_error(path, "inconsistent injection numbers or shapes")
+    entries = []
+    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if bool((call[start:end] != call[start]).any()):
+            raise _journal_error(path, f"injection {numbers[index]} has slots of different calls")
+        entries.append(
+            JournalEntry(
+                numbers[index], int(call[start]), slots[:, start:end].clone(),
+                generator[index].clone() if bool(external[index]) else None,
+            )
+        )
+    return entries, metadata
+
+
+def journal_record_paths(folder: str | os.PathLike) -> list[tuple[int, int, str]]:
+    """(first, last, path) of every journal record of a folder, oldest first (temp files of killed writers are
+    ignored; any other file there is refused)."""
+    directory = os.path.join(os.fspath(folder), JOURNAL_DIR)
+    if not os.path.isdir(directory):
+        return []
+    records = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(".") and ".tmp-" in name:
+            continue
+        stem = name.removesuffix(".safetensors")
+        parts = stem.split("-")
+        if name == stem or len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise MemoryStateError(
+                f"{os.path.join(directory, name)} is not a journal record (records are FIRST-LAST.safetensors): "
+                f"move it out of {directory}"
+            )
+        records.append((int(parts[0]), int(parts[1]), os.path.join(directory, name)))
+    return records
+
+
+def journal_chain(folder: str | os.PathLike, base_injections: int) -> list[str]:
+    """Paths of the records that continue a pool file of `base_injections` injections, in order. Records the pool
+    already holds (left by an interrupted compaction) are skipped; a gap or an overlap is refused."""
+    chain, expected = [], base_injections + 1
+    for first, last, path in journal_record_paths(folder):
+        if last < expected and not chain:
+            continue
+        if first != expected or last < first:
+            raise _journal_error(path, f"expected a record starting at injection {expected} (a record is missing)")
+        chain.append(path)
+        expected = last + 1
+    return chain
+
+
+def record_metadata(path: str) -> dict[str, str]:
+    """The metadata of a journal record (its header only)."""
+    try:
+        with safe_open(path, "pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise _journal_error(path, f"truncated or corrupted ({err})") from None
+
+
+def folder_head(folder: str | os.PathLike, state_class) -> str | None:
+    """The head of a folder's memory: the newest journal record's hash, else the pool file's content hash (None:
+    no memory file). Reads headers only (and an older pool file without a recorded hash)."""
+    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
+    head = recorded_content_hash(pool, state_class)
+    if head is None:
+        return None
+    with safe_open(pool, "pt") as handle:
+        injections = (handle.metadata() or {}).get("injections", "0")
+    chain = journal_chain(folder, int(injections) if injections.isdigit() else 0)
+    return record_metadata(chain[-1])["record_hash"] if chain else head
+
+
+def append_journal_record(folder: str | os.PathLike, entries, parent: str, fingerprint: str | None) -> str:
+    """Write the record of `entries` into the folder's journal (atomically: fsynced temp file, rename, fsynced
+    directory) and return the new head. The caller holds the folder lock and checked that `parent` is the head."""
+    directory = os.path.join(os.fspath(folder), JOURNAL_DIR)
+    os.makedirs(directory, exist_ok=True)
+    tensors, metadata = encode_journal_record(entries, parent, fingerprint)
+    name = journal_record_name(entries[0].injection, entries[-1].injection)
+    write_tensor_file(os.path.join(directory, name), tensors, metadata)
+    return metadata["record_hash"]
+
+
 # ---------------------------------------------------------------------------------------------- memory parts
 @dataclasses.dataclass(frozen=True)
 class MemoryPart:
@@ -221,14 +414,14 @@ class MemoryPart:
 
     `encode(state)`: the file's (tensors, metadata), None when the state has nothing for it; `in_index`: its tensors
     are model buffers listed in the shard index (transformers loads them with the weights); `hub_key`: the field of
-    `memory_state.json` recording the file's sha256.
+    `memory_state.json` recording the file's sha256 (None: not part of the Hub file set).
     """
 
     name: str
     file: str
     encode: Callable[..., TensorFile | None]
     in_index: bool
-    hub_key: str
+    hub_key: str | None
 
 
 def _pool_file(state) -> TensorFile:
@@ -243,9 +436,14 @@ def _store_file(state) -> TensorFile | None:
 
 POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=True, hub_key="sha256")
 STORE_PART = MemoryPart("long-term store", LONG_TERM_FILE, _store_file, in_index=False, hub_key="long_term_sha256")
-MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART)
+# The journal (a folder of records, see `memory_journal`): a full save writes none (the pool and store files hold
+# everything), so it is dropped from the folder; records are appended by `append_journal_record`.
+JOURNAL_PART = MemoryPart("journal", JOURNAL_DIR, lambda state: None, in_index=False, hub_key=None)
+MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART)
 # Every memory file a folder can hold.
 MEMORY_GROUP_FILES = tuple(part.file for part in MEMORY_PARTS)
+# The parts of a Hub file set (a push is a full snapshot: no journal).
+HUB_PARTS = tuple(part for part in MEMORY_PARTS if part.hub_key is not None)
 
 
 def state_file_groups(state) -> dict[str, TensorFile]:
@@ -322,7 +520,7 @@ def check_unchanged(folder: str, expected_hash: str | None, state_class) -> None
     """Raise MemoryChangedOnDiskError when `folder`'s memory is not the one with `expected_hash` (None: no check)."""
     if expected_hash is None:
         return
-    found = recorded_content_hash(os.path.join(folder, MEMORY_FILE), state_class)
+    found = folder_head(folder, state_class)
     if found != expected_hash:
         raise MemoryChangedOnDiskError(
             f"the memory in {folder} changed since it was loaded (another process saved it): not overwritten. "
@@ -361,9 +559,10 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
     update_folder(folder, write)
 
 
-def read_folder_memory(folder: str | os.PathLike, state_class):
-    """The whole memory saved in a model folder, fully checked: the pool file and, when present, the long-term
-    store file (refused when it belongs to another model than the pool file says)."""
+def read_folder_base(folder: str | os.PathLike, state_class):
+    """The memory files of a model folder, fully checked, without its journal (`memory_journal.read_folder_memory`
+    replays it): the pool file and, when present, the long-term store file (refused when it belongs to another
+    model than the pool file says)."""
     state = read_state_file(os.path.join(os.fspath(folder), MEMORY_FILE), state_class)
     store_path = os.path.join(os.fspath(folder), LONG_TERM_FILE)
     if os.path.isfile(store_path):
@@ -459,7 +658,7 @@ def write_hub_files(folder: str, state, extra: Mapping) -> dict:
     metadata = {**describe_state(state), **extra}
     for file_name, (tensors, file_metadata) in state_file_groups(state).items():
         write_tensor_file(os.path.join(folder, file_name), tensors, file_metadata)
-    for part in MEMORY_PARTS:
+    for part in HUB_PARTS:
         path = os.path.join(folder, part.file)
         if os.path.exists(path):
             metadata[part.hub_key] = sha256_file(path)
@@ -470,8 +669,8 @@ def write_hub_files(folder: str, state, extra: Mapping) -> dict:
 
 def hub_file_names(metadata: Mapping) -> tuple[list[str], list[str]]:
     """(files a memory push adds, memory files it removes) for a `write_hub_files` metadata."""
-    present = [part.file for part in MEMORY_PARTS if part.hub_key in metadata]
-    return [*present, MEMORY_STATE_FILE], [part.file for part in MEMORY_PARTS if part.hub_key not in metadata]
+    present = [part.file for part in HUB_PARTS if part.hub_key in metadata]
+    return [*present, MEMORY_STATE_FILE], [part.file for part in HUB_PARTS if part.hub_key not in metadata]
 
 
 def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):

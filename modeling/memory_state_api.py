@@ -1,6 +1,6 @@
 """The model API around memory states (`MemoryStateMixin`: states, snapshots, undo, per-user memories, checkpoint
-memory) and the small objects the model declares in `__init__` to keep them: `UndoHistory`, `Snapshots`,
-`SparePool`, `MemoryOrigin`, `MemoryLock`."""
+memory, saves that cost what changed) and the small objects the model declares in `__init__` to keep them:
+`UndoHistory`, `Snapshots`, `SparePool`, `MemoryOrigin`, `MemoryLock` (and `memory_journal.PendingUpdates`)."""
 
 import dataclasses
 import hashlib
@@ -13,8 +13,18 @@ from types import MappingProxyType
 
 import torch
 
+from .atomic_io import folder_lock
 from .memory_fields import FIELD_NAMES, MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryStateError
-from .memory_files import MEMORY_FILE, save_model_folder
+from .memory_files import (
+    MEMORY_FILE,
+    JournalEntry,
+    append_journal_record,
+    folder_head,
+    journal_record_paths,
+    save_memory_to_folder,
+    save_model_folder,
+)
+from .memory_journal import MAX_JOURNAL_RECORDS, PendingUpdates, replay_folder_journal
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
 
@@ -103,8 +113,9 @@ class Snapshots:
 
 
 class MemoryOrigin:
-    """The folder the model's memory was last loaded from or saved to, and that memory's content hash: a save into
-    that folder refuses to overwrite a memory another process saved there since."""
+    """The folder the model's memory was last loaded from or saved to, and that folder's head then (the content
+    hash of its pool file, or of its newest journal record: `memory_files.folder_head`): a save into that folder
+    refuses to overwrite a memory another process saved there since."""
 
     def __init__(self):
         self.folder: str | None = None
@@ -142,7 +153,7 @@ class MemoryLock:
 class MemoryStateMixin:
     """Memory-state API of MemoryLlama: states, snapshots, undo and per-user memories (relies on the model's
     `live_memory_state` / `swap_memory_state` and `memory_lock`, and on the objects it declares: `undo_history`,
-    `memory_snapshots`, `spare_pool`, `memory_origin`)."""
+    `memory_snapshots`, `spare_pool`, `memory_origin`, `pending_updates`)."""
 
     # How many injections `undo()` can take back; each step keeps one old pool alive (0 turns undo off).
     undo_depth: int = 1
@@ -152,6 +163,7 @@ class MemoryStateMixin:
     memory_snapshots: Snapshots
     spare_pool: SparePool
     memory_origin: MemoryOrigin
+    pending_updates: PendingUpdates
 
     def memory_fingerprint(self) -> str:
         """Identifies the model a memory belongs to: the pool geometry, the update rule and a digest of the frozen
@@ -242,6 +254,47 @@ class MemoryStateMixin:
         expected = self.memory_origin.expected_hash(folder, overwrite)
         save_model_folder(folder, lambda staging: save_weights(staging, state_dict), state, expected_hash=expected)
         self.memory_origin.record(folder, state.content_hash())
+
+    def record_injections(self, entries: list[JournalEntry]) -> None:
+        """After `inject` / `commit_memory_slots` (memory lock held): `entries` led to the current pool; the next
+        `save_memory` into the folder the memory came from appends them to its journal."""
+        self.pending_updates.record(entries, self.memory, self.config.num_memory_tokens)
+
+    def save_memory(self, folder, overwrite: bool = False, compact: bool = False) -> str:
+        """Save the memory into the model folder `folder` (weights untouched; crash-safe and under the folder lock);
+        returns the folder's new head. Costs what changed: when `folder` is where the memory was loaded from or last
+        saved to and only injections changed it since, they are appended as one journal record (`memory_journal`);
+        otherwise (undo, restore, reset, another folder, a journal of `MAX_JOURNAL_RECORDS` records) the pool and
+        store files are rewritten (a compaction). Refuses (MemoryChangedOnDiskError, nothing written) a folder whose
+        memory another process saved since, unless `overwrite=True`. `compact=True` always makes it a full save."""
+        folder = os.fspath(folder)
+        expected = self.memory_origin.expected_hash(folder, overwrite)
+        with folder_lock(folder), self.memory_lock:
+            entries = self.pending_updates.since(self.memory) if expected is not None and not compact else None
+            if entries is not None and folder_head(folder, MemoryState) == expected:
+                if not entries:
+                    return expected
+                if len(journal_record_paths(folder)) < MAX_JOURNAL_RECORDS:
+                    head = append_journal_record(folder, entries, expected, self.memory_fingerprint())
+                    self.pending_updates.reset(self.memory)
+                    self.memory_origin.record(folder, head)
+                    return head
+            state, pool = self.memory_state(), self.memory
+            save_memory_to_folder(folder, state, expected)
+            head = state.content_hash()
+            self.pending_updates.reset(pool)
+            self.memory_origin.record(folder, head)
+            return head
+
+    def replay_checkpoint_journal(self, folder) -> None:
+        """After `from_pretrained` of a local folder: replay its journal onto the memory read from its pool and
+        store files (refusing, with the file named, a corrupted, foreign or missing record)."""
+        with self.memory_lock:
+            state, head = replay_folder_journal(folder, self.live_memory_state(), self.config, self.memory_fingerprint())
+            if state.num_injections != self.num_injections:
+                self.swap_memory_state(state)
+            self.pending_updates.reset(self.memory)
+            self.memory_origin.record(folder, head)
 
     def adopt_checkpoint_memory(self, memory_file: str | None, keys: set[str] | None, folder, allow_other_model):
         """After `from_pretrained`: a checkpoint without memory (`keys` empty) starts empty; a memory file is

@@ -85,3 +85,22 @@ def long_term_after(
     dtype = torch_dtype(config.long_term_memory_dtype) or pool_dtype
     slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
     return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
+
+
+def replay(state: MemoryState, entries, config) -> MemoryState:
+    """The memory after the journal's `entries` (`memory_files.JournalEntry`, consecutive injections following
+    `state`): each one committed with `next_state` exactly as `inject` did (same slots, call number and generator
+    state), so the pool, its generator and the long-term store come out bit-exact."""
+    for entry in entries:
+        if entry.injection != state.num_injections + 1:
+            raise MemoryStateError(
+                f"journal entry of injection {entry.injection} does not follow a memory of {state.num_injections} "
+                "injections: the journal belongs to another memory"
+            )
+        generator = None
+        if entry.generator is not None:
+            generator = torch.Generator()
+            generator.set_state(entry.generator.cpu())
+        new = entry.slots.to(state.memory.device)
+        state = next_state(state, new, config, generator, call=entry.call)
+    return state

@@ -20,9 +20,10 @@ from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
-from .memory_files import checkpoint_memory_file
+from .memory_files import JournalEntry, checkpoint_memory_file
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_journal import PendingUpdates
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
@@ -116,6 +117,7 @@ class MemoryLlamaForCausalLM(
         self.memory_lock = MemoryLock()
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
+        self.pending_updates = PendingUpdates()  # injections a save appends to the folder's journal
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
             if isinstance(module, AdapterWeights):
@@ -432,12 +434,14 @@ class MemoryLlamaForCausalLM(
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
             before = self.live_memory_state()
-            calls = CallNumbers()
+            calls, entries = CallNumbers(), []
             try:
                 with torch.no_grad():
                     for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
                         call = calls(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
+                        drawn = None if generator is None else generator.get_state()
+                        entries.append(JournalEntry(self.num_injections + 1, call, new, drawn))
                         state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
                         replaced = self.memory
                         self.swap_memory_state(state)
@@ -451,14 +455,17 @@ class MemoryLlamaForCausalLM(
                 self.swap_memory_state(before)
                 raise
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
+            self.record_injections(entries)
         return len(chunks)
 
     def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
         with self.memory_lock:
-            before = self.live_memory_state()
-            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator))
+            before, slots = self.live_memory_state(), check_finite_slots(slots.detach())
+            drawn = None if generator is None else generator.get_state()
+            self.swap_memory_state(self._state_after(slots, generator))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
+            self.record_injections([JournalEntry(self.num_injections, self.num_injections, slots, drawn)])
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
         """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
@@ -550,7 +557,7 @@ class MemoryLlamaForCausalLM(
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
         with self.memory_lock:  # one memory state: the buffers and the long-term store
-            long_term = self._long_term
+            long_term, pool = self._long_term, self.memory
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
         save_weights = super().save_pretrained
         if not kwargs.get("is_main_process", True):
@@ -563,6 +570,8 @@ class MemoryLlamaForCausalLM(
             long_term,
             overwrite_memory,
         )
+        with self.memory_lock:
+            self.pending_updates.reset(pool)  # the folder holds this pool (later injections are journaled)
 
     @classmethod
     def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
@@ -589,9 +598,12 @@ class MemoryLlamaForCausalLM(
             model.reset_memory()
         else:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
+            memory_file, keys, folder = checkpoint_memory_file(source, kwargs)
+            model.adopt_checkpoint_memory(memory_file, keys, folder, allow_other_model)
             if source is not None:
                 model._load_long_term_file(source, kwargs)
+            if folder is not None and memory_file is not None:
+                model.replay_checkpoint_journal(folder)
         model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
         return (model, info) if want_info else model
 

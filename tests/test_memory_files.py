@@ -14,7 +14,14 @@ from tiny_folder import save_tiny_folder
 
 from memoryllm_hf import cli
 from memoryllm_hf.evaluation.replay import QuestionChain, chunk_writes
-from memoryllm_hf.modeling import MEMORY_FIELDS, MEMORY_PARTS, MemoryState, MemoryStateError, torch_dtype
+from memoryllm_hf.modeling import (
+    MEMORY_FIELDS,
+    MEMORY_PARTS,
+    MemoryLlamaForCausalLM,
+    MemoryState,
+    MemoryStateError,
+    torch_dtype,
+)
 from memoryllm_hf.modeling.memory_fields import MEMORY_BUFFERS
 from memoryllm_hf.modeling.memory_files import INDEX_FILE, LONG_TERM_FILE, MEMORY_FILE, hub_file_names, write_hub_files
 from memoryllm_hf.modeling.memory_state_api import MemoryOrigin, Snapshots, SparePool, UndoHistory
@@ -105,7 +112,7 @@ def test_memory_parts_table_drives_the_hub_file_set(tmp_path):
     (tmp_path / "both").mkdir()
     metadata = write_hub_files(str(tmp_path / "both"), model.memory_state(), {})
     added, removed = hub_file_names(metadata)
-    assert added == [part.file for part in MEMORY_PARTS] + ["memory_state.json"] and removed == []
+    assert added == [part.file for part in MEMORY_PARTS if part.hub_key] + ["memory_state.json"] and removed == []
     assert all((tmp_path / "both" / name).is_file() for name in added)
 
 
@@ -126,6 +133,10 @@ def test_stats_shows_the_long_term_store(tmp_path, capsys):
         assert run_cli(capsys, "inject", folder, "--text", text)[0] == 0
     code, out, _ = run_cli(capsys, "stats", folder)
     assert code == 0
+    # the injections are in the folder's journal (the store file is written by the next compaction)
+    assert not (folder / LONG_TERM_FILE).exists()
+    model = MemoryLlamaForCausalLM.from_pretrained(folder)
+    model.save_memory(folder, compact=True)  # a full save writes the store file
     with safe_open(folder / LONG_TERM_FILE, "pt") as handle:
         injection = handle.get_tensor("long_term_injection")
         slots = handle.get_tensor("long_term_slots")

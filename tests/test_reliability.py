@@ -24,6 +24,7 @@ from memoryllm_hf.chat import ChatSession
 from memoryllm_hf.commands import load_folder
 from memoryllm_hf.modeling import atomic_io as memory_storage
 from memoryllm_hf.modeling.atomic_io import iter_orphans
+from memoryllm_hf.modeling.memory_journal import read_folder_memory
 from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError, MemoryState, MemoryStateError
 from memoryllm_hf.tiny import tiny_model
 
@@ -31,7 +32,7 @@ SHORT = "Bob keeps three cats."  # one memory update of the tiny folder
 
 
 def injections_on_disk(folder: Path) -> int:
-    return MemoryState.load(folder / "memory.safetensors").num_injections
+    return read_folder_memory(folder, MemoryState).num_injections  # the pool file and its journal
 
 
 def no_orphans(folder: Path) -> bool:

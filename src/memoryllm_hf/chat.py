@@ -35,7 +35,6 @@ class ChatSession:
         # history length at each /remember: /undo also drops the turns that could have read the undone text
         self.remember_marks: list[int] = []
         self.unsaved = False
-        self.saved_hash = model.memory_state().content_hash()  # the folder's memory this session started from
         self.commands: dict[str, Callable[[str], None]] = {
             "remember": self.remember,
             "forget": self.forget,
@@ -111,7 +110,7 @@ class ChatSession:
     def store(self, force: bool = False) -> bool:
         """Save the memory into the folder; a failure is reported and the memory stays in the session."""
         try:
-            self.saved_hash = save_memory(self.folder, self.model, expected_hash=None if force else self.saved_hash)
+            save_memory(self.folder, self.model, overwrite=force)
         except MemoryChangedOnDiskError as err:
             self.say(f"not saved: {err}. This session keeps its memory; `/save force` overwrites the folder's")
             return False

@@ -50,15 +50,13 @@ def load_folder(folder: str, read_mode: str | None = None):
 
 def _inject(args: argparse.Namespace) -> int:
     from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling import MEMORY_FILE, stored_content_hash
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
-        loaded = stored_content_hash(Path(args.folder) / MEMORY_FILE)
         model, tokenizer = load_folder(args.folder)
         before = model.memory_state()
         updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-        save_memory(args.folder, model, expected_hash=loaded)  # (refuses a memory changed meanwhile)
+        save_memory(args.folder, model)  # appends to the folder's journal (refuses a memory changed meanwhile)
         after = model.memory_state()
     print(
         f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from .modeling import MemoryState, folder_lock, is_blank_text, read_folder_memory, save_memory_to_folder
+from .modeling import MemoryState, folder_lock, is_blank_text, read_folder_memory
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
@@ -35,8 +35,8 @@ def folder_config(folder: str | Path) -> dict:
 
 
 def folder_memory(folder: str | Path) -> MemoryState:
-    """The memory saved in a folder (the pool and the long-term store), fully checked (truncated, corrupted or
-    non-finite files are refused)."""
+    """The memory saved in a folder (the pool and the long-term store, with its journal replayed), fully checked
+    (truncated, corrupted or non-finite files are refused)."""
     return read_folder_memory(folder, MemoryState)
 
 
@@ -55,13 +55,12 @@ def locked(folder: str | Path) -> Iterator[None]:
         lock.release()
 
 
-def save_memory(folder: str | Path, model, expected_hash: str | None = None) -> str:
-    """Write the model's memory into the folder's memory.safetensors (crash-safe, locked; weights are not touched);
-    returns its content hash. With `expected_hash` (the hash of the memory this one was loaded from), refuses
-    (MemoryChangedOnDiskError) when another process saved the folder's memory in the meantime."""
-    state = model.memory_state()
-    save_memory_to_folder(folder, state, expected_hash)
-    return state.content_hash()
+def save_memory(folder: str | Path, model, overwrite: bool = False) -> str:
+    """Save the model's memory into the folder (crash-safe, locked; weights are not touched; injections since the
+    memory was loaded are appended to the folder's journal, see `model.save_memory`); returns the folder's head.
+    Refuses (MemoryChangedOnDiskError) when another process saved the folder's memory since this one was loaded
+    from it, unless `overwrite`."""
+    return model.save_memory(folder, overwrite=overwrite)
 
 
 def read_text(file: str | None, text: str | None, encoding: str = "utf-8") -> str:

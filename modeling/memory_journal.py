@@ -1,0 +1,99 @@
+"""Saves that cost what changed: the memory journal of a checkpoint folder.
+
+A memory save into the folder the memory was loaded from (or last saved to) appends one journal record holding the
+injections made since (their new slots as committed, call numbers, external generator states: a few MB for a
+sentence) instead of rewriting the pool and store files (hundreds of MB). Loading replays the records onto the pool
+and store files with the one state transition (`memory_transition.replay`), bit-exactly. Every `MAX_JOURNAL_RECORDS`
+records, and whenever the memory did not change by injections alone (undo, reset, a state loaded from elsewhere),
+the save is a full one instead (a compaction: the pool and store files are rewritten and the journal dropped, by a
+folder swap).
+
+Crash safety: a record is one file written atomically (fsynced temp file, rename, fsynced directory) under the
+folder lock, chained by hash to the head it extends (`memory_files.folder_head`); a compaction is a folder swap. A
+kill at any point leaves the old memory or the new one, never a mix; a record that is corrupted, missing from the
+chain or another model's is refused at load with the file named.
+
+Where the bytes are: `memory_files` (record format, `JOURNAL_DIR`, the journal part of `MEMORY_PARTS`).
+"""
+
+import os
+
+from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_fields import MemoryStateError
+from .memory_files import (
+    MEMORY_FILE,
+    decode_journal_record,
+    journal_chain,
+    read_folder_base,
+    recorded_content_hash,
+)
+from .memory_transition import replay
+
+# A save past this many records compacts (rewrites the pool and store files, drops the journal): bounds the journal
+# on disk and the replay at load (each record costs one pool update).
+MAX_JOURNAL_RECORDS = 16
+
+
+class PendingUpdates:
+    """The injections made since the memory was loaded from or saved to its folder (`memory_files.JournalEntry`s),
+    and the pool they led to: valid while that pool is still the model's (any other change of the memory, like an
+    undo or a restore, installs another pool and makes the next save a full one)."""
+
+    def __init__(self):
+        self.entries: list = []
+        self.pool = None
+        self.version: int | None = None
+        self.slots = 0
+
+    def reset(self, pool) -> None:
+        """The memory with pool `pool` is what its folder holds: nothing pending."""
+        self.entries, self.pool, self.version, self.slots = [], pool, pool._version, 0
+
+    def record(self, entries: list, pool, limit: int) -> None:
+        """Injections `entries` led from the recorded pool to `pool`. Past `limit` pending slots per layer the
+        entries are let go (a full save then costs less than their record)."""
+        self.slots += sum(entry.slots.shape[1] for entry in entries)
+        self.entries = self.entries + list(entries) if self.slots <= limit else []
+        self.pool, self.version = pool, pool._version
+        if self.slots > limit:
+            self.pool = None
+
+    def since(self, pool) -> list | None:
+        """The pending entries when `pool` (the model's current pool) is the one they led to, else None."""
+        if self.pool is None or pool is not self.pool or pool._version != self.version:
+            return None
+        return list(self.entries)
+
+
+def replay_folder_journal(folder, state, config, fingerprint: str | None = None):
+    """(`state` with the folder's journal replayed, the folder's head): `state` is the memory of the folder's pool
+    and store files. Refuses (MemoryStateError naming the file) a corrupted, foreign or missing record."""
+    head = recorded_content_hash(os.path.join(os.fspath(folder), MEMORY_FILE), type(state))
+    chain = journal_chain(folder, state.num_injections)
+    if not chain:
+        return state, head
+    for path in chain:
+        entries, metadata = decode_journal_record(path, fingerprint or state.fingerprint)
+        if metadata["parent"] != head:
+            raise MemoryStateError(
+                f"{path} continues another memory than the one saved before it (its parent differs from the folder's "
+                "head): move it and the records after it out of the folder, or restore the folder from a backup"
+            )
+        try:
+            state = replay(state, entries, config)
+        except (MemoryStateError, ValueError) as err:
+            raise MemoryStateError(f"{path}: {err}") from None
+        head = metadata["record_hash"]
+    state.validate()
+    return state, head
+
+
+def read_folder_memory(folder, state_class, config=None):
+    """The whole memory saved in a model folder, fully checked: the pool and store files with the journal replayed
+    (`config`: the folder's MemoryLlamaConfig, read from its config.json when not given)."""
+    state = read_folder_base(folder, state_class)
+    if not journal_chain(folder, state.num_injections):
+        return state
+    if config is None:
+        config = MemoryLlamaConfig.from_pretrained(os.fspath(folder))
+    return replay_folder_journal(folder, state, config)[0]
