@@ -264,15 +264,12 @@ def encode_journal_record(entries, parent: str, fingerprint: str | None) -> Tens
         raise ValueError(f"one journal record holds slots of one dtype, got {sorted(map(str, dtypes))}")
     sizes = [entry.slots.shape[1] for entry in entries]
     external = [entry.generator is not None for entry in entries]
-    generators = [
-        entry.generator.cpu() if entry.generator is not None else torch.zeros(RNG_STATE_BYTES, dtype=torch.uint8)
-        for entry in entries
-    ]
+    generators = [entry.generator.cpu() for entry in entries if entry.generator is not None]
     tensors = {
         "journal_slots": torch.cat([entry.slots.detach().cpu() for entry in entries], dim=1).contiguous(),
         "journal_injection": torch.tensor([e.injection for e, k in zip(entries, sizes) for _ in range(k)]),
         "journal_call": torch.tensor([e.call for e, k in zip(entries, sizes) for _ in range(k)]),
-        "journal_generator": torch.stack(generators),
+        "journal_generator": torch.stack(generators) if generators else torch.zeros(0, RNG_STATE_BYTES, dtype=torch.uint8),
         "journal_external": torch.tensor(external, dtype=torch.uint8),
     }
     metadata = {
@@ -310,7 +307,7 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
     if metadata.get("record_hash") != record_hash(metadata.get("parent", ""), tensors):
         raise _journal_error(path, "corrupted: its content differs from the hash recorded when it was written")
     slots, injection, call, generator, external = tensors.values()
-    count = generator.shape[0]
+    count = external.shape[0]
     try:
         first, last = int(metadata["first"]), int(metadata["last"])
         change = torch.nonzero(injection[1:] != injection[:-1]).squeeze(1) + 1
@@ -319,21 +316,21 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
         consistent = (
             slots.dim() == 3 and slots.is_floating_point() and injection.shape == call.shape == (slots.shape[1],)
             and numbers == list(range(first, last + 1)) == list(range(first, first + count))
-            and tuple(generator.shape) == (count, RNG_STATE_BYTES) and tuple(external.shape) == (count,)
+            and tuple(generator.shape) == (int(external.sum()), RNG_STATE_BYTES) and external.dim() == 1
             and os.path.basename(path) == journal_record_name(first, last)
         )
     except (KeyError, ValueError):
         consistent = False
     if not consistent:
         raise _journal_error(path, "inconsistent injection numbers or shapes")
-    entries = []
+    entries, drawn = [], iter(generator)
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if bool((call[start:end] != call[start]).any()):
             raise _journal_error(path, f"injection {numbers[index]} has slots of different calls")
         entries.append(
             JournalEntry(
                 numbers[index], int(call[start]), slots[:, start:end].clone(),
-                generator[index].clone() if bool(external[index]) else None,
+                next(drawn).clone() if bool(external[index]) else None,
             )
         )
     return entries, metadata
@@ -396,15 +393,14 @@ def folder_head(folder: str | os.PathLike, state_class) -> str | None:
     return record_metadata(chain[-1])["record_hash"] if chain else head
 
 
-def append_journal_record(folder: str | os.PathLike, entries, parent: str, fingerprint: str | None) -> str:
-    """Write the record of `entries` into the folder's journal (atomically: fsynced temp file, rename, fsynced
-    directory) and return the new head. The caller holds the folder lock and checked that `parent` is the head."""
+def append_journal_record(folder: str | os.PathLike, record: TensorFile) -> None:
+    """Write a record (`encode_journal_record`) into the folder's journal, atomically (fsynced temp file, rename,
+    fsynced directory). The caller holds the folder lock and checked that the record's parent is the head."""
     directory = os.path.join(os.fspath(folder), JOURNAL_DIR)
     os.makedirs(directory, exist_ok=True)
-    tensors, metadata = encode_journal_record(entries, parent, fingerprint)
-    name = journal_record_name(entries[0].injection, entries[-1].injection)
+    tensors, metadata = record
+    name = journal_record_name(int(metadata["first"]), int(metadata["last"]))
     write_tensor_file(os.path.join(directory, name), tensors, metadata)
-    return metadata["record_hash"]
 
 
 # ---------------------------------------------------------------------------------------------- memory parts

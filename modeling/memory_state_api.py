@@ -19,6 +19,7 @@ from .memory_files import (
     MEMORY_FILE,
     JournalEntry,
     append_journal_record,
+    encode_journal_record,
     folder_head,
     journal_record_paths,
     save_memory_to_folder,
@@ -275,16 +276,26 @@ class MemoryStateMixin:
                 if not entries:
                     return expected
                 if len(journal_record_paths(folder)) < MAX_JOURNAL_RECORDS:
-                    head = append_journal_record(folder, entries, expected, self.memory_fingerprint())
-                    self.pending_updates.reset(self.memory)
-                    self.memory_origin.record(folder, head)
+                    record = encode_journal_record(entries, expected, self.memory_fingerprint())
+                    head = record[1]["record_hash"]
+                    self._landed(folder, head, lambda: append_journal_record(folder, record))
                     return head
-            state, pool = self.memory_state(), self.memory
-            save_memory_to_folder(folder, state, expected)
+            state = self.memory_state()
             head = state.content_hash()
-            self.pending_updates.reset(pool)
-            self.memory_origin.record(folder, head)
+            self._landed(folder, head, lambda: save_memory_to_folder(folder, state, expected))
             return head
+
+    def _landed(self, folder, head: str, write) -> None:
+        """Run `write` (a save whose folder head will be `head`) and record the folder as this memory's origin. A
+        save that raised after its last rename (the new memory is on disk) counts as done."""
+        pool = self.memory
+        try:
+            write()
+        except OSError:
+            if folder_head(folder, MemoryState) != head:
+                raise
+        self.pending_updates.reset(pool)
+        self.memory_origin.record(folder, head)
 
     def replay_checkpoint_journal(self, folder) -> None:
         """After `from_pretrained` of a local folder: replay its journal onto the memory read from its pool and

@@ -15,14 +15,16 @@ from tiny_folder import save_tiny_folder
 from memoryllm_hf import cli
 from memoryllm_hf.greedy import reply
 from memoryllm_hf.commands import load_folder
+from memoryllm_hf.folder import folder_memory
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_state import MemoryState
 
 NOTES = "Alice lives in Paris and works as a baker. Bob keeps three cats; the oldest one is called Pepper!"
 
 
-def memory_bytes(folder: Path) -> bytes:
-    return (folder / "memory.safetensors").read_bytes()
+def memory_bytes(folder: Path) -> str:
+    """The folder's memory (pool file and journal), as its content hash."""
+    return folder_memory(folder).content_hash()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -58,14 +60,14 @@ def test_inject_saves_memory_and_reports_replaced_slots(capsys, folder):
     assert "Injecting" in err  # progress bar
     updates = int(out.split()[0])
     assert updates >= 2 and "0 of 0 stored slots per layer replaced; 24/24 slots filled" in out
-    saved = MemoryState.load(folder / "memory.safetensors")
+    saved = folder_memory(folder)
     assert saved.num_injections == updates
     reloaded = MemoryLlamaForCausalLM.from_pretrained(folder)
     assert reloaded.memory_state().content_hash() == saved.content_hash()
 
     code, out, _ = run_cli(capsys, "inject", folder, "--text", "Bob keeps three cats.")
     assert code == 0 and out.startswith("1 memory update") and "6 of 24 stored slots per layer replaced" in out
-    assert MemoryState.load(folder / "memory.safetensors").num_injections == updates + 1
+    assert folder_memory(folder).num_injections == updates + 1
 
 
 def test_inject_file_and_encodings(capsys, folder, tmp_path):
@@ -148,7 +150,7 @@ def test_chat_repl_through_stdin(capsys, folder, monkeypatch):
     assert "memory and conversation cleared" in out and "injections    0" in out
     assert "restored snapshot 'notes'" in out and "unknown command /nonsense" in out
     snapshot = MemoryState.load(folder / "snapshots" / "notes.safetensors")
-    saved = MemoryState.load(folder / "memory.safetensors")
+    saved = folder_memory(folder)
     assert saved.content_hash() == snapshot.content_hash() and saved.num_injections >= 2
     assert "never read" not in out
 
@@ -161,7 +163,7 @@ def test_chat_warns_about_unsaved_changes_and_autosaves(capsys, folder, monkeypa
     monkeypatch.setattr(sys, "stdin", io.StringIO("/remember " + NOTES + "\n/forget\n/restore missing\n"))
     code, out, _ = run_cli(capsys, "chat", folder, "--autosave")
     assert code == 0 and "not saved" not in out and "no snapshot named 'missing'" in out
-    assert MemoryState.load(folder / "memory.safetensors").num_injections == 0
+    assert folder_memory(folder).num_injections == 0
 
 
 def test_stats_text_and_png(capsys, folder, tmp_path):
@@ -191,7 +193,7 @@ def test_console_script_chat_end_to_end(folder):
     )
     assert result.returncode == 0, result.stderr
     assert "remembered (" in result.stdout and "memory saved to" in result.stdout
-    assert MemoryState.load(folder / "memory.safetensors").num_injections >= 2
+    assert folder_memory(folder).num_injections >= 2
 
 
 def test_cli_injects_keep_the_long_term_store_and_ask_retrieves(tmp_path, capsys):

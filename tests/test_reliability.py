@@ -24,6 +24,7 @@ from memoryllm_hf.chat import ChatSession
 from memoryllm_hf.commands import load_folder
 from memoryllm_hf.modeling import atomic_io as memory_storage
 from memoryllm_hf.modeling.atomic_io import iter_orphans
+from memoryllm_hf.folder import folder_memory
 from memoryllm_hf.modeling.memory_journal import read_folder_memory
 from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError, MemoryState, MemoryStateError
 from memoryllm_hf.tiny import tiny_model
@@ -256,24 +257,24 @@ def test_chat_autosave_refuses_to_overwrite_a_memory_saved_elsewhere(folder, cap
     model, tokenizer = load_folder(folder)
     session = ChatSession(str(folder), model, tokenizer, autosave=True)
     assert cli.main(["inject", str(folder), "--text", SHORT]) == 0  # another process changes the folder
-    theirs = (folder / "memory.safetensors").read_bytes()
+    theirs = folder_memory(folder).content_hash()
     session.handle("/remember " + SHORT)
     out = capsys.readouterr().out
     assert "not saved" in out and "changed since it was loaded" in out
-    assert (folder / "memory.safetensors").read_bytes() == theirs and model.num_injections == 1
+    assert folder_memory(folder).content_hash() == theirs and model.num_injections == 1
     session.handle("/save force")
     assert "memory saved" in capsys.readouterr().out
-    assert MemoryState.load(folder / "memory.safetensors").content_hash() == model.memory_state().content_hash()
+    assert folder_memory(folder).content_hash() == model.memory_state().content_hash()
 
 
 def test_save_pretrained_refuses_to_overwrite_a_memory_saved_elsewhere(folder):
     model = MemoryLlamaForCausalLM.from_pretrained(folder)
     model.inject(torch.randint(3, 128, (12,)))
     assert cli.main(["inject", str(folder), "--text", SHORT]) == 0
-    theirs = (folder / "memory.safetensors").read_bytes()
+    theirs = folder_memory(folder).content_hash()
     with pytest.raises(MemoryChangedOnDiskError, match="changed since it was loaded"):
         model.save_pretrained(folder)
-    assert (folder / "memory.safetensors").read_bytes() == theirs
+    assert folder_memory(folder).content_hash() == theirs
     model.save_pretrained(folder, overwrite_memory=True)
     model.inject(torch.randint(3, 128, (12,)))
     model.save_pretrained(folder)  # its own last save is what it loaded now: no refusal
