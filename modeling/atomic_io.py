@@ -14,7 +14,10 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
+import mmap
 import os
+import struct
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -107,6 +110,38 @@ def read_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """(tensors, metadata) of a safetensors file; raises SafetensorError / OSError for a broken or missing file."""
     with safe_open(path, "pt") as handle:
         return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def map_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file whose tensors are views of a private memory map of the file: no
+    byte is read until used, and the operating system may drop pages that were read (they are file-backed). The
+    map outlives the file's removal or replacement. Raises ValueError / OSError for a broken or missing file."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 8:
+            raise ValueError("file too small for a safetensors header")
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if 8 + length > size:
+            raise ValueError("incomplete safetensors header")
+        header = json.loads(handle.read(length))
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + length else None
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {}
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        start, end = (8 + length + offset for offset in info["data_offsets"])
+        count = int(torch.tensor(info["shape"], dtype=torch.long).prod()) if info["shape"] else 1
+        if dtype is None or end > size or end - start != count * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"tensor {name} does not fit the file (truncated or corrupted)")
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors, metadata
 
 
 def write_tensor_file(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:

@@ -6,6 +6,7 @@ MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
 READ_MODES = ("pool", "retrieve")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+STORE_STORAGES = ("memory", "disk")
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -38,6 +39,10 @@ class MemoryLlamaConfig(LlamaConfig):
         long_term_memory_dtype: dtype of the stored slots (`"float32"`, `"float16"`, `"bfloat16"`); None = the
             model's dtype. bfloat16 halves the store.
         long_term_memory_device: device of the store; None = the CPU (the pool stays on the model's device).
+        long_term_memory_storage: `"memory"`: the stored slots are held in RAM (one store file in a folder);
+            `"disk"`: they are memory-mapped from segment files (`long_term/` in a folder; a temporary directory,
+            removed with the model, until it is saved), so a store larger than RAM works and a read loads only the
+            slots of the blocks it reads. Retrieval features stay in RAM either way (see README for bytes per token).
         read_mode: `"pool"` (official: every layer attends to `[bos; pool]`) or `"retrieve"`: every layer attends to
             `[bos; the slots of the injections that score best against the prompt, in the order written]`
             (needs the long-term store).
@@ -66,6 +71,7 @@ class MemoryLlamaConfig(LlamaConfig):
     long_term_memory_tokens: int = 0
     long_term_memory_dtype: str | None = None
     long_term_memory_device: str | None = None
+    long_term_memory_storage: str = "memory"
     read_mode: str = "pool"
     read_tokens: int = 1024
     retrieval_threshold: float | None = None
@@ -115,6 +121,12 @@ class MemoryLlamaConfig(LlamaConfig):
         if self.long_term_memory_dtype is not None and self.long_term_memory_dtype not in STORE_DTYPES:
             raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, "
                              f"got {self.long_term_memory_dtype!r}")
+        if self.long_term_memory_storage not in STORE_STORAGES:
+            raise ValueError(f"long_term_memory_storage must be one of {STORE_STORAGES}, "
+                             f"got {self.long_term_memory_storage!r}")
+        if self.long_term_memory_storage == "disk" and self.long_term_memory_device not in (None, "cpu"):
+            raise ValueError("a disk-backed long-term store (long_term_memory_storage='disk') lives on the CPU: "
+                             "set long_term_memory_device=None")
         if not isinstance(self.retrieval_neighbors, int) or self.retrieval_neighbors < 0:
             raise ValueError(f"retrieval_neighbors must be an integer >= 0, got {self.retrieval_neighbors!r}")
         for name in ("retrieval_threshold", "retrieval_margin"):

@@ -23,12 +23,24 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .atomic_io import atomic_write, link_tree, read_tensor_file, tensors_digest, update_folder, write_tensor_file
+from .atomic_io import (
+    atomic_write,
+    link_tree,
+    map_tensor_file,
+    read_tensor_file,
+    tensors_digest,
+    update_folder,
+    write_tensor_file,
+)
 from .memory_fields import (
     MEMORY_BUFFERS,
     REQUIRED_BUFFERS,
@@ -55,6 +67,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model-00001-of-00001.safetensors"
 JOURNAL_DIR = "memory_journal"
+SEGMENTS_DIR = "long_term"  # a disk-backed store's segment files (memory-mapped)
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
@@ -205,13 +218,14 @@ def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str |
     write_tensor_file(os.fspath(path), store_to_tensors(store), store_file_metadata(store, fingerprint))
 
 
-def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongTermStore:
-    """Read a file written by `save_store`; refuses a truncated or corrupted file, a hash mismatch and (when
-    `fingerprint` is given and the file records one) another model's store."""
+def load_store(path: str | os.PathLike, fingerprint: str | None = None, mapped: bool = False) -> LongTermStore:
+    """Read a file written by `save_store` (or a segment of a disk-backed store); refuses a truncated or corrupted
+    file, a hash mismatch and (when `fingerprint` is given and the file records one) another model's store.
+    `mapped=True`: the blocks' slots stay memory-mapped from the file (`MemoryBlock.source`)."""
     path = os.fspath(path)
     try:
-        tensors, metadata = read_tensor_file(path)
-    except (SafetensorError, OSError) as err:
+        tensors, metadata = map_tensor_file(path) if mapped else read_tensor_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
         raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
     extra = sorted(set(tensors) - set(STORE_TENSORS))
     if extra or metadata.get("long_term_store") != STORE_FORMAT:
@@ -222,10 +236,124 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
         raise LongTermStoreError(
             f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
         )
-    store = store_from_tensors(tensors)
-    if metadata.get("content_hash") != store_content_hash(store):
+    if metadata.get("content_hash") != tensors_digest({name: tensors[name] for name in STORE_TENSORS if name in tensors}):
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
-    return store
+    return store_from_tensors(tensors, source=path if mapped else None)
+
+
+# ---------------------------------------------------------------------------------------------- store segments
+def segment_name(store: LongTermStore) -> str:
+    """File name of the segment holding `store`'s blocks (named by their first and last injection)."""
+    return f"{store[0].injection:010d}-{store[-1].injection:010d}.safetensors"
+
+
+def write_segment(directory: str, store: LongTermStore, fingerprint: str | None, durable: bool = True) -> str:
+    """Write `store`'s blocks as one segment file in `directory` (atomically and fsynced when `durable`) and point
+    the blocks at it: their slots become views of its memory map. Returns its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, segment_name(store))
+    tensors, metadata = store_to_tensors(store), store_file_metadata(store, fingerprint)
+    if durable:
+        write_tensor_file(path, tensors, metadata)
+    else:  # a new file (never rewritten in place: a map of the old one would see it change)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
+        os.replace(tmp, path)
+    mapped = load_store(path, mapped=True)
+    for block, view in zip(store, mapped, strict=True):
+        block.slots, block.source = view.slots, path
+    return path
+
+
+def read_segments(folder: str | os.PathLike, fingerprint: str | None) -> LongTermStore:
+    """A folder's disk-backed store: its segment files memory-mapped, in order, each fully checked (format, hash,
+    the model's fingerprint), injection numbers increasing across them."""
+    directory = os.path.join(os.fspath(folder), SEGMENTS_DIR)
+    store: list = []
+    for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+        if name.startswith(".") and ".tmp-" in name:
+            continue
+        path = os.path.join(directory, name)
+        parts = name.removesuffix(".safetensors").split("-")
+        if not name.endswith(".safetensors") or len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise LongTermStoreError(f"{path} is not a store segment (segments are FIRST-LAST.safetensors): move it "
+                                     f"out of {directory}")
+        blocks = load_store(path, fingerprint, mapped=True)
+        if not blocks or segment_name(blocks) != name or (store and blocks[0].injection <= store[-1].injection):
+            raise LongTermStoreError(f"{path} does not hold the injections its name says, or overlaps the segment "
+                                     "before it: the store is corrupted; restore the folder from a backup")
+        store.extend(blocks)
+    return tuple(store)
+
+
+def stage_segments(staging: str, old: str | None, target: str, state) -> None:
+    """The segments of a disk-backed store in a new version of folder `target` (being written in `staging`;
+    `old`: the current folder or None). A segment file of the old folder whose blocks are all still stored is
+    carried over (a hard link); every other run of blocks (held in RAM, in a temporary directory, or the surviving
+    part of a segment whose oldest blocks left the store) is written as one new segment."""
+    store = state.long_term
+    if not store or not any(block.source for block in store):
+        return
+    directory = os.path.join(staging, SEGMENTS_DIR)
+    os.makedirs(directory, exist_ok=True)
+    old_directory = os.path.realpath(os.path.join(old, SEGMENTS_DIR)) if old is not None else None
+    runs: list[list] = []  # consecutive blocks of one source
+    for block in store:
+        if runs and runs[-1][0].source == block.source and block.source is not None:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    fresh: list = []
+
+    def flush() -> None:
+        if fresh:
+            write_segment(directory, tuple(fresh), state.fingerprint)
+            final = os.path.join(os.path.realpath(os.fspath(target)), SEGMENTS_DIR, segment_name(tuple(fresh)))
+            for block in fresh:  # where the segment will be once the new folder is swapped in
+                block.source = final
+            fresh.clear()
+
+    for run in runs:
+        source = run[0].source
+        whole = source is not None and os.path.basename(source) == segment_name(tuple(run))
+        if whole and old_directory is not None and os.path.dirname(os.path.realpath(source)) == old_directory:
+            if os.path.isfile(source):
+                flush()
+                link_tree(source, os.path.join(directory, os.path.basename(source)))
+                continue
+        fresh.extend(run)
+    flush()
+
+
+class SpillDirectory:
+    """Where the blocks of a disk-backed store live until they are saved in a folder: one segment file per block in
+    a temporary directory (`memoryllm-store-*` under the system's temp folder, created on first use), removed when
+    its owner (the model) is garbage-collected or the process exits. A copy of the model gets its own."""
+
+    def __init__(self):
+        self.path: str | None = None
+        self._cleanup = None
+
+    def spill(self, store: LongTermStore, fingerprint: str | None = None) -> None:
+        """Move every block of `store` held in RAM into a segment file here (its slots become a memory map)."""
+        for block in store:
+            if block.source is None:
+                if self.path is None:
+                    self.path = tempfile.mkdtemp(prefix="memoryllm-store-")
+                    self._cleanup = weakref.finalize(self, shutil.rmtree, self.path, True)
+                write_segment(self.path, (block,), fingerprint, durable=False)
+
+    def remove(self) -> None:
+        """Remove the directory now (blocks already mapped stay readable: a map outlives its file)."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self.path = self._cleanup = None
+
+    def __deepcopy__(self, memo) -> "SpillDirectory":
+        return SpillDirectory()
+
+    def __reduce__(self):
+        return (SpillDirectory, ())
 
 
 # ---------------------------------------------------------------------------------------------- journal records
@@ -418,6 +546,8 @@ class MemoryPart:
     encode: Callable[..., TensorFile | None]
     in_index: bool
     hub_key: str | None
+    # A folder part written by `stage(staging, old folder or None, target folder, state)` instead of `encode`.
+    stage: Callable[..., None] | None = None
 
 
 def _pool_file(state) -> TensorFile:
@@ -425,7 +555,7 @@ def _pool_file(state) -> TensorFile:
 
 
 def _store_file(state) -> TensorFile | None:
-    if not state.long_term:
+    if not state.long_term or any(block.source for block in state.long_term):  # (disk-backed: segments)
         return None
     return store_to_tensors(state.long_term), store_file_metadata(state.long_term, state.fingerprint)
 
@@ -435,7 +565,11 @@ STORE_PART = MemoryPart("long-term store", LONG_TERM_FILE, _store_file, in_index
 # The journal (a folder of records, see `memory_journal`): a full save writes none (the pool and store files hold
 # everything), so it is dropped from the folder; records are appended by `append_journal_record`.
 JOURNAL_PART = MemoryPart("journal", JOURNAL_DIR, lambda state: None, in_index=False, hub_key=None)
-MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART)
+# A disk-backed store (`long_term_memory_storage="disk"`): a folder of segment files, staged by `stage_segments`.
+SEGMENTS_PART = MemoryPart(
+    "long-term segments", SEGMENTS_DIR, lambda state: None, in_index=False, hub_key="segments", stage=stage_segments
+)
+MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART, SEGMENTS_PART)
 # Every memory file a folder can hold.
 MEMORY_GROUP_FILES = tuple(part.file for part in MEMORY_PARTS)
 # The parts of a Hub file set (a push is a full snapshot: no journal).
@@ -471,14 +605,21 @@ def model_owned_files(folder: str | None) -> set[str]:
     return {INDEX_FILE, WEIGHTS_FILE, *index["weight_map"].values()}
 
 
-def stage_memory_files(staging: str, weights: str, groups: Mapping[str, TensorFile]) -> set[str]:
+def stage_memory_files(
+    staging: str, weights: str, groups: Mapping[str, TensorFile], state=None, old: str | None = None, target=None
+) -> set[str]:
     """Write each memory file (`{file name: (tensors, metadata)}`) into `staging`, and an index there that lists the
     weights of folder `weights` (`staging` itself after a save, else the current folder, whose weight files are
     carried over) and points every indexed memory tensor at its file. Entries of the old index pointing at any
-    memory file are replaced. Returns the old entries this supersedes."""
+    memory file are replaced. With `state`, folder parts with a `stage` writer (segments) are staged too (`old`:
+    the current version of folder `target`). Returns the old entries this supersedes."""
     group_files = set(MEMORY_GROUP_FILES) | set(groups)
     for file_name, (tensors, metadata) in groups.items():
         write_tensor_file(os.path.join(staging, file_name), tensors, metadata)
+    if state is not None:
+        for part in MEMORY_PARTS:
+            if part.stage is not None:
+                part.stage(staging, old, os.fspath(target), state)
     dropped = {INDEX_FILE, *group_files}
     index = read_index(weights)
     if index is None:
@@ -536,7 +677,7 @@ def save_memory_to_folder(folder: str | os.PathLike, state, expected_hash: str |
         if old is None:
             raise FileNotFoundError(f"{folder} does not exist; save the whole model with save_pretrained")
         check_unchanged(old, expected_hash, type(state))
-        return stage_memory_files(staging, old, state_file_groups(state))
+        return stage_memory_files(staging, old, state_file_groups(state), state, old, folder)
 
     update_folder(folder, write)
 
@@ -550,7 +691,8 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
         if old is not None:
             check_unchanged(old, expected_hash, type(state))
         save_weights(staging)
-        return model_owned_files(old) | stage_memory_files(staging, staging, state_file_groups(state))
+        groups = state_file_groups(state)
+        return model_owned_files(old) | stage_memory_files(staging, staging, groups, state, old, folder)
 
     update_folder(folder, write)
 
@@ -561,11 +703,12 @@ def read_folder_base(folder: str | os.PathLike, state_class):
     model than the pool file says)."""
     state = read_state_file(os.path.join(os.fspath(folder), MEMORY_FILE), state_class)
     store_path = os.path.join(os.fspath(folder), LONG_TERM_FILE)
-    if os.path.isfile(store_path):
-        try:
-            store = load_store(store_path, state.fingerprint)
-        except LongTermStoreError as err:
-            raise MemoryStateError(str(err)) from None
+    try:
+        store = load_store(store_path, state.fingerprint) if os.path.isfile(store_path) else ()
+        store = store or read_segments(folder, state.fingerprint)
+    except LongTermStoreError as err:
+        raise MemoryStateError(str(err)) from None
+    if store:
         state = dataclasses.replace(state, long_term=store)
         state.validate()
     return state

@@ -13,7 +13,7 @@ import torch
 
 from .memory_adapters import READ
 from .memory_fields import torch_dtype
-from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store, read_segments
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, validate_store
@@ -210,19 +210,32 @@ class LongTermMemoryMixin:
             cache.popitem(last=False)
         return kv
 
-    def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
-        """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
+    def _load_long_term_file(self, path_or_repo, kwargs: dict, folder: str | None = None) -> None:
+        """Install the checkpoint's long-term store, if it has one: `long_term_memory.safetensors`, or the segment
+        files of a disk-backed store (`long_term/`, in a local `folder`). With `long_term_memory_storage="disk"`
+        the slots stay memory-mapped; otherwise they are read into RAM."""
         path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
-        if path is None:
-            return
+        on_disk = self.config.long_term_memory_storage == "disk"
         try:
-            store = load_store(path, self.memory_fingerprint())
+            if path is not None:
+                store = load_store(path, self.memory_fingerprint(), mapped=on_disk)
+            elif folder is not None:
+                store = read_segments(folder, self.memory_fingerprint())
+            else:
+                return
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
         except LongTermStoreError as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
+        if not store:
+            return
         dtype = torch_dtype(self.config.long_term_memory_dtype)
         device = self.config.long_term_memory_device or "cpu"
         for block in store:
-            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+            if not on_disk or block.slots.dtype != (dtype or block.slots.dtype):
+                copy = block.source is not None  # (a map of the file becomes RAM of its own)
+                block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype, copy=copy)
+                block.source = None
+        if on_disk:
+            self.store_spill.spill(store)
         with self.memory_lock:
             self._long_term = store

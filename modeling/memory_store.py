@@ -31,6 +31,8 @@ class MemoryBlock:
     slots: torch.Tensor
     # Retrieval features of the slots, computed on first use by the model that reads them (see memory_retrieval).
     features: dict | None = dataclasses.field(default=None, repr=False)
+    # The segment file the slots are memory-mapped from (a disk-backed store), None: the slots are in RAM.
+    source: str | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_slots(self) -> int:
@@ -55,6 +57,15 @@ def default_long_term_tokens(num_layers: int, hidden_size: int, dtype: str, num_
     return max(num_update_tokens, tokens - tokens % num_update_tokens)
 
 
+def store_bound(store: LongTermStore, max_slots: int) -> LongTermStore:
+    """The newest blocks of `store` that fit `max_slots` slots per layer (what `store_append` keeps)."""
+    total, first = store_num_slots(store), 0
+    while total > max_slots and first < len(store):
+        total -= store[first].num_slots
+        first += 1
+    return tuple(store[first:])
+
+
 def store_num_slots(store: LongTermStore) -> int:
     """Slots per layer the store holds."""
     return sum(block.num_slots for block in store)
@@ -68,13 +79,7 @@ def store_append(store: LongTermStore, block: MemoryBlock, max_slots: int) -> Lo
             f"an injection of {block.num_slots} slots does not fit a long-term store of {max_slots} slots per layer; "
             "raise long_term_memory_tokens to at least num_update_tokens"
         )
-    blocks = list(store) + [block]
-    total = store_num_slots(blocks)
-    first = 0
-    while total > max_slots:
-        total -= blocks[first].num_slots
-        first += 1
-    return tuple(blocks[first:])
+    return store_bound((*store, block), max_slots)
 
 
 def store_to_tensors(store: LongTermStore) -> dict[str, torch.Tensor]:
@@ -87,8 +92,9 @@ def store_to_tensors(store: LongTermStore) -> dict[str, torch.Tensor]:
     return dict(zip(STORE_TENSORS, (slots, injection, call), strict=True))
 
 
-def store_from_tensors(tensors: dict[str, torch.Tensor]) -> LongTermStore:
-    """The store written by `store_to_tensors` (an empty store when the tensors are absent). Checks consistency."""
+def store_from_tensors(tensors: dict[str, torch.Tensor], source: str | None = None) -> LongTermStore:
+    """The store written by `store_to_tensors` (an empty store when the tensors are absent). Checks consistency.
+    With `source` (the tensors are a memory map of that segment file) the blocks' slots stay views of the map."""
     present = [name for name in STORE_TENSORS if name in tensors]
     if not present:
         return ()
@@ -112,8 +118,9 @@ def store_from_tensors(tensors: dict[str, torch.Tensor]) -> LongTermStore:
     for start, end in zip(bounds[:-1], bounds[1:]):
         if bool((call[start:end] != call[start]).any()):
             raise LongTermStoreError(f"injection {int(injection[start])} has slots of different calls: corrupted")
-        # each block owns its memory: an evicted block frees it (a view would keep the whole file alive)
-        store.append(MemoryBlock(int(injection[start]), int(call[start]), slots[:, start:end].clone()))
+        # in RAM each block owns its memory: an evicted block frees it (a view would keep the whole file alive)
+        block = slots[:, start:end] if source is not None else slots[:, start:end].clone()
+        store.append(MemoryBlock(int(injection[start]), int(call[start]), block, source=source))
     return tuple(store)
 
 

@@ -20,7 +20,7 @@ from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
-from .memory_files import JournalEntry, checkpoint_memory_file
+from .memory_files import JournalEntry, SpillDirectory, checkpoint_memory_file
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_journal import PendingUpdates
@@ -118,6 +118,7 @@ class MemoryLlamaForCausalLM(
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self.pending_updates = PendingUpdates()  # injections a save appends to the folder's journal
+        self.store_spill = SpillDirectory()  # a disk-backed store's blocks until they are saved in a folder
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
             if isinstance(module, AdapterWeights):
@@ -171,6 +172,8 @@ class MemoryLlamaForCausalLM(
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+            if self.config.long_term_memory_storage == "disk":  # blocks held in RAM go to segment files
+                self.store_spill.spill(state.long_term)
             self._long_term = state.long_term
             # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
             self._prefix_kv = None
@@ -601,7 +604,7 @@ class MemoryLlamaForCausalLM(
             memory_file, keys, folder = checkpoint_memory_file(source, kwargs)
             model.adopt_checkpoint_memory(memory_file, keys, folder, allow_other_model)
             if source is not None:
-                model._load_long_term_file(source, kwargs)
+                model._load_long_term_file(source, kwargs, folder)
             if folder is not None and memory_file is not None:
                 model.replay_checkpoint_journal(folder)
         model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
