@@ -282,8 +282,31 @@ def read_segments(folder: str | os.PathLike, fingerprint: str | None) -> LongTer
         if not blocks or segment_name(blocks) != name or (store and blocks[0].injection <= store[-1].injection):
             raise LongTermStoreError(f"{path} does not hold the injections its name says, or overlaps the segment "
                                      "before it: the store is corrupted; restore the folder from a backup")
+        if store and blocks[0].injection != store[-1].injection + 1:
+            raise LongTermStoreError(
+                f"{path}: the segment of injections {store[-1].injection + 1}-{blocks[0].injection - 1} before it is "
+                "missing; restore it (or the folder) from a backup"
+            )
         store.extend(blocks)
     return tuple(store)
+
+
+def segment_runs(store: LongTermStore) -> list[tuple[str | None, list]]:
+    """The blocks of `store` in runs: (the segment file a run is mapped from when the run is that whole file, else
+    None; the run's blocks). Runs that are not whole files are written anew by a save."""
+    runs: list[list] = []
+    for block in store:
+        if runs and block.source is not None and runs[-1][0].source == block.source:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    whole = []
+    for run in runs:
+        source = run[0].source
+        if source is None or os.path.basename(source) != segment_name(tuple(run)) or not os.path.isfile(source):
+            source = None
+        whole.append((source, run))
+    return whole
 
 
 def stage_segments(staging: str, old: str | None, target: str, state) -> None:
@@ -297,12 +320,6 @@ def stage_segments(staging: str, old: str | None, target: str, state) -> None:
     directory = os.path.join(staging, SEGMENTS_DIR)
     os.makedirs(directory, exist_ok=True)
     old_directory = os.path.realpath(os.path.join(old, SEGMENTS_DIR)) if old is not None else None
-    runs: list[list] = []  # consecutive blocks of one source
-    for block in store:
-        if runs and runs[-1][0].source == block.source and block.source is not None:
-            runs[-1].append(block)
-        else:
-            runs.append([block])
     fresh: list = []
 
     def flush() -> None:
@@ -313,15 +330,12 @@ def stage_segments(staging: str, old: str | None, target: str, state) -> None:
                 block.source = final
             fresh.clear()
 
-    for run in runs:
-        source = run[0].source
-        whole = source is not None and os.path.basename(source) == segment_name(tuple(run))
-        if whole and old_directory is not None and os.path.dirname(os.path.realpath(source)) == old_directory:
-            if os.path.isfile(source):
-                flush()
-                link_tree(source, os.path.join(directory, os.path.basename(source)))
-                continue
-        fresh.extend(run)
+    for source, run in segment_runs(store):
+        if source is not None and os.path.dirname(os.path.realpath(source)) == old_directory:
+            flush()
+            link_tree(source, os.path.join(directory, os.path.basename(source)))
+        else:
+            fresh.extend(run)
     flush()
 
 
@@ -799,17 +813,81 @@ def write_hub_files(folder: str, state, extra: Mapping) -> dict:
         write_tensor_file(os.path.join(folder, file_name), tensors, file_metadata)
     for part in HUB_PARTS:
         path = os.path.join(folder, part.file)
-        if os.path.exists(path):
+        if os.path.isfile(path):
             metadata[part.hub_key] = sha256_file(path)
+    segments = hub_segments(os.path.join(folder, SEGMENTS_DIR), state.long_term, state.fingerprint)
+    if segments:
+        metadata[SEGMENTS_PART.hub_key] = segments
     with open(os.path.join(folder, MEMORY_STATE_FILE), "w") as handle:
         json.dump(metadata, handle, indent=2)
     return metadata
 
 
+def hub_segments(directory: str, store: LongTermStore, fingerprint: str | None) -> dict[str, dict]:
+    """Put a disk-backed store's segment files into `directory` (hard links of the segments its blocks are mapped
+    from, new files for blocks held elsewhere; the blocks are not changed) and return `{name: {"sha256": the
+    file's, "content_hash": its tensors'}}` (a memory-only push compares content hashes to skip segments the
+    revision already holds)."""
+    if not store or not any(block.source for block in store):
+        return {}
+    os.makedirs(directory, exist_ok=True)
+    loose: list = []
+    files = []
+
+    def flush() -> None:
+        if loose:
+            tensors, metadata = store_to_tensors(tuple(loose)), store_file_metadata(tuple(loose), fingerprint)
+            path = os.path.join(directory, segment_name(tuple(loose)))
+            save_file(tensors, path, metadata={"format": "pt", **metadata})
+            files.append(path)
+            loose.clear()
+
+    for source, run in segment_runs(store):
+        if source is not None:
+            flush()
+            target = os.path.join(directory, os.path.basename(source))
+            if not os.path.exists(target):
+                link_tree(source, target)
+            files.append(target)
+        else:
+            loose.extend(run)
+    flush()
+    listed = {}
+    for path in files:  # (the bytes of a rewritten segment may differ: safetensors orders metadata at random)
+        with safe_open(path, "pt") as handle:
+            content = (handle.metadata() or {}).get("content_hash")
+        listed[os.path.basename(path)] = {"sha256": sha256_file(path), "content_hash": content}
+    return listed
+
+
 def hub_file_names(metadata: Mapping) -> tuple[list[str], list[str]]:
-    """(files a memory push adds, memory files it removes) for a `write_hub_files` metadata."""
-    present = [part.file for part in HUB_PARTS if part.hub_key in metadata]
-    return [*present, MEMORY_STATE_FILE], [part.file for part in HUB_PARTS if part.hub_key not in metadata]
+    """(files a memory push adds, memory files it removes) for a `write_hub_files` metadata (segments are
+    `long_term/NAME`; which of them a push must upload is decided against the remote's `memory_state.json`)."""
+    present = [part.file for part in HUB_PARTS if isinstance(metadata.get(part.hub_key), str)]
+    segments = [f"{SEGMENTS_DIR}/{name}" for name in metadata.get(SEGMENTS_PART.hub_key) or {}]
+    absent = [part.file for part in HUB_PARTS if part.hub_key not in metadata and part.stage is None]
+    return [*present, *segments, MEMORY_STATE_FILE], absent
+
+
+def read_hub_segments(fetch: Callable[[str], str | None], metadata: Mapping, fingerprint: str | None):
+    """The disk-backed store a `memory_state.json` lists (`segments`: {name: sha256}), each file fetched, matched
+    against its sha256, memory-mapped and checked; () when it lists none."""
+    segments = metadata.get(SEGMENTS_PART.hub_key) or {}
+    if not isinstance(segments, dict) or not all(isinstance(entry, dict) for entry in segments.values()):
+        raise MemoryStateError(f"{MEMORY_STATE_FILE}: segments must be an object {{name: {{sha256, content_hash}}}}")
+    store: list = []
+    for name in sorted(segments):
+        path = fetch(f"{SEGMENTS_DIR}/{name}")
+        if path is None or sha256_file(path) != segments[name].get("sha256"):
+            raise MemoryStateError(
+                f"{SEGMENTS_DIR}/{name} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a "
+                "commit sha"
+            )
+        blocks = load_store(path, fingerprint, mapped=True)
+        if store and blocks and blocks[0].injection <= store[-1].injection:
+            raise MemoryStateError(f"{SEGMENTS_DIR}/{name} overlaps the segment before it: the store is corrupted")
+        store.extend(blocks)
+    return tuple(store)
 
 
 def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):
@@ -836,5 +914,11 @@ def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):
                 f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a commit sha"
             )
         state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
+    elif SEGMENTS_PART.hub_key in metadata:
+        try:
+            store = read_hub_segments(fetch, metadata, state.fingerprint)
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
+        state = dataclasses.replace(state, long_term=store)
     return state, metadata
 

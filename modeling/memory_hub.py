@@ -7,6 +7,7 @@ these files, so branches or commits of one repo can hold many memories of the sa
 
 import glob
 import importlib.metadata
+import json
 import os
 import tempfile
 
@@ -27,6 +28,7 @@ from .memory_files import (
     INDEX_FILE,
     MEMORY_FILE,
     MEMORY_STATE_FILE,
+    SEGMENTS_DIR,
     WEIGHTS_FILE,
     hub_file_names,
     read_hub_files,
@@ -140,13 +142,28 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 f"{repo_id} does not exist on the Hub (or this token cannot see it): push the whole model once with "
                 "model.push_to_hub(repo_id), then push memories"
             ) from None
-        self._check_remote_layout(repo_id, head, token)
+        remote = self._check_remote_layout(repo_id, head, token)
         with tempfile.TemporaryDirectory() as folder:
             metadata = self.write_memory_files(folder)
             added, absent = hub_file_names(metadata)
+            # a disk-backed store: segments the revision already holds are not uploaded again, others removed
+            ours, theirs = metadata.get("segments") or {}, remote.get("segments") or {}
+            theirs = theirs if isinstance(theirs, dict) else {}
+            held = {
+                f"{SEGMENTS_DIR}/{name}" for name, entry in ours.items()
+                if isinstance(theirs.get(name), dict) and theirs[name].get("content_hash") == entry["content_hash"]
+            }
+            # (a held segment keeps its remote bytes: its sha256 in memory_state.json must be the remote file's)
+            for name in held:
+                ours[name.split("/", 1)[1]] = theirs[name.split("/", 1)[1]]
+            if held:
+                with open(os.path.join(folder, MEMORY_STATE_FILE), "w") as handle:
+                    json.dump(metadata, handle, indent=2)
+            added = [name for name in added if name not in held]
             operations = [
                 CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in added
             ]
+            operations += [CommitOperationDelete(f"{SEGMENTS_DIR}/{name}") for name in sorted(set(theirs) - set(ours))]
             for name in absent:  # a file of the old memory that this one does not have
                 if api.file_exists(repo_id, name, revision=head):
                     operations.append(CommitOperationDelete(path_in_repo=name))
@@ -155,8 +172,9 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 repo_id, operations=operations, commit_message=message, revision=revision, parent_commit=head
             )
 
-    def _check_remote_layout(self, repo_id: str, revision: str, token) -> None:
-        """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model."""
+    def _check_remote_layout(self, repo_id: str, revision: str, token) -> dict:
+        """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model;
+        returns the revision's `memory_state.json` content ({} when it has none)."""
         index_path = _download(repo_id, INDEX_FILE, revision, token, None)
         weight_map = {}
         if index_path is not None:
@@ -167,13 +185,16 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 "push the whole model once with model.push_to_hub(repo_id), then push memories"
             )
         state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
-        if state_path is not None:
-            remote = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
-            if remote is not None and remote != self.memory_fingerprint():
-                raise ValueError(
-                    f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
-                    f"{self.memory_fingerprint()}); push this model to its own repo with push_to_hub"
-                )
+        if state_path is None:
+            return {}
+        content = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}")
+        remote = content.get("fingerprint")
+        if remote is not None and remote != self.memory_fingerprint():
+            raise ValueError(
+                f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
+                f"{self.memory_fingerprint()}); push this model to its own repo with push_to_hub"
+            )
+        return content
 
     def push_to_hub(
         self,

@@ -12,8 +12,16 @@ from collections import OrderedDict
 import torch
 
 from .memory_adapters import READ
-from .memory_fields import torch_dtype
-from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store, read_segments
+from .memory_fields import MemoryStateError, torch_dtype
+from .memory_files import (
+    LONG_TERM_FILE,
+    MEMORY_STATE_FILE,
+    checkpoint_file,
+    load_store,
+    read_hub_segments,
+    read_json_object,
+    read_segments,
+)
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, validate_store
@@ -221,10 +229,15 @@ class LongTermMemoryMixin:
                 store = load_store(path, self.memory_fingerprint(), mapped=on_disk)
             elif folder is not None:
                 store = read_segments(folder, self.memory_fingerprint())
-            else:
-                return
+            else:  # a Hub revision: the segments its memory_state.json lists
+                state_path = checkpoint_file(path_or_repo, kwargs, MEMORY_STATE_FILE)
+                if state_path is None:
+                    return
+                fetch = lambda name: checkpoint_file(path_or_repo, kwargs, name)  # noqa: E731
+                listed = read_json_object(state_path, MEMORY_STATE_FILE)
+                store = read_hub_segments(fetch, listed, self.memory_fingerprint())
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
-        except LongTermStoreError as err:
+        except (LongTermStoreError, MemoryStateError) as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
         if not store:
             return

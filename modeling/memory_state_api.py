@@ -291,9 +291,13 @@ class MemoryStateMixin:
         pool = self.memory
         try:
             write()
-        except OSError:
+        except OSError as err:
             if folder_head(folder, MemoryState) != head:
-                raise
+                raise type(err)(
+                    err.errno, f"{err.strerror or err}: the memory could not be saved into {folder}. The memory saved "
+                    "there is unchanged and this model keeps its memory: make the folder writable (or free space) and "
+                    "save again, or save to another folder"
+                ) from err
         self.pending_updates.reset(pool)
         self.memory_origin.record(folder, head)
 

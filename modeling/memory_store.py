@@ -66,6 +66,16 @@ def store_bound(store: LongTermStore, max_slots: int) -> LongTermStore:
     return tuple(store[first:])
 
 
+def store_in_ram(store: LongTermStore) -> LongTermStore:
+    """`store` with every memory-mapped block (`source`) replaced by a block holding its slots in RAM."""
+    if not any(block.source for block in store):
+        return store
+    return tuple(
+        MemoryBlock(block.injection, block.call, block.slots.clone(), block.features) if block.source else block
+        for block in store
+    )
+
+
 def store_num_slots(store: LongTermStore) -> int:
     """Slots per layer the store holds."""
     return sum(block.num_slots for block in store)

@@ -38,7 +38,7 @@ from .memory_prefix import (
 )
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_store import default_long_term_tokens
+from .memory_store import default_long_term_tokens, store_in_ram
 from .memory_text import CallNumbers, injection_ids, split_ids
 from .memory_transition import check_finite_slots, next_state
 from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
@@ -172,9 +172,12 @@ class MemoryLlamaForCausalLM(
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
+            long_term = state.long_term
             if self.config.long_term_memory_storage == "disk":  # blocks held in RAM go to segment files
-                self.store_spill.spill(state.long_term)
-            self._long_term = state.long_term
+                self.store_spill.spill(long_term)
+            else:  # memory-mapped blocks (a disk-backed store's) come into RAM
+                long_term = store_in_ram(long_term)
+            self._long_term = long_term
             # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
             self._prefix_kv = None
 

@@ -112,7 +112,7 @@ def test_memory_parts_table_drives_the_hub_file_set(tmp_path):
     (tmp_path / "both").mkdir()
     metadata = write_hub_files(str(tmp_path / "both"), model.memory_state(), {})
     added, removed = hub_file_names(metadata)
-    assert added == [part.file for part in MEMORY_PARTS if part.hub_key] + ["memory_state.json"] and removed == []
+    assert added == [MEMORY_FILE, LONG_TERM_FILE, "memory_state.json"] and removed == []
     assert all((tmp_path / "both" / name).is_file() for name in added)
 
 

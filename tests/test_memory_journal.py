@@ -25,6 +25,7 @@ from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError
 from memoryllm_hf.tiny import tiny_model
 
 STORE = {"memory_update": "input", "fresh_pool": "grow", "long_term_memory_tokens": 60}
+DISK = {**STORE, "long_term_memory_storage": "disk"}
 
 
 def same_memory(a: MemoryState, b: MemoryState) -> bool:
@@ -40,11 +41,11 @@ def records(folder: Path) -> list[str]:
     return [os.path.basename(path) for _, _, path in journal_record_paths(folder)]
 
 
-@pytest.fixture(params=["output-tile", "input-grow-store"])
+@pytest.fixture(params=["output-tile", "input-grow-store", "input-grow-disk"])
 def saved(request, tmp_path):
     """A saved folder and the model loaded from it (the official rule with a tiled pool; the training-free rule
-    with a growing pool and a long-term store)."""
-    overrides = {} if request.param == "output-tile" else STORE
+    with a growing pool and a long-term store in RAM, or on disk)."""
+    overrides = {"output-tile": {}, "input-grow-store": STORE}.get(request.param, DISK)
     tiny_model(**overrides).save_pretrained(tmp_path / "model")
     return tmp_path / "model", MemoryLlamaForCausalLM.from_pretrained(tmp_path / "model")
 
@@ -171,7 +172,7 @@ def test_broken_records_are_refused_naming_the_file(saved, tmp_path, breakage, m
     elif breakage == "foreign":  # the same numbers, from another memory of this model
         other = tiny_model(**({} if model.config.memory_update == "output" else STORE))
         other.save_pretrained(tmp_path / "other")
-        other = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "other")
+        other = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "other", **model.config.to_diff_dict())
         torch.manual_seed(123)  # (tiny_model reseeded the global generator: other texts)
         _journal_folder(tmp_path / "other", other)
         shutil.copy(sorted((tmp_path / "other" / JOURNAL_DIR).iterdir())[1], paths[1])
