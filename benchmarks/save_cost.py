@@ -67,10 +67,10 @@ def main(argv=None) -> dict:
                 seconds, written = timed(lambda v=variant: model.save_memory(folder, compact=v == "full"))
                 rows[f"{variant}_s"].append(seconds)
                 rows[f"{variant}_bytes"].append(written)
-        # the journal alone: MAX_JOURNAL_RECORDS appends (the next save would compact)
+        # the journal alone, a whole cycle: MAX_JOURNAL_RECORDS appends and the compaction after them
         model.save_memory(folder, compact=True)
         appends = {"s": [], "bytes": []}
-        for _ in tqdm(range(MAX_JOURNAL_RECORDS), desc="journal"):
+        for _ in tqdm(range(MAX_JOURNAL_RECORDS + 1), desc="journal"):
             model.inject(SENTENCE, tokenizer=tokenizer)
             seconds, written = timed(lambda: model.save_memory(folder))
             appends["s"].append(seconds)

@@ -17,8 +17,8 @@ import hashlib
 import json
 import mmap
 import os
-import struct
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -139,8 +139,10 @@ def map_tensor_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         count = int(torch.tensor(info["shape"], dtype=torch.long).prod()) if info["shape"] else 1
         if dtype is None or end > size or end - start != count * torch.empty(0, dtype=dtype).element_size():
             raise ValueError(f"tensor {name} does not fit the file (truncated or corrupted)")
-        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.view(info["shape"])
+        if count:
+            tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=start).view(info["shape"])
+        else:
+            tensors[name] = torch.empty(info["shape"], dtype=dtype)
     return tensors, metadata
 
 

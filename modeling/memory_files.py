@@ -236,7 +236,8 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None, mapped: 
         raise LongTermStoreError(
             f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
         )
-    if metadata.get("content_hash") != tensors_digest({name: tensors[name] for name in STORE_TENSORS if name in tensors}):
+    digest = tensors_digest({name: tensors[name] for name in STORE_TENSORS if name in tensors})
+    if metadata.get("content_hash") != digest:
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return store_from_tensors(tensors, source=path if mapped else None)
 
@@ -409,9 +410,9 @@ def encode_journal_record(entries, parent: str, fingerprint: str | None) -> Tens
     generators = [entry.generator.cpu() for entry in entries if entry.generator is not None]
     tensors = {
         "journal_slots": torch.cat([entry.slots.detach().cpu() for entry in entries], dim=1).contiguous(),
-        "journal_injection": torch.tensor([e.injection for e, k in zip(entries, sizes) for _ in range(k)]),
-        "journal_call": torch.tensor([e.call for e, k in zip(entries, sizes) for _ in range(k)]),
-        "journal_generator": torch.stack(generators) if generators else torch.zeros(0, RNG_STATE_BYTES, dtype=torch.uint8),
+        "journal_injection": torch.tensor([e.injection for e, k in zip(entries, sizes, strict=True) for _ in range(k)]),
+        "journal_call": torch.tensor([e.call for e, k in zip(entries, sizes, strict=True) for _ in range(k)]),
+        "journal_generator": torch.stack(generators) if generators else torch.zeros(0, RNG_STATE_BYTES).byte(),
         "journal_external": torch.tensor(external, dtype=torch.uint8),
     }
     metadata = {
@@ -465,8 +466,10 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
         consistent = False
     if not consistent:
         raise _journal_error(path, "inconsistent injection numbers or shapes")
+    if not bool(torch.isfinite(slots).all()):
+        raise _journal_error(path, "holds NaN/inf slots")
     entries, drawn = [], iter(generator)
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if bool((call[start:end] != call[start]).any()):
             raise _journal_error(path, f"injection {numbers[index]} has slots of different calls")
         entries.append(

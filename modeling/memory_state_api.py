@@ -21,11 +21,10 @@ from .memory_files import (
     append_journal_record,
     encode_journal_record,
     folder_head,
-    journal_record_paths,
     save_memory_to_folder,
     save_model_folder,
 )
-from .memory_journal import MAX_JOURNAL_RECORDS, PendingUpdates, replay_folder_journal
+from .memory_journal import PendingUpdates, journal_has_room, replay_folder_journal
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
 
@@ -265,8 +264,8 @@ class MemoryStateMixin:
         """Save the memory into the model folder `folder` (weights untouched; crash-safe and under the folder lock);
         returns the folder's new head. Costs what changed: when `folder` is where the memory was loaded from or last
         saved to and only injections changed it since, they are appended as one journal record (`memory_journal`);
-        otherwise (undo, restore, reset, another folder, a journal of `MAX_JOURNAL_RECORDS` records) the pool and
-        store files are rewritten (a compaction). Refuses (MemoryChangedOnDiskError, nothing written) a folder whose
+        otherwise (undo, restore, reset, another folder, a journal at its bounds: `MAX_JOURNAL_RECORDS` records or
+        the pool file's size) the pool and store files are rewritten (a compaction). Refuses (MemoryChangedOnDiskError, nothing written) a folder whose
         memory another process saved since, unless `overwrite=True`. `compact=True` always makes it a full save."""
         folder = os.fspath(folder)
         expected = self.memory_origin.expected_hash(folder, overwrite)
@@ -275,7 +274,8 @@ class MemoryStateMixin:
             if entries is not None and folder_head(folder, MemoryState) == expected:
                 if not entries:
                     return expected
-                if len(journal_record_paths(folder)) < MAX_JOURNAL_RECORDS:
+                record_bytes = sum(entry.slots.numel() * entry.slots.element_size() for entry in entries)
+                if journal_has_room(folder, record_bytes):
                     record = encode_journal_record(entries, expected, self.memory_fingerprint())
                     head = record[1]["record_hash"]
                     self._landed(folder, head, lambda: append_journal_record(folder, record))
@@ -305,7 +305,8 @@ class MemoryStateMixin:
         """After `from_pretrained` of a local folder: replay its journal onto the memory read from its pool and
         store files (refusing, with the file named, a corrupted, foreign or missing record)."""
         with self.memory_lock:
-            state, head = replay_folder_journal(folder, self.live_memory_state(), self.config, self.memory_fingerprint())
+            live, fingerprint = self.live_memory_state(), self.memory_fingerprint()
+            state, head = replay_folder_journal(folder, live, self.config, fingerprint)
             if state.num_injections != self.num_injections:
                 self.swap_memory_state(state)
             self.pending_updates.reset(self.memory)

@@ -1,8 +1,10 @@
 """The one memory state transition: what an injection's new slots do to a memory state (the pool's drop rule is
 `memory_pool`; the long-term store's append rule `memory_store`). Pure functions: `inject`, `commit_memory_slots`
-and the evaluation replay all use them."""
+and the evaluation replay all use them; `LazyPool` runs them on slot indices (a commit copies no pool), which the
+journal's `replay` and the evaluation replay use."""
 
 import dataclasses
+import hashlib
 
 import torch
 
@@ -87,20 +89,89 @@ def long_term_after(
     return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
 
 
+class LazyPool:
+    """A memory pool as slot indices into the tensors written so far. A commit runs the model's own state
+    transition (`next_state`) on the indices, so the drop rule, fill level, generator and `written_at` cannot drift
+    from `inject`; the long-term store gets the real slots (`long_term_after`, as in `next_state`)."""
+
+    def __init__(self, state: MemoryState, config):
+        self.config = config
+        self.pieces = [state.memory]
+        layers, slots = state.memory.shape[:2]
+        indices = torch.arange(slots).expand(layers, slots)[..., None].clone()
+        self.indices = dataclasses.replace(state, memory=indices, long_term=())
+        self.long_term = state.long_term
+        self._state: MemoryState | None = state
+
+    @property
+    def injections(self) -> int:
+        return self.indices.num_injections
+
+    def commit(self, new: torch.Tensor, call: int | None = None, generator: torch.Generator | None = None) -> None:
+        """Append new slots [L, k, d] exactly as `model.inject` would (`call`: the injection number of the first
+        update of the text they belong to; `generator`: an external generator drawing the dropped slots)."""
+        layers, k = new.shape[:2]
+        total = sum(piece.shape[1] for piece in self.pieces)
+        ids = torch.arange(total, total + k).expand(layers, k)[..., None]
+        number = self.injections + 1
+        self.indices = next_state(self.indices, ids, self.config, generator, with_long_term=False)
+        self.long_term = long_term_after(self.long_term, new, number, call, self.config, self.pieces[0].dtype)
+        self.pieces.append(new)
+        self._state = None
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The slots [L, n, d] that `index` [L, n] names (indices into the pieces written so far)."""
+        out = self.pieces[0].new_empty(index.shape[0], index.shape[1], self.pieces[0].shape[2])
+        start = 0
+        for piece in self.pieces:
+            end = start + piece.shape[1]
+            layer, slot = ((index >= start) & (index < end)).nonzero(as_tuple=True)
+            if len(layer):
+                source = (index[layer, slot] - start).to(piece.device)
+                out[layer.to(out.device), slot.to(out.device)] = piece[layer.to(piece.device), source]
+            start = end
+        return out
+
+    def window_digest(self) -> str:
+        """Identifies everything the next write's slots depend on besides its own tokens: the fill level and the
+        window of the last min(K, filled) slots (both update rules read exactly these)."""
+        filled = self.indices.num_filled_slots
+        count = min(self.config.num_update_tokens, filled)
+        digest = hashlib.sha256(f"{filled}:".encode())
+        if count:
+            index = self.indices.memory[..., 0]
+            window = self._gather(index[:, index.shape[1] - count :]).cpu().contiguous()
+            digest.update(window.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def materialize(self) -> MemoryState:
+        """The MemoryState the commits lead to (built once per change; later commits start from it)."""
+        if self._state is not None:
+            return self._state
+        pool = self._gather(self.indices.memory[..., 0])
+        self._state = dataclasses.replace(self.indices, memory=pool, long_term=self.long_term)
+        self.pieces = [pool]
+        layers, slots = pool.shape[:2]
+        self.indices = dataclasses.replace(
+            self.indices, memory=torch.arange(slots).expand(layers, slots)[..., None].clone()
+        )
+        return self._state
+
+
 def replay(state: MemoryState, entries, config) -> MemoryState:
     """The memory after the journal's `entries` (`memory_files.JournalEntry`, consecutive injections following
     `state`): each one committed with `next_state` exactly as `inject` did (same slots, call number and generator
     state), so the pool, its generator and the long-term store come out bit-exact."""
+    pool = LazyPool(state, config)  # the drop rule runs on slot indices; the pool is gathered once
     for entry in entries:
-        if entry.injection != state.num_injections + 1:
+        if entry.injection != pool.injections + 1:
             raise MemoryStateError(
-                f"journal entry of injection {entry.injection} does not follow a memory of {state.num_injections} "
+                f"journal entry of injection {entry.injection} does not follow a memory of {pool.injections} "
                 "injections: the journal belongs to another memory"
             )
         generator = None
         if entry.generator is not None:
             generator = torch.Generator()
             generator.set_state(entry.generator.cpu())
-        new = entry.slots.to(state.memory.device)
-        state = next_state(state, new, config, generator, call=entry.call)
-    return state
+        pool.commit(entry.slots.to(state.memory.device), entry.call, generator)
+    return pool.materialize()

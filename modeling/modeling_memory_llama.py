@@ -17,15 +17,14 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
+from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_files import JournalEntry, SpillDirectory, checkpoint_memory_file
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_journal import PendingUpdates
 from .memory_pool import is_sole_reference
-from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
     PrefixKV,
     cache_prefix_length,
@@ -36,6 +35,7 @@ from .memory_prefix import (
     record_prefix,
     seeded_cache,
 )
+from .memory_reader import LongTermMemoryMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
 from .memory_store import default_long_term_tokens, store_in_ram

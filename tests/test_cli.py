@@ -13,9 +13,9 @@ import torch
 from tiny_folder import save_tiny_folder
 
 from memoryllm_hf import cli
-from memoryllm_hf.greedy import reply
 from memoryllm_hf.commands import load_folder
 from memoryllm_hf.folder import folder_memory
+from memoryllm_hf.greedy import reply
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_state import MemoryState
 

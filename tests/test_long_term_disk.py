@@ -13,9 +13,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 
+from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM, MemoryState, MemoryStateError, read_folder_memory
 from memoryllm_hf.modeling.memory_files import JOURNAL_DIR, LONG_TERM_FILE, SEGMENTS_DIR
-from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.testing import LocalHub
 from memoryllm_hf.tiny import tiny_model
 
@@ -36,7 +36,8 @@ def texts(count: int, seed: int = 1) -> list[torch.Tensor]:
 
 def same_store(a, b) -> bool:
     return len(a) == len(b) and all(
-        x.injection == y.injection and x.call == y.call and torch.equal(x.slots, y.slots) for x, y in zip(a, b)
+        x.injection == y.injection and x.call == y.call and torch.equal(x.slots, y.slots)
+        for x, y in zip(a, b, strict=False)
     )
 
 
@@ -64,7 +65,8 @@ def test_folder_round_trip_carries_segments_by_hard_link(tmp_path):
     for ids in texts(4):
         model.inject(ids)
     model.save_pretrained(tmp_path / "m")
-    assert segments(tmp_path / "m") == [f"{1:010d}-{4:010d}.safetensors"] and not (tmp_path / "m" / LONG_TERM_FILE).exists()
+    assert segments(tmp_path / "m") == [f"{1:010d}-{4:010d}.safetensors"]
+    assert not (tmp_path / "m" / LONG_TERM_FILE).exists()
     loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "m")
     assert same_store(loaded.long_term_memory, model.long_term_memory)
     assert all(str(tmp_path / "m" / SEGMENTS_DIR) in block.source for block in loaded.long_term_memory)
@@ -163,7 +165,8 @@ def test_broken_segments_are_refused_naming_the_file(tmp_path, breakage, match):
     else:
         (folder / SEGMENTS_DIR / "notes.txt").write_text("hello")
     name = "notes.txt" if breakage == "stray" else paths[{"missing": 2}.get(breakage, 1)].name
-    for load in (lambda: MemoryLlamaForCausalLM.from_pretrained(folder), lambda: read_folder_memory(folder, MemoryState)):
+    loads = (lambda: MemoryLlamaForCausalLM.from_pretrained(folder), lambda: read_folder_memory(folder, MemoryState))
+    for load in loads:
         with pytest.raises(ValueError, match=match) as err:
             load()
         assert name in str(err.value)

@@ -16,7 +16,6 @@ from memoryllm_hf import cli
 from memoryllm_hf.evaluation.replay import QuestionChain, chunk_writes
 from memoryllm_hf.modeling import (
     MEMORY_FIELDS,
-    MEMORY_PARTS,
     MemoryLlamaForCausalLM,
     MemoryState,
     MemoryStateError,

@@ -13,26 +13,34 @@ from tiny_folder import save_tiny_folder
 from memoryllm_hf import cli
 from memoryllm_hf.commands import load_folder
 from memoryllm_hf.modeling import (
-    MAX_JOURNAL_RECORDS,
     MemoryLlamaForCausalLM,
     MemoryState,
     MemoryStateError,
+    atomic_io,
+    memory_journal,
     read_folder_memory,
 )
-from memoryllm_hf.modeling import atomic_io
 from memoryllm_hf.modeling.memory_files import JOURNAL_DIR, LONG_TERM_FILE, MEMORY_FILE, journal_record_paths
 from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError
 from memoryllm_hf.tiny import tiny_model
 
 STORE = {"memory_update": "input", "fresh_pool": "grow", "long_term_memory_tokens": 60}
 DISK = {**STORE, "long_term_memory_storage": "disk"}
+MAX_JOURNAL_RECORDS = 4
+
+
+@pytest.fixture(autouse=True)
+def journal_bounds(monkeypatch):
+    """A journal of at most 4 records, whatever their bytes (tiny pools are smaller than their records)."""
+    monkeypatch.setattr(memory_journal, "MAX_JOURNAL_RECORDS", MAX_JOURNAL_RECORDS)
+    monkeypatch.setattr(memory_journal, "MAX_JOURNAL_POOL_FRACTION", 1e6)
 
 
 def same_memory(a: MemoryState, b: MemoryState) -> bool:
     """Pool, counters, generator and written_at bit for bit, and the same long-term blocks."""
     blocks = len(a.long_term) == len(b.long_term) and all(
         x.injection == y.injection and x.call == y.call and torch.equal(x.slots, y.slots)
-        for x, y in zip(a.long_term, b.long_term)
+        for x, y in zip(a.long_term, b.long_term, strict=False)
     )
     return a.content_hash() == b.content_hash() and blocks
 
@@ -89,6 +97,24 @@ def test_records_chain_and_compact_every_max_records(saved):
     model.save_memory(folder)
     assert len(records(folder)) == 1
     assert same_memory(MemoryLlamaForCausalLM.from_pretrained(folder).memory_state(), model.memory_state())
+
+
+def test_a_journal_past_the_pool_files_bytes_is_compacted(saved, monkeypatch):
+    folder, model = saved
+    monkeypatch.setattr(memory_journal, "MAX_JOURNAL_POOL_FRACTION", 1.0)
+    monkeypatch.setattr(memory_journal, "MAX_JOURNAL_RECORDS", 1000)
+    held = []
+    for _ in range(100):
+        pool_bytes = (folder / MEMORY_FILE).stat().st_size
+        model.inject(torch.randint(4, 100, (1, 7)))
+        model.save_memory(folder)
+        if not records(folder):
+            break
+        held.append(sum(path.stat().st_size for path in (folder / JOURNAL_DIR).glob("*")))
+        # (a record's header and numbers are not counted in advance)
+        assert held[-1] <= pool_bytes + 2048 * len(held)
+    assert len(held) >= 2 and not records(folder)  # records were appended, then compacted at the bytes bound
+    assert same_memory(read_folder_memory(folder, MemoryState), model.memory_state())
 
 
 @pytest.mark.parametrize("change", ["undo", "reset", "restore", "load_state", "nothing"])

@@ -1,7 +1,6 @@
 """Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
-from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -18,14 +18,13 @@ Two pieces:
   fewer than K slots leaves older survivors in the next window, and which survive depends on the drops.
 """
 
-import dataclasses
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..modeling import CallNumbers, MemoryState, check_length, long_term_after, next_state, split_ids
+from ..modeling import CallNumbers, MemoryState, check_length, split_ids
+from ..modeling.memory_transition import LazyPool
 
 
 @dataclass
@@ -42,75 +41,6 @@ def chunk_writes(key: str, ids: list[int], chunk_size: int, min_tokens: int) -> 
     check_length(len(ids), min_tokens, f"text {key}")
     chunks = split_ids(torch.tensor(ids, dtype=torch.long), chunk_size)
     return [Write(f"{key}/{i}", chunk) for i, chunk in enumerate(chunks)]
-
-
-class LazyPool:
-    """A memory pool as slot indices into the tensors written so far. A commit runs the model's own state
-    transition (`next_state`) on the indices, so the drop rule, fill level, generator and `written_at` cannot drift
-    from `inject`; the long-term store gets the real slots (`long_term_after`, as in `next_state`)."""
-
-    def __init__(self, state: MemoryState, config):
-        self.config = config
-        self.pieces = [state.memory]
-        layers, slots = state.memory.shape[:2]
-        indices = torch.arange(slots).expand(layers, slots)[..., None].clone()
-        self.indices = dataclasses.replace(state, memory=indices, long_term=())
-        self.long_term = state.long_term
-        self._state: MemoryState | None = state
-
-    @property
-    def injections(self) -> int:
-        return self.indices.num_injections
-
-    def commit(self, new: torch.Tensor, call: int | None = None) -> None:
-        """Append new slots [L, k, d] exactly as `model.inject` would (`call`: the injection number of the first
-        update of the text they belong to)."""
-        layers, k = new.shape[:2]
-        total = sum(piece.shape[1] for piece in self.pieces)
-        ids = torch.arange(total, total + k).expand(layers, k)[..., None]
-        number = self.injections + 1
-        self.indices = next_state(self.indices, ids, self.config, with_long_term=False)
-        self.long_term = long_term_after(self.long_term, new, number, call, self.config, self.pieces[0].dtype)
-        self.pieces.append(new)
-        self._state = None
-
-    def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        """The slots [L, n, d] that `index` [L, n] names (indices into the pieces written so far)."""
-        out = self.pieces[0].new_empty(index.shape[0], index.shape[1], self.pieces[0].shape[2])
-        start = 0
-        for piece in self.pieces:
-            end = start + piece.shape[1]
-            layer, slot = ((index >= start) & (index < end)).nonzero(as_tuple=True)
-            if len(layer):
-                source = (index[layer, slot] - start).to(piece.device)
-                out[layer.to(out.device), slot.to(out.device)] = piece[layer.to(piece.device), source]
-            start = end
-        return out
-
-    def window_digest(self) -> str:
-        """Identifies everything the next write's slots depend on besides its own tokens: the fill level and the
-        window of the last min(K, filled) slots (both update rules read exactly these)."""
-        filled = self.indices.num_filled_slots
-        count = min(self.config.num_update_tokens, filled)
-        digest = hashlib.sha256(f"{filled}:".encode())
-        if count:
-            index = self.indices.memory[..., 0]
-            window = self._gather(index[:, index.shape[1] - count :]).cpu().contiguous()
-            digest.update(window.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
-
-    def materialize(self) -> MemoryState:
-        """The MemoryState the commits lead to (built once per change; later commits start from it)."""
-        if self._state is not None:
-            return self._state
-        pool = self._gather(self.indices.memory[..., 0])
-        self._state = dataclasses.replace(self.indices, memory=pool, long_term=self.long_term)
-        self.pieces = [pool]
-        layers, slots = pool.shape[:2]
-        self.indices = dataclasses.replace(
-            self.indices, memory=torch.arange(slots).expand(layers, slots)[..., None].clone()
-        )
-        return self._state
 
 
 class ReferenceChain:
