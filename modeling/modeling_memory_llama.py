@@ -23,7 +23,6 @@ from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
 from .memory_pool import is_sole_reference
-from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
     PrefixKV,
     cache_prefix_length,
@@ -31,9 +30,10 @@ from .memory_prefix import (
     extend_attention_mask,
     positions_from_mask,
     prefix_key_values,
-    record_prefix,
     seeded_cache,
 )
+from .memory_reader import LongTermMemoryMixin, read_long_term_file
+from .memory_reads import READS, ReadBatch
 from .memory_state import (
     MEMORY_BUFFERS,
     MemoryLock,
@@ -45,7 +45,7 @@ from .memory_state import (
     seeded_rng_state,
 )
 from .memory_store import default_long_term_tokens
-from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
+from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
 
@@ -59,24 +59,6 @@ FROM_BASE_LOAD_KWARGS = (
 def _drop_load_report(record) -> bool:
     """Log filter leaving out transformers' load report (see `from_base`)."""
     return "LOAD REPORT" not in record.getMessage()
-
-
-def _module_fingerprint(module: nn.Module, parts: list) -> None:
-    """Append the identity, adapter settings and parameter versions of `module` and its submodules. Runs at every
-    question, so it walks `_modules`/`_parameters` directly (`modules()`/`parameters()` cost ~7x more)."""
-    parts.append(id(module))
-    if "active_adapter" in module.__dict__ or hasattr(type(module), "active_adapter"):
-        parts += [
-            str(module.active_adapter),
-            getattr(module, "merged", None),
-            getattr(module, "disable_adapters", None),
-        ]
-    for param in module._parameters.values():
-        if param is not None:
-            parts += [param.data_ptr(), param._version]
-    for child in module._modules.values():
-        if child is not None:
-            _module_fingerprint(child, parts)
 
 
 class MemoryEmbeddings(nn.Module):
@@ -119,7 +101,7 @@ class MemoryLlamaForCausalLM(
         self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
         self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
-        self._prefix_kv: tuple[tuple, PrefixKV] | None = None
+        self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
         self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
         self._memory_lock = MemoryLock()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
@@ -184,8 +166,6 @@ class MemoryLlamaForCausalLM(
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
             self._long_term = state.long_term
-            # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
-            self._prefix_kv = None
 
     # ------------------------------------------------------------------ reading
     def memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -197,121 +177,51 @@ class MemoryLlamaForCausalLM(
             return list(slots)
         return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
 
-    def _prefix_fingerprint(self) -> tuple:
-        """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
-        parts = (self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device)
-        return parts + (self.num_filled_slots,) + self._key_value_weights_fingerprint()
+    @property
+    def memory_lock(self) -> MemoryLock:
+        """The re-entrant lock every memory write and every read of one consistent memory state holds."""
+        return self._memory_lock
 
-    def _key_value_weights_fingerprint(self) -> tuple:
-        """What a slot's keys/values depend on besides the slot: bos, the norms and k/v projections (with adapters)."""
-        parts: list = []
-        bos, _ = self.memory_embeddings()
-        if bos is not None:
-            parts += [bos.data_ptr(), bos._version]
-        for layer in self.model.layers._modules.values():
-            attention = layer._modules["self_attn"]._modules
-            for module in (layer._modules["input_layernorm"], attention["k_proj"], attention["v_proj"]):
-                _module_fingerprint(module, parts)
-        return tuple(parts)
+    @property
+    def long_term_memory(self) -> tuple:
+        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
+        return self._long_term
 
     def memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
         """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
         The pool's are cached until the memory or the weights change; they are computed afresh (with gradient)
         when gradients can flow into the prefix path."""
-        if slots is not None or (torch.is_grad_enabled() and self._prefix_needs_grad()):
-            return prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden(slots))
-        with self._memory_lock:
-            fingerprint = self._prefix_fingerprint()
-            if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
-                with torch.no_grad():
-                    kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden())
-                self._prefix_kv = (fingerprint, kv)
-            return self._prefix_kv[1]
+        return self.reads["pool"].prefix_key_values(self, slots)
 
     def clear_memory_key_values(self) -> None:
         """Forget the cached keys/values of the pool's prefix (the next read computes them again)."""
-        with self._memory_lock:
-            self._prefix_kv = None
+        self.reads["pool"].clear()
 
-    def _prefix_needs_grad(self) -> bool:
-        bos, _ = self.memory_embeddings()
-        modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
-        return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
-
-    def memory_cache(
-        self,
-        batch_size: int = 1,
-        slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
+    def memory_cache(self, batch_size=1, slots=None, read_only=False, max_cache_len=None):
         """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
         (a `StaticCache` of `max_cache_len` positions when given). Rows of a batch share one copy of the pool's
         prefix (`SharedPrefixCache`, see `share_memory_prefix`)."""
-        prefix_kv = self.memory_key_values(slots)
-        shared = self.share_memory_prefix and slots is None and not read_only and not self.training
-        if shared and max_cache_len is None and shares_prefix(self.config, batch_size):
-            return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
-        return seeded_cache(self.config, prefix_kv, batch_size, read_only, max_cache_len)
+        return self.reads["pool"].cache(self, batch_size, slots, read_only, max_cache_len)
 
-    def _memory_prefix(
-        self,
-        batch_size: int,
-        slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
-        """(cache, prefix length) taken from one consistent memory state. `max_cache_len` asks for a static cache
-        with room for that many token positions after the prefix."""
-        with self._memory_lock:
-            length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
-            static = None if max_cache_len is None else length + max_cache_len
-            return self.memory_cache(batch_size, slots, read_only, static), length
-
-    def _memory_read(
-        self,
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        rows: int | None = None,
-        memory_slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
+    def memory_read(self, input_ids, inputs_embeds, attention_mask, rows=None, memory_slots=None, read_only=False,
+                    max_cache_len=None):
         """(cache seeded with the memory prefix for `rows` cache rows (default: the batch; beams repeat each row),
-        attention mask [B, prefix + tokens]) of a fresh read: the pool (or `memory_slots`), or with
-        `read_mode="retrieve"` each row's retrieved injections. `max_cache_len`: a static cache with room for that
-        many token positions after the prefix."""
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        batch, length = tokens.shape[:2]
-        rows = rows or batch
-        if memory_slots is not None or self._read_mode() == "pool":
-            cache, prefix = self._memory_prefix(rows, memory_slots, read_only, max_cache_len)
-            return cache, extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
-            raise ValueError(
-                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, {length}], "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
-        if rows != batch:
-            repeat = rows // batch
-            prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
-        full_mask = torch.cat([prefix_mask.to(attention_mask.device, attention_mask.dtype), attention_mask], dim=1)
-        static = None if max_cache_len is None else prefix_mask.shape[1] + max_cache_len
-        prefix_mask = prefix_mask.repeat_interleave(rows // batch, 0)
-        return seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
+        attention mask [B, prefix + tokens]) of a fresh read by `config.read_mode` (`memory_slots`: read those
+        slots with the pool read). `max_cache_len`: a static cache with room for that many positions after the
+        prefix."""
+        batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
+        read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
+        return read.read(self, batch, rows or batch.size, memory_slots, read_only, max_cache_len)
 
-    def _read_mode(self) -> str:
-        self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
+    @property
+    def read_mode(self) -> str:
+        """`config.read_mode`, checked at every read (edited after construction? never fall back silently)."""
+        self.config.check_long_term_memory()
         return self.config.read_mode
 
-    def _reads_memory(self, use_memory: bool) -> bool:
-        if not use_memory:
-            return False
-        return bool(self._long_term) if self._read_mode() == "retrieve" else self.memory_is_initialized
+    def reads_memory(self, use_memory: bool = True) -> bool:
+        """Whether a fresh read now has a memory prefix (False: the plain base model runs)."""
+        return use_memory and self.reads[self.read_mode].has_memory(self)
 
     def forward(
         self,
@@ -347,11 +257,11 @@ class MemoryLlamaForCausalLM(
                 )
             if position_ids is None and attention_mask.shape[1] == prefix + seen:
                 position_ids = positions_from_mask(attention_mask, length)
-        if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
+        if fresh and (memory_slots is not None or self.reads_memory(use_memory)):
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
             )
-            cache, attention_mask = self._memory_read(
+            cache, attention_mask = self.memory_read(
                 input_ids, inputs_embeds, attention_mask, memory_slots=memory_slots, read_only=checkpointing
             )
             if position_ids is None:
@@ -388,7 +298,7 @@ class MemoryLlamaForCausalLM(
         candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         tokens = next((t for t in candidates if t is not None), None)
         prefix = cache_prefix_length(given_cache)
-        if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
+        if given_cache is None and tokens is not None and self.reads_memory(kwargs.get("use_memory", True)):
             batch, length = tokens.shape[:2]
             config = generation_config or self.generation_config
             beams = kwargs.get("num_beams", config.num_beams) or 1
@@ -396,7 +306,7 @@ class MemoryLlamaForCausalLM(
             room = static_cache_room(config, kwargs, length)
             input_ids = inputs if inputs is not None else kwargs.get("input_ids")
             inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-            kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
+            kwargs["cache"], kwargs["attention_mask"] = self.memory_read(
                 input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
                 max_cache_len=room,
             )
@@ -595,7 +505,9 @@ class MemoryLlamaForCausalLM(
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
-        self._prefix_kv = self._spare_pool = None
+        self._spare_pool = None
+        for read in self.reads.values():
+            read.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def save_pretrained(
@@ -653,8 +565,12 @@ class MemoryLlamaForCausalLM(
         else:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
-            if source is not None:
-                model._load_long_term_file(source, kwargs)
+            store = None if source is None else read_long_term_file(
+                source, kwargs, model.config, model.memory_fingerprint(), model.num_injections
+            )
+            if store is not None:
+                with model.memory_lock:
+                    model._long_term = store
         model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
         return (model, info) if want_info else model
 
