@@ -257,9 +257,9 @@ class LongTermMemoryMixin:
         return [[block.injection for block in row] for row in chosen]
 
 
-def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint: str, num_injections: int):
-    """The checkpoint's long-term store (`long_term_memory.safetensors`), checked and cast to the configured dtype
-    and device, or None when it has none."""
+def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
+    """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
+    reading model's) and cast to the configured dtype and device, or None when it has none."""
     from transformers.utils import cached_file
 
     options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
@@ -273,7 +273,7 @@ def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint: str, nu
     if path is None:
         return None
     try:
-        store = load_store(path, fingerprint)
+        store = load_store(path, fingerprint())
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None

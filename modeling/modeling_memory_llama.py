@@ -566,7 +566,7 @@ class MemoryLlamaForCausalLM(
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
             store = None if source is None else read_long_term_file(
-                source, kwargs, model.config, model.memory_fingerprint(), model.num_injections
+                source, kwargs, model.config, model.memory_fingerprint, model.num_injections
             )
             if store is not None:
                 with model.memory_lock:
