@@ -11,9 +11,11 @@ import torch
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
+from .memory_fields import torch_dtype
+from .memory_files import checkpoint_store
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
+from .memory_store import LongTermStoreError, validate_store
 
 
 def select_injections(
@@ -259,25 +261,15 @@ class LongTermMemoryMixin:
 
 def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
     """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
-    reading model's) and cast to the configured dtype and device, or None when it has none."""
-    from transformers.utils import cached_file
-
-    options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
-    path = cached_file(
-        path_or_repo,
-        LONG_TERM_FILE,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **options,
-    )
-    if path is None:
-        return None
+    reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
     try:
-        store = load_store(path, fingerprint())
+        store = checkpoint_store(path_or_repo, kwargs, fingerprint)
+        if store is None:
+            return None
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None
-    dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else None
+    dtype = torch_dtype(config.long_term_memory_dtype)
     device = config.long_term_memory_device or "cpu"
     for block in store:
         block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)

@@ -19,9 +19,10 @@ from transformers.utils import logging
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
+from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
+from .memory_files import checkpoint_memory_file
 from .memory_generation import static_cache_room, uncached_length
-from .memory_hub import MemoryHubMixin, checkpoint_memory_file
-from .memory_inputs import encoding_rows
+from .memory_hub import MemoryHubMixin
 from .memory_pool import is_sole_reference
 from .memory_prefix import (
     PrefixKV,
@@ -34,17 +35,11 @@ from .memory_prefix import (
 )
 from .memory_reader import LongTermMemoryMixin, read_long_term_file
 from .memory_reads import READS, ReadBatch
-from .memory_state import (
-    MEMORY_BUFFERS,
-    MemoryLock,
-    MemoryState,
-    MemoryStateMixin,
-    check_finite_slots,
-    is_blank_text,
-    next_state,
-    seeded_rng_state,
-)
+from .memory_state import MemoryState
+from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
 from .memory_store import default_long_term_tokens
+from .memory_text import CallNumbers, injection_ids, split_ids
+from .memory_transition import check_finite_slots, next_state
 from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
@@ -93,17 +88,16 @@ class MemoryLlamaForCausalLM(
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
-        L, N, d = config.num_hidden_layers, config.num_memory_tokens, config.hidden_size
         self.memory_embeddings = MemoryEmbeddings(config)
-        self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
-        self.register_buffer("memory_filled", torch.tensor(0, dtype=torch.long), persistent=True)
-        self.register_buffer("memory_injections", torch.tensor(0, dtype=torch.long), persistent=True)
-        self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
-        self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
+        fresh = fresh_tensors(config_geometry(config), torch.get_default_dtype(), config.memory_seed)
+        for field in MEMORY_FIELDS:  # the memory state's tensors (memory_fields), saved in their own file
+            self.register_buffer(field.buffer, fresh[field.name], persistent=field.saved)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
         self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
-        self._memory_lock = MemoryLock()
+        self.memory_lock = MemoryLock()
+        self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
+        self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
             if isinstance(module, AdapterWeights):
@@ -116,11 +110,10 @@ class MemoryLlamaForCausalLM(
                 init.normal_(module.bos_embedding, std=self.config.initializer_range)
             init.zeros_(module.new_memory_positional_emb)
         elif module is self:
+            fresh = fresh_tensors(config_geometry(self.config), self.memory.dtype, self.config.memory_seed)
+            for field in MEMORY_FIELDS:
+                init.copy_(getattr(self, field.buffer), fresh[field.name])
             init.normal_(self.memory, std=self.config.initializer_range)
-            init.zeros_(self.memory_filled)
-            init.zeros_(self.memory_injections)
-            init.copy_(self.memory_rng_state, seeded_rng_state(self.config.memory_seed))
-            init.zeros_(self.memory_written_at)
 
     # ------------------------------------------------------------------ memory state
     @property
@@ -144,24 +137,17 @@ class MemoryLlamaForCausalLM(
 
     def reset_memory(self, seed: int | None = None) -> None:
         """Empty the pool and the long-term store: reads use no memory until the next injection."""
-        seed = self.config.memory_seed if seed is None else seed
-        self._set_state(
-            MemoryState(
-                memory=torch.zeros_like(self.memory),
-                filled=torch.zeros_like(self.memory_filled),
-                injections=torch.zeros_like(self.memory_injections),
-                rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
-                written_at=torch.zeros_like(self.memory_written_at),
-            )
-        )
+        self.swap_memory_state(MemoryState.empty(self.config, seed, self.memory.dtype, self.memory.device))
 
-    def _current_state(self) -> MemoryState:
+    def live_memory_state(self) -> MemoryState:
+        """The memory as a state that shares the model's tensors (no copy, no checks; `memory_state()` copies)."""
         buffers = {name: getattr(self, name) for name in MEMORY_BUFFERS}
         return MemoryState.from_buffers(buffers, long_term=self._long_term)
 
-    def _set_state(self, state: MemoryState) -> None:
-        """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
-        with self._memory_lock:
+    def swap_memory_state(self, state: MemoryState) -> None:
+        """The only place that changes the memory: swaps in `state`'s tensors (never edits them in place), without
+        the checks of `load_memory_state` / `set_memory_state` (for states of this model)."""
+        with self.memory_lock:
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
@@ -176,11 +162,6 @@ class MemoryLlamaForCausalLM(
         if bos is None:
             return list(slots)
         return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
-
-    @property
-    def memory_lock(self) -> MemoryLock:
-        """The re-entrant lock every memory write and every read of one consistent memory state holds."""
-        return self._memory_lock
 
     @property
     def long_term_memory(self) -> tuple:
@@ -351,89 +332,38 @@ class MemoryLlamaForCausalLM(
         if chunk_size < self.config.min_inject_tokens:
             raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        chunks = [
-            (text, c) for text, ids in enumerate(self._injection_ids(text_or_ids, tokenizer))
-            for c in self._split(ids, chunk_size)
-        ]
+        items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
+        chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
-        with self._memory_lock:
-            before = self._current_state()
-            first_update: dict[int, int] = {}
+        with self.memory_lock:
+            before = self.live_memory_state()
+            calls = CallNumbers()
             try:
                 with torch.no_grad():
                     for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                        call = first_update.setdefault(text, self.num_injections + 1)
+                        call = calls(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
-                        state = self._state_after(new, generator, self._take_spare_pool(), call)
+                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
                         replaced = self.memory
-                        self._set_state(state)
+                        self.swap_memory_state(state)
                         del state
                         # A pool between two chunks of this call. (is_sole_reference counts references: keep the
                         # call inline, a helper in between would add one and turn recycling off.)
-                        if self._recycles(replaced) and is_sole_reference(replaced):
-                            self._spare_pool = replaced
+                        if self.spare_pool.accepts(replaced, self.recycle_pools) and is_sole_reference(replaced):
+                            self.spare_pool.keep(replaced)
                         del replaced
             except BaseException:
-                self._set_state(before)
+                self.swap_memory_state(before)
                 raise
-            self._remember_undo(before)
+            self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
         return len(chunks)
 
     def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
-        with self._memory_lock:
-            before = self._current_state()
-            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator))
-            self._remember_undo(before)
-
-    def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
-        """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
-        if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
-            return [ids for row in encoding_rows(text_or_ids) for ids in self._injection_ids(row, tokenizer)]
-        if isinstance(text_or_ids, str) or (
-            isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
-        ):
-            texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
-            if any(isinstance(t, str) and is_blank_text(t) for t in texts):
-                raise ValueError("text is empty or whitespace only: there is nothing to inject")
-            if tokenizer is None:
-                raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
-            items = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
-        else:
-            try:
-                ids = torch.as_tensor(text_or_ids)
-            except RuntimeError as err:  # e.g. None or dicts among the ids
-                raise TypeError(
-                    f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
-                ) from None
-            if ids.is_meta or ids.layout != torch.strided:
-                kind = "meta" if ids.is_meta else str(ids.layout)
-                raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-            if ids.dim() == 2 and ids.shape[0] != 1:
-                raise ValueError(
-                    f"inject takes one sequence at a time, got a batch of {ids.shape[0]}; "
-                    "pass a list of texts (or call inject per row) to inject them in order"
-                )
-            if ids.dim() > 2:
-                raise ValueError(f"token ids must be 1-D or [1, n], got shape {tuple(ids.shape)}")
-            items = [ids.reshape(-1).long()]
-        minimum, vocab = self.config.min_inject_tokens, self.config.vocab_size
-        for ids in items:
-            if ids.numel() < minimum:
-                raise ValueError(
-                    f"injection has {ids.numel()} tokens; at least min_inject_tokens={minimum} are needed "
-                    "(join short texts together, or lower config.min_inject_tokens)"
-                )
-            if ids.min() < 0 or ids.max() >= vocab:
-                raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return items
-
-    def _split(self, ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
-        """Near-equal chunks of at most `chunk_size` tokens (none shorter than the minimum)."""
-        count = -(-ids.numel() // chunk_size)
-        return [c[None].to(self.device) for c in torch.tensor_split(ids, count)]
+        with self.memory_lock:
+            before = self.live_memory_state()
+            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator))
+            self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
         """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
@@ -501,11 +431,11 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
         """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
-        return next_state(self._current_state(), new, self.config, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
-        self._spare_pool = None
+        self.spare_pool.clear()
         for read in self.reads.values():
             read.clear()
         return super()._apply(fn, *args, **kwargs)
@@ -525,17 +455,18 @@ class MemoryLlamaForCausalLM(
         that folder, unless `overwrite_memory=True`."""
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        with self._memory_lock:  # one memory state: the buffers and the long-term store
+        with self.memory_lock:  # one memory state: the buffers and the long-term store
             long_term = self._long_term
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        state = self._memory_for_save(state_dict, long_term)
         save_weights = super().save_pretrained
         if not kwargs.get("is_main_process", True):
+            state_dict = {k: v for k, v in state_dict.items() if k not in MEMORY_BUFFERS}
             return save_weights(save_directory, *args, state_dict=state_dict, **kwargs)
-        self._save_folder(
+        self.save_memory_folder(
             save_directory,
-            lambda staging: save_weights(staging, *args, state_dict=state_dict, **kwargs),
-            state,
+            lambda staging, weights: save_weights(staging, *args, state_dict=weights, **kwargs),
+            state_dict,
+            long_term,
             overwrite_memory,
         )
 
@@ -564,7 +495,7 @@ class MemoryLlamaForCausalLM(
             model.reset_memory()
         else:
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
+            model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
             store = None if source is None else read_long_term_file(
                 source, kwargs, model.config, model.memory_fingerprint, model.num_injections
             )

@@ -6,8 +6,9 @@ import torch
 
 from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling import MemoryLlamaConfig, MemoryStateError
+from memoryllm_hf.modeling.memory_files import LONG_TERM_FILE
 from memoryllm_hf.modeling.memory_reader import select_injections
-from memoryllm_hf.modeling.memory_store import LONG_TERM_FILE, MemoryBlock, store_append
+from memoryllm_hf.modeling.memory_store import MemoryBlock, store_append
 from memoryllm_hf.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 

@@ -34,21 +34,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoTokenizer
 
     from .convert import convert_official
+    from .loading import torch_dtype
     from .modeling import MemoryLlamaForCausalLM
 
     if args.official:
-        convert_official(args.source, args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        convert_official(args.source, args.output, dtype=torch_dtype(args.dtype))
     else:
         memory = {"num_memory_tokens": args.num_memory_tokens, "num_update_tokens": args.num_update_tokens}
         if args.read_mode:
             memory["read_mode"] = args.read_mode
         model = MemoryLlamaForCausalLM.from_base(args.source, gguf_file=args.gguf_file, **memory)
         if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
+            model = model.to(torch_dtype(args.dtype))
         model.save_pretrained(args.output)
         AutoTokenizer.from_pretrained(args.source, gguf_file=args.gguf_file).save_pretrained(args.output)
     print(f"saved MemoryLlama to {args.output}")
@@ -69,8 +69,7 @@ def load_folder(folder: str, read_mode: str | None = None):
 
 def _inject(args: argparse.Namespace) -> int:
     from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling.memory_state import stored_content_hash
-    from .modeling.memory_storage import MEMORY_FILE
+    from .modeling import MEMORY_FILE, stored_content_hash
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
@@ -168,7 +167,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
     chat.set_defaults(func=_chat)
 
-    stats = subparsers.add_parser("stats", help="describe a folder's memory (N, K, injections, fill, slot norms)")
+    stats = subparsers.add_parser(
+        "stats", help="describe a folder's memory (N, K, injections, fill, slot norms, long-term store)"
+    )
     stats.add_argument("folder", help="MemoryLlama folder")
     stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
     stats.set_defaults(func=_stats)
