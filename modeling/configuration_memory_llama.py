@@ -135,7 +135,7 @@ class MemoryLlamaConfig(LlamaConfig):
         layers = self.retrieval_key_layers
         if layers is not None and (
             not isinstance(layers, (list, tuple))
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_hidden_layers for i in layers)
+            or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
         ):
             raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
                              f"{self.num_hidden_layers}), got {layers!r}")

@@ -29,6 +29,10 @@ class PoolRead:
     def check_config(config) -> None:
         """The pool read works with every configuration."""
 
+    @staticmethod
+    def from_base_defaults(memory_config: dict, base_config) -> None:
+        """`from_base` needs nothing more for the pool read."""
+
     def has_memory(self, model) -> bool:
         return model.memory_is_initialized
 
@@ -63,7 +67,8 @@ class PoolRead:
         """(cache seeded with `[bos; pool]` (or `[bos; slots]`) for `rows` cache rows, attention mask [B, prefix +
         tokens]) of one prompt batch (`ReadBatch`), taken from one consistent memory state."""
         with model.memory_lock:
-            prefix = model.memory_prefix_length if slots is None else int(model.config.add_bos_embedding) + slots.shape[1]
+            bos = int(model.config.add_bos_embedding)
+            prefix = model.memory_prefix_length if slots is None else bos + slots.shape[1]
             static = None if max_cache_len is None else prefix + max_cache_len
             cache = self.cache(model, rows, slots, read_only, static)
         mask = extend_attention_mask(batch.attention_mask, batch.size, batch.length, prefix, batch.device)

@@ -4,7 +4,7 @@
 against the prompt, in the order they were written]`. The scores come from `memory_retrieval`; this file turns them
 into a choice per row (`select_injections`) and stacks rows whose prefixes differ in length into one left-padded
 cache (`stack_prefixes`): a row's padding columns are masked out, so a batch reads exactly what its rows read alone.
-`RetrieveRead` is the read mode; `LongTermMemoryMixin` gives the model its public store-facing API.
+`RetrieveRead` is the read mode (the model's public retrieval API is `memory_reads.MemoryReadMixin`).
 """
 
 import torch
@@ -15,7 +15,7 @@ from .memory_fields import torch_dtype
 from .memory_files import checkpoint_store
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LongTermStoreError, validate_store
+from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
 
 
 def select_injections(
@@ -32,7 +32,8 @@ def select_injections(
     Blocks are taken best score first while their slots fit the `budget`; a block scoring below `threshold`, or more
     than `margin` below the best block, is not taken for its own score. With `neighbors` > 0, after each taken block
     the `neighbors` blocks before and after it that belong to the same text (`calls`: the first update of the text)
-    are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the newer block first), so the choice is deterministic.
+    are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the
+    newer block first), so the choice is deterministic.
     """
     count = len(sizes)
     if scores.shape != (count,):
@@ -111,6 +112,20 @@ class RetrieveRead:
                 "(or use read_mode='pool')"
             )
 
+    @staticmethod
+    def from_base_defaults(memory_config: dict, base_config) -> None:
+        """`from_base` settings (unless given): read 4 updates and their neighbours from a bfloat16 store of ~1 GiB."""
+        update = memory_config.get("num_update_tokens", 16)
+        memory_config.setdefault("read_tokens", 4 * update)
+        memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
+        memory_config.setdefault("long_term_memory_dtype", "bfloat16")
+        memory_config.setdefault(
+            "long_term_memory_tokens",
+            default_long_term_tokens(
+                base_config.num_hidden_layers, base_config.hidden_size, memory_config["long_term_memory_dtype"], update
+            ),
+        )
+
     def has_memory(self, model) -> bool:
         return bool(model.long_term_memory)
 
@@ -170,6 +185,10 @@ class RetrieveRead:
         rows = []
         layers, limit = model.model.layers, model.retrieval_kv_cache_slots
         memory = model.memory
+
+        def kv(block) -> PrefixKV:
+            return slot_key_values(layers, list(block.slots.to(device=memory.device, dtype=memory.dtype)))
+
         with model.adapters.use(READ):
             bos, _ = model.memory_embeddings()
             weights = (memory.dtype, memory.device) + key_value_weights_fingerprint(layers, bos)
@@ -177,17 +196,12 @@ class RetrieveRead:
                 empty = memory.new_zeros(model.config.num_hidden_layers, 0, model.config.hidden_size)
                 bos_kv = slot_key_values(layers, list(empty))
             else:
-                bos_kv = self.key_values.get("bos", weights, lambda: slot_key_values(layers, list(bos.to(memory.dtype))))
+                bos_kv = self.key_values.get("bos", weights, lambda: slot_key_values(layers, list(bos.to(memory.dtype))),
+                                             limit)
             for blocks in self.blocks(model, input_ids, attention_mask, inputs_embeds):
                 key = tuple(block.injection for block in blocks)
                 if key not in by_choice:
-                    parts = [bos_kv] + [
-                        self.key_values.get(
-                            b, weights, lambda b=b: slot_key_values(layers, list(b.slots.to(memory.device, memory.dtype))),
-                            limit,
-                        )
-                        for b in blocks
-                    ]
+                    parts = [bos_kv] + [self.key_values.get(b, weights, lambda b=b: kv(b), limit) for b in blocks]
                     joined = [
                         (torch.cat([p[layer][0] for p in parts], 2), torch.cat([p[layer][1] for p in parts], 2))
                         for layer in range(len(parts[0]))
@@ -224,39 +238,6 @@ class RetrieveRead:
 def prefix_slots(kv: PrefixKV) -> int:
     """Slots per layer a cached prefix holds (the size the key/value cache is bounded in)."""
     return kv[0][0].shape[2]
-
-
-class LongTermMemoryMixin:
-    """The public API of the long-term store and retrieval reads (the read itself is `RetrieveRead`)."""
-
-    # Blocks whose (un-rotated) keys/values are kept for the next reads, in slots per layer (least recently read
-    # leave first). A question's prefix is then the cached keys/values rotated to their positions.
-    retrieval_kv_cache_slots: int = 8192
-
-    @property
-    def last_retrieval(self) -> list[list[int]] | None:
-        """The injection numbers each prompt row read in the last retrieval read (None before the first)."""
-        return self.reads["retrieve"].last
-
-    @torch.no_grad()
-    def retrieval_scores(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
-        return self.reads["retrieve"].scores(self, input_ids, attention_mask, inputs_embeds)
-
-    def retrieve(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> list[list[int]]:
-        """The injection numbers each prompt row reads with `read_mode="retrieve"` (in the order written)."""
-        chosen = self.reads["retrieve"].blocks(self, input_ids, attention_mask, inputs_embeds)
-        return [[block.injection for block in row] for row in chosen]
 
 
 def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):

@@ -93,7 +93,7 @@ def key_scores(queries: torch.Tensor, keys: torch.Tensor, segment: torch.Tensor,
     slots at once; a block's score is the mass its slots get, averaged over question tokens and summed over kv
     groups and key layers. queries [layers, T, kv, hd] (pre-scaled), keys [layers, N, kv, hd]."""
     total = queries.new_zeros(count)
-    for q, k in zip(queries, keys):
+    for q, k in zip(queries, keys, strict=True):
         weights = torch.softmax(torch.einsum("tgd,ngd->gtn", q, k), dim=-1)  # [kv, T, N]
         mass = weights.new_zeros(*weights.shape[:-1], count).index_add_(-1, segment, weights)
         total = total + mass.mean(1).sum(0)
@@ -224,7 +224,7 @@ def check_weights(weights: dict) -> None:
     unknown = set(weights) - set(SCORERS)
     if unknown:
         raise ValueError(f"unknown score weights {sorted(unknown)}; use {' and '.join(map(repr, SCORERS))}")
-    bad = {name: value for name, value in weights.items() if isinstance(value, bool) or not isinstance(value, (int, float))}
+    bad = {k: v for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
     if bad:
         raise ValueError(f"score weights must be numbers, got {bad}")
 

@@ -11,49 +11,43 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationMixin, GgufConfig, LlamaForCausalLM
+from transformers import GenerationMixin, LlamaForCausalLM
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
+from .memory_adapters import AdapterWeights, MemoryAdapters
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_files import checkpoint_memory_file
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_loading import (
+    MISMATCHED_SHAPES,
+    bos_from_base_model,
+    from_base,
+    refuse_plain_checkpoint,
+    reset_missing_adapters,
+)
 from .memory_pool import is_sole_reference
 from .memory_prefix import (
-    PrefixKV,
     cache_prefix_length,
     cache_prefix_mask,
     extend_attention_mask,
     positions_from_mask,
-    prefix_key_values,
-    seeded_cache,
 )
-from .memory_reader import LongTermMemoryMixin, read_long_term_file
-from .memory_reads import READS, ReadBatch
+from .memory_reader import read_long_term_file
+from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_store import default_long_term_tokens
 from .memory_text import CallNumbers, injection_ids, split_ids
 from .memory_transition import check_finite_slots, next_state
+from .memory_writer import new_memory_slots, write_layout
 from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
 
 PROGRESS_MIN_CHUNKS = 8
-# `from_base` keyword arguments that go to `from_pretrained` (the others configure the memory).
-FROM_BASE_LOAD_KWARGS = (
-    "dtype", "revision", "device_map", "offload_folder", "attn_implementation", "token", "cache_dir", "local_files_only"
-)
-
-
-def _drop_load_report(record) -> bool:
-    """Log filter leaving out transformers' load report (see `from_base`)."""
-    return "LOAD REPORT" not in record.getMessage()
 
 
 class MemoryEmbeddings(nn.Module):
@@ -76,7 +70,7 @@ class MemoryEmbeddings(nn.Module):
 
 
 class MemoryLlamaForCausalLM(
-    MemoryStateMixin, MemoryHubMixin, LongTermMemoryMixin, LlamaForCausalLM, GenerationMixin
+    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, LlamaForCausalLM, GenerationMixin
 ):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
@@ -135,6 +129,11 @@ class MemoryLlamaForCausalLM(
     def num_injections(self) -> int:
         return int(self.memory_injections)
 
+    @property
+    def long_term_memory(self) -> tuple:
+        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
+        return self._long_term
+
     def reset_memory(self, seed: int | None = None) -> None:
         """Empty the pool and the long-term store: reads use no memory until the next injection."""
         self.swap_memory_state(MemoryState.empty(self.config, seed, self.memory.dtype, self.memory.device))
@@ -162,47 +161,6 @@ class MemoryLlamaForCausalLM(
         if bos is None:
             return list(slots)
         return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
-
-    @property
-    def long_term_memory(self) -> tuple:
-        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
-        return self._long_term
-
-    def memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
-        """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
-        The pool's are cached until the memory or the weights change; they are computed afresh (with gradient)
-        when gradients can flow into the prefix path."""
-        return self.reads["pool"].prefix_key_values(self, slots)
-
-    def clear_memory_key_values(self) -> None:
-        """Forget the cached keys/values of the pool's prefix (the next read computes them again)."""
-        self.reads["pool"].clear()
-
-    def memory_cache(self, batch_size=1, slots=None, read_only=False, max_cache_len=None):
-        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
-        (a `StaticCache` of `max_cache_len` positions when given). Rows of a batch share one copy of the pool's
-        prefix (`SharedPrefixCache`, see `share_memory_prefix`)."""
-        return self.reads["pool"].cache(self, batch_size, slots, read_only, max_cache_len)
-
-    def memory_read(self, input_ids, inputs_embeds, attention_mask, rows=None, memory_slots=None, read_only=False,
-                    max_cache_len=None):
-        """(cache seeded with the memory prefix for `rows` cache rows (default: the batch; beams repeat each row),
-        attention mask [B, prefix + tokens]) of a fresh read by `config.read_mode` (`memory_slots`: read those
-        slots with the pool read). `max_cache_len`: a static cache with room for that many positions after the
-        prefix."""
-        batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
-        read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
-        return read.read(self, batch, rows or batch.size, memory_slots, read_only, max_cache_len)
-
-    @property
-    def read_mode(self) -> str:
-        """`config.read_mode`, checked at every read (edited after construction? never fall back silently)."""
-        self.config.check_long_term_memory()
-        return self.config.read_mode
-
-    def reads_memory(self, use_memory: bool = True) -> bool:
-        """Whether a fresh read now has a memory prefix (False: the plain base model runs)."""
-        return use_memory and self.reads[self.read_mode].has_memory(self)
 
     def forward(
         self,
@@ -366,66 +324,12 @@ class MemoryLlamaForCausalLM(
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
-        """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
-        re-processed as queries, add the position embedding, number of new slots).
-
-        Official ("output") rule: window `[bos; last K slots; context]`, queries = the last max(n, K) positions, new
-        slots = layer outputs at the last K; the first write into an empty "tile" pool has no bos and no memory.
-        "input" rule: only the context tokens are queries and become (min(n, K)) new slots.
-        """
-        cfg, K, filled = self.config, self.config.num_update_tokens, self.num_filled_slots
-        output_rule = cfg.memory_update == "output"
-        official_first = filled == 0 and output_rule and cfg.fresh_pool == "tile"
-        requeried = min(max(K - length, 0), filled) if output_rule else 0
-        add_pos = cfg.positional_emb_on_first_injection if filled == 0 else True
-        num_new = min(K, requeried + length)
-        return cfg.add_bos_embedding and not official_first, min(K, filled) - requeried, requeried, add_pos, num_new
+        """The write window for a context of `length` tokens (see `memory_writer.write_layout`)."""
+        return write_layout(self.config, self.num_filled_slots, length)
 
     def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
-        use_bos, prefix_slots, requeried, add_pos, num_new = self.write_layout(input_ids.shape[1])
-        bos, pos_emb = self.memory_embeddings()
-        N, K = self.config.num_memory_tokens, self.config.num_update_tokens
-        layers = self.model.layers
-        memory = self.memory
-        with self.adapters.use(WRITE):
-            hidden = self.model.embed_tokens(input_ids)
-            first_slot = N - requeried - prefix_slots
-            prefix = [memory[layer, first_slot : N - requeried] for layer in range(len(layers))]
-            if use_bos:
-                prefix = [torch.cat([bos[i].to(p.device, hidden.dtype), p], dim=0) for i, p in enumerate(prefix)]
-            start = prefix[0].shape[0]
-            cache = None
-            if start:
-                # read-only: the window is used once per layer, and a checkpointing replay must see the same prefix
-                cache = seeded_cache(self.config, prefix_key_values(layers, self.model.rotary_emb, prefix), 1, True)
-            length = requeried + input_ids.shape[1]
-            positions = torch.arange(start, start + length, device=hidden.device)[None]
-            probe = hidden.new_empty(1, length, hidden.shape[-1])
-            mask = create_causal_mask(self.config, probe, None, cache, position_ids=positions)
-            rotary = self.model.rotary_emb(probe, positions)
-            # Official quirk, kept for parity: with no prefix in the window, the next layer's in-place position
-            # embedding add also lands on the recorded output slots.
-            aliased_position_emb = add_pos and not start and not requeried
-            new_slots = []
-            for index, layer in enumerate(layers):
-                requery = memory[index, N - requeried :][None].to(hidden.device)
-                x = hidden if not requeried else torch.cat([requery, hidden], dim=1)
-                if add_pos:
-                    K_here = min(K, x.shape[1])
-                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.device, x.dtype)], dim=1)
-                if self.config.memory_update == "input":
-                    new_slots.append(x[0, -num_new:].to(memory.device))
-                    if index == len(layers) - 1:
-                        break
-                out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache)
-                if self.config.memory_update == "output":
-                    slot = out[0, -num_new:]
-                    if aliased_position_emb and index < len(layers) - 1:
-                        slot = slot + pos_emb[0].to(slot.device, slot.dtype)
-                    new_slots.append(slot.to(memory.device))
-                hidden = out[:, -input_ids.shape[1] :]
-        return torch.stack(new_slots)
+        return new_memory_slots(self, input_ids)
 
     def _state_after(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
@@ -478,18 +382,14 @@ class MemoryLlamaForCausalLM(
         instead of reading a re-initialized one)."""
         want_info = kwargs.pop("output_loading_info", False)
         if args and kwargs.get("config") is None:
-            cls._refuse_plain_checkpoint(args[0], kwargs)
+            refuse_plain_checkpoint(cls, args[0], kwargs)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except RuntimeError as err:
             if "mismatched" not in str(err):
                 raise
-            raise ValueError(
-                "the checkpoint's tensors do not have the shapes its config implies (see the load report above). For "
-                "`memory` this means num_hidden_layers / num_memory_tokens / hidden_size in config.json disagree with "
-                "memory.safetensors: fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
-            ) from err
-        model._reset_missing_adapters(info["missing_keys"])
+            raise ValueError(MISMATCHED_SHAPES) from err
+        reset_missing_adapters(model, info["missing_keys"])
         if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
             logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
             model.reset_memory()
@@ -506,26 +406,6 @@ class MemoryLlamaForCausalLM(
         return (model, info) if want_info else model
 
     @classmethod
-    def _refuse_plain_checkpoint(cls, path_or_repo, kwargs: dict) -> None:
-        """A checkpoint of another model type (a plain Llama) would load as an untrained memory model: refuse."""
-        lookup = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "gguf_file")
-        config, _ = MemoryLlamaConfig.get_config_dict(path_or_repo, **{k: kwargs[k] for k in lookup if k in kwargs})
-        model_type = config.get("model_type")
-        if model_type != MemoryLlamaConfig.model_type:
-            raise ValueError(
-                f"{path_or_repo} is a {model_type!r} checkpoint, not MemoryLlama: wrap it with "
-                f"{cls.__name__}.from_base(path) (a fresh training-free memory), or convert an official MemoryLLM "
-                "checkpoint with `memoryllm-hf convert --official`"
-            )
-
-    def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
-        """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
-        submodel, whose own `_init_weights` does not know them.)"""
-        for prefix, module in self.named_modules():
-            if isinstance(module, AdapterWeights):
-                module.reset([name for name in module if f"{prefix}.{name}" in missing_keys])
-
-    @classmethod
     def from_base(
         cls,
         path_or_repo: str | os.PathLike,
@@ -539,65 +419,11 @@ class MemoryLlamaForCausalLM(
         and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
         model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
-        if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
-            memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
-        load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}
-        if gguf_file:
-            load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}
-        base_config = AutoConfig.from_pretrained(path_or_repo, **source)
-        if base_config.model_type not in ("llama", MemoryLlamaConfig.model_type):
-            raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
-        skip = ("model_type", "architectures", "auto_map")
-        fields = {k: v for k, v in base_config.to_dict().items() if k not in skip}
-        if memory_update == "input":
-            # Every context token becomes a slot, so chunks longer than K would lose tokens; and the 16-token
-            # minimum of the trained official models has no reason to apply.
-            memory_config.setdefault("inject_chunk_size", memory_config.get("num_update_tokens", 16))
-            memory_config.setdefault("min_inject_tokens", 4)
-            memory_config.setdefault("fresh_pool", "grow")
-            # What leaves the pool stays findable: a long-term store of about 1 GiB and retrieval reads.
-            if memory_config.get("read_mode", "retrieve") == "retrieve":
-                memory_config.setdefault("read_mode", "retrieve")
-                memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
-                memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
-                memory_config.setdefault("long_term_memory_dtype", "bfloat16")
-                memory_config.setdefault(
-                    "long_term_memory_tokens",
-                    default_long_term_tokens(
-                        base_config.num_hidden_layers,
-                        base_config.hidden_size,
-                        memory_config["long_term_memory_dtype"],
-                        memory_config.get("num_update_tokens", 16),
-                    ),
-                )
-        config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
-        # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
-        # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and
-        # replaced by a report of what is not expected.
-        report_logger = logging.get_logger("transformers.modeling_utils")
-        report_logger.addFilter(_drop_load_report)
-        try:
-            model, info = cls.from_pretrained(path_or_repo, config=config, output_loading_info=True, **load_kwargs)
-        finally:
-            report_logger.removeFilter(_drop_load_report)
-        missing = sorted(key for key in info["missing_keys"] if ".adapter_" not in key)
-        surprises = {"missing": missing, "unexpected": sorted(info["unexpected_keys"])}
-        if any(surprises.values()):
-            logger.warning(f"from_base({path_or_repo}): weights that do not match a Llama: {surprises}")
-        model.bos_from_base_model()
-        return model
+        return from_base(cls, path_or_repo, gguf_file, memory_update, **memory_config)
 
-    @torch.no_grad()
     def bos_from_base_model(self) -> None:
         """Set `bos_embedding[l]` to the input of layer l when the base model reads its BOS token alone."""
-        bos, _ = self.memory_embeddings()
-        if bos is None or self.config.bos_token_id is None:
-            return
-        ids = torch.tensor([[self.config.bos_token_id]], device=self.device)
-        with self.adapters.use(READ):
-            hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
-        bos.copy_(torch.stack([h[0].to(bos.device) for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+        bos_from_base_model(self)
 
 
 # ---------------------------------------------------------------------- base model (AutoModel)

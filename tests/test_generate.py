@@ -119,7 +119,7 @@ def test_streamer_and_pipeline(model):
 def test_memory_keys_values_are_reused_until_the_memory_changes(model, monkeypatch):
     calls = []
     original = memory_prefix.prefix_key_values
-    for reader in ("memory_pool_read", "modeling_memory_llama"):  # the read's prefix and the write window's
+    for reader in ("memory_pool_read", "memory_writer"):  # the read's prefix and the write window's
         monkeypatch.setattr(
             f"memoryllm_hf.modeling.{reader}.prefix_key_values",
             lambda *a, **k: calls.append(1) or original(*a, **k),

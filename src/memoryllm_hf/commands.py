@@ -132,7 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--read-mode",
         choices=READ_MODE_CHOICES,
         metavar="MODE",
-        help="base Llama: %(choices)s (default retrieve: retrieval reads from a long-term store; pool: the official read)",
+        help="base Llama: %(choices)s (default retrieve: retrieval reads from a long-term store; pool: official)",
     )
     convert.set_defaults(func=_convert)
 
