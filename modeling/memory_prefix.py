@@ -174,6 +174,20 @@ def extend_attention_mask(
     return torch.cat([prefix_mask, attention_mask], dim=1)
 
 
+def continued_read(cache, attention_mask: torch.Tensor, position_ids, length: int, device) -> tuple:
+    """(attention mask, position ids) of a forward continuing from `cache` with `length` new tokens: the user's mask
+    covers the tokens so far (or the memory prefix and them); positions follow it, so right-padded rows continue
+    where their own tokens ended."""
+    batch = attention_mask.shape[0]
+    prefix = cache_prefix_length(cache)
+    seen = int(cache.get_seq_length()) - prefix + length
+    if prefix:
+        attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, device, cache_prefix_mask(cache, batch))
+    if position_ids is None and attention_mask.shape[1] == prefix + seen:
+        position_ids = positions_from_mask(attention_mask, length)
+    return attention_mask, position_ids
+
+
 def positions_from_mask(full_mask: torch.Tensor, length: int) -> torch.Tensor:
     """Position ids of the last `length` tokens: prefix slots take 0..P-1, real tokens continue after them
     (left padding is skipped, so each row matches its unpadded run)."""

@@ -63,6 +63,15 @@ class MemoryReadMixin:
     # recently read leave first). A question's prefix is then the cached keys/values rotated to their positions.
     retrieval_kv_cache_slots: int = 8192
 
+    def memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer prefix hidden states `[bos_l; slots_l]` ([P, d] each); slots default to the filled pool."""
+        bos, _ = self.memory_embeddings()
+        if slots is None:
+            slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
+        if bos is None:
+            return list(slots)
+        return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
+
     @property
     def read_mode(self) -> str:
         """`config.read_mode`, checked at every read (edited after construction? never fall back silently)."""

@@ -18,9 +18,10 @@ from transformers.utils import logging
 from .configuration_memory_llama import MemoryLlamaConfig
 from .headless import LlamaHeadless
 from .memory_adapters import AdapterWeights, MemoryAdapters
+from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_files import checkpoint_memory_file
-from .memory_generation import static_cache_room, uncached_length
+from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_loading import (
     MISMATCHED_SHAPES,
@@ -30,12 +31,7 @@ from .memory_loading import (
     reset_missing_adapters,
 )
 from .memory_pool import is_sole_reference
-from .memory_prefix import (
-    cache_prefix_length,
-    cache_prefix_mask,
-    extend_attention_mask,
-    positions_from_mask,
-)
+from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
 from .memory_reader import read_long_term_file
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
@@ -48,25 +44,6 @@ from .shared_prefix_attention import shared_prefix_reads
 logger = logging.get_logger(__name__)
 
 PROGRESS_MIN_CHUNKS = 8
-
-
-class MemoryEmbeddings(nn.Module):
-    """Trainable memory-side vectors: the per-layer bos slot [L, 1, d] and the write-position embedding [1, 1, d].
-
-    A module of its own so PEFT can train and save it (`modules_to_save=["memory_embeddings"]`); the model reads
-    it only through `forward()`, which PEFT's wrapper routes to the trained copy.
-    """
-
-    def __init__(self, config: MemoryLlamaConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.bos_embedding = (
-            nn.Parameter(torch.zeros(config.num_hidden_layers, 1, d)) if config.add_bos_embedding else None
-        )
-        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
-
-    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return self.bos_embedding, self.new_memory_positional_emb
 
 
 class MemoryLlamaForCausalLM(
@@ -152,16 +129,7 @@ class MemoryLlamaForCausalLM(
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
             self._long_term = state.long_term
 
-    # ------------------------------------------------------------------ reading
-    def memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per-layer prefix hidden states `[bos_l; slots_l]` ([P, d] each); slots default to the filled pool."""
-        bos, _ = self.memory_embeddings()
-        if slots is None:
-            slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
-        if bos is None:
-            return list(slots)
-        return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
-
+    # ------------------------------------------------------------------ reading (see memory_reads)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -186,16 +154,7 @@ class MemoryLlamaForCausalLM(
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
         if not fresh and attention_mask is not None and attention_mask.dim() == 2:
-            # continuing from a cache: the mask covers the tokens so far (or the memory prefix and them); positions
-            # follow it, so right-padded rows continue where their own tokens ended
-            prefix = cache_prefix_length(cache)
-            seen = int(cache.get_seq_length()) - prefix + length
-            if prefix:
-                attention_mask = extend_attention_mask(
-                    attention_mask, batch, seen, prefix, tokens.device, cache_prefix_mask(cache, batch)
-                )
-            if position_ids is None and attention_mask.shape[1] == prefix + seen:
-                position_ids = positions_from_mask(attention_mask, length)
+            attention_mask, position_ids = continued_read(cache, attention_mask, position_ids, length, tokens.device)
         if fresh and (memory_slots is not None or self.reads_memory(use_memory)):
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
@@ -233,27 +192,7 @@ class MemoryLlamaForCausalLM(
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically.
         A cache returned by an earlier call (`cache=`, with the whole sequence so far as input) continues it."""
-        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
-        tokens = next((t for t in candidates if t is not None), None)
-        prefix = cache_prefix_length(given_cache)
-        if given_cache is None and tokens is not None and self.reads_memory(kwargs.get("use_memory", True)):
-            batch, length = tokens.shape[:2]
-            config = generation_config or self.generation_config
-            beams = kwargs.get("num_beams", config.num_beams) or 1
-            returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
-            room = static_cache_room(config, kwargs, length)
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-            kwargs["cache"], kwargs["attention_mask"] = self.memory_read(
-                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
-                max_cache_len=room,
-            )
-        elif prefix:
-            batch, length = tokens.shape[:2]
-            kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, prefix, tokens.device, cache_prefix_mask(given_cache, batch)
-            )
+        read_before_generate(self, inputs, generation_config or self.generation_config, kwargs)
         return super().generate(inputs, generation_config, **kwargs)
 
     def prepare_inputs_for_generation(
