@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from .configuration_memory_llama import MemoryLlamaConfig
+
 
 class MemoryEmbeddings(nn.Module):
     """Trainable memory-side vectors: the per-layer bos slot [L, 1, d] and the write-position embedding [1, 1, d].

@@ -424,12 +424,11 @@ def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, set[s
     return (fetch(name) if name is not None and "memory" in keys else None), keys, folder
 
 
-def checkpoint_store(source, load_kwargs: dict, fingerprint: Callable[[], str]) -> LongTermStore | None:
-    """The long-term store file of what `from_pretrained(source, **load_kwargs)` read, checked against
-    `fingerprint()` (called only when there is a file: an offloaded model cannot compute it) (None: it has none)."""
+def checkpoint_file(source, load_kwargs: dict, name: str) -> str | None:
+    """Local path of file `name` of what `from_pretrained(source, **load_kwargs)` read (None: it has none, or the
+    Hub is unreachable)."""
     fetch, _ = checkpoint_fetcher(source, load_kwargs, connection_errors=False)
-    path = fetch(LONG_TERM_FILE)
-    return None if path is None else load_store(path, fingerprint())
+    return fetch(name)
 
 
 # ---------------------------------------------------------------------------------------------- Hub file set

@@ -12,7 +12,7 @@ import torch
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
 from .memory_fields import torch_dtype
-from .memory_files import checkpoint_store
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
@@ -243,10 +243,11 @@ def prefix_slots(kv: PrefixKV) -> int:
 def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
     """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
     reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
+    path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
+    if path is None:
+        return None
     try:
-        store = checkpoint_store(path_or_repo, kwargs, fingerprint)
-        if store is None:
-            return None
+        store = load_store(path, fingerprint())
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None
