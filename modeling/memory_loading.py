@@ -5,11 +5,15 @@ of another model type, explain mismatched memory shapes, start adapters a checkp
 wrap a base Llama (folder, Hub id or GGUF) with read-mode defaults from `READS`.
 """
 
+import dataclasses
+
 from transformers import AutoConfig, GgufConfig
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, AdapterWeights
+from .memory_files import checkpoint_memory_file
+from .memory_reader import read_long_term_file
 from .memory_reads import READS
 
 logger = logging.get_logger(__name__)
@@ -49,6 +53,33 @@ def reset_missing_adapters(model, missing_keys: set[str]) -> None:
     for prefix, module in model.named_modules():
         if isinstance(module, AdapterWeights):
             module.reset([name for name in module if f"{prefix}.{name}" in missing_keys])
+
+
+def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool):
+    """`cls.from_pretrained(*args, **kwargs)` (see its docstring); `parent_from_pretrained`: transformers' own."""
+    want_info = kwargs.pop("output_loading_info", False)
+    if args and kwargs.get("config") is None:
+        refuse_plain_checkpoint(cls, args[0], kwargs)
+    try:
+        model, info = parent_from_pretrained(*args, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise ValueError(MISMATCHED_SHAPES) from err
+    reset_missing_adapters(model, info["missing_keys"])
+    if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
+        logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
+        model.reset_memory()
+    else:
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
+        store = None if source is None else read_long_term_file(
+            source, kwargs, model.config, model.memory_fingerprint, model.num_injections
+        )
+        if store is not None:
+            model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=store))
+    model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
+    return (model, info) if want_info else model
 
 
 def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", **memory_config):

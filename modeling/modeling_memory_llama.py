@@ -20,19 +20,11 @@ from .headless import LlamaHeadless
 from .memory_adapters import AdapterWeights, MemoryAdapters
 from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
-from .memory_files import checkpoint_memory_file
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
-from .memory_loading import (
-    MISMATCHED_SHAPES,
-    bos_from_base_model,
-    from_base,
-    refuse_plain_checkpoint,
-    reset_missing_adapters,
-)
+from .memory_loading import bos_from_base_model, from_base, load_pretrained
 from .memory_pool import is_sole_reference
 from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
-from .memory_reader import read_long_term_file
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
@@ -319,30 +311,7 @@ class MemoryLlamaForCausalLM(
         consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
         whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
         instead of reading a re-initialized one)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        if args and kwargs.get("config") is None:
-            refuse_plain_checkpoint(cls, args[0], kwargs)
-        try:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except RuntimeError as err:
-            if "mismatched" not in str(err):
-                raise
-            raise ValueError(MISMATCHED_SHAPES) from err
-        reset_missing_adapters(model, info["missing_keys"])
-        if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
-            logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
-            model.reset_memory()
-        else:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
-            store = None if source is None else read_long_term_file(
-                source, kwargs, model.config, model.memory_fingerprint, model.num_injections
-            )
-            if store is not None:
-                with model.memory_lock:
-                    model._long_term = store
-        model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
-        return (model, info) if want_info else model
+        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model)
 
     @classmethod
     def from_base(
