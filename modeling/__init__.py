@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .atomic_io import atomic_write, folder_lock, update_folder
 from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_adapters import READ, WRITE
 from .memory_fields import MEMORY_FIELDS, MemoryChangedOnDiskError, MemoryStateError, seeded_rng_state, torch_dtype
 from .memory_files import (
     INDEX_FILE,
@@ -32,7 +33,9 @@ AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_o
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
 __all__ = [
+    "READ",
     "READS",
+    "WRITE",
     "INDEX_FILE",
     "LONG_TERM_FILE",
     "MEMORY_FIELDS",
