@@ -1,6 +1,6 @@
-"""Building a memory model from a checkpoint: `from_base` (any Llama + a fresh memory) and `from_pretrained`'s checks.
+"""Checkpoints of the memory model: `from_pretrained`'s checks, `save_pretrained`, `from_base` (any Llama + memory).
 
-The memory model's `from_pretrained` / `from_base` are thin class methods over these functions: refuse a checkpoint
+The memory model's `from_pretrained` / `save_pretrained` / `from_base` are thin methods over these functions: refuse a checkpoint
 of another model type, explain mismatched memory shapes, start adapters a checkpoint lacks as identity adapters, and
 wrap a base Llama (folder, Hub id or GGUF) with read-mode defaults from `READS`.
 """
@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, AdapterWeights
+from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
@@ -53,6 +54,26 @@ def reset_missing_adapters(model, missing_keys: set[str]) -> None:
     for prefix, module in model.named_modules():
         if isinstance(module, AdapterWeights):
             module.reset([name for name in module if f"{prefix}.{name}" in missing_keys])
+
+
+def save_pretrained(model, parent_save_pretrained, save_directory, args, state_dict, overwrite_memory, kwargs):
+    """`model.save_pretrained` (see its docstring); `parent_save_pretrained`: transformers' own."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
+    with model.memory_lock:  # one memory state: the buffers and the long-term store
+        long_term = model.long_term_memory
+        state_dict = dict(model.state_dict() if state_dict is None else state_dict)
+    save_weights = parent_save_pretrained
+    if not kwargs.get("is_main_process", True):
+        state_dict = {k: v for k, v in state_dict.items() if k not in MEMORY_BUFFERS}
+        return save_weights(save_directory, *args, state_dict=state_dict, **kwargs)
+    model.save_memory_folder(
+        save_directory,
+        lambda staging, weights: save_weights(staging, *args, state_dict=weights, **kwargs),
+        state_dict,
+        long_term,
+        overwrite_memory,
+    )
 
 
 def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool):

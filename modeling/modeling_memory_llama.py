@@ -1,9 +1,12 @@
-"""MemoryLlama: a Llama decoder with a fixed-size latent memory pool per layer (MemoryLLM, Wang et al. 2024).
+"""The MemoryLlama model classes: a Llama with a latent memory pool per layer (MemoryLLM, Wang et al. 2024), wired.
 
-Reading: every layer attends to `[bos_l; memory_l; tokens]`. The memory's keys/values are computed once per memory
-state and seeded into the generation cache, so the stock `LlamaModel` and `generate()` do the rest.
-Writing (`inject`): each layer sees `[bos_l; last K slots; context]`; K new slots per layer come out, K random old
-slots are dropped (see `memory_pool`).
+The class declares its parts in `__init__` and wires them; each part lives in its own file:
+- the memory state's tensors: `memory_fields` (buffers), `memory_state` (the value), `memory_state_api` (states,
+  snapshots, undo), `memory_store` (the long-term store), `memory_files` / `memory_hub` (on disk, on the Hub);
+- reading: `memory_reads` (the table of read modes: `memory_pool_read`, `memory_reader`, and the public read API),
+  `memory_prefix` / `shared_prefix_attention` (the prefix in transformers' caches), `memory_generation`;
+- writing (`inject`): `memory_text` (checks, chunks), `memory_writer` (new slots), `memory_transition` (drop rule);
+- construction: `memory_loading` (`from_pretrained`'s checks, `save_pretrained`, `from_base`).
 """
 
 import os
@@ -22,7 +25,7 @@ from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
-from .memory_loading import bos_from_base_model, from_base, load_pretrained
+from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_pool import is_sole_reference
 from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
 from .memory_reads import READS, MemoryReadMixin
@@ -219,7 +222,9 @@ class MemoryLlamaForCausalLM(
         """
         chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
-            raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
+            raise ValueError(
+                f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
+            )
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
         items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
         chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
@@ -288,22 +293,8 @@ class MemoryLlamaForCausalLM(
         Crash-safe over an existing folder (the new folder is written beside it, then swapped in) and locked
         against other savers. Refuses to overwrite a memory that changed on disk since this model was loaded from
         that folder, unless `overwrite_memory=True`."""
-        if kwargs.get("push_to_hub"):
-            raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        with self.memory_lock:  # one memory state: the buffers and the long-term store
-            long_term = self._long_term
-            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        save_weights = super().save_pretrained
-        if not kwargs.get("is_main_process", True):
-            state_dict = {k: v for k, v in state_dict.items() if k not in MEMORY_BUFFERS}
-            return save_weights(save_directory, *args, state_dict=state_dict, **kwargs)
-        self.save_memory_folder(
-            save_directory,
-            lambda staging, weights: save_weights(staging, *args, state_dict=weights, **kwargs),
-            state_dict,
-            long_term,
-            overwrite_memory,
-        )
+        parent = super().save_pretrained
+        return save_pretrained(self, parent, save_directory, args, state_dict, overwrite_memory, kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
