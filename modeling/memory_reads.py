@@ -122,3 +122,7 @@ class MemoryReadMixin:
     def last_retrieval(self) -> list[list[int]] | None:
         """The injection numbers each prompt row read in the last retrieval read (None before the first)."""
         return self.reads["retrieve"].last
+
+    @last_retrieval.setter
+    def last_retrieval(self, value) -> None:
+        self.reads["retrieve"].last = value
