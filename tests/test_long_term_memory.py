@@ -369,7 +369,8 @@ def fresh_retrieval_scores(model, prompt):
     layers, key_layers = model.model.layers, retrieval.retrieval_key_layers(model.config.num_hidden_layers)
     hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
     question = retrieval.question_features(layers, hidden, None, key_layers)
-    blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), key_layers) for b in model.long_term_memory]
+    store = model.long_term_memory
+    blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), key_layers) for b in store]
     return retrieval.score_blocks(question, blocks)
 
 
@@ -402,10 +403,12 @@ def test_scorer_calibration_comes_from_the_config():
     prompt = texts(1, length=5, seed=9)[0][None]
     layers = model.model.layers
     hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
-    for weights, key_layers in (({"lexical": 1.0}, None), ({"keys": 1.0}, [0]), ({"lexical": 0.3, "keys": 2.0}, [0, 1])):
+    settings = (({"lexical": 1.0}, None), ({"keys": 1.0}, [0]), ({"lexical": 0.3, "keys": 2.0}, [0, 1]))
+    for weights, key_layers in settings:
         model.config.retrieval_weights, model.config.retrieval_key_layers = weights, key_layers
         used = retrieval.retrieval_key_layers(model.config.num_hidden_layers, key_layers)
-        blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), used) for b in model.long_term_memory]
+        store = model.long_term_memory
+        blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), used) for b in store]
         expected = retrieval.score_blocks(retrieval.question_features(layers, hidden, None, used), blocks, weights)
         assert torch.allclose(model.retrieval_scores(prompt), expected, atol=1e-5)
     with pytest.raises(ValueError, match="unknown score weights.*'lexical' and 'keys'"):
