@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .atomic_io import atomic_write, folder_lock, update_folder
 from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_adapters import READ, WRITE
 from .memory_fields import MEMORY_FIELDS, MemoryChangedOnDiskError, MemoryStateError, seeded_rng_state, torch_dtype
 from .memory_files import (
     INDEX_FILE,
@@ -20,6 +21,7 @@ from .memory_files import (
     state_file_groups,
 )
 from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory
+from .memory_reads import READS
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
@@ -31,6 +33,9 @@ AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_o
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
 __all__ = [
+    "READ",
+    "READS",
+    "WRITE",
     "INDEX_FILE",
     "LONG_TERM_FILE",
     "MEMORY_FIELDS",

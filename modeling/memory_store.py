@@ -29,8 +29,6 @@ class MemoryBlock:
     injection: int
     call: int
     slots: torch.Tensor
-    # Retrieval features of the slots, computed on first use by the model that reads them (see memory_retrieval).
-    features: dict | None = dataclasses.field(default=None, repr=False)
     # The segment file the slots are memory-mapped from (a disk-backed store), None: the slots are in RAM.
     source: str | None = dataclasses.field(default=None, repr=False)
 
@@ -71,7 +69,7 @@ def store_in_ram(store: LongTermStore) -> LongTermStore:
     if not any(block.source for block in store):
         return store
     return tuple(
-        MemoryBlock(block.injection, block.call, block.slots.clone(), block.features) if block.source else block
+        MemoryBlock(block.injection, block.call, block.slots.clone()) if block.source else block
         for block in store
     )
 

@@ -3,6 +3,25 @@
 import argparse
 
 
+class ReadModeNames:
+    """The `--read-mode` choices: the names in the model's table of read modes (`READS`), looked up when an argument
+    is checked or a subcommand's help is shown (building the parser, and `memoryllm-hf --help`, stay free of torch)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from .modeling import READS
+
+        return tuple(READS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+READ_MODE_CHOICES = ReadModeNames()
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         from .demo import main as demo_main
@@ -38,7 +57,7 @@ def _convert(args: argparse.Namespace) -> int:
 def load_folder(folder: str, read_mode: str | None = None):
     """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
     refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights. `read_mode`
-    overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
+    overrides the folder's (a name of `READS`; "retrieve" needs a long-term store)."""
     from .folder import folder_config, locked
     from .loading import load
 
@@ -108,8 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights and memory")
     convert.add_argument(
         "--read-mode",
-        choices=["pool", "retrieve"],
-        help="base Llama: retrieval reads from a long-term store (default) or the official pool read",
+        choices=READ_MODE_CHOICES,
+        metavar="MODE",
+        help="base Llama: %(choices)s (default retrieve: retrieval reads from a long-term store; pool: official)",
     )
     convert.set_defaults(func=_convert)
 
@@ -127,7 +147,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument(
-        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+        "--read-mode", choices=READ_MODE_CHOICES, metavar="MODE",
+        help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
     ask.set_defaults(func=_ask)
 
@@ -137,7 +158,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("folder", help="MemoryLlama folder")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument(
-        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+        "--read-mode", choices=READ_MODE_CHOICES, metavar="MODE",
+        help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
     chat.set_defaults(func=_chat)
