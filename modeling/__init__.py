@@ -25,7 +25,7 @@ from .memory_reads import READS
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
-from .memory_transition import long_term_after, next_state
+from .memory_transition import LazyPool, long_term_after, next_state
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
 
 AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
@@ -43,6 +43,7 @@ __all__ = [
     "MEMORY_PARTS",
     "MAX_JOURNAL_RECORDS",
     "CallNumbers",
+    "LazyPool",
     "MemoryBlock",
     "MemoryChangedOnDiskError",
     "MemoryLlamaConfig",

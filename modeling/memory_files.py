@@ -55,6 +55,7 @@ from .memory_store import (
     LongTermStoreError,
     store_content_hash,
     store_from_tensors,
+    store_in_ram,
     store_num_slots,
     store_to_tensors,
 )
@@ -369,6 +370,15 @@ class SpillDirectory:
 
     def __reduce__(self):
         return (SpillDirectory, ())
+
+
+def place_store(store: LongTermStore, storage: str, spill: SpillDirectory) -> LongTermStore:
+    """`store` as `long_term_memory_storage` keeps it: "disk": blocks held in RAM move to segment files in `spill`
+    (their slots become memory maps); "memory": memory-mapped blocks come into RAM."""
+    if storage == "disk":
+        spill.spill(store)
+        return store
+    return store_in_ram(store)
 
 
 # ---------------------------------------------------------------------------------------------- journal records

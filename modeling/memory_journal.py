@@ -33,9 +33,9 @@ from .memory_transition import replay
 # A save past this many records, or one that would make the journal larger than the pool file, compacts (rewrites
 # the pool and store files, drops the journal): bounds the journal on disk (at most about one pool file's bytes)
 # and the replay at load (cheap per record: the drop rule runs on slot indices and the pool is gathered once).
-# SmolLM2 default folder: a sentence's record is ~1.5 MB against a 297 MB compaction, so 64 records amortise the
-# compaction to ~0.25 s per save.
-MAX_JOURNAL_RECORDS = 64
+# SmolLM2 default folder: a sentence's record is ~1.5 MB against a 297 MB compaction; the bytes bound then
+# compacts after ~190 records (benchmarks/save_cost.py).
+MAX_JOURNAL_RECORDS = 256
 MAX_JOURNAL_POOL_FRACTION = 1.0  # the journal's bytes, as a fraction of the pool file's
 
 

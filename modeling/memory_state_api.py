@@ -150,6 +150,24 @@ class MemoryLock:
         return (MemoryLock, ())
 
 
+def landed_save(model, folder, head: str, write) -> None:
+    """Run `write` (a save of `model`'s memory whose folder head will be `head`) and record the folder as the
+    memory's origin. A save that raised after its last rename (the new memory is on disk) counts as done; any other
+    failure says what to do."""
+    pool = model.memory
+    try:
+        write()
+    except OSError as err:
+        if folder_head(folder, MemoryState) != head:
+            raise type(err)(
+                err.errno, f"{err.strerror or err}: the memory could not be saved into {folder}. The memory saved "
+                "there is unchanged and this model keeps its memory: make the folder writable (or free space) and "
+                "save again, or save to another folder"
+            ) from err
+    model.pending_updates.reset(pool)
+    model.memory_origin.record(folder, head)
+
+
 class MemoryStateMixin:
     """Memory-state API of MemoryLlama: states, snapshots, undo and per-user memories (relies on the model's
     `live_memory_state` / `swap_memory_state` and `memory_lock`, and on the objects it declares: `undo_history`,
@@ -265,8 +283,9 @@ class MemoryStateMixin:
         returns the folder's new head. Costs what changed: when `folder` is where the memory was loaded from or last
         saved to and only injections changed it since, they are appended as one journal record (`memory_journal`);
         otherwise (undo, restore, reset, another folder, a journal at its bounds: `MAX_JOURNAL_RECORDS` records or
-        the pool file's size) the pool and store files are rewritten (a compaction). Refuses (MemoryChangedOnDiskError, nothing written) a folder whose
-        memory another process saved since, unless `overwrite=True`. `compact=True` always makes it a full save."""
+        the pool file's size) the pool and store files are rewritten (a compaction). Refuses
+        (MemoryChangedOnDiskError, nothing written) a folder whose memory another process saved since, unless
+        `overwrite=True`. `compact=True` always makes it a full save."""
         folder = os.fspath(folder)
         expected = self.memory_origin.expected_hash(folder, overwrite)
         with folder_lock(folder), self.memory_lock:
@@ -278,28 +297,12 @@ class MemoryStateMixin:
                 if journal_has_room(folder, record_bytes):
                     record = encode_journal_record(entries, expected, self.memory_fingerprint())
                     head = record[1]["record_hash"]
-                    self._landed(folder, head, lambda: append_journal_record(folder, record))
+                    landed_save(self, folder, head, lambda: append_journal_record(folder, record))
                     return head
             state = self.memory_state()
             head = state.content_hash()
-            self._landed(folder, head, lambda: save_memory_to_folder(folder, state, expected))
+            landed_save(self, folder, head, lambda: save_memory_to_folder(folder, state, expected))
             return head
-
-    def _landed(self, folder, head: str, write) -> None:
-        """Run `write` (a save whose folder head will be `head`) and record the folder as this memory's origin. A
-        save that raised after its last rename (the new memory is on disk) counts as done."""
-        pool = self.memory
-        try:
-            write()
-        except OSError as err:
-            if folder_head(folder, MemoryState) != head:
-                raise type(err)(
-                    err.errno, f"{err.strerror or err}: the memory could not be saved into {folder}. The memory saved "
-                    "there is unchanged and this model keeps its memory: make the folder writable (or free space) and "
-                    "save again, or save to another folder"
-                ) from err
-        self.pending_updates.reset(pool)
-        self.memory_origin.record(folder, head)
 
     def replay_checkpoint_journal(self, folder) -> None:
         """After `from_pretrained` of a local folder: replay its journal onto the memory read from its pool and

@@ -23,7 +23,7 @@ from .headless import LlamaHeadless
 from .memory_adapters import AdapterWeights, MemoryAdapters
 from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
-from .memory_files import JournalEntry, SpillDirectory
+from .memory_files import JournalEntry, SpillDirectory, place_store
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_journal import PendingUpdates
@@ -33,7 +33,6 @@ from .memory_prefix import cache_prefix_length, continued_read, positions_from_m
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_store import store_in_ram
 from .memory_text import CallNumbers, injection_ids, split_ids
 from .memory_transition import check_finite_slots, next_state
 from .memory_writer import new_memory_slots, write_layout
@@ -67,8 +66,8 @@ class MemoryLlamaForCausalLM(
         self.memory_lock = MemoryLock()
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
-        self.pending_updates = PendingUpdates()  # injections a save appends to the folder's journal
-        self.store_spill = SpillDirectory()  # a disk-backed store's blocks until they are saved in a folder
+        # injections a save appends to the folder's journal; a disk-backed store's blocks until they are saved
+        self.pending_updates, self.store_spill = PendingUpdates(), SpillDirectory()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
             if isinstance(module, AdapterWeights):
@@ -127,12 +126,7 @@ class MemoryLlamaForCausalLM(
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
-            long_term = state.long_term
-            if self.config.long_term_memory_storage == "disk":  # blocks held in RAM go to segment files
-                self.store_spill.spill(long_term)
-            else:  # memory-mapped blocks (a disk-backed store's) come into RAM
-                long_term = store_in_ram(long_term)
-            self._long_term = long_term
+            self._long_term = place_store(state.long_term, self.config.long_term_memory_storage, self.store_spill)
 
     # ------------------------------------------------------------------ reading (see memory_reads)
     def forward(
@@ -269,7 +263,7 @@ class MemoryLlamaForCausalLM(
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
         with self.memory_lock:
             before, slots = self.live_memory_state(), check_finite_slots(slots.detach())
-            drawn = None if generator is None else generator.get_state()
+            drawn = None if generator is None else generator.get_state()  # (the journal replays the same draw)
             self.swap_memory_state(self._state_after(slots, generator))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
             self.record_injections([JournalEntry(self.num_injections, self.num_injections, slots, drawn)])

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modeling import CallNumbers, MemoryState, check_length, split_ids
-from ..modeling.memory_transition import LazyPool
+from ..modeling import CallNumbers, LazyPool, MemoryState, check_length, split_ids
 
 
 @dataclass
