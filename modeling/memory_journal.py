@@ -21,6 +21,7 @@ import os
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_fields import MemoryStateError
 from .memory_files import (
+    JOURNAL_DIR,
     MEMORY_FILE,
     decode_journal_record,
     journal_chain,
@@ -87,18 +88,20 @@ def replay_folder_journal(folder, state, config, fingerprint: str | None = None)
     chain = journal_chain(folder, state.num_injections)
     if not chain:
         return state, head
+    entries = []
     for path in chain:
-        entries, metadata = decode_journal_record(path, fingerprint or state.fingerprint)
+        record, metadata = decode_journal_record(path, fingerprint or state.fingerprint)
         if metadata["parent"] != head:
             raise MemoryStateError(
                 f"{path} continues another memory than the one saved before it (its parent differs from the folder's "
                 "head): move it and the records after it out of the folder, or restore the folder from a backup"
             )
-        try:
-            state = replay(state, entries, config)
-        except (MemoryStateError, ValueError) as err:
-            raise MemoryStateError(f"{path}: {err}") from None
+        entries += record
         head = metadata["record_hash"]
+    try:  # all records in one replay: the pool is gathered once
+        state = replay(state, entries, config)
+    except (MemoryStateError, ValueError) as err:
+        raise MemoryStateError(f"{os.path.join(os.fspath(folder), JOURNAL_DIR)}: {err}") from None
     # (the pool and store files were fully checked, the records' slots are finite: the replayed state is valid)
     return state, head
 
