@@ -81,13 +81,15 @@ class PendingUpdates:
         return list(self.entries)
 
 
-def replay_folder_journal(folder, state, config, fingerprint: str | None = None):
+def replay_folder_journal(folder, state, config, fingerprint=None):
     """(`state` with the folder's journal replayed, the folder's head): `state` is the memory of the folder's pool
-    and store files. Refuses (MemoryStateError naming the file) a corrupted, foreign or missing record."""
+    and store files; `fingerprint`: the reading model's (or a function computing it). Refuses (MemoryStateError
+    naming the file) a corrupted, foreign or missing record."""
     head = recorded_content_hash(os.path.join(os.fspath(folder), MEMORY_FILE), type(state))
     chain = journal_chain(folder, state.num_injections)
     if not chain:
         return state, head
+    fingerprint = fingerprint() if callable(fingerprint) else fingerprint  # (computed only when there are records)
     entries = []
     for path in chain:
         record, metadata = decode_journal_record(path, fingerprint or state.fingerprint)

@@ -7,6 +7,8 @@ cache (`stack_prefixes`): a row's padding columns are masked out, so a batch rea
 `RetrieveRead` is the read mode (the model's public retrieval API is `memory_reads.MemoryReadMixin`).
 """
 
+import os
+
 import torch
 
 from .memory_adapters import READ
@@ -15,6 +17,7 @@ from .memory_fields import MemoryStateError, torch_dtype
 from .memory_files import (
     LONG_TERM_FILE,
     MEMORY_STATE_FILE,
+    SEGMENTS_DIR,
     checkpoint_file,
     load_store,
     read_hub_segments,
@@ -259,13 +262,16 @@ def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_inj
         if path is not None:
             store = load_store(path, fingerprint(), mapped=on_disk)
         elif folder is not None:
+            if not os.path.isdir(os.path.join(folder, SEGMENTS_DIR)):
+                return None
             store = read_segments(folder, fingerprint())
         else:  # a Hub revision: the segments its memory_state.json lists
             state_path = checkpoint_file(path_or_repo, kwargs, MEMORY_STATE_FILE)
-            if state_path is None:
+            listed = {} if state_path is None else read_json_object(state_path, MEMORY_STATE_FILE)
+            if not listed.get("segments"):
                 return None
             fetch = lambda name: checkpoint_file(path_or_repo, kwargs, name)  # noqa: E731
-            store = read_hub_segments(fetch, read_json_object(state_path, MEMORY_STATE_FILE), fingerprint())
+            store = read_hub_segments(fetch, listed, fingerprint())
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except (LongTermStoreError, MemoryStateError) as err:
         raise ValueError(f"{path_or_repo}: {err}") from None

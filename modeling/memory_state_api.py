@@ -308,8 +308,8 @@ class MemoryStateMixin:
         """After `from_pretrained` of a local folder: replay its journal onto the memory read from its pool and
         store files (refusing, with the file named, a corrupted, foreign or missing record)."""
         with self.memory_lock:
-            live, fingerprint = self.live_memory_state(), self.memory_fingerprint()
-            state, head = replay_folder_journal(folder, live, self.config, fingerprint)
+            live = self.live_memory_state()
+            state, head = replay_folder_journal(folder, live, self.config, self.memory_fingerprint)
             if state.num_injections != self.num_injections:
                 self.swap_memory_state(state)
             self.pending_updates.reset(self.memory)
