@@ -1,10 +1,12 @@
 """Configuration of MemoryLlama: a Llama decoder with a per-layer latent memory pool (MemoryLLM)."""
 
+import math
+
 from transformers import LlamaConfig
 
 MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
-READ_MODES = ("pool", "retrieve")
+READ_MODES = ("pool", "retrieve", "mplus")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -47,6 +49,16 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retriever_size: width s of the M+ retriever keys (official `selector_hidden_dim`); 0 = no retriever.
+        retriever_depth: 2 (Linear(d, 2s) -> act -> Linear(2s, s), as mplus-8b) or 1 (Linear(d, s)) projectors.
+        long_term_merge_every: with `"mplus"`, the slots the pool drops are merged into the long-term memory every
+            this many injections (official `update_ltm_frequency`); until then they are pending (and retrievable).
+        recall_initial / recall_decay: with `"mplus"`, a slot enters the long-term memory with recall frequency
+            `recall_initial`; every merge lowers all by `recall_decay` and removes those at zero (official
+            `initial_rf_when_moving_stm_to_ltm`, `decay_frequency`).
+
+    `read_mode="mplus"` (M+, Wang et al. 2025): every layer attends to `[bos; the `read_tokens` long-term slots its
+    trained retriever scores best for the prompt, oldest first; pool; tokens]` (see `mplus_read`, `mplus_memory`).
     """
 
     model_type = "memory_llama"
@@ -71,6 +83,11 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retriever_size: int = 0
+    retriever_depth: int = 2
+    long_term_merge_every: int = 60
+    recall_initial: float = 10.0
+    recall_decay: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -123,6 +140,22 @@ class MemoryLlamaConfig(LlamaConfig):
                 raise ValueError(f"{name} must be a number or None, got {value!r}")
         if self.retrieval_margin is not None and self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
+        if self.read_mode == "mplus":
+            if not isinstance(self.retriever_size, int) or self.retriever_size < 1 or self.retriever_depth not in (1, 2):
+                raise ValueError(
+                    "read_mode='mplus' needs the trained M+ retriever: retriever_size >= 1 and retriever_depth 1 or 2 "
+                    f"(got {self.retriever_size!r}, {self.retriever_depth!r}); convert an M+ checkpoint with "
+                    "`memoryllm-hf convert --official`"
+                )
+            every = self.long_term_merge_every
+            if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+                raise ValueError(f"long_term_merge_every must be an integer >= 1, got {every!r}")
+            for name in ("recall_initial", "recall_decay"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if self.recall_initial <= 0.01:  # mplus_memory.RECALL_FLOOR
+                raise ValueError("recall_initial must exceed 0.01 (slots would leave at their first merge)")
 
 
 __all__ = ["MemoryLlamaConfig"]

@@ -7,6 +7,7 @@ cache (`stack_prefixes`): a row's padding columns are masked out, so a batch rea
 `LongTermMemoryMixin` gives the model its store-facing API (scores, retrieval, loading a checkpoint's store).
 """
 
+import dataclasses
 from collections import OrderedDict
 
 import torch
@@ -15,6 +16,7 @@ from .memory_adapters import READ
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
+from .mplus_memory import MPlusMemoryError, load_mplus_memory
 
 
 def select_injections(
@@ -220,6 +222,20 @@ class LongTermMemoryMixin:
             _raise_exceptions_for_connection_errors=False,
             **options,
         )
+        if self.is_mplus:
+            if path is None:
+                raise ValueError(
+                    f"{path_or_repo} is an M+ model but has no {LONG_TERM_FILE} (its long-term memory): restore the "
+                    "file, or convert the official checkpoint again"
+                )
+            try:
+                memory = load_mplus_memory(path, self.memory_fingerprint())
+                self._check_compatible(dataclasses.replace(self._current_state(), long_term=memory))
+            except (MPlusMemoryError, ValueError) as err:
+                raise ValueError(f"{path_or_repo}: {err}") from None
+            with self._memory_lock:
+                self._long_term = memory
+            return
         if path is None:
             return
         try:

@@ -29,6 +29,7 @@ from .memory_store import (
     store_to_tensors,
     validate_store,
 )
+from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, MPlusMemoryError
 from .memory_storage import (
     MEMORY_FILE,
     model_owned_files,
@@ -88,16 +89,20 @@ class MemoryState:
     written_at: torch.Tensor | None = None  # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown
     fingerprint: str | None = None
     num_update_tokens: int | None = None
-    long_term: LongTermStore = ()
+    long_term: LongTermStore | MPlusMemory = ()  # the block store, or an M+ model's long-term memory
 
     def __post_init__(self) -> None:
         if self.written_at is None:
             self.written_at = torch.zeros(self.memory.shape[:2], dtype=torch.long, device=self.memory.device)
-        self.long_term = tuple(self.long_term)
+        if not isinstance(self.long_term, MPlusMemory):
+            self.long_term = tuple(self.long_term)
 
     def __repr__(self) -> str:
         L, N, d = self.memory.shape
-        store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots" if self.long_term else ""
+        if isinstance(self.long_term, MPlusMemory):
+            store = f", long_term={self.long_term!r}"
+        else:
+            store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots" if self.long_term else ""
         return (
             f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
             f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint}{store})"
@@ -162,7 +167,9 @@ class MemoryState:
     def file_groups(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """The files this memory is saved in beside the weights: `{file name: (tensors, metadata)}`."""
         groups = {MEMORY_FILE: (self.as_buffers(), self.metadata())}
-        if self.long_term:
+        if isinstance(self.long_term, MPlusMemory):
+            groups[LONG_TERM_FILE] = (self.long_term.to_tensors(), self.long_term.file_metadata(self.fingerprint))
+        elif self.long_term:
             groups[LONG_TERM_FILE] = (store_to_tensors(self.long_term), store_file_metadata(self.long_term, self.fingerprint))
         return groups
 
@@ -201,8 +208,12 @@ class MemoryState:
             bad = int((~torch.isfinite(memory)).sum())
             raise MemoryStateError(f"memory holds {bad} NaN/inf values; refusing to use it")
         try:
-            validate_store(self.long_term, memory.shape[0], memory.shape[2], int(injections))
-        except LongTermStoreError as err:
+            if isinstance(self.long_term, MPlusMemory):
+                L, N, d = memory.shape
+                self.long_term.validate(L, N, d, self.long_term.pending_keys.shape[2])
+            else:
+                validate_store(self.long_term, memory.shape[0], memory.shape[2], int(injections))
+        except (LongTermStoreError, MPlusMemoryError) as err:
             raise MemoryStateError(str(err)) from None
 
     def save(self, path: str | os.PathLike) -> None:
@@ -210,9 +221,15 @@ class MemoryState:
         long-term store goes into the same file (with its own hash)."""
         self.validate()
         metadata = self.metadata()
-        if self.long_term:
-            metadata["long_term_hash"] = store_content_hash(self.long_term)
-        write_tensor_file(os.fspath(path), {**self.as_buffers(), **store_to_tensors(self.long_term)}, metadata)
+        if isinstance(self.long_term, MPlusMemory):
+            metadata["long_term_hash"] = self.long_term.content_hash()
+            metadata["long_term_store"] = MPLUS_FORMAT
+            long_term = self.long_term.to_tensors()
+        else:
+            if self.long_term:
+                metadata["long_term_hash"] = store_content_hash(self.long_term)
+            long_term = store_to_tensors(self.long_term)
+        write_tensor_file(os.fspath(path), {**self.as_buffers(), **long_term}, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "MemoryState":
@@ -238,10 +255,16 @@ class MemoryState:
         if missing:
             raise MemoryStateError(f"not a memory state: tensors {missing} are missing")
         try:
-            long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
-        except LongTermStoreError as err:
+            if metadata.get("long_term_store") == MPLUS_FORMAT:
+                long_term = MPlusMemory.from_tensors({name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors})
+            else:
+                long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
+        except (LongTermStoreError, MPlusMemoryError) as err:
             raise MemoryStateError(str(err)) from None
-        if long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
+        if isinstance(long_term, MPlusMemory):
+            if metadata.get("long_term_hash") != long_term.content_hash():
+                raise MemoryStateError("corrupted: its M+ long-term memory differs from the hash recorded when it was saved")
+        elif long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
             raise MemoryStateError("corrupted: its long-term store differs from the hash recorded when it was saved")
         extra = sorted(set(tensors) - set(MEMORY_BUFFERS))
         if extra:
@@ -498,6 +521,17 @@ class MemoryStateMixin:
             raise MemoryStateError(
                 f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
             )
+        mplus = isinstance(state.long_term, MPlusMemory)
+        if mplus != self.is_mplus:
+            raise MemoryStateError(
+                "an M+ model's memory needs its M+ long-term memory (MPlusMemory), other models a block store: this "
+                "state belongs to another kind of model"
+            )
+        if mplus and state.long_term.pending_keys.shape[2] != self.config.retriever_size:
+            raise MemoryStateError(
+                f"the state's M+ keys are {state.long_term.pending_keys.shape[2]} wide, this model's retriever "
+                f"{self.config.retriever_size}: it belongs to another model"
+            )
         K = self.config.num_update_tokens
         if state.num_update_tokens is not None and state.num_update_tokens != K:
             raise MemoryStateError(f"memory state was written with K={state.num_update_tokens}, this model has K={K}")
@@ -544,6 +578,8 @@ class MemoryStateMixin:
                 raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
             return
         state = MemoryState.load(memory_file)
+        if self.is_mplus and state.long_term == ():  # its long-term memory is in its own file (loaded next)
+            state = dataclasses.replace(state, long_term=self.empty_long_term_memory())
         try:
             self._check_compatible(state, allow_other_model)
         except MemoryStateError as err:

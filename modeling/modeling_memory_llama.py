@@ -45,6 +45,8 @@ from .memory_state import (
     seeded_rng_state,
 )
 from .memory_store import default_long_term_tokens
+from .mplus_model import MPlusMixin
+from .mplus_read import MPlusRetriever
 from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
 
 logger = logging.get_logger(__name__)
@@ -99,7 +101,7 @@ class MemoryEmbeddings(nn.Module):
 
 
 class MemoryLlamaForCausalLM(
-    MemoryStateMixin, MemoryHubMixin, LongTermMemoryMixin, LlamaForCausalLM, GenerationMixin
+    MemoryStateMixin, MemoryHubMixin, LongTermMemoryMixin, MPlusMixin, LlamaForCausalLM, GenerationMixin
 ):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
@@ -120,9 +122,15 @@ class MemoryLlamaForCausalLM(
         self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
-        self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
+        # M+ (`read_mode="mplus"`): the trained retriever; its long-term memory is an `MPlusMemory`
+        self.retriever = MPlusRetriever(config) if config.retriever_size else None
+        self.last_retrieval = None  # what the last retrieval read retrieved
+        # the long-term store (memory_store) or M+ memory (mplus_memory), part of every memory state
+        self._long_term = self.empty_long_term_memory()
         self._memory_lock = MemoryLock()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
+        if self.retriever is not None:
+            self.retriever.apply(self._init_weights)
         for module in self.modules():
             if isinstance(module, AdapterWeights):
                 module.reset()
@@ -170,6 +178,7 @@ class MemoryLlamaForCausalLM(
                 injections=torch.zeros_like(self.memory_injections),
                 rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
                 written_at=torch.zeros_like(self.memory_written_at),
+                long_term=self.empty_long_term_memory(),
             )
         )
 
@@ -293,7 +302,10 @@ class MemoryLlamaForCausalLM(
                 f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, {length}], "
                 f"got {tuple(attention_mask.shape)}"
             )
-        prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
+        if self._read_mode() == "mplus":
+            prefix_kv, prefix_mask = self.mplus_read_prefix(input_ids, inputs_embeds, attention_mask)
+        else:
+            prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
         if rows != batch:
             repeat = rows // batch
             prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
@@ -311,7 +323,10 @@ class MemoryLlamaForCausalLM(
     def _reads_memory(self, use_memory: bool) -> bool:
         if not use_memory:
             return False
-        return bool(self._long_term) if self._read_mode() == "retrieve" else self.memory_is_initialized
+        mode = self._read_mode()
+        if mode == "mplus":
+            return self.memory_is_initialized or any(self._long_term.slot_counts) or self._long_term.num_pending > 0
+        return bool(self._long_term) if mode == "retrieve" else self.memory_is_initialized
 
     def forward(
         self,
@@ -591,6 +606,8 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
         """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
+        if self.is_mplus:
+            return self.mplus_state_after(self._current_state(), new, generator, out, call)
         return next_state(self._current_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction

@@ -1,0 +1,103 @@
+"""M+ on MemoryLlama: the commit that feeds the long-term memory, and the read that retrieves from it.
+
+A model whose config has a retriever (`retriever_size` > 0, e.g. a converted M+ checkpoint) keeps an `MPlusMemory`
+as its long-term memory (part of every memory state, saved in the memory's file group) and, with
+`read_mode="mplus"`, reads `[bos; retrieved; pool; tokens]` (see `mplus_read`). The pool's drop rule stays
+`memory_state.next_state`: it is replayed on slot numbers to learn which slots left (as the evaluation replay does).
+"""
+
+import dataclasses
+
+import torch
+
+from .memory_adapters import READ
+from .memory_state import MemoryState, next_state
+from .mplus_memory import MPlusMemory, after_commit, empty_mplus_memory
+from .mplus_read import MPlusRetrieval, mplus_prefix
+
+
+def commit_sources(state: MemoryState, num_new: int, config, generator: torch.Generator | None) -> torch.Tensor:
+    """Where every pool slot comes from after committing `num_new` slots [L, N]: >= 0 that old slot, -(j+1) new slot
+    j. Runs `next_state` on slot numbers with a copy of the drawing generator (the real commit draws the same)."""
+    L, N = state.memory.shape[:2]
+    numbers = torch.arange(N, dtype=torch.float64).expand(L, N)[..., None]
+    new = -(1.0 + torch.arange(num_new, dtype=torch.float64)).expand(L, num_new)[..., None]
+    twin = None
+    if generator is not None:
+        twin = torch.Generator()
+        twin.set_state(generator.get_state())
+    probe = dataclasses.replace(state, memory=numbers, long_term=())
+    return next_state(probe, new, config, twin, with_long_term=False).memory[..., 0].long()
+
+
+def dropped_slots(sources: torch.Tensor, filled: int) -> torch.Tensor:
+    """The filled old slots [L, q] (ascending) that `sources` [L, N] no longer holds."""
+    L, N = sources.shape
+    present = torch.zeros(L, N + 1, dtype=torch.bool)
+    present.scatter_(1, torch.where(sources >= 0, sources, N).cpu(), True)
+    present = present[:, :N]
+    present[:, : N - filled] = True  # empty slots hold nothing to keep
+    return (~present).nonzero()[:, 1].view(L, -1)
+
+
+class MPlusMixin:
+    """M+ parts of MemoryLlama (relies on the model's `retriever`, `memory`, `model`, `adapters`, `memory_embeddings`,
+    `config`, `long_term_memory`)."""
+
+    @property
+    def is_mplus(self) -> bool:
+        """Whether this model has the M+ retriever (and so an M+ long-term memory)."""
+        return getattr(self, "retriever", None) is not None
+
+    def empty_long_term_memory(self):
+        """The long-term memory of an empty model: an empty `MPlusMemory` for M+ models, else an empty store."""
+        if not self.is_mplus:
+            return ()
+        cfg = self.config
+        dtype = getattr(torch, cfg.long_term_memory_dtype) if cfg.long_term_memory_dtype else self.memory.dtype
+        return empty_mplus_memory(
+            cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.retriever_size, dtype,
+            cfg.long_term_memory_device or "cpu",
+        )
+
+    def mplus_state_after(self, state: MemoryState, new: torch.Tensor, generator, out=None, call=None) -> MemoryState:
+        """The memory after committing new slots [L, k, d] on an M+ model: the pool as `next_state` commits it, and
+        the long-term memory after the slots it dropped (`mplus_memory.after_commit`)."""
+        memory = state.long_term
+        if not isinstance(memory, MPlusMemory):
+            raise TypeError("an M+ model's memory state must hold an MPlusMemory as its long-term memory")
+        sources = commit_sources(state, new.shape[1], self.config, generator)
+        dropped = dropped_slots(sources, int(state.filled))
+        leaving = torch.stack([state.memory[layer, dropped[layer].to(state.memory.device)] for layer in range(len(dropped))])
+        keys = self.retriever.slot_keys(self.model.layers, leaving)
+        after = next_state(state, new, self.config, generator, out, call, with_long_term=False)
+        long_term = after_commit(memory, sources, dropped, leaving, keys, new.shape[1], self.config)
+        return dataclasses.replace(after, long_term=long_term)
+
+    @torch.no_grad()
+    def mplus_retrieval(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[list, MPlusRetrieval]:
+        """(per-layer prefix keys/values, what every layer retrieves) for a prompt batch: the first half of an M+
+        read. `attention_mask` [B, T] covers the tokens."""
+        if not self.is_mplus:
+            raise ValueError("this model has no M+ retriever (retriever_size=0): convert an M+ checkpoint")
+        embeds = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)
+        bos, _ = self.memory_embeddings()
+        N, filled = self.config.num_memory_tokens, self.num_filled_slots
+        with self.adapters.use(READ):
+            return mplus_prefix(
+                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, bos,
+                self.memory[:, N - filled :],
+            )
+
+    def mplus_read_prefix(self, input_ids, inputs_embeds, attention_mask):
+        """Per-layer keys/values [B, kv, P, hd] of each row's M+ prefix and its mask [B, P] (all ones); the
+        retrieval is kept as `last_retrieval`."""
+        prefix_kv, record = self.mplus_retrieval(input_ids, attention_mask, inputs_embeds)
+        self.last_retrieval = record
+        keys = prefix_kv[0][0]
+        return prefix_kv, torch.ones(keys.shape[0], keys.shape[2], dtype=torch.long, device=keys.device)

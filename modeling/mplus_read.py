@@ -1,0 +1,154 @@
+"""M+ reads: the trained retriever (per-layer query/key projectors) and the prefix every layer reads.
+
+An M+ read is `[bos_l; retrieved_l; pool_l; tokens]` at every layer l, positions contiguous from 0. The retrieved
+slots depend on the prompt's layer-l input h_l: `q = query_proj_l(input_layernorm_l(h_l))`, each candidate (the
+layer's long-term slots, then its pending ones, see `mplus_memory`) scores the mean over the prompt tokens of
+sigmoid(q . key), the best `read_tokens` are read oldest first. h_l depends on what layers 0..l-1 read, so
+`mplus_prefix` runs the prompt through the layers once, choosing each layer's slots on the way, and returns every
+layer's prefix keys/values: a cache seeded with them (`memory_prefix.seeded_cache`) then serves the stock Llama
+forward and `generate` (decoding reuses what the prefill retrieved, as in the official code).
+
+Differences from the official code, on purpose: every row of a batch retrieves for itself (its own tokens only,
+padding excluded); equal scores and equal ages are ordered deterministically (`mplus_memory.top_candidates`,
+`read_order`); with fewer candidates than `read_tokens` in some layer, every layer reads that many (each candidate
+once) and the positions stay contiguous (the official code repeats long-term slots, ignores pending ones, and loops
+forever on an empty long-term memory); scores are computed in float32 whatever the model's dtype.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask
+
+from .memory_prefix import PrefixKV, positions_from_mask, rotate_prefix_keys, slot_key_values
+from .mplus_memory import MPlusMemory, retrieval_scores, retrieve
+
+
+def projector(hidden_size: int, width: int, depth: int, act: str) -> nn.Module:
+    """The official retriever projector: depth 2 is Linear(d, 2s) -> act -> Linear(2s, s), depth 1 Linear(d, s)
+    (no biases)."""
+    if depth == 1:
+        return nn.Linear(hidden_size, width, bias=False)
+    return nn.Sequential(
+        nn.Linear(hidden_size, 2 * width, bias=False), ACT2FN[act], nn.Linear(2 * width, width, bias=False)
+    )
+
+
+class RetrieverLayer(nn.Module):
+    """One layer's projectors: prompt queries and slot keys, both from the layer's normalised input."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, s, depth = config.hidden_size, config.retriever_size, config.retriever_depth
+        self.query_proj = projector(d, s, depth, config.hidden_act)
+        self.key_proj = projector(d, s, depth, config.hidden_act)
+
+
+class MPlusRetriever(nn.Module):
+    """The M+ retriever of every layer (`retriever.layers.{l}.query_proj` / `.key_proj`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layers = nn.ModuleList(RetrieverLayer(config) for _ in range(config.num_hidden_layers))
+
+    @torch.no_grad()
+    def slot_keys(self, decoder_layers: nn.ModuleList, slots: torch.Tensor) -> torch.Tensor:
+        """Keys [L, q, s] of slots [L, q, d]: `key_proj_l(input_layernorm_l(slot))` (what a dropped slot keeps)."""
+        keys = []
+        for layer, (decoder, retriever) in enumerate(zip(decoder_layers, self.layers, strict=True)):
+            weight = retriever.key_proj.weight if isinstance(retriever.key_proj, nn.Linear) else retriever.key_proj[0].weight
+            normed = decoder.input_layernorm(slots[layer].to(weight.device, weight.dtype))
+            keys.append(retriever.key_proj(normed))
+        return torch.stack(keys)
+
+
+@dataclasses.dataclass
+class MPlusRetrieval:
+    """What one read retrieved, per layer l: the prompt queries [B, T, s], every candidate's score [B, C_l], the
+    top candidates (ascending) [B, k], the same in read order [B, k] and their ages [B, k]."""
+
+    queries: list[torch.Tensor]
+    scores: list[torch.Tensor]
+    top: list[torch.Tensor]
+    order: list[torch.Tensor]
+    ages: list[torch.Tensor]
+
+
+def read_count(memory: MPlusMemory, read_tokens: int) -> int:
+    """Slots every layer reads: `read_tokens`, or fewer when some layer has fewer candidates."""
+    return min([read_tokens] + [n + memory.num_pending for n in memory.slot_counts])
+
+
+@torch.no_grad()
+def mplus_prefix(
+    model: nn.Module,
+    retriever: MPlusRetriever,
+    memory: MPlusMemory,
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    bos: torch.Tensor | None,
+    pool: torch.Tensor,
+) -> tuple[PrefixKV, MPlusRetrieval]:
+    """Per-layer keys/values [B, kv_heads, P, head_dim] of every row's `[bos_l; retrieved_l; pool_l]`
+    (P = bos + read_count + filled pool slots, the same for all rows and layers), and what was retrieved.
+
+    model: the `LlamaModel` (layers, rotary embedding); inputs_embeds [B, T, d] the prompt; attention_mask [B, T]
+    (1 = token; left or right padding) or None; bos [L, 1, d] or None; pool [L, n, d] the filled pool slots.
+    Runs layers 0..L-2 on the prompt (layer l reading the prefix chosen for it), with the active adapter.
+    """
+    layers, batch, length = model.layers, inputs_embeds.shape[0], inputs_embeds.shape[1]
+    device = inputs_embeds.device
+    mask = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    count = read_count(memory, config.read_tokens)
+    head = 0 if bos is None else 1
+    P = head + count + pool.shape[1]
+    full_mask = torch.cat([torch.ones(batch, P, dtype=torch.long, device=device), mask.long()], dim=1)
+    positions = positions_from_mask(full_mask, length)
+    rotary = model.rotary_emb(inputs_embeds, positions)
+    cache = DynamicCache()
+    cache.layers.extend(DynamicLayer() for _ in layers)
+    record = MPlusRetrieval([], [], [], [], [])
+    prefix_kv: PrefixKV = []
+    hidden, causal = inputs_embeds, None
+    for index, layer in enumerate(layers):
+        normed = layer.input_layernorm(hidden)
+        queries = retriever.layers[index].query_proj(normed.to(_weight_dtype(retriever.layers[index])))
+        keys, ages = memory.candidates(index)
+        scores = retrieval_scores(queries, mask, keys)
+        chosen = [retrieve(row, ages, count) for row in scores]
+        order = torch.stack([o for _, o in chosen]) if chosen else torch.zeros(0, count, dtype=torch.long)
+        record.queries.append(queries)
+        record.scores.append(scores)
+        record.top.append(torch.stack([t for t, _ in chosen]))
+        record.order.append(order)
+        record.ages.append(ages.to(order.device)[order])
+        dtype = hidden.dtype
+        parts = []
+        if bos is not None:
+            parts.append(_expand(slot_key_values([layer], [bos[index].to(device, dtype)])[0], batch))
+        rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, dtype)])[0] for o in order]
+        parts.append((torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])))
+        parts.append(_expand(slot_key_values([layer], [pool[index].to(device, dtype)])[0], batch))
+        joined = [(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2))]
+        kv = rotate_prefix_keys(joined, model.rotary_emb)[0]
+        prefix_kv.append(kv)
+        if index == len(layers) - 1:
+            break
+        cache.layers[index].lazy_initialization(*kv)
+        cache.layers[index].keys, cache.layers[index].values = kv
+        if causal is None:
+            causal = create_causal_mask(config, hidden, full_mask, cache, position_ids=positions, layer_idx=index)
+        hidden = layer(hidden, attention_mask=causal, position_ids=positions, cache=cache, position_embeddings=rotary)
+    return prefix_kv, record
+
+
+def _expand(kv: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
