@@ -11,11 +11,12 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from memoryllm_hf.convert import convert_official
@@ -84,9 +85,9 @@ def check_read(model, rec: Recording, name: str) -> None:
     rec.close(f"{name}_queries", torch.stack([q[0] for q in got.queries]))
 
 
-@pytest.mark.parametrize("folder", GOLDEN, ids=[p.name for p in GOLDEN])
 @torch.no_grad()
-def test_mplus_replays_every_recording(folder, tmp_path):
+def replay(folder: Path, tmp_path: Path) -> Recording:
+    """Convert `folder`'s checkpoint, run its timeline, compare every recording it makes (asserting each)."""
     model = load_converted(folder, tmp_path / "converted")
     rec = Recording(folder)
     inputs = json.loads((folder / "inputs.json").read_text())
@@ -136,5 +137,20 @@ def test_mplus_replays_every_recording(folder, tmp_path):
     )
     rec.exact("generate_sequences", out.sequences)
     rec.close("generate_step_logits", torch.stack(out.logits)[:, 0])
+    return rec
+
+
+@pytest.mark.parametrize("folder", GOLDEN, ids=[p.name for p in GOLDEN])
+def test_mplus_replays_every_recording(folder, tmp_path):
+    rec = replay(folder, tmp_path)
     print(f"\n{folder.name} max |diff| per group: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(rec.diffs.items())))
     assert not rec.unchecked(), f"recorded tensors the test does not compare: {rec.unchecked()}"
+
+
+def test_a_recording_the_replay_does_not_compare_fails_it(tmp_path):
+    folder = tmp_path / "golden"
+    shutil.copytree(FIXTURES / "official_mplus_tiny", folder)
+    tensors = load_file(folder / "expected.safetensors")
+    tensors["readC_logits"] = torch.zeros(1)
+    save_file(tensors, folder / "expected.safetensors")
+    assert replay(folder, tmp_path).unchecked() == ["readC_logits"]
