@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from .memory_state import MEMORY_BUFFERS, MemoryState, MemoryStateError
 from .memory_storage import INDEX_FILE, MEMORY_FILE, WEIGHTS_FILE
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store
+from .mplus_memory import MPlusMemory, MPlusMemoryError, load_mplus_memory, save_mplus_memory
 
 MEMORY_STATE_FILE = "memory_state.json"
 PACKAGE = "memoryllm-hf"
@@ -172,7 +173,8 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         metadata = self.memory_metadata(state, path)
         if state.long_term:
             store_path = os.path.join(folder, LONG_TERM_FILE)
-            save_store(store_path, state.long_term, state.fingerprint)
+            save = save_mplus_memory if isinstance(state.long_term, MPlusMemory) else save_store
+            save(store_path, state.long_term, state.fingerprint)
             metadata["long_term_sha256"] = sha256_file(store_path)
         with open(os.path.join(folder, MEMORY_STATE_FILE), "w") as handle:
             json.dump(metadata, handle, indent=2)
@@ -332,8 +334,9 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                         f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a "
                         "commit sha"
                     )
-                state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
+                read = load_mplus_memory if self.is_mplus else load_store
+                state = dataclasses.replace(state, long_term=read(store_path, state.fingerprint))
             self.load_memory_state(state, allow_other_model)
-        except (MemoryStateError, LongTermStoreError) as err:
+        except (MemoryStateError, LongTermStoreError, MPlusMemoryError) as err:
             raise MemoryStateError(f"{where}: {err}") from None
         return metadata

@@ -23,7 +23,7 @@ import os
 import torch
 from safetensors import SafetensorError
 
-from .memory_storage import read_tensor_file, tensors_digest
+from .memory_storage import read_tensor_file, tensors_digest, write_tensor_file
 
 RECALL_FLOOR = 0.01  # official: recall frequencies <= 0.01 count as zero (float residue of repeated decay)
 MPLUS_FORMAT = "memoryllm-hf/mplus-long-term/1"
@@ -376,3 +376,8 @@ def load_mplus_memory(path, fingerprint: str | None = None) -> MPlusMemory:
     if metadata.get("content_hash") != memory.content_hash():
         raise MPlusMemoryError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return memory
+
+
+def save_mplus_memory(path, memory: MPlusMemory, fingerprint: str | None = None) -> None:
+    """Write the memory to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
+    write_tensor_file(os.fspath(path), memory.to_tensors(), memory.file_metadata(fingerprint))

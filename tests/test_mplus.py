@@ -11,11 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from huggingface_hub import HfApi, constants
 from transformers import AutoModelForCausalLM
 
 from memoryllm_hf.convert import convert_official
+from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_state import MemoryState, MemoryStateError
+from memoryllm_hf.testing import LocalHub
 from memoryllm_hf.modeling.mplus_memory import (
     MPlusMemory,
     empty_mplus_memory,
@@ -254,3 +257,30 @@ def test_bad_mplus_folders_are_refused_and_nothing_is_written(tmp_path, broken, 
     with pytest.raises(ValueError, match=message):
         convert_official(folder, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the Hub
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running local Hub that this process's Hub client talks to (fresh download cache, test token)."""
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token="local-test-token"):
+        yield server
+
+
+@torch.no_grad()
+def test_hub_pushes_carry_the_long_term_memory(model, hub):
+    """A whole-model push, then a memory-only push on a branch: each revision loads its own M+ long-term memory."""
+    repo = "tester/mplus"
+    model.push_to_hub(repo)
+    first = model.long_term_memory.content_hash()
+    assert load(repo).long_term_memory.content_hash() == first
+    model.inject(torch.randint(3, 256, (6,), generator=torch.Generator().manual_seed(1)))
+    model.push_memory_to_hub(repo, revision="later", create_branch=True)
+    later = load(repo, revision="later")
+    assert later.long_term_memory.content_hash() == model.long_term_memory.content_hash() != first
+    later.load_memory_from_hub(repo)  # main: the first memory again
+    assert later.long_term_memory.content_hash() == first
+    files = {f.path for f in HfApi().list_repo_tree(repo, revision="later")}
+    assert {"memory.safetensors", "long_term_memory.safetensors", "memory_state.json"} <= files
