@@ -86,12 +86,11 @@ class MPlusMixin:
         if not self.is_mplus:
             raise ValueError("this model has no M+ retriever (retriever_size=0): convert an M+ checkpoint")
         embeds = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)
-        bos, _ = self.memory_embeddings()
-        N, filled = self.config.num_memory_tokens, self.num_filled_slots
+        head = int(self.config.add_bos_embedding)
         with self.adapters.use(READ):
+            memory_kv = self.memory_key_values()  # [bos; pool] at positions 0.., cached until the memory changes
             return mplus_prefix(
-                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, bos,
-                self.memory[:, N - filled :],
+                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, memory_kv, head
             )
 
     def mplus_read_prefix(self, input_ids, inputs_embeds, attention_mask):

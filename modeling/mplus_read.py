@@ -22,6 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .memory_prefix import PrefixKV, positions_from_mask, rotate_prefix_keys, slot_key_values
 from .mplus_memory import MPlusMemory, retrieval_scores, retrieve
@@ -90,22 +91,23 @@ def mplus_prefix(
     config,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    bos: torch.Tensor | None,
-    pool: torch.Tensor,
+    memory_kv: PrefixKV,
+    head: int,
 ) -> tuple[PrefixKV, MPlusRetrieval]:
     """Per-layer keys/values [B, kv_heads, P, head_dim] of every row's `[bos_l; retrieved_l; pool_l]`
     (P = bos + read_count + filled pool slots, the same for all rows and layers), and what was retrieved.
 
     model: the `LlamaModel` (layers, rotary embedding); inputs_embeds [B, T, d] the prompt; attention_mask [B, T]
-    (1 = token; left or right padding) or None; bos [L, 1, d] or None; pool [L, n, d] the filled pool slots.
-    Runs layers 0..L-2 on the prompt (layer l reading the prefix chosen for it), with the active adapter.
+    (1 = token; left or right padding) or None; memory_kv: the keys/values of `[bos; pool]` at positions 0.. (the
+    pool read's, cached by the model), `head` = 1 with a bos slot, else 0. The pool's keys are turned to the
+    positions after the retrieved slots. Runs layers 0..L-2 on the prompt (layer l reading the prefix chosen for
+    it), with the active adapter.
     """
     layers, batch, length = model.layers, inputs_embeds.shape[0], inputs_embeds.shape[1]
     device = inputs_embeds.device
     mask = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
     count = read_count(memory, config.read_tokens)
-    head = 0 if bos is None else 1
-    P = head + count + pool.shape[1]
+    P = memory_kv[0][0].shape[2] + count
     full_mask = torch.cat([torch.ones(batch, P, dtype=torch.long, device=device), mask.long()], dim=1)
     positions = positions_from_mask(full_mask, length)
     rotary = model.rotary_emb(inputs_embeds, positions)
@@ -126,15 +128,15 @@ def mplus_prefix(
         record.top.append(torch.stack([t for t, _ in chosen]))
         record.order.append(order)
         record.ages.append(ages.to(order.device)[order])
-        dtype = hidden.dtype
-        parts = []
-        if bos is not None:
-            parts.append(_expand(slot_key_values([layer], [bos[index].to(device, dtype)])[0], batch))
-        rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, dtype)])[0] for o in order]
-        parts.append((torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])))
-        parts.append(_expand(slot_key_values([layer], [pool[index].to(device, dtype)])[0], batch))
-        joined = [(torch.cat([k for k, _ in parts], 2), torch.cat([v for _, v in parts], 2))]
-        kv = rotate_prefix_keys(joined, model.rotary_emb)[0]
+        rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, hidden.dtype)])[0] for o in order]
+        rows = [(torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows]))]
+        retrieved_k, retrieved_v = rotate_prefix_keys(rows, model.rotary_emb, head)[0]
+        keys_l, values_l = (t.to(device) for t in memory_kv[index])
+        pool_k = shift_positions(keys_l[:, :, head:], model.rotary_emb, count)
+        kv = (
+            torch.cat([_expand(keys_l[:, :, :head], batch), retrieved_k, _expand(pool_k, batch)], 2),
+            torch.cat([_expand(values_l[:, :, :head], batch), retrieved_v, _expand(values_l[:, :, head:], batch)], 2),
+        )
         prefix_kv.append(kv)
         if index == len(layers) - 1:
             break
@@ -146,8 +148,20 @@ def mplus_prefix(
     return prefix_kv, record
 
 
-def _expand(kv: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1)
+def _expand(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor.expand(batch, -1, -1, -1)
+
+
+def shift_positions(keys: torch.Tensor, rotary_emb: nn.Module, delta: int) -> torch.Tensor:
+    """Keys [B, kv, P, hd] rotated at positions p, turned to positions p + delta (one more rotation by delta: RoPE
+    rotations compose), computed in float32."""
+    if delta == 0:
+        return keys
+    if getattr(rotary_emb, "attention_scaling", 1.0) != 1.0:
+        raise ValueError("M+ reads need a RoPE without attention scaling (default, linear, llama3)")
+    cos, sin = rotary_emb(keys.float(), torch.tensor([[delta]], device=keys.device))
+    cos, sin = cos[:, None], sin[:, None]
+    return (keys.float() * cos + rotate_half(keys.float()) * sin).to(keys.dtype)
 
 
 def _weight_dtype(module: nn.Module) -> torch.dtype:
