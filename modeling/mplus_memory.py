@@ -88,12 +88,22 @@ class MPlusMemory:
         return (f"MPlusMemory(layers={self.num_layers}, ltm slots per layer={self.slot_counts}, "
                 f"pending={self.num_pending}, commits since merge={self.commits})")
 
-    def candidates(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys [C, s], ages [C]) of the slots layer `layer` can retrieve: its LTM rows, then the pending rows."""
-        return (
-            torch.cat([self.keys[layer], self.pending_keys[layer].to(self.keys[layer].device)]),
-            torch.cat([self.ages[layer], self.pending_ages[layer].to(self.ages[layer].device)]),
-        )
+    def candidate_scores(self, layer: int, queries: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores [B, C] of layer `layer`'s candidates (its LTM rows, then its pending rows; `retrieval_scores`)."""
+        scores = retrieval_scores(queries, mask, self.keys[layer])
+        if not self.num_pending:
+            return scores
+        return torch.cat([scores, retrieval_scores(queries, mask, self.pending_keys[layer])], dim=1)
+
+    def candidate_ages(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
+        """Ages of candidate numbers `indices` (LTM rows first, then pending rows)."""
+        ages, pending = self.ages[layer], self.pending_ages[layer].to(self.ages[layer].device)
+        indices = indices.to(ages.device)
+        inside = indices < ages.shape[0]
+        out = torch.empty_like(indices)
+        out[inside] = ages[indices[inside]]
+        out[~inside] = pending[indices[~inside] - ages.shape[0]]
+        return out
 
     def candidate_slots(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
         """The slots [len(indices), d] of candidate numbers `indices` (LTM rows first, then pending rows)."""
@@ -349,10 +359,10 @@ def read_order(indices: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
     return indices.flip(0)[torch.sort(ages.flip(0), descending=True, stable=True).indices]
 
 
-def retrieve(scores: torch.Tensor, ages: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k candidate indices ascending, the same in read order) for one row and layer."""
+def retrieve(memory: MPlusMemory, layer: int, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-k candidate indices ascending, the same in read order) for one row's `scores` [C] in layer `layer`."""
     top = top_candidates(scores, k)
-    return top, read_order(top, ages.to(top.device)[top])
+    return top, read_order(top, memory.candidate_ages(layer, top).to(top.device))
 
 
 def load_mplus_memory(path, fingerprint: str | None = None) -> MPlusMemory:

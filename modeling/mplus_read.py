@@ -25,7 +25,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import rotate_half
 
 from .memory_prefix import PrefixKV, positions_from_mask, rotate_prefix_keys, slot_key_values
-from .mplus_memory import MPlusMemory, retrieval_scores, retrieve
+from .mplus_memory import MPlusMemory, retrieve
 
 
 def projector(hidden_size: int, width: int, depth: int, act: str) -> nn.Module:
@@ -119,15 +119,14 @@ def mplus_prefix(
     for index, layer in enumerate(layers):
         normed = layer.input_layernorm(hidden)
         queries = retriever.layers[index].query_proj(normed.to(_weight_dtype(retriever.layers[index])))
-        keys, ages = memory.candidates(index)
-        scores = retrieval_scores(queries, mask, keys)
-        chosen = [retrieve(row, ages, count) for row in scores]
+        scores = memory.candidate_scores(index, queries, mask)
+        chosen = [retrieve(memory, index, row, count) for row in scores]
         order = torch.stack([o for _, o in chosen]) if chosen else torch.zeros(0, count, dtype=torch.long)
         record.queries.append(queries)
         record.scores.append(scores)
         record.top.append(torch.stack([t for t, _ in chosen]))
         record.order.append(order)
-        record.ages.append(ages.to(order.device)[order])
+        record.ages.append(memory.candidate_ages(index, order.flatten()).view_as(order))
         rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, hidden.dtype)])[0] for o in order]
         rows = [(torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows]))]
         retrieved_k, retrieved_v = rotate_prefix_keys(rows, model.rotary_emb, head)[0]
