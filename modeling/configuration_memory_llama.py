@@ -141,7 +141,8 @@ class MemoryLlamaConfig(LlamaConfig):
         if self.retrieval_margin is not None and self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
         if self.read_mode == "mplus":
-            if not isinstance(self.retriever_size, int) or self.retriever_size < 1 or self.retriever_depth not in (1, 2):
+            size, depth = self.retriever_size, self.retriever_depth
+            if not isinstance(size, int) or size < 1 or depth not in (1, 2):
                 raise ValueError(
                     "read_mode='mplus' needs the trained M+ retriever: retriever_size >= 1 and retriever_depth 1 or 2 "
                     f"(got {self.retriever_size!r}, {self.retriever_depth!r}); convert an M+ checkpoint with "
@@ -152,7 +153,8 @@ class MemoryLlamaConfig(LlamaConfig):
                 raise ValueError(f"long_term_merge_every must be an integer >= 1, got {every!r}")
             for name in ("recall_initial", "recall_decay"):
                 value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not number or not math.isfinite(value) or value < 0:
                     raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
             if self.recall_initial <= 0.01:  # mplus_memory.RECALL_FLOOR
                 raise ValueError("recall_initial must exceed 0.01 (slots would leave at their first merge)")

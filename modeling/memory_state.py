@@ -15,6 +15,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
+from .memory_storage import (
+    MEMORY_FILE,
+    model_owned_files,
+    read_tensor_file,
+    stage_memory_files,
+    tensors_digest,
+    update_folder,
+    write_tensor_file,
+)
 from .memory_store import (
     LONG_TERM_FILE,
     STORE_TENSORS,
@@ -30,15 +39,6 @@ from .memory_store import (
     validate_store,
 )
 from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, MPlusMemoryError
-from .memory_storage import (
-    MEMORY_FILE,
-    model_owned_files,
-    read_tensor_file,
-    stage_memory_files,
-    tensors_digest,
-    update_folder,
-    write_tensor_file,
-)
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.
 MEMORY_BUFFERS = ("memory", "memory_filled", "memory_injections", "memory_rng_state", "memory_written_at")
@@ -102,7 +102,8 @@ class MemoryState:
         if isinstance(self.long_term, MPlusMemory):
             store = f", long_term={self.long_term!r}"
         else:
-            store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots" if self.long_term else ""
+            blocks, slots = len(self.long_term), store_num_slots(self.long_term)
+            store = f", long_term={blocks} injections/{slots} slots" if self.long_term else ""
         return (
             f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
             f"injections={self.num_injections}, K={self.num_update_tokens}, fingerprint={self.fingerprint}{store})"
@@ -170,7 +171,8 @@ class MemoryState:
         if isinstance(self.long_term, MPlusMemory):
             groups[LONG_TERM_FILE] = (self.long_term.to_tensors(), self.long_term.file_metadata(self.fingerprint))
         elif self.long_term:
-            groups[LONG_TERM_FILE] = (store_to_tensors(self.long_term), store_file_metadata(self.long_term, self.fingerprint))
+            metadata = store_file_metadata(self.long_term, self.fingerprint)
+            groups[LONG_TERM_FILE] = (store_to_tensors(self.long_term), metadata)
         return groups
 
     def validate(self) -> None:
@@ -256,14 +258,15 @@ class MemoryState:
             raise MemoryStateError(f"not a memory state: tensors {missing} are missing")
         try:
             if metadata.get("long_term_store") == MPLUS_FORMAT:
-                long_term = MPlusMemory.from_tensors({name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors})
+                parts = {name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors}
+                long_term = MPlusMemory.from_tensors(parts)
             else:
                 long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
         except (LongTermStoreError, MPlusMemoryError) as err:
             raise MemoryStateError(str(err)) from None
         if isinstance(long_term, MPlusMemory):
             if metadata.get("long_term_hash") != long_term.content_hash():
-                raise MemoryStateError("corrupted: its M+ long-term memory differs from the hash recorded when it was saved")
+                raise MemoryStateError("corrupted: its M+ long-term memory differs from the hash recorded at saving")
         elif long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
             raise MemoryStateError("corrupted: its long-term store differs from the hash recorded when it was saved")
         extra = sorted(set(tensors) - set(MEMORY_BUFFERS))

@@ -192,7 +192,8 @@ class MPlusMemory:
             )
         for layer, (slots, keys, ages, recall) in enumerate(zip(*per_layer, strict=True)):
             S = slots.shape[0]
-            if tuple(slots.shape) != (S, d) or tuple(keys.shape) != (S, s) or ages.shape != (S,) or recall.shape != (S,):
+            shapes = (tuple(slots.shape), tuple(keys.shape), tuple(ages.shape), tuple(recall.shape))
+            if shapes != ((S, d), (S, s), (S,), (S,)):
                 raise MPlusMemoryError(
                     f"layer {layer} of the M+ long-term memory has slots {tuple(slots.shape)}, keys "
                     f"{tuple(keys.shape)}, ages {tuple(ages.shape)}, recall {tuple(recall.shape)}; this model needs "
@@ -270,11 +271,11 @@ def after_commit(
     """
     grow = config.num_update_tokens
     dropped_ages = memory.pool_ages.gather(1, dropped.to(memory.pool_ages.device))
-    pending_device = memory.pending_slots.device
+    pending_device, slot_dtype = memory.pending_slots.device, memory.pending_slots.dtype
     state = dataclasses.replace(
         memory,
         ages=tuple(a + grow for a in memory.ages),
-        pending_slots=torch.cat([memory.pending_slots, dropped_slots.to(pending_device, memory.pending_slots.dtype)], 1),
+        pending_slots=torch.cat([memory.pending_slots, dropped_slots.to(pending_device, slot_dtype)], 1),
         pending_keys=torch.cat([memory.pending_keys, dropped_keys.to(pending_device, memory.pending_keys.dtype)], 1),
         pending_ages=torch.cat([memory.pending_ages + grow, dropped_ages.to(memory.pending_ages.device)], 1),
         pool_ages=pool_ages_after(memory.pool_ages, sources.to(memory.pool_ages.device), num_new),
@@ -353,9 +354,10 @@ def top_candidates(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def read_order(indices: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-    """`indices` (ascending) reordered for reading by their `ages` (same length): age descending (the oldest slot first, so the retrieved block is
-    chronological). Equal ages: the higher index first. This is what the official `indices[argsort(ages)[::-1]]`
-    gives with a stable sort; numpy's default sort is not stable, so there the order among equal ages is undefined."""
+    """`indices` (ascending) reordered for reading by their `ages` (same length): age descending (the oldest slot
+    first, so the retrieved block is chronological). Equal ages: the higher index first, which is what the official
+    `indices[argsort(ages)[::-1]]` gives with a stable sort; numpy's default sort is not stable, so there the order
+    among equal ages is undefined."""
     return indices.flip(0)[torch.sort(ages.flip(0), descending=True, stable=True).indices]
 
 
@@ -381,7 +383,9 @@ def load_mplus_memory(path, fingerprint: str | None = None) -> MPlusMemory:
         )
     recorded = metadata.get("fingerprint")
     if fingerprint is not None and recorded is not None and recorded != fingerprint:
-        raise MPlusMemoryError(f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})")
+        raise MPlusMemoryError(
+            f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
+        )
     memory = MPlusMemory.from_tensors(tensors)
     if metadata.get("content_hash") != memory.content_hash():
         raise MPlusMemoryError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")

@@ -68,7 +68,7 @@ class MPlusMixin:
             raise TypeError("an M+ model's memory state must hold an MPlusMemory as its long-term memory")
         sources = commit_sources(state, new.shape[1], self.config, generator)
         dropped = dropped_slots(sources, int(state.filled))
-        leaving = torch.stack([state.memory[layer, dropped[layer].to(state.memory.device)] for layer in range(len(dropped))])
+        leaving = torch.stack([state.memory[layer, rows.to(state.memory.device)] for layer, rows in enumerate(dropped)])
         keys = self.retriever.slot_keys(self.model.layers, leaving)
         after = next_state(state, new, self.config, generator, out, call, with_long_term=False)
         long_term = after_commit(memory, sources, dropped, leaving, keys, new.shape[1], self.config)

@@ -60,7 +60,7 @@ class MPlusRetriever(nn.Module):
         """Keys [L, q, s] of slots [L, q, d]: `key_proj_l(input_layernorm_l(slot))` (what a dropped slot keeps)."""
         keys = []
         for layer, (decoder, retriever) in enumerate(zip(decoder_layers, self.layers, strict=True)):
-            weight = retriever.key_proj.weight if isinstance(retriever.key_proj, nn.Linear) else retriever.key_proj[0].weight
+            weight = next(retriever.key_proj.parameters())
             normed = decoder.input_layernorm(slots[layer].to(weight.device, weight.dtype))
             keys.append(retriever.key_proj(normed))
         return torch.stack(keys)
@@ -105,7 +105,10 @@ def mplus_prefix(
     """
     layers, batch, length = model.layers, inputs_embeds.shape[0], inputs_embeds.shape[1]
     device = inputs_embeds.device
-    mask = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+    if attention_mask is None:
+        mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+    else:
+        mask = attention_mask.bool()
     count = read_count(memory, config.read_tokens)
     P = memory_kv[0][0].shape[2] + count
     full_mask = torch.cat([torch.ones(batch, P, dtype=torch.long, device=device), mask.long()], dim=1)

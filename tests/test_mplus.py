@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi, constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from huggingface_hub import HfApi, constants
 from transformers import AutoModelForCausalLM
 
 from memoryllm_hf.convert import convert_official
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_state import MemoryState, MemoryStateError
-from memoryllm_hf.testing import LocalHub
 from memoryllm_hf.modeling.mplus_memory import (
     MPlusMemory,
     empty_mplus_memory,
@@ -27,6 +26,7 @@ from memoryllm_hf.modeling.mplus_memory import (
     retrieval_scores,
     top_candidates,
 )
+from memoryllm_hf.testing import LocalHub
 
 GOLDEN = Path(__file__).parent / "fixtures" / "official_mplus_tiny"
 
@@ -220,7 +220,8 @@ def test_memory_states_snapshots_and_undo_carry_the_long_term_memory(model, tmp_
     assert model.long_term_memory.slot_counts == [0, 0]
     model.load_memory_state(loaded)
     assert model.long_term_memory.content_hash() == before.long_term.content_hash()
-    plain = MemoryLlamaForCausalLM(type(model.config)(**{**model.config.to_dict(), "retriever_size": 0, "read_mode": "pool"}))
+    fields = {**model.config.to_dict(), "retriever_size": 0, "read_mode": "pool"}
+    plain = MemoryLlamaForCausalLM(type(model.config)(**fields))
     with pytest.raises(MemoryStateError, match="another kind of model"):
         plain.load_memory_state(loaded, allow_other_model=True)
 

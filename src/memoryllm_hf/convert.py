@@ -18,8 +18,8 @@ from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
 from .convert_mplus import (
-    MPLUS_ONLY,
     LONG_TERM_KEY,
+    MPLUS_ONLY,
     check_mplus_weights,
     is_mplus_config,
     mplus_config_fields,

@@ -41,7 +41,8 @@ LONG_TERM_KEY = re.compile(r"^(ltm|ltm_keys|ltm_ages|ltm_recall_frequencies)\.(\
 
 
 def is_mplus_config(official: dict) -> bool:
-    return "MPlus" in (official.get("architectures") or []) or "num_ltm_blocks" in official or "add_selector" in official
+    architectures = official.get("architectures") or []
+    return "MPlus" in architectures or "num_ltm_blocks" in official or "add_selector" in official
 
 
 def mplus_config_fields(official: dict) -> dict:
@@ -93,14 +94,14 @@ def check_mplus_weights(names: set[str], config: MemoryLlamaConfig, src) -> None
     """Refuse (before anything is written) an M+ checkpoint without its projectors or its long-term memory."""
     layers = range(config.num_hidden_layers)
     projector = "0.weight" if config.retriever_depth == 2 else "weight"
-    needed = [f"model.layers.{l}.self_attn.{p}.{projector}" for l in layers for p in ("query_proj", "key_proj")]
+    needed = [f"model.layers.{i}.self_attn.{p}.{projector}" for i in layers for p in ("query_proj", "key_proj")]
     missing = [n for n in needed if n not in names]
     if missing:
         raise ValueError(
             f"{src} is an M+ checkpoint without its retriever projectors ({missing[:3]}...): its reads cannot run; "
             "download the complete checkpoint"
         )
-    needed = [f"{part}.{l}" for l in layers for part in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")]
+    needed = [f"{part}.{i}" for i in layers for part in ("ltm", "ltm_keys", "ltm_ages", "ltm_recall_frequencies")]
     missing = [n for n in needed if n not in names]
     if missing:
         raise ValueError(
