@@ -10,7 +10,10 @@ import dataclasses
 
 import torch
 
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 from .memory_adapters import READ
+from .memory_prefix import record_prefix
 from .memory_state import MemoryState, next_state
 from .mplus_memory import MPlusMemory, after_commit, empty_mplus_memory
 from .mplus_read import MPlusRetrieval, mplus_prefix
@@ -83,6 +86,20 @@ class MPlusMixin:
     ) -> tuple[list, MPlusRetrieval]:
         """(per-layer prefix keys/values, what every layer retrieves) for a prompt batch: the first half of an M+
         read. `attention_mask` [B, T] covers the tokens."""
+        prefix_kv, record, _, _ = self._mplus_pass(input_ids, attention_mask, inputs_embeds, finish=False)
+        return prefix_kv, record
+
+    @torch.no_grad()
+    def mplus_forward(self, input_ids, attention_mask, inputs_embeds, logits_to_keep=0, use_cache=True):
+        """A whole M+ read in one pass (the retrieval pass runs the last layer too): logits of the kept positions and
+        the cache `[prefix; prompt]` (None with `use_cache=False`). What `forward` does for a plain fresh read."""
+        prefix_kv, record, cache, hidden = self._mplus_pass(input_ids, attention_mask, inputs_embeds, finish=True)
+        self.last_retrieval = record
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(self.model.norm(hidden)[:, kept])
+        return CausalLMOutputWithPast(logits=logits, cache=record_prefix(cache, prefix_kv) if use_cache else None)
+
+    def _mplus_pass(self, input_ids, attention_mask, inputs_embeds, finish: bool):
         if not self.is_mplus:
             raise ValueError("this model has no M+ retriever (retriever_size=0): convert an M+ checkpoint")
         embeds = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)
@@ -90,7 +107,8 @@ class MPlusMixin:
         with self.adapters.use(READ):
             memory_kv = self.memory_key_values()  # [bos; pool] at positions 0.., cached until the memory changes
             return mplus_prefix(
-                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, memory_kv, head
+                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, memory_kv, head,
+                finish,
             )
 
     def mplus_read_prefix(self, input_ids, inputs_embeds, attention_mask):

@@ -93,7 +93,8 @@ def mplus_prefix(
     attention_mask: torch.Tensor | None,
     memory_kv: PrefixKV,
     head: int,
-) -> tuple[PrefixKV, MPlusRetrieval]:
+    finish: bool = False,
+) -> tuple[PrefixKV, MPlusRetrieval, DynamicCache, torch.Tensor | None]:
     """Per-layer keys/values [B, kv_heads, P, head_dim] of every row's `[bos_l; retrieved_l; pool_l]`
     (P = bos + read_count + filled pool slots, the same for all rows and layers), and what was retrieved.
 
@@ -101,7 +102,10 @@ def mplus_prefix(
     (1 = token; left or right padding) or None; memory_kv: the keys/values of `[bos; pool]` at positions 0.. (the
     pool read's, cached by the model), `head` = 1 with a bos slot, else 0. The pool's keys are turned to the
     positions after the retrieved slots. Runs layers 0..L-2 on the prompt (layer l reading the prefix chosen for
-    it), with the active adapter.
+    it), with the active adapter; `finish=True` runs the last layer too.
+
+    Returns (prefix keys/values, what was retrieved, the cache of the layers run: prefix + prompt, the last layer's
+    output [B, T, d] (before the final norm) when `finish`, else None).
     """
     layers, batch, length = model.layers, inputs_embeds.shape[0], inputs_embeds.shape[1]
     device = inputs_embeds.device
@@ -140,14 +144,14 @@ def mplus_prefix(
             torch.cat([_expand(values_l[:, :, :head], batch), retrieved_v, _expand(values_l[:, :, head:], batch)], 2),
         )
         prefix_kv.append(kv)
-        if index == len(layers) - 1:
-            break
+        if index == len(layers) - 1 and not finish:
+            return prefix_kv, record, cache, None
         cache.layers[index].lazy_initialization(*kv)
         cache.layers[index].keys, cache.layers[index].values = kv
         if causal is None:
             causal = create_causal_mask(config, hidden, full_mask, cache, position_ids=positions, layer_idx=index)
         hidden = layer(hidden, attention_mask=causal, position_ids=positions, cache=cache, position_embeddings=rotary)
-    return prefix_kv, record
+    return prefix_kv, record, cache, hidden
 
 
 def _expand(tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -285,3 +285,19 @@ def test_hub_pushes_carry_the_long_term_memory(model, hub):
     assert later.long_term_memory.content_hash() == first
     files = {f.path for f in HfApi().list_repo_tree(repo, revision="later")}
     assert {"memory.safetensors", "long_term_memory.safetensors", "memory_state.json"} <= files
+
+
+@torch.no_grad()
+def test_one_pass_read_equals_the_seeded_cache_read(model):
+    """A plain forward reads in one pass; with outputs the one pass does not give (hidden states) the retrieval pass
+    seeds a cache and the stock forward reads it: the same logits, and the one pass's cache continues alike."""
+    prompt = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    fast = model(prompt, attention_mask=mask)
+    slow = model(prompt, attention_mask=mask, output_hidden_states=True)
+    assert slow.hidden_states is not None and (fast.logits - slow.logits).abs().max() < 1e-5
+    token = torch.tensor([[5], [9]])
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    after_fast = model(token, cache=fast.cache, attention_mask=full).logits
+    after_slow = model(token, cache=slow.cache, attention_mask=full).logits
+    assert (after_fast - after_slow).abs().max() < 1e-5
