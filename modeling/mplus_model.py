@@ -9,7 +9,6 @@ as its long-term memory (part of every memory state, saved in the memory's file 
 import dataclasses
 
 import torch
-
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .memory_adapters import READ
