@@ -417,10 +417,15 @@ class MemoryLlamaForCausalLM(
             room = static_cache_room(config, kwargs, length)
             input_ids = inputs if inputs is not None else kwargs.get("input_ids")
             inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-            kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
-                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
-                max_cache_len=room,
-            )
+            if self._read_mode() == "mplus" and room is None and input_ids is not None:
+                kwargs["cache"], kwargs["attention_mask"] = self.mplus_generation_cache(
+                    input_ids, kwargs.get("attention_mask"), rows=batch * max(beams, returns)
+                )
+            else:
+                kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
+                    input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
+                    max_cache_len=room,
+                )
         elif prefix:
             batch, length = tokens.shape[:2]
             kwargs["attention_mask"] = extend_attention_mask(

@@ -12,7 +12,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .memory_adapters import READ
-from .memory_prefix import record_prefix
+from .memory_prefix import cache_prefix_length, extend_attention_mask, record_prefix
 from .memory_state import MemoryState, next_state
 from .mplus_memory import MPlusMemory, after_commit, empty_mplus_memory
 from .mplus_read import MPlusRetrieval, mplus_prefix
@@ -97,6 +97,20 @@ class MPlusMixin:
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(self.model.norm(hidden)[:, kept])
         return CausalLMOutputWithPast(logits=logits, cache=record_prefix(cache, prefix_kv) if use_cache else None)
+
+    @torch.no_grad()
+    def mplus_generation_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: int):
+        """(cache, attention mask over prefix + tokens) to start `generate` from: one M+ pass over the prompt, its
+        cache without the last token (which `generate`'s first step feeds), each row repeated for beams/samples."""
+        if attention_mask is not None and attention_mask.shape[-1] != input_ids.shape[1]:
+            raise ValueError("with read_mode='mplus' the attention_mask covers the tokens only")
+        cache = self.mplus_forward(input_ids, attention_mask, None, logits_to_keep=1, use_cache=True).cache
+        cache.crop(-1)
+        if rows != input_ids.shape[0]:
+            cache.batch_repeat_interleave(rows // input_ids.shape[0])
+        batch, length = input_ids.shape
+        mask = extend_attention_mask(attention_mask, batch, length, cache_prefix_length(cache), input_ids.device)
+        return cache, mask
 
     def _mplus_pass(self, input_ids, attention_mask, inputs_embeds, finish: bool):
         if not self.is_mplus:
