@@ -27,6 +27,7 @@ from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
 from .memory_transition import long_term_after, next_state
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
+from .mplus_memory import MPlusMemory
 
 AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
@@ -49,6 +50,7 @@ __all__ = [
     "MemoryLlamaModel",
     "MemoryState",
     "MemoryStateError",
+    "MPlusMemory",
     "atomic_write",
     "check_length",
     "folder_lock",

@@ -53,6 +53,16 @@ class MemoryLlamaConfig(LlamaConfig):
             (None: the calibrated `SCORE_WEIGHTS`, lexical 1.0 and keys 0.5).
         retrieval_key_layers: with `"retrieve"`, the layers whose keys the "keys" scorer reads (None: the calibrated
             `KEY_LAYERS`, layer 18 of SmolLM2, or the same relative depth).
+        retriever_size: width s of the M+ retriever keys (official `selector_hidden_dim`); 0 = no retriever.
+        retriever_depth: 2 (Linear(d, 2s) -> act -> Linear(2s, s), as mplus-8b) or 1 (Linear(d, s)) projectors.
+        long_term_merge_every: with a retriever (M+), the slots the pool drops are merged into the long-term memory
+            every this many injections (official `update_ltm_frequency`); until then they are pending (retrievable).
+        recall_initial / recall_decay: M+: a slot enters the long-term memory with recall frequency `recall_initial`;
+            every merge lowers all by `recall_decay` and removes those at zero (official
+            `initial_rf_when_moving_stm_to_ltm`, `decay_frequency`).
+
+    `read_mode="mplus"` (M+, Wang et al. 2025): every layer attends to `[bos; the `read_tokens` long-term slots its
+    trained retriever scores best for the prompt, oldest first; pool; tokens]` (see `mplus_read`, `mplus_memory`).
     """
 
     model_type = "memory_llama"
@@ -79,6 +89,11 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_margin: float | None = None
     retrieval_weights: dict | None = None
     retrieval_key_layers: list | None = None
+    retriever_size: int = 0
+    retriever_depth: int = 2
+    long_term_merge_every: int = 60
+    recall_initial: float = 10.0
+    recall_decay: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic_io import atomic_write, link_tree, read_tensor_file, update_folder, write_tensor_file
 from .memory_fields import MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryChangedOnDiskError, MemoryStateError, dtype_name
+from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, decode_mplus_file
 from .memory_store import (
     STORE_TENSORS,
     LongTermStore,
@@ -82,9 +83,14 @@ def write_state_file(path: str | os.PathLike, state) -> None:
     """One file holding the whole memory (pool and long-term store, each with its hash), written atomically."""
     state.validate()
     metadata = state_metadata(state)
-    if state.long_term:
-        metadata["long_term_hash"] = store_content_hash(state.long_term)
-    write_tensor_file(os.fspath(path), {**state.as_buffers(), **store_to_tensors(state.long_term)}, metadata)
+    if isinstance(state.long_term, MPlusMemory):
+        metadata.update(long_term_hash=state.long_term.content_hash(), long_term_store=MPLUS_FORMAT)
+        long_term = state.long_term.to_tensors()
+    else:
+        if state.long_term:
+            metadata["long_term_hash"] = store_content_hash(state.long_term)
+        long_term = store_to_tensors(state.long_term)
+    write_tensor_file(os.fspath(path), {**state.as_buffers(), **long_term}, metadata)
 
 
 def read_state_file(path: str | os.PathLike, state_class):
@@ -112,10 +118,16 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     if missing:
         raise MemoryStateError(f"not a memory state: tensors {missing} are missing")
     try:
-        long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
+        if metadata.get("long_term_store") == MPLUS_FORMAT:
+            long_term = MPlusMemory.from_tensors({name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors})
+        else:
+            long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
     except LongTermStoreError as err:
         raise MemoryStateError(str(err)) from None
-    if long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
+    if isinstance(long_term, MPlusMemory):
+        if metadata.get("long_term_hash") != long_term.content_hash():
+            raise MemoryStateError("corrupted: its M+ long-term memory differs from the hash recorded at saving")
+    elif long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
         raise MemoryStateError("corrupted: its long-term store differs from the hash recorded when it was saved")
     extra = sorted(set(tensors) - set(MEMORY_BUFFERS))
     if extra:
@@ -199,6 +211,8 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
         tensors, metadata = read_tensor_file(path)
     except (SafetensorError, OSError) as err:
         raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
+    if metadata.get("long_term_store") == MPLUS_FORMAT:  # an M+ model's long-term memory
+        return decode_mplus_file(path, tensors, metadata, fingerprint)
     extra = sorted(set(tensors) - set(STORE_TENSORS))
     if extra or metadata.get("long_term_store") != STORE_FORMAT:
         raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
@@ -236,6 +250,8 @@ def _pool_file(state) -> TensorFile:
 
 
 def _store_file(state) -> TensorFile | None:
+    if isinstance(state.long_term, MPlusMemory):
+        return state.long_term.to_tensors(), state.long_term.file_metadata(state.fingerprint)
     if not state.long_term:
         return None
     return store_to_tensors(state.long_term), store_file_metadata(state.long_term, state.fingerprint)

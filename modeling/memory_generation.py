@@ -57,10 +57,15 @@ def read_before_generate(model, inputs, generation_config, kwargs: dict) -> None
         room = static_cache_room(generation_config, kwargs, length)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-        kwargs["cache"], kwargs["attention_mask"] = model.memory_read(
-            input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
-            max_cache_len=room,
-        )
+        if model.read_mode == "mplus" and room is None and input_ids is not None:  # one M+ pass, see mplus_model
+            kwargs["cache"], kwargs["attention_mask"] = model.mplus_generation_cache(
+                input_ids, kwargs.get("attention_mask"), rows=batch * max(beams, returns)
+            )
+        else:
+            kwargs["cache"], kwargs["attention_mask"] = model.memory_read(
+                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
+                max_cache_len=room,
+            )
     elif prefix:
         batch, length = tokens.shape[:2]
         kwargs["attention_mask"] = extend_attention_mask(

@@ -16,6 +16,7 @@ from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
+from .mplus_memory import MPlusMemory
 
 
 def select_injections(
@@ -244,10 +245,21 @@ def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_inj
     """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
     reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
     path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
+    if path is None and config.retriever_size:
+        raise ValueError(
+            f"{path_or_repo} is an M+ model but has no {LONG_TERM_FILE} (its long-term memory): restore the file, or "
+            "convert the official checkpoint again"
+        )
     if path is None:
         return None
     try:
         store = load_store(path, fingerprint())
+        if isinstance(store, MPlusMemory) != bool(config.retriever_size):
+            raise LongTermStoreError(f"{path} holds the long-term memory of another kind of model (M+ or not)")
+        if isinstance(store, MPlusMemory):
+            cfg = config
+            store.validate(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.retriever_size)
+            return store
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None

@@ -22,10 +22,12 @@ import torch
 
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
+from .mplus_read import MPlusRead
 
 READS = {
     "pool": PoolRead,
     "retrieve": RetrieveRead,
+    "mplus": MPlusRead,
 }
 
 
@@ -119,10 +121,11 @@ class MemoryReadMixin:
         return [[block.injection for block in row] for row in chosen]
 
     @property
-    def last_retrieval(self) -> list[list[int]] | None:
-        """The injection numbers each prompt row read in the last retrieval read (None before the first)."""
-        return self.reads["retrieve"].last
+    def last_retrieval(self):
+        """What the last read of the current read mode retrieved (None before the first, and for the pool read):
+        "retrieve": the injection numbers each prompt row read; "mplus": `mplus_read.MPlusRetrieval`."""
+        return getattr(self.reads[self.config.read_mode], "last", None)
 
     @last_retrieval.setter
     def last_retrieval(self, value) -> None:
-        self.reads["retrieve"].last = value
+        self.reads[self.config.read_mode].last = value

@@ -14,6 +14,7 @@ from types import MappingProxyType
 import torch
 
 from .memory_fields import FIELD_NAMES, MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryStateError
+from .mplus_memory import MPlusMemory
 from .memory_files import MEMORY_FILE, save_model_folder
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
@@ -216,6 +217,17 @@ class MemoryStateMixin:
             raise MemoryStateError(
                 f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
             )
+        mplus = isinstance(state.long_term, MPlusMemory)
+        if mplus != self.is_mplus:
+            raise MemoryStateError(
+                "an M+ model's memory needs its M+ long-term memory (MPlusMemory), other models a block store: this "
+                "state belongs to another kind of model"
+            )
+        if mplus and state.long_term.pending_keys.shape[2] != self.config.retriever_size:
+            raise MemoryStateError(
+                f"the state's M+ keys are {state.long_term.pending_keys.shape[2]} wide, this model's retriever "
+                f"{self.config.retriever_size}: it belongs to another model"
+            )
         K = self.config.num_update_tokens
         if state.num_update_tokens is not None and state.num_update_tokens != K:
             raise MemoryStateError(f"memory state was written with K={state.num_update_tokens}, this model has K={K}")
@@ -260,6 +272,8 @@ class MemoryStateMixin:
                 raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
             return
         state = MemoryState.load(memory_file)
+        if self.is_mplus and state.long_term == ():  # its long-term memory is in its own file (read next)
+            state = dataclasses.replace(state, long_term=self.empty_long_term_memory())
         try:
             self.check_compatible(state, allow_other_model)
         except MemoryStateError as err:

@@ -34,6 +34,8 @@ from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapsh
 from .memory_text import CallNumbers, injection_ids, split_ids
 from .memory_transition import check_finite_slots, next_state
 from .memory_writer import new_memory_slots, write_layout
+from .mplus_model import MPlusMixin
+from .mplus_read import MPlusRetriever
 from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
@@ -42,7 +44,7 @@ PROGRESS_MIN_CHUNKS = 8
 
 
 class MemoryLlamaForCausalLM(
-    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, LlamaForCausalLM, GenerationMixin
+    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, MPlusMixin, LlamaForCausalLM, GenerationMixin
 ):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
@@ -60,11 +62,14 @@ class MemoryLlamaForCausalLM(
             self.register_buffer(field.buffer, fresh[field.name], persistent=field.saved)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
-        self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
+        self.retriever = MPlusRetriever(config) if config.retriever_size else None  # M+ (mplus_model)
+        self._long_term = self.empty_long_term_memory()  # the store (memory_store) or M+ memory (mplus_memory)
         self.memory_lock = MemoryLock()
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
+        if self.retriever is not None:
+            self.retriever.apply(self._init_weights)
         for module in self.modules():
             if isinstance(module, AdapterWeights):
                 module.reset()
@@ -150,6 +155,8 @@ class MemoryLlamaForCausalLM(
         batch, length = tokens.shape[:2]
         if not fresh and attention_mask is not None and attention_mask.dim() == 2:
             attention_mask, position_ids = continued_read(cache, attention_mask, position_ids, length, tokens.device)
+        if self.plain_mplus_read(cache, attention_mask, position_ids, labels, memory_slots, kwargs, use_memory):
+            return self.mplus_forward(input_ids, attention_mask, inputs_embeds, logits_to_keep, use_cache)
         if fresh and (memory_slots is not None or self.reads_memory(use_memory)):
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
@@ -270,7 +277,9 @@ class MemoryLlamaForCausalLM(
     def _state_after(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
+        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`; M+: `mplus_model`)."""
+        if self.is_mplus:
+            return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
         return next_state(self.live_memory_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction
