@@ -25,7 +25,6 @@ from safetensors import SafetensorError, safe_open
 
 from .atomic_io import atomic_write, link_tree, read_tensor_file, update_folder, write_tensor_file
 from .memory_fields import MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryChangedOnDiskError, MemoryStateError, dtype_name
-from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, decode_mplus_file
 from .memory_store import (
     STORE_TENSORS,
     LongTermStore,
@@ -35,6 +34,7 @@ from .memory_store import (
     store_num_slots,
     store_to_tensors,
 )
+from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, decode_mplus_file
 
 # ---------------------------------------------------------------------------------------------- format constants
 MEMORY_FILE = "memory.safetensors"

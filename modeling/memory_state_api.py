@@ -14,10 +14,10 @@ from types import MappingProxyType
 import torch
 
 from .memory_fields import FIELD_NAMES, MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryStateError
-from .mplus_memory import MPlusMemory
 from .memory_files import MEMORY_FILE, save_model_folder
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
+from .mplus_memory import MPlusMemory
 
 
 class SparePool:

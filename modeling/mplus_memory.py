@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from .atomic_io import read_tensor_file, tensors_digest, write_tensor_file
+from .memory_fields import torch_dtype
 from .memory_store import LongTermStoreError
 
 RECALL_FLOOR = 0.01  # official: recall frequencies <= 0.01 count as zero (float residue of repeated decay)
@@ -409,7 +410,7 @@ def empty_long_term(config, dtype: torch.dtype):
     empty block store `()`."""
     if not getattr(config, "retriever_size", 0):
         return ()
-    slot_dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else dtype
+    slot_dtype = torch_dtype(config.long_term_memory_dtype) or dtype
     return empty_mplus_memory(
         config.num_hidden_layers, config.num_memory_tokens, config.hidden_size, config.retriever_size, slot_dtype,
         config.long_term_memory_device or "cpu",

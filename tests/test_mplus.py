@@ -301,3 +301,11 @@ def test_one_pass_read_equals_the_seeded_cache_read(model):
     after_fast = model(token, cache=fast.cache, attention_mask=full).logits
     after_slow = model(token, cache=slow.cache, attention_mask=full).logits
     assert (after_fast - after_slow).abs().max() < 1e-5
+
+
+def test_stats_shows_the_mplus_long_term_memory(converted, capsys):
+    from memoryllm_hf.cli import main
+
+    assert main(["stats", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "long-term     M+: [12, 12] slots per layer, 0 pending" in out

@@ -218,7 +218,8 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
         # an empty memory (no injections, slot ages unknown) holding the official pool (and M+ long-term memory)
         filled = config.num_memory_tokens if int(memory.get("initialized", 1)) else 0
         empty = MemoryState.empty(config, dtype=pool.dtype)
-        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled), long_term=long_term or empty.long_term)
+        long_term = long_term or empty.long_term
+        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled), long_term=long_term)
         state.validate()
         dropped = stage_memory_files(str(staging), str(staging), state_file_groups(state))
         config.dtype = str(pool.dtype).removeprefix("torch.")

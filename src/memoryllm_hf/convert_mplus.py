@@ -13,8 +13,7 @@ import re
 
 import torch
 
-from .modeling import MemoryLlamaConfig
-from .modeling import MPlusMemory
+from .modeling import MemoryLlamaConfig, MPlusMemory
 
 # Official M+ config keys with no MemoryLlama field of the same name (mapped below, or unused at inference).
 MPLUS_ONLY = {

@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from .modeling import MemoryState, folder_lock, is_blank_text, read_folder_memory, save_memory_to_folder
+from .modeling import (
+    MemoryState,
+    MPlusMemory,
+    folder_lock,
+    is_blank_text,
+    read_folder_memory,
+    save_memory_to_folder,
+)
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
@@ -151,6 +158,14 @@ def store_report(state: MemoryState, config: dict) -> list[str]:
     """Lines describing the long-term store (every injection's slots, `long_term_memory.safetensors`)."""
     bound = config.get("long_term_memory_tokens") or 0
     store = state.long_term
+    if isinstance(store, MPlusMemory):
+        tensors = store.to_tensors()
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        return [
+            f"long-term     M+: {store.slot_counts} slots per layer, {store.num_pending} pending, "
+            f"{store.commits} injections since the last merge (every {config.get('long_term_merge_every')})",
+            f"store size    {size / 2**20:.4g} MiB ({str(store.pending_slots.dtype).removeprefix('torch.')})",
+        ]
     if not store:
         return [f"long-term     {'empty' if bound else 'off'} (bound {bound} slots per layer)"]
     slots = sum(block.num_slots for block in store)
