@@ -301,3 +301,30 @@ def test_one_pass_read_equals_the_seeded_cache_read(model):
     after_fast = model(token, cache=fast.cache, attention_mask=full).logits
     after_slow = model(token, cache=slow.cache, attention_mask=full).logits
     assert (after_fast - after_slow).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+def test_peft_lora_on_top_of_an_mplus_model(model):
+    """LoRA on top of a converted M+ model trains on M+ reads (labels: the seeded-cache path) while the memory, the
+    long-term memory and the built-in adapters stay as they were; the wrapper reads and generates."""
+    from peft import LoraConfig, get_peft_model
+
+    state, memory = model.memory_state(), model.long_term_memory.content_hash()
+    builtin = {n: p.clone() for n, p in model.named_parameters() if ".adapter_" in n}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    question = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(7))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(input_ids=question, labels=question).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    peft_model.eval()
+    assert losses[-1] < losses[0]
+    assert model.long_term_memory.content_hash() == memory and torch.equal(model.memory, state.memory)
+    assert all(torch.equal(p, builtin[n]) for n, p in model.named_parameters() if n in builtin)
+    with torch.no_grad():
+        assert peft_model.generate(input_ids=question, max_new_tokens=3, do_sample=False).shape == (1, 11)
