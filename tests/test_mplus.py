@@ -328,3 +328,42 @@ def test_peft_lora_on_top_of_an_mplus_model(model):
     assert all(torch.equal(p, builtin[n]) for n, p in model.named_parameters() if n in builtin)
     with torch.no_grad():
         assert peft_model.generate(input_ids=question, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
+@torch.no_grad()
+def test_streamer_pipeline_and_text_injection(model):
+    from transformers import pipeline
+    from transformers.generation.streamers import BaseStreamer
+
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    tokenizer = tiny_tokenizer()
+    model.inject("The sky was green on Tuesday.", tokenizer=tokenizer)
+    streamer = Collect()
+    ids = tokenizer("The sky is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, streamer=streamer)
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[:-1]]), out[0])
+    text = pipeline("text-generation", model=model, tokenizer=tokenizer)("The sky is", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"] == tokenizer.decode(out[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@torch.no_grad()
+def test_gpu_model_with_the_long_term_memory_on_the_cpu(converted, model):
+    gpu = load(converted).to("cuda")
+    fill(gpu)
+    assert gpu.long_term_memory.slots[0].device.type == "cpu" and gpu.memory.device.type == "cuda"
+    prompt = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(8))
+    assert (gpu(prompt.cuda()).logits.cpu() - model(prompt).logits).abs().max() < 1e-4
+    assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=4, do_sample=False).cpu(),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False))
