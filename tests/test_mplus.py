@@ -353,7 +353,8 @@ def test_streamer_pipeline_and_text_injection(model):
     ids = tokenizer("The sky is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False, streamer=streamer)
     assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[:-1]]), out[0])
-    text = pipeline("text-generation", model=model, tokenizer=tokenizer)("The sky is", max_new_tokens=4, do_sample=False)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("The sky is", max_new_tokens=4, do_sample=False)
     assert text[0]["generated_text"] == tokenizer.decode(out[0])
 
 
