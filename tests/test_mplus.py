@@ -368,3 +368,21 @@ def test_gpu_model_with_the_long_term_memory_on_the_cpu(converted, model):
     assert (gpu(prompt.cuda()).logits.cpu() - model(prompt).logits).abs().max() < 1e-4
     assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=4, do_sample=False).cpu(),
                        model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+def test_an_emptied_memory_reads_what_it_has(model):
+    """After `reset_memory` (no long-term slot: the official code would loop forever) reads use the pool alone, then
+    every layer reads as many long-term slots as its fewest candidates allow, up to `read_tokens`."""
+    model.reset_memory()
+    prompt = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    assert not model.memory_is_initialized and model.long_term_memory.slot_counts == [0, 0]
+    drawer = torch.Generator().manual_seed(3)
+    model.inject(torch.randint(3, 256, (6,), generator=drawer), generator=drawer)  # tiles the empty pool
+    model(prompt)
+    assert [o.shape[1] for o in model.last_retrieval.order] == [0, 0]
+    for _ in range(2):
+        model.inject(torch.randint(3, 256, (6,), generator=drawer), generator=drawer)
+    model(prompt)
+    assert [o.shape[1] for o in model.last_retrieval.order] == [8, 8]  # 2 x K = 8 pending slots per layer
+    assert torch.isfinite(model(prompt).logits).all()
