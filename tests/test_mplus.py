@@ -386,3 +386,42 @@ def test_an_emptied_memory_reads_what_it_has(model):
     model(prompt)
     assert [o.shape[1] for o in model.last_retrieval.order] == [8, 8]  # 2 x K = 8 pending slots per layer
     assert torch.isfinite(model(prompt).logits).all()
+
+
+@torch.no_grad()
+def test_cli_conversion_loads_with_remote_code_alone(model, tmp_path):
+    """`memoryllm-hf convert --official` on an M+ folder; a process that never imports this package loads the result
+    with `trust_remote_code=True` and reads exactly what this process reads (after the same injections)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from memoryllm_hf.cli import main
+
+    assert main(["convert", "--official", str(GOLDEN), str(tmp_path / "cli")]) == 0
+    prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(10))
+    torch.save({"prompt": prompt, "logits": model(prompt).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "cli")!r}, trust_remote_code=True).eval()
+        assert "memoryllm_hf" not in sys.modules, "the package was imported"
+        model.config.min_inject_tokens = 1
+        expected = load_file({str(GOLDEN / "expected.safetensors")!r})
+        drawer = torch.Generator().manual_seed(1234)
+        for t in range(1, 5):
+            model.inject(expected[f"ctx_ids_{{t}}"], generator=drawer)
+        reference = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            diff = (model(reference["prompt"]).logits - reference["logits"]).abs().max().item()
+        assert diff < 1e-5, diff
+        print("remote code module:", type(model).__module__)
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout
