@@ -142,10 +142,14 @@ def mplus_prefix(
         record.top.append(torch.stack([t for t, _ in chosen]))
         record.order.append(order)
         record.ages.append(memory.candidate_ages(index, order.flatten()).view_as(order))
-        rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, hidden.dtype)])[0] for o in order]
-        rows = [(torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows]))]
-        retrieved_k, retrieved_v = rotate_prefix_keys(rows, model.rotary_emb, head)[0]
         keys_l, values_l = (t.to(device) for t in memory_kv[index])
+        if count:
+            rows = [slot_key_values([layer], [memory.candidate_slots(index, o).to(device, hidden.dtype)])[0]
+                    for o in order]
+            rows = [(torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows]))]
+            retrieved_k, retrieved_v = rotate_prefix_keys(rows, model.rotary_emb, head)[0]
+        else:  # nothing to retrieve yet (an emptied memory)
+            retrieved_k = retrieved_v = keys_l.new_zeros(batch, keys_l.shape[1], 0, keys_l.shape[3])
         pool_k = shift_positions(keys_l[:, :, head:], model.rotary_emb, count)
         kv = (
             torch.cat([_expand(keys_l[:, :, :head], batch), retrieved_k, _expand(pool_k, batch)], 2),

@@ -309,3 +309,127 @@ def test_stats_shows_the_mplus_long_term_memory(converted, capsys):
     assert main(["stats", str(converted)]) == 0
     out = capsys.readouterr().out
     assert "long-term     M+: [12, 12] slots per layer, 0 pending" in out
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+def test_peft_lora_on_top_of_an_mplus_model(model):
+    """LoRA on top of a converted M+ model trains on M+ reads (labels: the seeded-cache path) while the memory, the
+    long-term memory and the built-in adapters stay as they were; the wrapper reads and generates."""
+    from peft import LoraConfig, get_peft_model
+
+    state, memory = model.memory_state(), model.long_term_memory.content_hash()
+    builtin = {n: p.clone() for n, p in model.named_parameters() if ".adapter_" in n}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    question = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(7))
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(4):
+        loss = peft_model(input_ids=question, labels=question).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    peft_model.eval()
+    assert losses[-1] < losses[0]
+    assert model.long_term_memory.content_hash() == memory and torch.equal(model.memory, state.memory)
+    assert all(torch.equal(p, builtin[n]) for n, p in model.named_parameters() if n in builtin)
+    with torch.no_grad():
+        assert peft_model.generate(input_ids=question, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
+@torch.no_grad()
+def test_streamer_pipeline_and_text_injection(model):
+    from transformers import pipeline
+    from transformers.generation.streamers import BaseStreamer
+
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    tokenizer = tiny_tokenizer()
+    model.inject("The sky was green on Tuesday.", tokenizer=tokenizer)
+    streamer = Collect()
+    ids = tokenizer("The sky is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, streamer=streamer)
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[:-1]]), out[0])
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("The sky is", max_new_tokens=4, do_sample=False)
+    assert text[0]["generated_text"] == tokenizer.decode(out[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@torch.no_grad()
+def test_gpu_model_with_the_long_term_memory_on_the_cpu(converted, model):
+    gpu = load(converted).to("cuda")
+    fill(gpu)
+    assert gpu.long_term_memory.slots[0].device.type == "cpu" and gpu.memory.device.type == "cuda"
+    prompt = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(8))
+    assert (gpu(prompt.cuda()).logits.cpu() - model(prompt).logits).abs().max() < 1e-4
+    assert torch.equal(gpu.generate(prompt.cuda(), max_new_tokens=4, do_sample=False).cpu(),
+                       model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+def test_an_emptied_memory_reads_what_it_has(model):
+    """After `reset_memory` (no long-term slot: the official code would loop forever) reads use the pool alone, then
+    every layer reads as many long-term slots as its fewest candidates allow, up to `read_tokens`."""
+    model.reset_memory()
+    prompt = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    assert not model.memory_is_initialized and model.long_term_memory.slot_counts == [0, 0]
+    drawer = torch.Generator().manual_seed(3)
+    model.inject(torch.randint(3, 256, (6,), generator=drawer), generator=drawer)  # tiles the empty pool
+    model(prompt)
+    assert [o.shape[1] for o in model.last_retrieval.order] == [0, 0]
+    for _ in range(2):
+        model.inject(torch.randint(3, 256, (6,), generator=drawer), generator=drawer)
+    model(prompt)
+    assert [o.shape[1] for o in model.last_retrieval.order] == [8, 8]  # 2 x K = 8 pending slots per layer
+    assert torch.isfinite(model(prompt).logits).all()
+
+
+@torch.no_grad()
+def test_cli_conversion_loads_with_remote_code_alone(model, tmp_path):
+    """`memoryllm-hf convert --official` on an M+ folder; a process that never imports this package loads the result
+    with `trust_remote_code=True` and reads exactly what this process reads (after the same injections)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from memoryllm_hf.cli import main
+
+    assert main(["convert", "--official", str(GOLDEN), str(tmp_path / "cli")]) == 0
+    prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(10))
+    torch.save({"prompt": prompt, "logits": model(prompt).logits}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "cli")!r}, trust_remote_code=True).eval()
+        assert "memoryllm_hf" not in sys.modules, "the package was imported"
+        model.config.min_inject_tokens = 1
+        expected = load_file({str(GOLDEN / "expected.safetensors")!r})
+        drawer = torch.Generator().manual_seed(1234)
+        for t in range(1, 5):
+            model.inject(expected[f"ctx_ids_{{t}}"], generator=drawer)
+        reference = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            diff = (model(reference["prompt"]).logits - reference["logits"]).abs().max().item()
+        assert diff < 1e-5, diff
+        print("remote code module:", type(model).__module__)
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout
