@@ -182,7 +182,8 @@ def continued_read(cache, attention_mask: torch.Tensor, position_ids, length: in
     prefix = cache_prefix_length(cache)
     seen = int(cache.get_seq_length()) - prefix + length
     if prefix:
-        attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, device, cache_prefix_mask(cache, batch))
+        rows_prefix = cache_prefix_mask(cache, batch)
+        attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, device, rows_prefix)
     if position_ids is None and attention_mask.shape[1] == prefix + seen:
         position_ids = positions_from_mask(attention_mask, length)
     return attention_mask, position_ids

@@ -197,8 +197,8 @@ class RetrieveRead:
                 empty = memory.new_zeros(model.config.num_hidden_layers, 0, model.config.hidden_size)
                 bos_kv = slot_key_values(layers, list(empty))
             else:
-                bos_kv = self.key_values.get("bos", weights, lambda: slot_key_values(layers, list(bos.to(memory.dtype))),
-                                             limit)
+                bos_hidden = list(bos.to(memory.dtype))
+                bos_kv = self.key_values.get("bos", weights, lambda: slot_key_values(layers, bos_hidden), limit)
             for blocks in self.blocks(model, input_ids, attention_mask, inputs_embeds):
                 key = tuple(block.injection for block in blocks)
                 if key not in by_choice:

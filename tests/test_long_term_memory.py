@@ -369,7 +369,8 @@ def fresh_retrieval_scores(model, prompt):
     layers, key_layers = model.model.layers, retrieval.retrieval_key_layers(model.config.num_hidden_layers)
     hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
     question = retrieval.question_features(layers, hidden, None, key_layers)
-    blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), key_layers) for b in model.long_term_memory]
+    store = model.long_term_memory
+    blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), key_layers) for b in store]
     return retrieval.score_blocks(question, blocks)
 
 
@@ -388,3 +389,29 @@ def test_retrieval_features_follow_the_weights_that_read_them():
     assert torch.allclose(writer.retrieval_scores(prompt), fresh_retrieval_scores(writer, prompt), atol=1e-4)
     writer.model.layers[1].self_attn.k_proj.weight.mul_(-2.0)  # in place: features computed before are stale
     assert torch.allclose(writer.retrieval_scores(prompt), fresh_retrieval_scores(writer, prompt), atol=1e-4)
+
+
+@torch.no_grad()
+def test_scorer_calibration_comes_from_the_config():
+    """`retrieval_weights` / `retrieval_key_layers` are read at every read (no edit of remote code); unknown scorers
+    and layers the model does not have are refused with what to use."""
+    from memoryllm_hf.modeling import memory_retrieval as retrieval
+
+    model = retrieval_model(read_tokens=18)
+    for ids in texts(6):
+        model.inject(ids)
+    prompt = texts(1, length=5, seed=9)[0][None]
+    layers = model.model.layers
+    hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
+    settings = (({"lexical": 1.0}, None), ({"keys": 1.0}, [0]), ({"lexical": 0.3, "keys": 2.0}, [0, 1]))
+    for weights, key_layers in settings:
+        model.config.retrieval_weights, model.config.retrieval_key_layers = weights, key_layers
+        used = retrieval.retrieval_key_layers(model.config.num_hidden_layers, key_layers)
+        store = model.long_term_memory
+        blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), used) for b in store]
+        expected = retrieval.score_blocks(retrieval.question_features(layers, hidden, None, used), blocks, weights)
+        assert torch.allclose(model.retrieval_scores(prompt), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown score weights.*'lexical' and 'keys'"):
+        tiny_config(retrieval_weights={"bm25": 1.0})
+    with pytest.raises(ValueError, match="retrieval_key_layers"):
+        tiny_config(retrieval_key_layers=[2])
