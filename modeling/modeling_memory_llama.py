@@ -364,6 +364,7 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
         # a plain fresh M+ read runs in one pass (the retrieval pass goes on to the logits); the rest in two
         plain = cache is None and labels is None and position_ids is None and not kwargs and not self.training
+        plain = plain and self.can_generate()  # the head-less AutoModel reads through the seeded cache
         plain = plain and memory_slots is None and (attention_mask is None or attention_mask.shape[-1] == length)
         if plain and self._read_mode() == "mplus" and self._reads_memory(use_memory):
             keep_cache = use_cache if use_cache is not None else self.config.use_cache
