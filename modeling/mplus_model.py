@@ -60,6 +60,7 @@ class MPlusMixin:
         """Whether a forward is a plain fresh M+ read, which `mplus_forward` runs in one pass (the others seed a
         cache with the retrieval pass and read it with the stock forward)."""
         plain = cache is None and labels is None and position_ids is None and not kwargs and not self.training
+        plain = plain and self.can_generate()  # the head-less AutoModel reads through the seeded cache
         return (plain and memory_slots is None and self.read_mode == "mplus" and self.reads_memory(use_memory)
                 and (attention_mask is None or attention_mask.dim() == 2))
 

@@ -433,3 +433,15 @@ def test_cli_conversion_loads_with_remote_code_alone(model, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout
+
+
+@torch.no_grad()
+def test_automodel_reads_mplus_without_the_head(converted, model):
+    from transformers import AutoModel
+
+    headless = AutoModel.from_pretrained(converted).eval()
+    headless.config.min_inject_tokens = 1
+    fill(headless)
+    prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(11))
+    hidden = model(prompt, output_hidden_states=True).hidden_states[-1]
+    assert (headless(prompt).last_hidden_state - hidden).abs().max() < 1e-5
