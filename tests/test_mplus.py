@@ -445,3 +445,11 @@ def test_automodel_reads_mplus_without_the_head(converted, model):
     prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(11))
     hidden = model(prompt, output_hidden_states=True).hidden_states[-1]
     assert (headless(prompt).last_hidden_state - hidden).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_static_cache_generation_equals_the_dynamic_one(model):
+    prompt = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(12))
+    dynamic = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    static = model.generate(prompt, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
