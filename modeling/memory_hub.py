@@ -140,7 +140,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 f"{repo_id} does not exist on the Hub (or this token cannot see it): push the whole model once with "
                 "model.push_to_hub(repo_id), then push memories"
             ) from None
-        self._check_remote_layout(repo_id, head, token)
+        check_remote_layout(repo_id, head, token, self.memory_fingerprint)
         with tempfile.TemporaryDirectory() as folder:
             metadata = self.write_memory_files(folder)
             added, absent = hub_file_names(metadata)
@@ -154,26 +154,6 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
             return api.create_commit(
                 repo_id, operations=operations, commit_message=message, revision=revision, parent_commit=head
             )
-
-    def _check_remote_layout(self, repo_id: str, revision: str, token) -> None:
-        """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model."""
-        index_path = _download(repo_id, INDEX_FILE, revision, token, None)
-        weight_map = {}
-        if index_path is not None:
-            weight_map = read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
-        if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
-            raise ValueError(
-                f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
-                "push the whole model once with model.push_to_hub(repo_id), then push memories"
-            )
-        state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
-        if state_path is not None:
-            remote = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
-            if remote is not None and remote != self.memory_fingerprint():
-                raise ValueError(
-                    f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
-                    f"{self.memory_fingerprint()}); push this model to its own repo with push_to_hub"
-                )
 
     def push_to_hub(
         self,
@@ -197,7 +177,7 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        stale = self._pushed_weight_files(api, repo_id, revision)
+        stale = pushed_weight_files(api, repo_id, revision)
         with tempfile.TemporaryDirectory() as scratch:
             folder = os.path.join(scratch, "model")
             self.save_pretrained(folder, max_shard_size=max_shard_size)
@@ -214,19 +194,6 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 create_pr=create_pr,
                 delete_patterns=sorted(stale - set(os.listdir(folder))) or None,
             )
-
-    @staticmethod
-    def _pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
-        """Top-level weight files a model push wrote to `revision` before (per its index; a single weights file)."""
-        try:
-            present = set(api.list_repo_files(repo_id, revision=revision))
-        except RevisionNotFoundError:
-            return set()
-        owned = {WEIGHTS_FILE, INDEX_FILE}
-        if INDEX_FILE in present:
-            path = _download(repo_id, INDEX_FILE, revision, api.token, None)
-            owned |= set(read_json_object(path, f"{repo_id} {INDEX_FILE}").get("weight_map", {}).values())
-        return {name for name in owned & present if "/" not in name and glob.escape(name) == name}
 
     # ------------------------------------------------------------------ load
     def load_memory_from_hub(
@@ -252,3 +219,38 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         except (MemoryStateError, LongTermStoreError) as err:
             raise MemoryStateError(f"{where}: {err}") from None
         return metadata
+
+
+def check_remote_layout(repo_id: str, revision: str, token, fingerprint) -> None:
+    """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model (one
+    whose memory fingerprint differs from `fingerprint()`, the pushing model's, computed only when compared)."""
+    index_path = _download(repo_id, INDEX_FILE, revision, token, None)
+    weight_map = {}
+    if index_path is not None:
+        weight_map = read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
+    if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
+        raise ValueError(
+            f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
+            "push the whole model once with model.push_to_hub(repo_id), then push memories"
+        )
+    state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
+    if state_path is not None:
+        remote = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
+        if remote is not None and remote != fingerprint():
+            raise ValueError(
+                f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
+                f"{fingerprint()}); push this model to its own repo with push_to_hub"
+            )
+
+
+def pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
+    """Top-level weight files a model push wrote to `revision` before (per its index; a single weights file)."""
+    try:
+        present = set(api.list_repo_files(repo_id, revision=revision))
+    except RevisionNotFoundError:
+        return set()
+    owned = {WEIGHTS_FILE, INDEX_FILE}
+    if INDEX_FILE in present:
+        path = _download(repo_id, INDEX_FILE, revision, api.token, None)
+        owned |= set(read_json_object(path, f"{repo_id} {INDEX_FILE}").get("weight_map", {}).values())
+    return {name for name in owned & present if "/" not in name and glob.escape(name) == name}

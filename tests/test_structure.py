@@ -215,3 +215,16 @@ def test_every_modeling_file_says_what_it_holds():
     for name, tree in modeling_files().items():
         doc = ast.get_docstring(tree)
         assert doc and len(doc.splitlines()[0]) > 20, f"modeling/{name}.py needs a first docstring line"
+
+
+def test_mixins_keep_only_public_methods():
+    """The model's mixins are its public API; what they need privately lives in module functions or declared parts."""
+    private = [
+        f"{name}.{cls.name}.{node.name}"
+        for name, tree in modeling_files().items()
+        for cls in tree.body
+        if isinstance(cls, ast.ClassDef) and cls.name.endswith("Mixin")
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef) and is_private(node.name)
+    ]
+    assert private == []
