@@ -43,6 +43,20 @@ def dropped_slots(sources: torch.Tensor, filled: int) -> torch.Tensor:
     return (~present).nonzero()[:, 1].view(L, -1)
 
 
+def mplus_pass(model, input_ids, attention_mask, inputs_embeds, finish: bool):
+    """`mplus_read.mplus_prefix` on `model`'s parts for a prompt batch (read adapter, the pool's cached keys/values)."""
+    if not model.is_mplus:
+        raise ValueError("this model has no M+ retriever (retriever_size=0): convert an M+ checkpoint")
+    embeds = inputs_embeds if input_ids is None else model.model.embed_tokens(input_ids)
+    head = int(model.config.add_bos_embedding)
+    with model.adapters.use(READ):
+        memory_kv = model.memory_key_values()  # [bos; pool] at positions 0.., cached until the memory changes
+        return mplus_prefix(
+            model.model, model.retriever, model.long_term_memory, model.config, embeds, attention_mask, memory_kv, head,
+            finish,
+        )
+
+
 class MPlusMixin:
     """M+ parts of MemoryLlama (relies on the model's `retriever`, `memory`, `model`, `adapters`, `memory_embeddings`,
     `config`, `long_term_memory`)."""
@@ -87,7 +101,7 @@ class MPlusMixin:
     ) -> tuple[list, MPlusRetrieval]:
         """(per-layer prefix keys/values, what every layer retrieves) for a prompt batch: the first half of an M+
         read. `attention_mask` [B, T] covers the tokens."""
-        prefix_kv, record, _, _ = self._mplus_pass(input_ids, attention_mask, inputs_embeds, finish=False)
+        prefix_kv, record, _, _ = mplus_pass(self, input_ids, attention_mask, inputs_embeds, finish=False)
         return prefix_kv, record
 
     @torch.no_grad()
@@ -98,7 +112,7 @@ class MPlusMixin:
                                                                         inputs_embeds).shape[1]:
             raise ValueError("with read_mode='mplus' the attention_mask covers the tokens only")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        prefix_kv, record, cache, hidden = self._mplus_pass(input_ids, attention_mask, inputs_embeds, finish=True)
+        prefix_kv, record, cache, hidden = mplus_pass(self, input_ids, attention_mask, inputs_embeds, finish=True)
         self.last_retrieval = record
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(self.model.norm(hidden)[:, kept])
@@ -115,15 +129,3 @@ class MPlusMixin:
         batch, length = input_ids.shape
         mask = extend_attention_mask(attention_mask, batch, length, cache_prefix_length(cache), input_ids.device)
         return cache, mask
-
-    def _mplus_pass(self, input_ids, attention_mask, inputs_embeds, finish: bool):
-        if not self.is_mplus:
-            raise ValueError("this model has no M+ retriever (retriever_size=0): convert an M+ checkpoint")
-        embeds = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)
-        head = int(self.config.add_bos_embedding)
-        with self.adapters.use(READ):
-            memory_kv = self.memory_key_values()  # [bos; pool] at positions 0.., cached until the memory changes
-            return mplus_prefix(
-                self.model, self.retriever, self.long_term_memory, self.config, embeds, attention_mask, memory_kv, head,
-                finish,
-            )
