@@ -221,3 +221,32 @@ def test_from_base_places_reads_for_a_chat_template(tmp_path, tok, marker):
     assert MemoryLlamaForCausalLM.from_base(plain_folder, tokenizer=tok).config.user_turn_marker == marker
     with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
         MemoryLlamaForCausalLM.from_base(plain_folder, read_placement="user_turn")
+
+
+@torch.no_grad()
+def test_pipeline_and_streamer_read_in_the_user_turn(tok, marker):
+    from transformers import pipeline
+    from transformers.generation.streamers import BaseStreamer
+
+    model = placed_model(marker)
+    model.inject(TEXT, tokenizer=tok)
+    messages = [{"role": "user", "content": "Where?"}]
+    ids = torch.tensor([chat_ids(tok, "Where?")])
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False)
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1).clone())
+
+        def end(self):
+            pass
+
+    streamer = Collect()
+    model.generate(ids, max_new_tokens=6, do_sample=False, streamer=streamer)
+    assert torch.equal(torch.cat(streamer.chunks), expected[0])
+    generator = pipeline("text-generation", model=model, tokenizer=tok)
+    reply = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert reply == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
