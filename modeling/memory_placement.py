@@ -8,7 +8,7 @@ mode's prefix without its bos slot (the template's first token is the attention 
 
 How it is done, with transformers' own cache and masks (no change to Llama):
 * the header ends after the last occurrence of the template's user-turn marker in a row (`user_turn_marker`, from the
-  tokenizer's chat template; `read_split`); a row without it (plain text) keeps the prefix read;
+  tokenizer's chat template; `marker_split`); a row without it (plain text) keeps the prefix read;
 * the memory keys are rotated to the positions right after the row's header (`place_prefix`), the bos column is
   hidden, so the cache still starts with the memory and decoding needs nothing new (a generated token's position is
   its count of visible memory and tokens before it, as for the prefix read);
@@ -23,7 +23,10 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .memory_prefix import PrefixKV, cache_prefix_length, cache_prefix_mask
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate
+
+from .memory_prefix import PrefixKV, cache_prefix_length, cache_prefix_mask, record_prefix, seeded_cache
+from .shared_prefix_attention import SharedPrefixCache, shares_prefix
 
 # The cache attribute holding each row's split column (tokens before it are read before the memory).
 READ_SPLIT_ATTRIBUTE = "memory_read_split"
@@ -76,7 +79,44 @@ def base_tokenizer(path_or_repo, **options):
         return None
 
 
-def read_split(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, marker: list[int]) -> torch.Tensor:
+def placement_defaults(memory_config: dict, tokenizer, path_or_repo, options: dict) -> None:
+    """`from_base`'s placement: reads in the user turn when the tokenizer (given, or the checkpoint's, loaded with
+    `options`' revision / gguf_file / token / cache_dir / local_files_only) has a chat template, unless
+    `read_placement` or `user_turn_marker` is given."""
+    if memory_config.get("read_placement", "user_turn") != "user_turn" or "user_turn_marker" in memory_config:
+        return
+    if tokenizer is None:
+        names = ("revision", "gguf_file", "token", "cache_dir", "local_files_only")
+        tokenizer = base_tokenizer(path_or_repo, **{k: options[k] for k in names if k in options})
+    marker = user_turn_marker(tokenizer)
+    if marker is not None:
+        memory_config.update(read_placement="user_turn", user_turn_marker=marker)
+    elif memory_config.get("read_placement") == "user_turn":
+        raise ValueError(
+            f"read_placement='user_turn' needs a tokenizer with a chat template; {path_or_repo} has none "
+            "(pass tokenizer=..., user_turn_marker=[...], or read_placement='prefix')"
+        )
+
+
+def read_split(config, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's split column with `read_placement="user_turn"` (`marker_split`), or None when every row reads the
+    memory as a prefix (the prefix placement, no token ids, or no row holds the user-turn marker)."""
+    if config.read_placement != "user_turn" or input_ids is None:
+        return None
+    split = marker_split(input_ids, attention_mask, config.user_turn_marker)
+    return split if bool(split.any()) else None
+
+
+def check_token_mask(attention_mask: torch.Tensor | None, length: int) -> None:
+    """Reads whose prefix differs per row take a 2-D mask over the `length` tokens only."""
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
+        raise ValueError(
+            f"with rows reading different memory prefixes (read_mode='retrieve', or a read placed in the user turn) "
+            f"the attention_mask covers the tokens only: expected [batch, {length}], got {tuple(attention_mask.shape)}"
+        )
+
+
+def marker_split(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, marker: list[int]) -> torch.Tensor:
     """Per row of `input_ids` [B, T], the column after the last occurrence of `marker` among the row's real tokens
     (`attention_mask` 1), or 0 where it does not occur (the row keeps the prefix read). [B] long."""
     batch, length = input_ids.shape
@@ -147,6 +187,36 @@ def place_prefix(
     return prefix_kv, None if bool(mask.all()) else mask
 
 
+def placed_read(model, prefix_kv, prefix_mask, input_ids, attention_mask, split, rows, read_only, max_cache_len):
+    """(cache, attention mask [B, prefix + tokens]) of a read placed after each row's header: a read mode's prefix
+    (`prefix_kv` [1 or B, kv, P, d] at positions 0.., `prefix_mask` [B, P] or None) moved there (`place_prefix`), for
+    `rows` cache rows (beams repeat each row), marked with the rows' split columns for the prefill."""
+    batch, length = input_ids.shape
+    check_token_mask(attention_mask, length)
+    header = header_lengths(split, attention_mask)
+    bos_columns = int(model.config.add_bos_embedding)
+    prefix_kv, prefix_mask = place_prefix(prefix_kv, prefix_mask, model.model.rotary_emb, header, bos_columns)
+    repeat = rows // batch
+    if repeat > 1:  # beams / returned sequences: each row repeated
+        if prefix_kv[0][0].shape[0] > 1:
+            prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
+        split = split.repeat_interleave(repeat, 0)
+    prefix_length = prefix_kv[0][0].shape[2]
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=input_ids.device)
+    columns = torch.ones(batch, prefix_length, dtype=attention_mask.dtype, device=attention_mask.device)
+    if prefix_mask is not None:
+        columns = prefix_mask.to(attention_mask.device, attention_mask.dtype)
+        prefix_mask = prefix_mask.repeat_interleave(repeat, 0)
+    static = None if max_cache_len is None else prefix_length + max_cache_len
+    shared = model.share_memory_prefix and not read_only and not model.training and prefix_mask is None
+    if shared and static is None and prefix_kv[0][0].shape[0] == 1 and shares_prefix(model.config, rows):
+        cache = record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
+    else:
+        cache = seeded_cache(model.config, prefix_kv, rows, read_only, static, prefix_mask)
+    return record_read_split(cache, split), torch.cat([columns, attention_mask], dim=1)
+
+
 def read_split_mask_function(prefix_length: int, split: torch.Tensor) -> Callable:
     """`and_mask_function` (transformers' `create_causal_mask`) of a placed prefill: the memory (cache columns before
     `prefix_length`) is hidden from the queries before each row's `split` column of the tokens."""
@@ -180,12 +250,16 @@ def pending_read_split(cache) -> torch.Tensor | None:
     return split
 
 
-def placed_prefill(config, cache, attention_mask, position_ids, split, tokens_shape, dtype, device, make_mask):
-    """(attention mask, position ids) of a placed prefill over `cache` (see `pending_read_split`). `attention_mask`:
-    the 2-D mask over memory + tokens (None: all ones), or a 4-D mask already made for this prefill (static caches:
-    `generate` makes it through the model's `create_masks_for_generate`); `position_ids`: those of the prefix read
-    (None: from the mask); `make_mask`: transformers' `create_causal_mask`."""
-    batch, length = tokens_shape
+def placed_prefill(config, cache, attention_mask, position_ids, tokens: torch.Tensor, dtype):
+    """(attention mask, position ids) of a forward over `cache` [B, T tokens]: unchanged, except in the prefill of a
+    placed read (see `pending_read_split`), where the header's queries do not see the memory and the header takes the
+    positions before it. `attention_mask`: the 2-D mask over memory + tokens (None: all ones), or a 4-D mask already
+    made for this prefill (static caches: `generate` makes it with `placed_generate_masks`); `position_ids`: those
+    of the prefix read (None: from the mask)."""
+    split = pending_read_split(cache)
+    if split is None:
+        return attention_mask, position_ids
+    (batch, length), device = tokens.shape[:2], tokens.device
     prefix = cache_prefix_length(cache)
     prefix_mask = cache_prefix_mask(cache, batch)
     if prefix_mask is None:
@@ -202,5 +276,14 @@ def placed_prefill(config, cache, attention_mask, position_ids, split, tokens_sh
     if attention_mask.dim() == 2:
         probe = torch.empty(batch, length, 0, dtype=dtype, device=device)
         function = read_split_mask_function(prefix, split.to(device))
-        attention_mask = make_mask(config, probe, attention_mask, cache, position_ids, and_mask_function=function)
+        attention_mask = create_causal_mask(config, probe, attention_mask, cache, position_ids, and_mask_function=function)
     return attention_mask, position_ids
+
+
+def placed_generate_masks(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+    """transformers' `create_masks_for_generate` (what `generate` calls for static caches), hiding a memory placed in
+    the user turn from the header's queries in the prefill."""
+    split = pending_read_split(cache)
+    if split is not None:
+        kwargs["and_mask_function"] = read_split_mask_function(cache_prefix_length(cache), split)
+    return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs)

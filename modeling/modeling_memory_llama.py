@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, GenerationMixin, GgufConfig, LlamaForCausalLM
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask, create_masks_for_generate
+from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
@@ -23,15 +23,12 @@ from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
 from .memory_placement import (
-    base_tokenizer,
-    header_lengths,
-    pending_read_split,
-    place_prefix,
+    check_token_mask,
+    placed_generate_masks,
     placed_prefill,
+    placed_read,
+    placement_defaults,
     read_split,
-    read_split_mask_function,
-    record_read_split,
-    user_turn_marker,
 )
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
@@ -296,17 +293,13 @@ class MemoryLlamaForCausalLM(
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
         rows = rows or batch
-        split = self._read_split(input_ids, attention_mask) if memory_slots is None else None
+        split = read_split(self.config, input_ids, attention_mask) if memory_slots is None else None
         if split is not None:
             return self._placed_read(input_ids, inputs_embeds, attention_mask, split, rows, read_only, max_cache_len)
         if memory_slots is not None or self._read_mode() == "pool":
             cache, prefix = self._memory_prefix(rows, memory_slots, read_only, max_cache_len)
             return cache, extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
-            raise ValueError(
-                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, {length}], "
-                f"got {tuple(attention_mask.shape)}"
-            )
+        check_token_mask(attention_mask, length)
         prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
         if rows != batch:
             repeat = rows // batch
@@ -318,50 +311,14 @@ class MemoryLlamaForCausalLM(
         prefix_mask = prefix_mask.repeat_interleave(rows // batch, 0)
         return seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
 
-    def _read_split(self, input_ids, attention_mask) -> torch.Tensor | None:
-        """Each row's split column with `read_placement="user_turn"` (see `memory_placement`), or None when every
-        row reads the memory as a prefix (the prefix placement, no token ids, or no row holds the user-turn marker)."""
-        if self.config.read_placement != "user_turn" or input_ids is None:
-            return None
-        split = read_split(input_ids, attention_mask, self.config.user_turn_marker)
-        return split if bool(split.any()) else None
-
     def _placed_read(self, input_ids, inputs_embeds, attention_mask, split, rows, read_only, max_cache_len):
         """`_memory_read` with the memory after each row's header (`read_placement="user_turn"`)."""
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        batch, length = tokens.shape[:2]
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
-            raise ValueError(
-                f"with read_placement='user_turn' the attention_mask covers the tokens only: expected [batch, {length}],"
-                f" got {tuple(attention_mask.shape)}"
-            )
         if self._read_mode() == "pool":
             prefix_kv, prefix_mask = self.memory_key_values(), None
         else:
+            check_token_mask(attention_mask, input_ids.shape[1])
             prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
-        header = header_lengths(split, attention_mask)
-        bos_columns = int(self.config.add_bos_embedding)
-        prefix_kv, prefix_mask = place_prefix(prefix_kv, prefix_mask, self.model.rotary_emb, header, bos_columns)
-        repeat = rows // batch
-        if repeat > 1:  # beams / returned sequences: each row repeated
-            if prefix_kv[0][0].shape[0] > 1:
-                prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
-            split = split.repeat_interleave(repeat, 0)
-        prefix_length = prefix_kv[0][0].shape[2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
-        columns = torch.ones(batch, prefix_length, dtype=attention_mask.dtype, device=attention_mask.device)
-        if prefix_mask is not None:
-            columns = prefix_mask.to(attention_mask.device, attention_mask.dtype)
-            prefix_mask = prefix_mask.repeat_interleave(repeat, 0)
-        full_mask = torch.cat([columns, attention_mask], dim=1)
-        static = None if max_cache_len is None else prefix_length + max_cache_len
-        shared = self.share_memory_prefix and not read_only and not self.training and prefix_mask is None
-        if shared and static is None and prefix_kv[0][0].shape[0] == 1 and shares_prefix(self.config, rows):
-            cache = record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
-        else:
-            cache = seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask)
-        return record_read_split(cache, split), full_mask
+        return placed_read(self, prefix_kv, prefix_mask, input_ids, attention_mask, split, rows, read_only, max_cache_len)
 
     def _read_mode(self) -> str:
         self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
@@ -417,12 +374,7 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
-        split = pending_read_split(cache)
-        if split is not None:  # the prompt's first forward after a memory placed in the user turn
-            attention_mask, position_ids = placed_prefill(
-                self.config, cache, attention_mask, position_ids, split, (batch, length), self.dtype, tokens.device,
-                create_causal_mask,
-            )
+        attention_mask, position_ids = placed_prefill(self.config, cache, attention_mask, position_ids, tokens, self.dtype)
         with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
             outputs = super().forward(
                 input_ids=input_ids,
@@ -473,12 +425,8 @@ class MemoryLlamaForCausalLM(
         return super().generate(inputs, generation_config, **kwargs)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
-        """transformers' `create_masks_for_generate` (static caches), hiding a memory placed in the user turn from the
-        header's queries in the prefill (see `memory_placement`)."""
-        split = pending_read_split(cache)
-        if split is not None:
-            kwargs["and_mask_function"] = read_split_mask_function(cache_prefix_length(cache), split)
-        return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs)
+        """transformers' `create_masks_for_generate` (static caches); see `memory_placement.placed_generate_masks`."""
+        return placed_generate_masks(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs)
 
     def prepare_inputs_for_generation(
         self, input_ids, next_sequence_length=None, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
@@ -800,18 +748,7 @@ class MemoryLlamaForCausalLM(
                         memory_config.get("num_update_tokens", 16),
                     ),
                 )
-        if memory_config.get("read_placement", "user_turn") == "user_turn" and "user_turn_marker" not in memory_config:
-            if tokenizer is None:
-                options = {k: load_kwargs[k] for k in ("token", "cache_dir", "local_files_only") if k in load_kwargs}
-                tokenizer = base_tokenizer(path_or_repo, **source, **options)
-            marker = user_turn_marker(tokenizer)
-            if marker is not None:
-                memory_config.update(read_placement="user_turn", user_turn_marker=marker)
-            elif memory_config.get("read_placement") == "user_turn":
-                raise ValueError(
-                    f"read_placement='user_turn' needs a tokenizer with a chat template; {path_or_repo} has none "
-                    "(pass tokenizer=..., user_turn_marker=[...], or read_placement='prefix')"
-                )
+        placement_defaults(memory_config, tokenizer, path_or_repo, {**load_kwargs, **source})
         config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
         # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
         # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and

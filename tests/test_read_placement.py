@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memoryllm_hf.modeling.memory_placement import read_split, user_turn_marker
+from memoryllm_hf.modeling.memory_placement import marker_split, user_turn_marker
 from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
 
 TEXT = "Paris is nice."
@@ -59,13 +59,13 @@ def test_split_is_after_the_last_user_header_among_real_tokens(tok, marker):
         add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
     plain = tok("no template here", add_special_tokens=False)["input_ids"]
     ids, mask = left_padded([one, two, plain])
-    split = read_split(ids, mask, marker).tolist()
+    split = marker_split(ids, mask, marker).tolist()
     assert split[0] == ids.shape[1] - len(one) + len(marker)
     assert split[1] == ids.shape[1] - len(chat_ids(tok, "Hi?")) + len(marker)  # the last user turn
     assert split[2] == 0
     # a marker that lies in the padding is not a header
     padded = torch.cat([torch.tensor([marker]), torch.tensor([plain[: len(marker)]])], 1)
-    assert read_split(padded, torch.tensor([[0] * len(marker) + [1] * len(marker)]), marker).tolist() == [0]
+    assert marker_split(padded, torch.tensor([[0] * len(marker) + [1] * len(marker)]), marker).tolist() == [0]
 
 
 # ---------------------------------------------------------------------- the done-when guarantees
@@ -79,7 +79,7 @@ def test_one_layer_input_rule_reads_like_the_text_inside_the_user_turn(tok, mark
     model.inject(TEXT, tokenizer=tok)
     ids = chat_ids(tok, "Where?", system="Be brief.")
     inside = chat_ids(tok, TEXT + "Where?", system="Be brief.")
-    split = int(read_split(torch.tensor([ids]), None, marker)[0])
+    split = int(marker_split(torch.tensor([ids]), None, marker)[0])
     n = len(tok(TEXT, add_special_tokens=False)["input_ids"])
     assert inside[:split] == ids[:split] and inside[split + n :] == ids[split:]
     with torch.no_grad():
@@ -179,9 +179,8 @@ def test_shared_prefix_batch_of_one_header(tok, marker):
     model.inject(TEXT, tokenizer=tok)
     rows = [chat_ids(tok, "Where?"), chat_ids(tok, "Which one is it?")]
     ids, mask = left_padded(rows)
-    cache, _ = model._memory_read(ids, None, mask)
-    assert type(cache).__name__ == "SharedPrefixCache"
     with torch.no_grad():
+        assert type(model(ids, attention_mask=mask).cache).__name__ == "SharedPrefixCache"
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
         for index, row in enumerate(rows):
             alone = model.generate(torch.tensor([row]), max_new_tokens=5, do_sample=False)
