@@ -37,7 +37,8 @@ SENTINEL = "Qzxv7MemoryReadSentinel7vxzQ"
 def user_turn_marker(tokenizer) -> list[int] | None:
     """The token ids that open a user message in `tokenizer`'s chat template (what the template puts right before the
     user's content whatever came before: the longest common token suffix of the headers of a first user turn, one
-    after a system prompt, one after an assistant turn), or None: no chat template, or no marker it always writes."""
+    after a system prompt, one after an assistant turn), or None: no chat template, no marker it always writes, or one
+    with the unknown token."""
     if not getattr(tokenizer, "chat_template", None):
         return None
     user = {"role": "user", "content": SENTINEL}
@@ -65,6 +66,8 @@ def user_turn_marker(tokenizer) -> list[int] | None:
     marker: list[int] = []
     while all(len(head) > len(marker) for head in heads) and len({head[-len(marker) - 1] for head in heads}) == 1:
         marker.insert(0, heads[0][-len(marker) - 1])
+    if getattr(tokenizer, "unk_token_id", None) in marker:  # the tokenizer cannot spell the header
+        return None
     return marker or None
 
 

@@ -249,3 +249,31 @@ def test_pipeline_and_streamer_read_in_the_user_turn(tok, marker):
     generator = pipeline("text-generation", model=model, tokenizer=tok)
     reply = generator(messages, max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]["content"]
     assert reply == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_cli_ask_reads_in_the_user_turn(capsys, tmp_path, tok, marker):
+    """`memoryllm-hf ask` on a folder whose model reads in the user turn answers like the placed read (and not like
+    the prefix read)."""
+    from memoryllm_hf import cli
+    from memoryllm_hf.commands import load_folder
+    from memoryllm_hf.greedy import reply
+
+    folder = tmp_path / "model"
+    placed_model(marker).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert cli.main(["inject", str(folder), "--text", TEXT]) == 0
+    assert cli.main(["ask", str(folder), "Where?", "--max-new-tokens", "6"]) == 0
+    answer = capsys.readouterr().out.splitlines()[-1]
+    model, tokenizer = load_folder(str(folder))
+    assert model.config.read_placement == "user_turn"
+    question = [{"role": "user", "content": "Where?"}]
+    assert answer == reply(model, tokenizer, question, 6)
+    model.config.read_placement = "prefix"
+    assert answer != reply(model, tokenizer, question, 6)
+
+
+def test_a_marker_with_unknown_tokens_is_no_marker():
+    """A template whose header the tokenizer cannot spell (unknown tokens) gives no marker: reads keep the prefix."""
+    from tiny_folder import tiny_tokenizer as word_tokenizer
+
+    assert user_turn_marker(word_tokenizer()) is None
