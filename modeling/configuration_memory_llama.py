@@ -2,10 +2,11 @@
 
 from transformers import LlamaConfig
 
+from .memory_placement import PLACEMENTS
+
 MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
 READ_MODES = ("pool", "retrieve")
-READ_PLACEMENTS = ("prefix", "user_turn")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -48,10 +49,10 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
-        read_placement: where a read puts the memory: `"prefix"` (official: before the prompt) or `"user_turn"`:
-            after the chat template's text that precedes the user's message (system prompt, user header), so the
-            memory sits where a passage pasted into the user turn would (see `memory_placement`). A prompt without
-            the marker (plain text) keeps the prefix read.
+        read_placement: where a read puts the memory (`memory_placement.PLACEMENTS`): `"prefix"` (official: before
+            the prompt) or `"user_turn"`: after the chat template's text that precedes the user's message (system
+            prompt, user header), where a passage pasted into the user turn would be. A prompt without the marker
+            (plain text) keeps the prefix read.
         user_turn_marker: with `"user_turn"`, the token ids that open a user message in the chat template (the memory
             is read after their last occurrence); `from_base` sets them from the tokenizer.
     """
@@ -132,18 +133,9 @@ class MemoryLlamaConfig(LlamaConfig):
                 raise ValueError(f"{name} must be a number or None, got {value!r}")
         if self.retrieval_margin is not None and self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
-        if self.read_placement not in READ_PLACEMENTS:
-            raise ValueError(f"read_placement must be one of {READ_PLACEMENTS}, got {self.read_placement!r}")
-        marker = self.user_turn_marker
-        if marker is not None and (
-            not isinstance(marker, (list, tuple)) or not marker or not all(isinstance(i, int) for i in marker)
-        ):
-            raise ValueError(f"user_turn_marker must be None or a non-empty list of token ids, got {marker!r}")
-        if self.read_placement == "user_turn" and marker is None:
-            raise ValueError(
-                "read_placement='user_turn' needs user_turn_marker, the token ids that open a user message in the "
-                "chat template (memory_placement.user_turn_marker(tokenizer) finds them), or read_placement='prefix'"
-            )
+        if self.read_placement not in PLACEMENTS:
+            raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
+        PLACEMENTS[self.read_placement].check_config(self)
 
 
 __all__ = ["MemoryLlamaConfig"]

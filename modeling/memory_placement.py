@@ -101,13 +101,51 @@ def placement_defaults(memory_config: dict, tokenizer, path_or_repo, options: di
         )
 
 
-def read_split(config, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Each row's split column with `read_placement="user_turn"` (`marker_split`), or None when every row reads the
-    memory as a prefix (the prefix placement, no token ids, or no row holds the user-turn marker)."""
-    if config.read_placement != "user_turn" or input_ids is None:
+class PrefixPlacement:
+    """`read_placement="prefix"` (the official read): the memory before the whole prompt."""
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Works with every configuration."""
+
+    @staticmethod
+    def split(config, input_ids, attention_mask) -> None:
         return None
-    split = marker_split(input_ids, attention_mask, config.user_turn_marker)
-    return split if bool(split.any()) else None
+
+
+class UserTurnPlacement:
+    """`read_placement="user_turn"`: the memory after the last user-turn marker of each row (plain text: prefix)."""
+
+    @staticmethod
+    def check_config(config) -> None:
+        marker = config.user_turn_marker
+        if marker is None:
+            raise ValueError(
+                "read_placement='user_turn' needs user_turn_marker, the token ids that open a user message in the "
+                "chat template (memory_placement.user_turn_marker(tokenizer) finds them), or read_placement='prefix'"
+            )
+        if not isinstance(marker, (list, tuple)) or not marker or not all(type(i) is int for i in marker):
+            raise ValueError(f"user_turn_marker must be a non-empty list of token ids, got {marker!r}")
+
+    @staticmethod
+    def split(config, input_ids, attention_mask) -> torch.Tensor | None:
+        if input_ids is None:  # embeddings only: no marker to find
+            return None
+        split = marker_split(input_ids, attention_mask, config.user_turn_marker)
+        return split if bool(split.any()) else None
+
+
+# Where a read puts the memory (`config.read_placement`): each entry checks the config and says, per prompt row, the
+# column the memory is read before (None: every row reads it as a prefix). It composes with every read mode.
+PLACEMENTS = {
+    "prefix": PrefixPlacement,
+    "user_turn": UserTurnPlacement,
+}
+
+
+def read_split(config, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's split column under `config.read_placement`, or None when every row reads the memory as a prefix."""
+    return PLACEMENTS[config.read_placement].split(config, input_ids, attention_mask)
 
 
 def check_token_mask(attention_mask: torch.Tensor | None, length: int) -> None:

@@ -194,7 +194,7 @@ def test_config_checks_the_placement_fields(marker):
     with pytest.raises(ValueError, match="needs user_turn_marker"):
         tiny_model(read_placement="user_turn")
     with pytest.raises(ValueError, match="user_turn_marker must be"):
-        tiny_model(user_turn_marker=[])
+        tiny_model(read_placement="user_turn", user_turn_marker=[])
 
 
 def test_from_base_places_reads_for_a_chat_template(tmp_path, tok, marker):
