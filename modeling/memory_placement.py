@@ -184,14 +184,15 @@ def shift_keys(prefix_kv: PrefixKV, rotary_emb: nn.Module, shift: torch.Tensor) 
     """`prefix_kv` with every key moved `shift` [b] positions on (RoPE: a rotation by the angle of position `shift`,
     whatever position the key was rotated to before). Keys of batch 1 with b rows become b rows."""
     keys = prefix_kv[0][0]
-    cos, sin = rotary_emb(keys, shift[:, None].to(keys.device))  # [b, 1, head_dim]
+    cos, sin = rotary_emb(keys.float(), shift[:, None].to(keys.device))  # [b, 1, head_dim], float32
     scale = getattr(rotary_emb, "attention_scaling", 1.0)  # applied once already, when the keys were rotated
-    cos, sin = (cos / scale)[:, None].to(keys.dtype), (sin / scale)[:, None].to(keys.dtype)
+    cos, sin = (cos / scale)[:, None], (sin / scale)[:, None]
     out = []
     for k, v in prefix_kv:
         if k.device != cos.device:
             cos, sin = cos.to(k.device), sin.to(k.device)
-        out.append(((k * cos + rotate_half(k) * sin).contiguous(), v.expand(cos.shape[0], -1, -1, -1).contiguous()))
+        moved = (k.float() * cos + rotate_half(k.float()) * sin).to(k.dtype)
+        out.append((moved.contiguous(), v.expand(cos.shape[0], -1, -1, -1).contiguous()))
     return out
 
 
@@ -234,6 +235,12 @@ def placed_read(model, prefix_kv, prefix_mask, input_ids, attention_mask, split,
     `rows` cache rows (beams repeat each row), marked with the rows' split columns for the prefill."""
     batch, length = input_ids.shape
     check_token_mask(attention_mask, length)
+    if "flash" in str(model.config._attn_implementation):
+        raise ValueError(
+            f"read_placement='user_turn' hides the memory from the prompt's header with an attention mask, which "
+            f"attn_implementation={model.config._attn_implementation!r} cannot take: use sdpa, eager or "
+            "flex_attention, or read_placement='prefix'"
+        )
     header = header_lengths(split, attention_mask)
     bos_columns = int(model.config.add_bos_embedding)
     prefix_kv, prefix_mask = place_prefix(prefix_kv, prefix_mask, model.model.rotary_emb, header, bos_columns)

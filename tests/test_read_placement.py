@@ -277,3 +277,11 @@ def test_a_marker_with_unknown_tokens_is_no_marker():
     from tiny_folder import tiny_tokenizer as word_tokenizer
 
     assert user_turn_marker(word_tokenizer()) is None
+
+
+def test_an_attention_without_masks_is_refused(tok, marker):
+    model = placed_model(marker)
+    model.inject(TEXT, tokenizer=tok)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="cannot take: use sdpa"):
+        model(torch.tensor([chat_ids(tok, "Where?")]))
