@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("docs/results/read_placement.json"))
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report", action="store_true", help="write the results of the records so far, run nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -109,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     order = [(name, example) for pair in zip(*(d.examples for d in data.values())) for name, example in
              zip(DATASETS, pair)]
     keys = [f"{name}:{example['id']}" for name, example in order]
-    config = {k: str(v) for k, v in vars(args).items() if k != "resume"}
-    log = RecordLog(args.output.with_suffix(".records.jsonl"), {"config": config}, resume=args.resume)
+    config = {k: str(v) for k, v in vars(args).items() if k not in ("resume", "report")}
+    log = RecordLog(args.output.with_suffix(".records.jsonl"), {"config": config}, resume=args.resume or args.report)
     start = time.perf_counter()
-    for index in log.pending(keys, desc="read placement", unit="question"):
+    for index in [] if args.report else log.pending(keys, desc="read placement", unit="question"):
         name, example = order[index]
         record = ask(model, tokenizer, example, prompter, decoding, args.seed)
         log.add(keys[index], index, {"dataset": name, **record, "answers": example["answers"]})
