@@ -21,6 +21,7 @@ from .memory_files import (
     stage_memory_files,
     state_file_groups,
 )
+from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
@@ -34,6 +35,7 @@ AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_o
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
 __all__ = [
+    "PLACEMENTS",
     "READ",
     "READS",
     "WRITE",
@@ -64,6 +66,7 @@ __all__ = [
     "split_ids",
     "stage_memory_files",
     "state_file_groups",
+    "user_turn_marker",
     "stored_content_hash",
     "torch_dtype",
     "update_folder",

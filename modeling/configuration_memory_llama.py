@@ -2,6 +2,7 @@
 
 from transformers import LlamaConfig
 
+from .memory_placement import PLACEMENTS
 from .memory_reads import READS
 from .memory_retrieval import check_weights
 
@@ -60,6 +61,12 @@ class MemoryLlamaConfig(LlamaConfig):
         recall_initial / recall_decay: M+: a slot enters the long-term memory with recall frequency `recall_initial`;
             every merge lowers all by `recall_decay` and removes those at zero (official
             `initial_rf_when_moving_stm_to_ltm`, `decay_frequency`).
+        read_placement: where a read puts the memory (`memory_placement.PLACEMENTS`): `"prefix"` (official: before
+            the prompt) or `"user_turn"`: after the chat template's text that precedes the user's message (system
+            prompt, user header), where a passage pasted into the user turn would be. A prompt without the marker
+            (plain text) keeps the prefix read.
+        user_turn_marker: with `"user_turn"`, the token ids that open a user message in the chat template (the memory
+            is read after their last occurrence); `from_base` sets them from the tokenizer.
 
     `read_mode="mplus"` (M+, Wang et al. 2025): every layer attends to `[bos; the `read_tokens` long-term slots its
     trained retriever scores best for the prompt, oldest first; pool; tokens]` (see `mplus_read`, `mplus_memory`).
@@ -94,6 +101,8 @@ class MemoryLlamaConfig(LlamaConfig):
     long_term_merge_every: int = 60
     recall_initial: float = 10.0
     recall_decay: float = 1.0
+    read_placement: str = "prefix"
+    user_turn_marker: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -154,6 +163,9 @@ class MemoryLlamaConfig(LlamaConfig):
         ):
             raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
                              f"{self.num_hidden_layers}), got {layers!r}")
+        if self.read_placement not in PLACEMENTS:
+            raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
+        PLACEMENTS[self.read_placement].check_config(self)
 
 
 __all__ = ["MemoryLlamaConfig"]

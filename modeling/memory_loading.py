@@ -14,6 +14,7 @@ from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
+from .memory_placement import placement_defaults
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
 
@@ -103,7 +104,9 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
     return (model, info) if want_info else model
 
 
-def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", **memory_config):
+def from_base(
+    cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", tokenizer=None, **memory_config
+):
     """`cls.from_base` (see its docstring)."""
     if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
         memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
@@ -126,6 +129,7 @@ def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: st
         mode = memory_config.setdefault("read_mode", "retrieve")
         if mode in READS:
             READS[mode].from_base_defaults(memory_config, base_config)
+    placement_defaults(memory_config, tokenizer, path_or_repo, {**load_kwargs, **source})
     config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
     # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
     # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and

@@ -54,6 +54,10 @@ class PoolRead:
 
             return self.key_values.get(memory, fingerprint, compute, limit=1)  # only the current pool's
 
+    def prefix(self, model, input_ids=None, inputs_embeds=None, attention_mask=None):
+        """(`[bos; pool]` keys/values [1, kv, P, d], None: every row reads every column) for any prompt batch."""
+        return self.prefix_key_values(model), None
+
     def cache(self, model, batch_size=1, slots=None, read_only=False, max_cache_len=None):
         """A cache pre-filled with the memory prefix for `batch_size` rows (a `StaticCache` of `max_cache_len`
         positions when given); rows share one copy of the pool's prefix (see `model.share_memory_prefix`)."""

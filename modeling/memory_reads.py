@@ -8,6 +8,9 @@ its caches:
 - `has_memory(model)`: whether there is anything to read (no prefix otherwise: the plain base model runs);
 - `read(model, batch, rows, slots, read_only, max_cache_len)`: the cache seeded with the prefix for `rows` cache
   rows and the attention mask [B, prefix + tokens] of one `ReadBatch` (`slots`: explicit slots to read instead);
+- `prefix(model, input_ids, inputs_embeds, attention_mask)`: the prefix's keys/values [1 or B, kv, P, d] (each row's
+  real columns at positions 0..) and the mask [B, P] of the columns each row reads (None: all), which a read
+  placement (`memory_placement.PLACEMENTS`, `config.read_placement`) moves elsewhere in the prompt;
 - `clear()`: forget its caches. What it caches and when that is stale is said in its docstring; every cache follows
   the one rule of `memory_cache`.
 
@@ -20,6 +23,7 @@ import dataclasses
 
 import torch
 
+from .memory_placement import check_token_mask, placed_generate_masks, placed_read, read_split
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
 from .mplus_read import MPlusRead
@@ -92,7 +96,18 @@ class MemoryReadMixin:
         prefix."""
         batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
         read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
+        split = read_split(self.config, input_ids, attention_mask) if memory_slots is None else None
+        if split is not None:  # `read_placement="user_turn"`: the prefix after each row's header
+            check_token_mask(attention_mask, batch.length)
+            prefix_kv, prefix_mask = read.prefix(self, input_ids, inputs_embeds, attention_mask)
+            rows = rows or batch.size
+            return placed_read(self, prefix_kv, prefix_mask, input_ids, attention_mask, split, rows, read_only,
+                               max_cache_len)
         return read.read(self, batch, rows or batch.size, memory_slots, read_only, max_cache_len)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        """transformers' `create_masks_for_generate` (static caches); see `memory_placement.placed_generate_masks`."""
+        return placed_generate_masks(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs)
 
     def memory_key_values(self, slots: torch.Tensor | None = None):
         """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.

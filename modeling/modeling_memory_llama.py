@@ -26,6 +26,7 @@ from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
+from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
 from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
 from .memory_reads import READS, MemoryReadMixin
@@ -168,6 +169,7 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
+        attention_mask, position_ids = placed_prefill(self.config, cache, attention_mask, position_ids, tokens, self.dtype)
         with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
             outputs = super().forward(
                 input_ids=input_ids,
@@ -319,6 +321,7 @@ class MemoryLlamaForCausalLM(
         path_or_repo: str | os.PathLike,
         gguf_file: str | None = None,
         memory_update: str = "input",
+        tokenizer=None,
         **memory_config,
     ) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
@@ -326,8 +329,10 @@ class MemoryLlamaForCausalLM(
         Defaults to the training-free "input" update with a "grow" pool, a long-term store of about 1 GiB (bfloat16)
         and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
         model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
+        With a chat template (the checkpoint's tokenizer, or `tokenizer`), reads are placed where the user's message
+        starts (`read_placement="user_turn"`; `read_placement="prefix"` keeps the official place).
         """
-        return from_base(cls, path_or_repo, gguf_file, memory_update, **memory_config)
+        return from_base(cls, path_or_repo, gguf_file, memory_update, tokenizer, **memory_config)
 
     def bos_from_base_model(self) -> None:
         """Set `bos_embedding[l]` to the input of layer l when the base model reads its BOS token alone."""
