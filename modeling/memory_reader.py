@@ -14,6 +14,7 @@ import torch
 from .memory_adapters import READ
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
+from .memory_settings import store_device, store_dtype
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
 
 
@@ -58,7 +59,7 @@ def select_injections(
         take(index)
         if index not in chosen:
             continue
-        for step in range(1, neighbors + 1):
+        for step in range(1, min(neighbors, count) + 1):  # (more steps than blocks find nothing)
             for other in (index - step, index + step):
                 if 0 <= other < count and calls[other] == calls[index]:
                     take(other)
@@ -227,10 +228,8 @@ class LongTermMemoryMixin:
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
         except LongTermStoreError as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
-        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
-        device = self.config.long_term_memory_device or "cpu"
-        for block in store:
-            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+        for block in store:  # (dtype None: the file's)
+            block.slots = block.slots.to(store_device(self.config), store_dtype(self.config, block.slots.dtype))
         with self._memory_lock:
             self._long_term = store
 

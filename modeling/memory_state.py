@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
+from .memory_settings import store_device, store_dtype
 from .memory_store import (
     LONG_TERM_FILE,
     STORE_TENSORS,
@@ -394,8 +395,7 @@ def long_term_after(
     bound = getattr(config, "long_term_memory_tokens", 0)
     if not bound:
         return long_term
-    dtype = getattr(torch, config.long_term_memory_dtype) if config.long_term_memory_dtype else pool_dtype
-    slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
+    slots = new.detach().to(device=store_device(config), dtype=store_dtype(config, pool_dtype), copy=True)
     return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
 
 

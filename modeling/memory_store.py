@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from .memory_settings import check_store_dtype
 from .memory_storage import atomic_write, read_tensor_file, tensors_digest
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
@@ -132,6 +133,7 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block of injection {block.injection} has shape {tuple(slots.shape)} ({slots.dtype}); this "
                 f"model needs float slots [{num_layers}, k, {hidden_size}]: the store belongs to another model"
             )
+        check_store_dtype(slots.dtype, f"long-term block of injection {block.injection}", LongTermStoreError)
         if not previous < block.injection <= injections or not 1 <= block.call <= block.injection:
             raise LongTermStoreError(
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
@@ -168,6 +170,18 @@ def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) ->
     return metadata
 
 
+def check_store_file_metadata(path: str, metadata: dict[str, str], store: LongTermStore) -> None:
+    """Raise LongTermStoreError unless the counts and geometry a store file's metadata records are its tensors'."""
+    if not store:
+        return
+    L, _, d = store[0].slots.shape
+    actual = {"num_layers": L, "hidden_size": d, "slots": store_num_slots(store), "injections": len(store)}
+    wrong = {key: (metadata.get(key), value) for key, value in actual.items() if metadata.get(key) != str(value)}
+    if wrong:
+        raise LongTermStoreError(f"{path} is corrupted: its metadata and tensors disagree on {wrong} (metadata, "
+                                 "tensors); restore it from a backup")
+
+
 def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
     """Write the store to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
     if not store:
@@ -189,11 +203,12 @@ def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongT
         raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
                                  f"unexpected tensors {extra})")
     recorded = metadata.get("fingerprint")
-    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+    if fingerprint is not None and recorded != fingerprint:  # (a store without one is nobody's)
         raise LongTermStoreError(
             f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
         )
     store = store_from_tensors(tensors)
+    check_store_file_metadata(path, metadata, store)
     if metadata.get("content_hash") != store_content_hash(store):
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return store

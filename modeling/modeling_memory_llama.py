@@ -21,7 +21,9 @@ from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
-from .memory_inputs import encoding_rows
+from .memory_inputs import (
+    check_injection_input, encoding_rows, refuse_empty_prompt, refuse_special_only, special_token_ids
+)
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
@@ -111,6 +113,7 @@ class MemoryLlamaForCausalLM(
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
+        config.check_memory_settings()  # again: from_pretrained's overrides are set after the config was built
         L, N, d = config.num_hidden_layers, config.num_memory_tokens, config.hidden_size
         self.memory_embeddings = MemoryEmbeddings(config)
         self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
@@ -305,7 +308,7 @@ class MemoryLlamaForCausalLM(
         return seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
 
     def _read_mode(self) -> str:
-        self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
+        self.config.check_memory_settings()  # edited after construction? never fall back to the pool silently
         return self.config.read_mode
 
     def _reads_memory(self, use_memory: bool) -> bool:
@@ -387,6 +390,7 @@ class MemoryLlamaForCausalLM(
         given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         tokens = next((t for t in candidates if t is not None), None)
+        refuse_empty_prompt(tokens)
         prefix = cache_prefix_length(given_cache)
         if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
             batch, length = tokens.shape[:2]
@@ -437,6 +441,7 @@ class MemoryLlamaForCausalLM(
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
         On any error the memory is left exactly as it was.
         """
+        self.config.check_memory_settings()  # set on model.config since? refused before the memory changes
         chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
             raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
@@ -478,6 +483,7 @@ class MemoryLlamaForCausalLM(
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
         """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
+        check_injection_input(text_or_ids)
         if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
             return [ids for row in encoding_rows(text_or_ids) for ids in self._injection_ids(row, tokenizer)]
         if isinstance(text_or_ids, str) or (
@@ -518,6 +524,7 @@ class MemoryLlamaForCausalLM(
                 )
             if ids.min() < 0 or ids.max() >= vocab:
                 raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
+            refuse_special_only(ids, special_token_ids(self.config, tokenizer))
         return items
 
     def _split(self, ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
@@ -613,6 +620,7 @@ class MemoryLlamaForCausalLM(
         that folder, unless `overwrite_memory=True`."""
         if kwargs.get("push_to_hub"):
             raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
+        self.config.check_memory_settings(on_this_machine=False)  # never save a config.json that does not load
         with self._memory_lock:  # one memory state: the buffers and the long-term store
             long_term = self._long_term
             state_dict = dict(self.state_dict() if state_dict is None else state_dict)
@@ -655,7 +663,7 @@ class MemoryLlamaForCausalLM(
             model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
             if source is not None:
                 model._load_long_term_file(source, kwargs)
-        model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
+        model.config.check_memory_settings()  # fields given to from_pretrained skip the config's own checks
         return (model, info) if want_info else model
 
     @classmethod
