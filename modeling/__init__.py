@@ -7,6 +7,7 @@ checkpoints load without `trust_remote_code`. (This file is not part of the remo
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_memory_llama import MemoryLlamaConfig
+from .memory_settings import check_device
 from .memory_state import MemoryState, MemoryStateError
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
 
@@ -14,4 +15,6 @@ AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=Tr
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState", "MemoryStateError"]
+__all__ = [
+    "MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState", "MemoryStateError", "check_device"
+]

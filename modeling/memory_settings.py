@@ -91,7 +91,8 @@ def check_memory_settings(config, on_this_machine: bool = False) -> None:
         raise ValueError(
             f"long_term_memory_dtype must be None (the model's dtype) or one of {STORE_DTYPES}, got {dtype!r}"
         )
-    check_store_device(config.long_term_memory_device, on_this_machine)
+    if config.long_term_memory_device is not None:
+        check_device(config.long_term_memory_device, on_this_machine, "long_term_memory_device")
 
 
 def _check_choice(config, name: str, choices: tuple) -> None:
@@ -100,34 +101,32 @@ def _check_choice(config, name: str, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_store_device(device, on_this_machine: bool = True) -> None:
-    """Raise ValueError unless `device` (a `long_term_memory_device` value) is None or names a device that holds data
-    (and, `on_this_machine`, one this machine has)."""
-    if device is None:
-        return
+def check_device(device, on_this_machine: bool = True, name: str = "device") -> torch.device:
+    """`device` (a name such as "cpu", "cuda:1", or a torch.device) as a torch.device; ValueError (saying what to pass)
+    for a name that is not a device, the meta device (it holds no data) and, `on_this_machine`, a device this machine
+    does not have. `name` is the setting or argument that gave it."""
     how = ("pass another one: memoryllm_hf.load(folder, device='cpu'), --device cpu on the command line, or "
-           "from_pretrained(..., long_term_memory_device='cpu'); or set it to null (the CPU) in config.json")
-    if not isinstance(device, str):
-        raise ValueError(f"long_term_memory_device must be a device name such as 'cpu' or 'cuda:0', or None (the "
-                         f"CPU), got {device!r} ({type(device).__name__})")
+           "from_pretrained(..., long_term_memory_device='cpu'); or set long_term_memory_device to null (the CPU) in "
+           "config.json")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"{name} must be a device name such as 'cpu' or 'cuda:0', got {device!r} "
+                         f"({type(device).__name__})")
     try:
         parsed = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"long_term_memory_device={device!r} is not a device name; use 'cpu', 'cuda', 'cuda:1' or "
-                         "None (the CPU)") from None
+        raise ValueError(f"{name}={device!r} is not a device name; use 'cpu', 'cuda', 'cuda:1', ...") from None
     if parsed.type == "meta":
-        raise ValueError("long_term_memory_device='meta' holds no data, a store there would lose every injection; "
-                         "use 'cpu', 'cuda' or None (the CPU)")
+        raise ValueError(f"{name}='meta' holds no data (memory kept there would be lost); use 'cpu' or 'cuda'")
     if not on_this_machine or parsed.type == "cpu":
-        return
+        return parsed
     backend = getattr(torch, parsed.type, None)
     available = getattr(backend, "is_available", lambda: False)()
     count = getattr(backend, "device_count", lambda: 1)() if available else 0
     if not available or (parsed.index is not None and parsed.index >= count):
         raise ValueError(
-            f"long_term_memory_device={device!r} is not on this machine ({count} {parsed.type} device"
-            f"{'s' * (count != 1)}): {how}"
+            f"{name}={str(device)!r} is not on this machine ({count} {parsed.type} device{'s' * (count != 1)}): {how}"
         )
+    return parsed
 
 
 def store_dtype(config, pool_dtype: torch.dtype) -> torch.dtype:
@@ -144,8 +143,7 @@ def store_dtype(config, pool_dtype: torch.dtype) -> torch.dtype:
 
 def store_device(config) -> torch.device:
     """The device stored blocks live on: `long_term_memory_device`, or the CPU."""
-    check_store_device(config.long_term_memory_device)
-    return torch.device(config.long_term_memory_device or "cpu")
+    return check_device(config.long_term_memory_device or "cpu", True, "long_term_memory_device")
 
 
 def check_store_dtype(dtype: torch.dtype, what: str, error: type[ValueError] = ValueError) -> None:

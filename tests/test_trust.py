@@ -402,3 +402,11 @@ def test_generate_on_an_empty_prompt_says_what_to_pass():
     pool = tiny_model()
     with pytest.raises(ValueError, match="empty prompt"):
         pool.generate(empty, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("device", ["banana", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_a_device_argument_that_is_not_here_says_what_to_pass(store_folder, device, capsys):
+    with pytest.raises(ValueError, match="device"):
+        load(store_folder, device=device)
+    code, _, err = run_cli(capsys, "ask", store_folder, "Where does Bob live?", "--device", device)
+    assert code == 1 and f"device={device!r}" in err

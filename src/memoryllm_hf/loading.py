@@ -34,6 +34,10 @@ def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, *
     """
     memory = {key: value for key, value in memory.items() if value is not None}
     dtype = torch_dtype(dtype)
+    if device is not None:
+        from .modeling import check_device
+
+        device = check_device(device)  # "banana", "meta" or a GPU this machine lacks: say what to pass
     if Path(spec).is_dir():
         from .training.checkpoint import is_adapter_folder, load_trained_model
 
