@@ -2,6 +2,7 @@
 
 from transformers import LlamaConfig
 
+from .memory_reads import READS
 from .memory_settings import check_memory_settings, setting_value
 
 
@@ -35,15 +36,19 @@ class MemoryLlamaConfig(LlamaConfig):
         long_term_memory_dtype: dtype of the stored slots (`"float32"`, `"float16"`, `"bfloat16"`); None = the
             model's dtype. bfloat16 halves the store.
         long_term_memory_device: device of the store; None = the CPU (the pool stays on the model's device).
-        read_mode: `"pool"` (official: every layer attends to `[bos; pool]`) or `"retrieve"`: every layer attends to
-            `[bos; the slots of the injections that score best against the prompt, in the order written]`
-            (needs the long-term store).
+        read_mode: a read of `memory_reads.READS`: `"pool"` (official: every layer attends to `[bos; pool]`) or
+            `"retrieve"`: every layer attends to `[bos; the slots of the injections that score best against the
+            prompt, in the order written]` (needs the long-term store).
         read_tokens: with `"retrieve"`, at most this many slots are read (whole injections, best first).
         retrieval_threshold: with `"retrieve"`, injections scoring below it are never read (None: no threshold).
         retrieval_neighbors: with `"retrieve"`, also read this many neighbouring updates (before and after) of the
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_weights: with `"retrieve"`, the weight of each scorer of `memory_retrieval.SCORERS` by name
+            (None: the calibrated `SCORE_WEIGHTS`, lexical 1.0 and keys 0.5).
+        retrieval_key_layers: with `"retrieve"`, the layers whose keys the "keys" scorer reads (None: the calibrated
+            `KEY_LAYERS`, layer 18 of SmolLM2, or the same relative depth).
     """
 
     model_type = "memory_llama"
@@ -68,10 +73,12 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_weights: dict | None = None
+    retrieval_key_layers: list | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        check_memory_settings(self)
+        self.check_memory_settings(on_this_machine=False)  # a device is checked where the model is built
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
@@ -83,10 +90,11 @@ class MemoryLlamaConfig(LlamaConfig):
         super().__setattr__(name, setting_value(name, value))  # torch.float16 -> "float16": the config stays JSON
 
     def check_memory_settings(self, on_this_machine: bool = True) -> None:
-        """Raise ValueError unless every memory field is usable (`memory_settings`); run again by every path that
-        acts on the fields (model construction, reads, `inject`, `save_pretrained`), so fields set after
-        construction, e.g. by `from_pretrained(..., read_mode=...)` or on `model.config`, are checked too."""
-        check_memory_settings(self, on_this_machine)
+        """Raise ValueError unless every memory field is usable (`memory_settings`, and the read mode's own needs from
+        `READS`); run again by every path that acts on the fields (model construction, reads, `inject`,
+        `save_pretrained`), so fields set after construction, e.g. by `from_pretrained(..., read_mode=...)` or on
+        `model.config`, are checked too."""
+        check_memory_settings(self, READS, on_this_machine)
 
 
 __all__ = ["MemoryLlamaConfig"]

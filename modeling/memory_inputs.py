@@ -27,7 +27,7 @@ def check_injection_input(value) -> None:
                             "only token ids")
 
 
-def special_token_ids(config, tokenizer=None) -> set[int]:
+def special_ids(config, tokenizer=None) -> set[int]:
     """Ids of the tokens that carry no text: padding, begin and end of text (the config's and the tokenizer's; an
     unknown-word token stands for text and is not one of them)."""
     ids = set()

@@ -14,13 +14,16 @@ is built and used (`on_this_machine=True`), so `from_pretrained(..., long_term_m
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
+from .memory_fields import DTYPE_NAMES, dtype_name, torch_dtype
+from .memory_retrieval import check_weights
+
 MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
-READ_MODES = ("pool", "retrieve")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
+STORE_DTYPES = DTYPE_NAMES  # what the long-term store keeps (a float64 model stores float32)
 INTEGER_SETTINGS = (
     "num_memory_tokens", "num_update_tokens", "min_inject_tokens", "inject_chunk_size", "memory_seed",
     "long_term_memory_tokens", "read_tokens", "retrieval_neighbors",
@@ -34,7 +37,7 @@ def setting_value(name: str, value):
     """The value a config keeps for a field set to `value`: torch objects become their names (`torch.float16` ->
     "float16", `torch.device("cpu")` -> "cpu") and other integer types `int`, so the config stays JSON."""
     if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
+        return dtype_name(value)
     if isinstance(value, torch.device):
         return str(value)
     if name in INTEGER_SETTINGS and isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):
@@ -42,9 +45,9 @@ def setting_value(name: str, value):
     return value
 
 
-def check_memory_settings(config, on_this_machine: bool = False) -> None:
-    """Raise ValueError unless every memory setting of `config` is usable (`on_this_machine`: the store's device
-    exists here too)."""
+def check_memory_settings(config, reads: Mapping, on_this_machine: bool = False) -> None:
+    """Raise ValueError unless every memory setting of `config` is usable (`reads`: the table of read modes, whose
+    entry for `config.read_mode` checks what that read needs; `on_this_machine`: the store's device exists here)."""
     for name in INTEGER_SETTINGS:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -54,7 +57,7 @@ def check_memory_settings(config, on_this_machine: bool = False) -> None:
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
     _check_choice(config, "memory_update", MEMORY_UPDATE_MODES)
     _check_choice(config, "fresh_pool", FRESH_POOL_MODES)
-    _check_choice(config, "read_mode", READ_MODES)
+    _check_choice(config, "read_mode", tuple(reads))
     K, N = config.num_update_tokens, config.num_memory_tokens
     if not 0 < K <= N:
         raise ValueError(f"need 0 < num_update_tokens (K={K}) <= num_memory_tokens (N={N})")
@@ -65,11 +68,7 @@ def check_memory_settings(config, on_this_machine: bool = False) -> None:
     tokens = config.long_term_memory_tokens
     if tokens < 0 or 0 < tokens < K:
         raise ValueError(f"long_term_memory_tokens must be 0 (off) or >= num_update_tokens ({K}), got {tokens!r}")
-    if config.read_mode == "retrieve" and tokens == 0:
-        raise ValueError(
-            "read_mode='retrieve' reads from the long-term store: set long_term_memory_tokens > 0 "
-            "(or use read_mode='pool')"
-        )
+    reads[config.read_mode].check_config(config)
     # Every injection read takes at least one slot of the read budget: more neighbours can never be read (and each
     # one would cost a loop step per read).
     limit = min(config.read_tokens, tokens) if tokens else config.read_tokens
@@ -86,6 +85,20 @@ def check_memory_settings(config, on_this_machine: bool = False) -> None:
             raise ValueError(f"{name} must be a finite number or None (no threshold), got {value!r}")
     if config.retrieval_margin is not None and config.retrieval_margin < 0:
         raise ValueError(f"retrieval_margin must be >= 0 or None, got {config.retrieval_margin!r}")
+    weights = config.retrieval_weights
+    if weights is not None:
+        if not isinstance(weights, dict):
+            raise ValueError(f"retrieval_weights must be a dict (scorer name -> weight) or None, got {weights!r}")
+        check_weights(weights)
+        if not all(math.isfinite(value) for value in weights.values()):
+            raise ValueError(f"retrieval_weights must be finite numbers, got {weights!r}")
+    layers = config.retrieval_key_layers
+    if layers is not None and (
+        not isinstance(layers, (list, tuple))
+        or not all(type(i) is int and 0 <= i < config.num_hidden_layers for i in layers)
+    ):
+        raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
+                         f"{config.num_hidden_layers}), got {layers!r}")
     dtype = config.long_term_memory_dtype
     if dtype is not None and dtype not in STORE_DTYPES:
         raise ValueError(
@@ -134,11 +147,10 @@ def store_dtype(config, pool_dtype: torch.dtype) -> torch.dtype:
     does not keep, e.g. float64)."""
     name = config.long_term_memory_dtype
     if name is None:
-        name = str(pool_dtype).removeprefix("torch.")
-        name = name if name in STORE_DTYPES else "float32"
+        name = dtype_name(pool_dtype) if dtype_name(pool_dtype) in STORE_DTYPES else "float32"
     if name not in STORE_DTYPES:
         raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, got {name!r}")
-    return getattr(torch, name)
+    return torch_dtype(name)
 
 
 def store_device(config) -> torch.device:
@@ -148,6 +160,6 @@ def store_device(config) -> torch.device:
 
 def check_store_dtype(dtype: torch.dtype, what: str, error: type[ValueError] = ValueError) -> None:
     """Raise `error` for stored slots in a dtype the store does not keep (a float64 store is forged or foreign)."""
-    if str(dtype).removeprefix("torch.") not in STORE_DTYPES:
-        raise error(f"{what} holds {str(dtype).removeprefix('torch.')} slots; a store keeps {STORE_DTYPES}: "
+    if dtype_name(dtype) not in STORE_DTYPES:
+        raise error(f"{what} holds {dtype_name(dtype)} slots; a store keeps {STORE_DTYPES}: "
                          "the file was not written by this library")
