@@ -132,7 +132,10 @@ def check_device(device, on_this_machine: bool = True, name: str = "device") -> 
         raise ValueError(f"{name}='meta' holds no data (memory kept there would be lost); use 'cpu' or 'cuda'")
     if not on_this_machine or parsed.type == "cpu":
         return parsed
-    backend = getattr(torch, parsed.type, None)
+    try:
+        backend = torch.get_device_module(parsed.type)
+    except (RuntimeError, AttributeError):  # a device type without a torch module here
+        backend = None
     available = getattr(backend, "is_available", lambda: False)()
     count = getattr(backend, "device_count", lambda: 1)() if available else 0
     if not available or (parsed.index is not None and parsed.index >= count):
