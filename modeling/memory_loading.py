@@ -77,7 +77,8 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
     )
 
 
-def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool):
+def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool,
+                    drop_long_term_memory: bool = False):
     """`cls.from_pretrained(*args, **kwargs)` (see its docstring); `parent_from_pretrained`: transformers' own."""
     want_info = kwargs.pop("output_loading_info", False)
     if args and kwargs.get("config") is None:
@@ -94,9 +95,12 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
         model.reset_memory()
     else:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
-        store = None if source is None else read_long_term_file(
-            source, kwargs, model.config, model.memory_fingerprint, model.num_injections
+        pool_file, keys, folder = checkpoint_memory_file(source, kwargs)
+        model.adopt_checkpoint_memory(pool_file, keys, folder, allow_other_model)
+        if drop_long_term_memory:
+            logger.warning(f"{source}: the long-term store is dropped on purpose (drop_long_term_memory=True)")
+        store = None if source is None or drop_long_term_memory else read_long_term_file(
+            source, kwargs, model.config, model.memory_fingerprint, model.num_injections, pool_file, folder
         )
         if store is not None:
             model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=store))

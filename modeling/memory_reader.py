@@ -11,7 +11,7 @@ import torch
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
-from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store, local_entry_replaced, read_store_beside
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_settings import store_device, store_dtype
@@ -240,14 +240,22 @@ def prefix_slots(kv: PrefixKV) -> int:
     return kv[0][0].shape[2]
 
 
-def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
+def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int, pool_file=None,
+                        folder=None):
     """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
-    reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
+    reading model's, computed only when there is a store; and to be the store the pool file `pool_file` records) and
+    cast to the configured dtype and device, or None. `folder`: the checkpoint's local folder, if it is one."""
     path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
-    if path is None:
+    if path is None and pool_file is None:
         return None
     try:
-        store = load_store(path, fingerprint())
+        if pool_file is None:  # a memory inside the weights (older layouts): no record of a store
+            store = load_store(path, fingerprint())
+        else:
+            replaced = local_entry_replaced(folder, LONG_TERM_FILE)
+            store = read_store_beside(pool_file, path, fingerprint, num_injections, str(path_or_repo), replaced)
+        if not store:
+            return None
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only, special_ids
+from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only
 
 
 def is_blank_text(text: str) -> bool:

@@ -25,13 +25,14 @@ from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_inputs import special_ids
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_pool import is_sole_reference
 from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_text import CallNumbers, injection_ids, special_ids, split_ids
+from .memory_text import CallNumbers, injection_ids, split_ids
 from .memory_transition import check_finite_slots, next_state
 from .memory_writer import new_memory_slots, write_layout
 from .shared_prefix_attention import shared_prefix_reads
@@ -228,8 +229,8 @@ class MemoryLlamaForCausalLM(
                 f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
             )
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        cfg = self.config
-        items = injection_ids(text_or_ids, tokenizer, cfg.min_inject_tokens, cfg.vocab_size, special_ids(cfg, tokenizer))
+        cfg, special = self.config, special_ids(self.config, tokenizer)
+        items = injection_ids(text_or_ids, tokenizer, cfg.min_inject_tokens, cfg.vocab_size, special)
         chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
@@ -300,12 +301,13 @@ class MemoryLlamaForCausalLM(
         return save_pretrained(self, parent, save_directory, args, state_dict, overwrite_memory, kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
+    def from_pretrained(cls, *args, allow_other_model=False, drop_long_term_memory=False, **kwargs):
         """`from_pretrained` that checks the memory fully before using it (`MemoryState.load`: complete, finite,
-        consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
-        whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
-        instead of reading a re-initialized one)."""
-        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model)
+        consistent, its hash, this model's fingerprint unless `allow_other_model=True`; the long-term store the pool
+        file records, unless `drop_long_term_memory=True` starts with an empty store on purpose), and refuses a
+        memory pool whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an
+        empty pool instead of reading a re-initialized one)."""
+        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model, drop_long_term_memory)
 
     @classmethod
     def from_base(

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -120,6 +121,25 @@ def rewrite_store(folder: Path, tensors: dict | None = None, **metadata_changes)
     save_file(tensors, path, metadata=metadata)
 
 
+def forge_pool_head(folder: Path, head: dict | None = None) -> None:
+    """Make the pool file record the folder's store file as its store (or record `head`; {} removes the record, as
+    in files saved before it existed)."""
+    with safe_open(folder / STORE_FILE, "pt") as handle:
+        store_metadata = handle.metadata()
+    injections = load_file(folder / STORE_FILE)["long_term_injection"]
+    if head is None:
+        head = {"newest_injection": int(injections.max()), "injections": int(injections.unique().numel()),
+                "slots": int(injections.numel()), "content_hash": store_metadata["content_hash"]}
+    with safe_open(folder / POOL_FILE, "pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata.pop("long_term_head")
+    if head:
+        metadata["long_term_head"] = json.dumps(head)
+    tensors = load_file(folder / POOL_FILE)
+    (folder / POOL_FILE).unlink()
+    save_file(tensors, folder / POOL_FILE, metadata=metadata)
+
+
 # ---------------------------------------------------------------------------------------------- 1. the hang
 def test_huge_retrieval_neighbors_is_refused_by_the_config():
     with pytest.raises(ValueError, match="retrieval_neighbors"):
@@ -150,9 +170,6 @@ def test_ask_with_huge_retrieval_neighbors_in_config_json_answers_with_an_error(
 
 
 # ---------------------------------------------------------------------------------------------- 2/3. one memory
-PHASE_2 = pytest.mark.xfail(strict=True, reason="store consistency (pool file records the store's head): phase 2")
-
-
 def _drop_store(folder: Path) -> None:
     (folder / STORE_FILE).unlink()
 
@@ -172,7 +189,6 @@ STORE_DAMAGE = pytest.mark.parametrize(
 )
 
 
-@PHASE_2
 @STORE_DAMAGE
 def test_a_missing_store_is_refused_by_from_pretrained(store_folder, damage):
     damage(store_folder)
@@ -180,7 +196,6 @@ def test_a_missing_store_is_refused_by_from_pretrained(store_folder, damage):
         MemoryLlamaForCausalLM.from_pretrained(store_folder)
 
 
-@PHASE_2
 @STORE_DAMAGE
 def test_a_missing_store_is_refused_by_ask_and_stats(store_folder, damage, capsys):
     damage(store_folder)
@@ -190,16 +205,15 @@ def test_a_missing_store_is_refused_by_ask_and_stats(store_folder, damage, capsy
     assert code == 1 and STORE_FILE in err
 
 
-@PHASE_2
 def test_inject_never_saves_over_a_missing_store(store_folder, capsys):
+    injections = MemoryState.load(store_folder / POOL_FILE).num_injections
     _drop_store(store_folder)
     code, _, err = run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])
     assert code == 1 and STORE_FILE in err
     assert not (store_folder / STORE_FILE).exists()
-    assert MemoryState.load(store_folder / POOL_FILE).num_injections == 3
+    assert MemoryState.load(store_folder / POOL_FILE).num_injections == injections
 
 
-@PHASE_2
 def test_an_older_store_beside_a_newer_pool_is_refused(store_folder, tmp_path, capsys):
     older = tmp_path / "older"
     shutil.copytree(store_folder, older)
@@ -211,7 +225,6 @@ def test_an_older_store_beside_a_newer_pool_is_refused(store_folder, tmp_path, c
     assert code == 1 and STORE_FILE in err
 
 
-@PHASE_2
 def test_a_newer_store_beside_an_older_pool_is_refused(store_folder, tmp_path, capsys):
     older = tmp_path / "older"
     shutil.copytree(store_folder, older)
@@ -221,7 +234,6 @@ def test_a_newer_store_beside_an_older_pool_is_refused(store_folder, tmp_path, c
         MemoryLlamaForCausalLM.from_pretrained(older)
 
 
-@PHASE_2
 def test_a_state_file_whose_store_was_cut_out_is_refused(tmp_path):
     path = tmp_path / "state.safetensors"
     store_model().memory_state().save(path)
@@ -231,6 +243,113 @@ def test_a_state_file_whose_store_was_cut_out_is_refused(tmp_path):
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(MemoryStateError, match="store"):
         MemoryState.load(path)
+
+
+def test_the_store_can_be_dropped_on_purpose_from_the_command_line(store_folder, capsys):
+    injections = MemoryState.load(store_folder / POOL_FILE).num_injections
+    _store_as_directory(store_folder)
+    code, out, err = run_cli(capsys, "drop-store", store_folder)
+    assert code == 0, err
+    assert "dropped the long-term store" in out and not (store_folder / STORE_FILE).exists()
+    assert run_cli(capsys, "stats", store_folder)[0] == 0
+    assert run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])[0] == 0
+    model = MemoryLlamaForCausalLM.from_pretrained(store_folder)
+    assert model.num_injections > injections
+    assert [b.injection for b in model.long_term_memory] == list(range(injections + 1, model.num_injections + 1))
+
+
+def test_the_store_can_be_dropped_on_purpose_by_from_pretrained(store_folder):
+    pool = MemoryState.load(store_folder / POOL_FILE)
+    _drop_store(store_folder)
+    model = MemoryLlamaForCausalLM.from_pretrained(store_folder, drop_long_term_memory=True)
+    assert model.long_term_memory == () and model.memory_state().content_hash() == pool.content_hash()
+    model.save_pretrained(store_folder)
+    assert MemoryLlamaForCausalLM.from_pretrained(store_folder).long_term_memory == ()
+    model, _ = load(store_folder, drop_long_term_memory=True)  # the loader passes it on
+    assert model.long_term_memory == ()
+
+
+def test_a_folder_saved_before_the_store_head_loads_as_it_did(store_folder):
+    """The limit of the guarantee: a pool file that records no store head (saved by an older version) takes the store
+    file as it is, and a missing store is not noticed until the folder is saved again."""
+    forge_pool_head(store_folder, head={})
+    _drop_store(store_folder)
+    assert MemoryLlamaForCausalLM.from_pretrained(store_folder).long_term_memory == ()
+
+
+def test_a_store_saved_beside_another_pool_is_refused_even_without_the_pools_record(store_folder, tmp_path, capsys):
+    older = tmp_path / "older"
+    shutil.copytree(store_folder, older)
+    assert run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])[0] == 0
+    shutil.copy(older / STORE_FILE, store_folder / STORE_FILE)
+    forge_pool_head(store_folder, head={})
+    with pytest.raises(ValueError, match="pool of .* injections"):
+        MemoryLlamaForCausalLM.from_pretrained(store_folder)
+
+
+def test_the_hub_refuses_a_pushed_memory_whose_store_was_removed(store_folder, tmp_path, monkeypatch):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+
+    from memoryllm_hf.hub import hub_endpoint
+    from memoryllm_hf.testing import LocalHub
+
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token="local-test-token"):
+        model = MemoryLlamaForCausalLM.from_pretrained(store_folder)
+        model.push_to_hub("tester/store")
+        described = json.loads(Path(HfApi().hf_hub_download("tester/store", "memory_state.json")).read_text())
+        del described["long_term_sha256"]  # the store's file and its line in memory_state.json both gone
+        (tmp_path / "memory_state.json").write_text(json.dumps(described))
+        HfApi().create_commit("tester/store", commit_message="lose the store", operations=[
+            CommitOperationDelete(STORE_FILE),
+            CommitOperationAdd("memory_state.json", str(tmp_path / "memory_state.json")),
+        ])
+        with pytest.raises(ValueError, match=STORE_FILE):
+            MemoryLlamaForCausalLM.from_pretrained("tester/store")
+        with pytest.raises(ValueError, match=STORE_FILE):
+            model.load_memory_from_hub("tester/store")
+
+
+def _nan_threshold(folder):
+    edit_config(folder, retrieval_threshold=math.nan)
+
+
+def _huge_neighbors(folder):
+    edit_config(folder, retrieval_neighbors=10**9)
+
+
+def _weights_cut(folder):
+    shard = next(folder.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+
+
+def _store_metadata(folder):
+    rewrite_store(folder, slots=1)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (_drop_store, STORE_FILE),
+        (_store_as_dev_null, STORE_FILE),
+        (_nan_threshold, "retrieval_threshold"),
+        (_huge_neighbors, "retrieval_neighbors"),
+        (_weights_cut, "weights"),
+        (_store_metadata, "disagree"),
+    ],
+    ids=["store-deleted", "store-dev-null", "nan-threshold", "huge-neighbors", "weights-cut", "store-metadata"],
+)
+def test_stats_refuses_a_damaged_folder(store_folder, damage, match, capsys):
+    damage(store_folder)
+    code, _, err = run_cli(capsys, "stats", store_folder)
+    assert code == 1 and re.search(match, err), err
+
+
+def test_stats_shows_the_store_and_what_it_checked(store_folder, capsys):
+    code, out, _ = run_cli(capsys, "stats", store_folder)
+    assert code == 0
+    assert re.search(r"long-term +\d+ injections", out) and "checked" in out and "long-term store" in out
 
 
 # ---------------------------------------------------------------------------------------------- 4. set later
@@ -362,6 +481,9 @@ def test_a_float64_store_is_refused(store_folder):
     tensors = load_file(store_folder / STORE_FILE)
     tensors["long_term_slots"] = tensors["long_term_slots"].double()
     rewrite_store(store_folder, tensors)
+    with pytest.raises(ValueError, match=STORE_FILE):  # not the store the pool file records
+        MemoryLlamaForCausalLM.from_pretrained(store_folder)
+    forge_pool_head(store_folder)  # a forger who rewrites the pool file's record too
     with pytest.raises(ValueError, match="float64.*(float32|bfloat16)"):
         MemoryLlamaForCausalLM.from_pretrained(store_folder)
 
@@ -410,3 +532,22 @@ def test_a_device_argument_that_is_not_here_says_what_to_pass(store_folder, devi
         load(store_folder, device=device)
     code, _, err = run_cli(capsys, "ask", store_folder, "Where does Bob live?", "--device", device)
     assert code == 1 and f"device={device!r}" in err
+
+
+def test_the_store_is_hashed_once_per_save_and_once_per_load(tmp_path, monkeypatch):
+    """The head record costs no extra pass over the store (a 1 GiB store takes about a second to hash)."""
+    from memoryllm_hf.modeling import memory_files
+
+    model = store_model()
+    calls = []
+    counted = memory_files.store_content_hash
+    monkeypatch.setattr(memory_files, "store_content_hash", lambda store: calls.append(1) or counted(store))
+    model.save_pretrained(tmp_path / "saved")
+    assert len(calls) == 1
+    calls.clear()
+    MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved")
+    assert len(calls) == 1
+    calls.clear()
+    model.memory_state().save(tmp_path / "state.safetensors")
+    MemoryState.load(tmp_path / "state.safetensors")
+    assert len(calls) == 2

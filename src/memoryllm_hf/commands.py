@@ -105,13 +105,23 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms, png_path
+    from .folder import check_folder, folder_config, folder_memory, memory_report, plot_slot_norms, png_path
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
-    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
+    lines = memory_report(state, config) + check_folder(args.folder)
+    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in lines]))
     if args.png:
         plot_slot_norms(state, args.png)
         print(f"slot norm histogram written to {png_path(args.png)}")
+    return 0
+
+
+def _drop_store(args: argparse.Namespace) -> int:
+    from .folder import drop_store
+
+    dropped = drop_store(args.folder)
+    what = "a missing or unreadable store" if dropped is None else f"{dropped} stored injections"
+    print(f"dropped the long-term store of {args.folder} ({what}); the pool is kept, new injections are stored again")
     return 0
 
 
@@ -185,3 +195,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("folder", help="MemoryLlama folder")
     stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
     stats.set_defaults(func=_stats)
+
+    drop = subparsers.add_parser(
+        "drop-store", help="drop a folder's long-term store on purpose, keeping the pool (e.g. after the file was lost)"
+    )
+    drop.add_argument("folder", help="MemoryLlama folder")
+    drop.set_defaults(func=_drop_store)

@@ -59,7 +59,8 @@ def _load_checkpoint(source: str, dtype, memory: dict, device=None):
         if Path(source).is_dir():
             from .folder import folder_memory
 
-            folder_memory(source)  # a truncated or corrupt memory file is refused before any weights are read
+            # a truncated, corrupt or mixed memory is refused before any weights are read
+            folder_memory(source, with_store=not memory.get("drop_long_term_memory"))
         model = MemoryLlamaForCausalLM.from_pretrained(source, **load, **memory)
     else:
         raise ValueError(
