@@ -1,5 +1,6 @@
-"""What `inject` and `generate` accept: texts, token ids, tokenizer output (`tokenizer(text)` /
-`tokenizer(texts, padding=True, return_tensors="pt")`); odd inputs are refused with an error that says what to pass."""
+"""Input forms: tokenizer output as `inject` input (`tokenizer(text)` / `tokenizer(texts, padding=True,
+return_tensors="pt")`), and the odd inputs `inject` and `generate` refuse with an error that says what to pass (bytes,
+lists mixing texts with other things, ids that are only special tokens, an empty prompt)."""
 
 from collections.abc import Mapping
 

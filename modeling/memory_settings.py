@@ -1,6 +1,6 @@
 """Memory settings: every MemoryLlamaConfig field that shapes, places or reads the memory, checked in one place.
 
-`check_memory_settings(config)` runs when a config is built (config.json, keyword arguments) and again on every path
+`check_memory_settings(config, READS)` runs when a config is built (config.json, keyword arguments) and again on every path
 that acts on the settings: the model's construction (after `from_pretrained` overrides), every read, `inject` and
 `save_pretrained`. A value set later on `model.config` is refused where it would act, never half used. A bad value
 gets a ValueError naming the field, what it got and what to pass.
