@@ -23,6 +23,7 @@ from .memory_files import (
 )
 from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
+from .memory_settings import check_device
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
@@ -54,6 +55,7 @@ __all__ = [
     "MemoryStateError",
     "MPlusMemory",
     "atomic_write",
+    "check_device",
     "check_length",
     "folder_lock",
     "is_blank_text",

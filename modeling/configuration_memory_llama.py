@@ -4,11 +4,7 @@ from transformers import LlamaConfig
 
 from .memory_placement import PLACEMENTS
 from .memory_reads import READS
-from .memory_retrieval import check_weights
-
-MEMORY_UPDATE_MODES = ("output", "input")
-FRESH_POOL_MODES = ("tile", "grow")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
+from .memory_settings import check_memory_settings, setting_value
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -106,18 +102,7 @@ class MemoryLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.memory_update not in MEMORY_UPDATE_MODES:
-            raise ValueError(f"memory_update must be one of {MEMORY_UPDATE_MODES}, got {self.memory_update!r}")
-        if self.fresh_pool not in FRESH_POOL_MODES:
-            raise ValueError(f"fresh_pool must be one of {FRESH_POOL_MODES}, got {self.fresh_pool!r}")
-        if not 0 < self.num_update_tokens <= self.num_memory_tokens:
-            raise ValueError(
-                f"need 0 < num_update_tokens (K={self.num_update_tokens}) <= num_memory_tokens "
-                f"(N={self.num_memory_tokens})"
-            )
-        if self.min_inject_tokens < 1 or self.inject_chunk_size < self.min_inject_tokens:
-            raise ValueError("need 1 <= min_inject_tokens <= inject_chunk_size")
-        self.check_long_term_memory()
+        self.check_memory_settings(on_this_machine=False)  # a device is checked where the model is built
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
@@ -125,44 +110,15 @@ class MemoryLlamaConfig(LlamaConfig):
                 "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
             }
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, setting_value(name, value))  # torch.float16 -> "float16": the config stays JSON
 
-    def check_long_term_memory(self) -> None:
-        """Raise ValueError unless the long-term memory and read fields are usable (also run by the model at every
-        read: fields set after construction, e.g. by `from_pretrained(..., read_mode=...)`, are checked too)."""
-        if self.read_mode not in READS:
-            raise ValueError(f"read_mode must be one of {tuple(READS)}, got {self.read_mode!r}")
-        if not isinstance(self.read_tokens, int) or self.read_tokens < 1:
-            raise ValueError(f"read_tokens must be an integer >= 1, got {self.read_tokens!r}")
-        tokens = self.long_term_memory_tokens
-        if not isinstance(tokens, int) or tokens < 0 or 0 < tokens < self.num_update_tokens:
-            raise ValueError(
-                f"long_term_memory_tokens must be 0 (off) or >= num_update_tokens ({self.num_update_tokens}), "
-                f"got {tokens!r}"
-            )
-        READS[self.read_mode].check_config(self)
-        if self.long_term_memory_dtype is not None and self.long_term_memory_dtype not in STORE_DTYPES:
-            raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, "
-                             f"got {self.long_term_memory_dtype!r}")
-        if not isinstance(self.retrieval_neighbors, int) or self.retrieval_neighbors < 0:
-            raise ValueError(f"retrieval_neighbors must be an integer >= 0, got {self.retrieval_neighbors!r}")
-        for name in ("retrieval_threshold", "retrieval_margin"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} must be a number or None, got {value!r}")
-        if self.retrieval_margin is not None and self.retrieval_margin < 0:
-            raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
-        if self.retrieval_weights is not None:
-            if not isinstance(self.retrieval_weights, dict):
-                raise ValueError(f"retrieval_weights must be a dict (scorer name -> weight) or None, got "
-                                 f"{self.retrieval_weights!r}")
-            check_weights(self.retrieval_weights)
-        layers = self.retrieval_key_layers
-        if layers is not None and (
-            not isinstance(layers, (list, tuple))
-            or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
-        ):
-            raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
-                             f"{self.num_hidden_layers}), got {layers!r}")
+    def check_memory_settings(self, on_this_machine: bool = True) -> None:
+        """Raise ValueError unless every memory field is usable (`memory_settings`, and the read mode's own needs from
+        `READS`); run again by every path that acts on the fields (model construction, reads, `inject`,
+        `save_pretrained`), so fields set after construction, e.g. by `from_pretrained(..., read_mode=...)` or on
+        `model.config`, are checked too."""
+        check_memory_settings(self, READS, on_this_machine)
         if self.read_placement not in PLACEMENTS:
             raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
         PLACEMENTS[self.read_placement].check_config(self)

@@ -4,6 +4,7 @@ The memory prefix sits at the start of the cache but is not part of `input_ids`,
 (cache implementation, how many input tokens the cache already holds) needs the prefix length taken out.
 """
 
+from .memory_inputs import refuse_empty_prompt
 from .memory_prefix import cache_prefix_length, cache_prefix_mask, extend_attention_mask
 
 # Transformers' cache implementations that can hold the prefix: the default dynamic cache and a static one.
@@ -49,6 +50,7 @@ def read_before_generate(model, inputs, generation_config, kwargs: dict) -> None
     given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
     candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
     tokens = next((t for t in candidates if t is not None), None)
+    refuse_empty_prompt(tokens)
     prefix = cache_prefix_length(given_cache)
     if given_cache is None and tokens is not None and model.reads_memory(kwargs.get("use_memory", True)):
         batch, length = tokens.shape[:2]

@@ -61,6 +61,7 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
     """`model.save_pretrained` (see its docstring); `parent_save_pretrained`: transformers' own."""
     if kwargs.get("push_to_hub"):
         raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
+    model.config.check_memory_settings(on_this_machine=False)  # never save a config.json that does not load
     with model.memory_lock:  # one memory state: the buffers and the long-term store
         long_term = model.long_term_memory
         state_dict = dict(model.state_dict() if state_dict is None else state_dict)
@@ -77,7 +78,8 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
     )
 
 
-def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool):
+def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool,
+                    drop_long_term_memory: bool = False):
     """`cls.from_pretrained(*args, **kwargs)` (see its docstring); `parent_from_pretrained`: transformers' own."""
     want_info = kwargs.pop("output_loading_info", False)
     if args and kwargs.get("config") is None:
@@ -94,13 +96,16 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
         model.reset_memory()
     else:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        model.adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
-        store = None if source is None else read_long_term_file(
-            source, kwargs, model.config, model.memory_fingerprint, model.num_injections
+        pool_file, keys, folder = checkpoint_memory_file(source, kwargs)
+        model.adopt_checkpoint_memory(pool_file, keys, folder, allow_other_model)
+        if drop_long_term_memory:
+            logger.warning(f"{source}: the long-term store is dropped on purpose (drop_long_term_memory=True)")
+        store = None if source is None or drop_long_term_memory else read_long_term_file(
+            source, kwargs, model.config, model.memory_fingerprint, model.num_injections, pool_file, folder
         )
         if store is not None:
             model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=store))
-    model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
+    model.config.check_memory_settings()  # fields given to from_pretrained skip the config's own checks
     return (model, info) if want_info else model
 
 

@@ -11,10 +11,10 @@ import torch
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
-from .memory_fields import torch_dtype
-from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store, local_entry_replaced, read_store_beside
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
+from .memory_settings import store_device, store_dtype
 from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
 from .mplus_memory import MPlusMemory
 
@@ -61,7 +61,7 @@ def select_injections(
         take(index)
         if index not in chosen:
             continue
-        for step in range(1, neighbors + 1):
+        for step in range(1, min(neighbors, count) + 1):  # (more steps than blocks find nothing)
             for other in (index - step, index + step):
                 if 0 <= other < count and calls[other] == calls[index]:
                     take(other)
@@ -241,30 +241,36 @@ def prefix_slots(kv: PrefixKV) -> int:
     return kv[0][0].shape[2]
 
 
-def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
+def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int, pool_file=None,
+                        folder=None):
     """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
-    reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
+    reading model's, computed only when there is a store; and to be the store the pool file `pool_file` records) and
+    cast to the configured dtype and device, or None. `folder`: the checkpoint's local folder, if it is one."""
     path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
     if path is None and config.retriever_size:
         raise ValueError(
             f"{path_or_repo} is an M+ model but has no {LONG_TERM_FILE} (its long-term memory): restore the file, or "
             "convert the official checkpoint again"
         )
-    if path is None:
+    if path is None and pool_file is None:
         return None
     try:
-        store = load_store(path, fingerprint())
+        if pool_file is None:  # a memory inside the weights (older layouts): no record of a store
+            store = load_store(path, fingerprint())
+        else:
+            replaced = local_entry_replaced(folder, LONG_TERM_FILE)
+            store = read_store_beside(pool_file, path, fingerprint, num_injections, str(path_or_repo), replaced)
         if isinstance(store, MPlusMemory) != bool(config.retriever_size):
             raise LongTermStoreError(f"{path} holds the long-term memory of another kind of model (M+ or not)")
         if isinstance(store, MPlusMemory):
             cfg = config
             store.validate(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.retriever_size)
             return store
+        if not store:
+            return None
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None
-    dtype = torch_dtype(config.long_term_memory_dtype)
-    device = config.long_term_memory_device or "cpu"
-    for block in store:
-        block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+    for block in store:  # (dtype None: the file's)
+        block.slots = block.slots.to(store_device(config), store_dtype(config, block.slots.dtype))
     return store

@@ -81,7 +81,7 @@ class MemoryReadMixin:
     @property
     def read_mode(self) -> str:
         """`config.read_mode`, checked at every read (edited after construction? never fall back silently)."""
-        self.config.check_long_term_memory()
+        self.config.check_memory_settings()
         return self.config.read_mode
 
     def reads_memory(self, use_memory: bool = True) -> bool:

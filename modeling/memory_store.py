@@ -15,6 +15,7 @@ import torch
 
 from .atomic_io import tensors_digest
 from .memory_fields import torch_dtype
+from .memory_settings import check_store_dtype
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
 STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
@@ -127,6 +128,7 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block of injection {block.injection} has shape {tuple(slots.shape)} ({slots.dtype}); this "
                 f"model needs float slots [{num_layers}, k, {hidden_size}]: the store belongs to another model"
             )
+        check_store_dtype(slots.dtype, f"long-term block of injection {block.injection}", LongTermStoreError)
         if not previous < block.injection <= injections or not 1 <= block.call <= block.injection:
             raise LongTermStoreError(
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .memory_inputs import encoding_rows
+from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only
 
 
 def is_blank_text(text: str) -> bool:
@@ -23,12 +23,16 @@ def check_length(num_tokens: int, minimum: int, what: str = "injection") -> None
         )
 
 
-def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> list[torch.Tensor]:
+def injection_ids(
+    text_or_ids, tokenizer, min_tokens: int, vocab_size: int, special: set[int] = frozenset()
+) -> list[torch.Tensor]:
     """Validate and tokenize everything `inject` was given, up front (so a bad item fails before memory changes):
-    one 1-D id tensor per text (a text, a list of texts, token ids, or tokenizer output: each row in order)."""
+    one 1-D id tensor per text (a text, a list of texts, token ids, or tokenizer output: each row in order). Odd
+    inputs (bytes, lists mixing texts with other things) and texts of only `special` ids are refused."""
+    check_injection_input(text_or_ids)
     if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
         rows = encoding_rows(text_or_ids)
-        return [ids for row in rows for ids in injection_ids(row, tokenizer, min_tokens, vocab_size)]
+        return [ids for row in rows for ids in injection_ids(row, tokenizer, min_tokens, vocab_size, special)]
     if isinstance(text_or_ids, str) or (
         isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
     ):
@@ -62,6 +66,7 @@ def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> l
         check_length(ids.numel(), min_tokens)
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]")
+        refuse_special_only(ids, special)
     return items
 
 

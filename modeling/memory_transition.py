@@ -6,8 +6,9 @@ import dataclasses
 
 import torch
 
-from .memory_fields import MemoryStateError, torch_dtype
+from .memory_fields import MemoryStateError
 from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
+from .memory_settings import store_device, store_dtype
 from .memory_state import MemoryState
 from .memory_store import LongTermStore, MemoryBlock, store_append
 
@@ -82,6 +83,5 @@ def long_term_after(
     bound = getattr(config, "long_term_memory_tokens", 0)
     if not bound:
         return long_term
-    dtype = torch_dtype(config.long_term_memory_dtype) or pool_dtype
-    slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
+    slots = new.detach().to(device=store_device(config), dtype=store_dtype(config, pool_dtype), copy=True)
     return store_append(long_term, MemoryBlock(number, call or number, slots), bound)

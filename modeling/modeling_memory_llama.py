@@ -25,6 +25,7 @@ from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
+from .memory_inputs import special_ids
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
@@ -57,6 +58,7 @@ class MemoryLlamaForCausalLM(
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
+        config.check_memory_settings()  # again: from_pretrained's overrides are set after the config was built
         self.memory_embeddings = MemoryEmbeddings(config)
         fresh = fresh_tensors(config_geometry(config), torch.get_default_dtype(), config.memory_seed)
         for field in MEMORY_FIELDS:  # the memory state's tensors (memory_fields), saved in their own file
@@ -229,13 +231,15 @@ class MemoryLlamaForCausalLM(
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
         On any error the memory is left exactly as it was.
         """
+        self.config.check_memory_settings()  # set on model.config since? refused before the memory changes
         chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
             raise ValueError(
                 f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
             )
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
+        cfg, special = self.config, special_ids(self.config, tokenizer)
+        items = injection_ids(text_or_ids, tokenizer, cfg.min_inject_tokens, cfg.vocab_size, special)
         chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
@@ -308,12 +312,13 @@ class MemoryLlamaForCausalLM(
         return save_pretrained(self, parent, save_directory, args, state_dict, overwrite_memory, kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
+    def from_pretrained(cls, *args, allow_other_model=False, drop_long_term_memory=False, **kwargs):
         """`from_pretrained` that checks the memory fully before using it (`MemoryState.load`: complete, finite,
-        consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
-        whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
-        instead of reading a re-initialized one)."""
-        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model)
+        consistent, its hash, this model's fingerprint unless `allow_other_model=True`; the long-term store the pool
+        file records, unless `drop_long_term_memory=True` starts with an empty store on purpose), and refuses a
+        memory pool whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an
+        empty pool instead of reading a re-initialized one)."""
+        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model, drop_long_term_memory)
 
     @classmethod
     def from_base(

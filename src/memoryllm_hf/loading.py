@@ -28,10 +28,16 @@ def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, *
     * a plain Llama folder or Hub id: wrapped with a fresh training-free memory (`from_base`).
 
     `memory`: MemoryLlamaConfig settings (None values are ignored); a saved MemoryLlama keeps its pool shape.
-    `device`/`dtype` (a name or torch dtype) place the model; "default" and Llama checkpoints load in `dtype`.
+    `device`/`dtype` (a name or torch dtype) place the model; "default" and Llama checkpoints load in `dtype`. A saved
+    model's long-term store goes to `device` too when its config.json names a `long_term_memory_device` (e.g. "cuda"
+    from another machine): `device` wins (an explicit `long_term_memory_device=` wins over both).
     """
     memory = {key: value for key, value in memory.items() if value is not None}
     dtype = torch_dtype(dtype)
+    if device is not None:
+        from .modeling import check_device
+
+        device = check_device(device)  # "banana", "meta" or a GPU this machine lacks: say what to pass
     if Path(spec).is_dir():
         from .training.checkpoint import is_adapter_folder, load_trained_model
 
@@ -40,5 +46,5 @@ def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, *
             return model.to(device=device, dtype=dtype).eval(), tokenizer
     from .sources import load_base
 
-    model, tokenizer = load_base(str(spec), seed=seed, dtype=dtype, **memory)
+    model, tokenizer = load_base(str(spec), seed=seed, dtype=dtype, device=device, **memory)
     return model.to(device=device, dtype=dtype).eval(), tokenizer

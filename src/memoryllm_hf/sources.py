@@ -10,10 +10,12 @@ POOL_SHAPE = ("num_memory_tokens", "num_update_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_base(source: str, seed: int = 0, dtype=None, **memory):
+def load_base(source: str, seed: int = 0, dtype=None, device=None, **memory):
     """(model, tokenizer) for `source` with `memory` (MemoryLlamaConfig fields) applied; `dtype` is the load dtype
-    (a torch dtype or None for the checkpoint's). Not moved, not put in eval mode (see `memoryllm_hf.load`). The
-    tokenizer is None for a local folder saved without one."""
+    (a torch dtype or None for the checkpoint's). `device`, where the model will run, also replaces a
+    `long_term_memory_device` recorded in a saved model's config.json (a folder written on another machine loads
+    here). Not moved, not put in eval mode (see `memoryllm_hf.load`). The tokenizer is None for a local folder saved
+    without one."""
     from .modeling import MemoryLlamaForCausalLM
 
     source = str(source)
@@ -31,10 +33,10 @@ def load_base(source: str, seed: int = 0, dtype=None, **memory):
 
         model = tiny_model(seed=seed, **memory)
         return (model if dtype is None else model.to(dtype)), tiny_tokenizer()
-    return _load_checkpoint(source, dtype, memory)
+    return _load_checkpoint(source, dtype, memory, device)
 
 
-def _load_checkpoint(source: str, dtype, memory: dict):
+def _load_checkpoint(source: str, dtype, memory: dict, device=None):
     from transformers import AutoTokenizer, PretrainedConfig
 
     from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
@@ -43,7 +45,8 @@ def _load_checkpoint(source: str, dtype, memory: dict):
         raise ValueError(
             f"{source!r} is neither 'default', 'tiny', a folder nor a Hub id (user/name); check the path"
         )
-    model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+    config = PretrainedConfig.get_config_dict(source)[0]
+    model_type = config.get("model_type")
     load = {"dtype": dtype} if dtype is not None else {}
     if model_type == "llama":
         model = MemoryLlamaForCausalLM.from_base(source, **load, **memory)
@@ -51,10 +54,13 @@ def _load_checkpoint(source: str, dtype, memory: dict):
         shape = sorted(key for key in POOL_SHAPE if key in memory)
         if shape:
             raise ValueError(f"{shape} cannot be changed on a saved model; convert it again instead")
+        if device is not None and config.get("long_term_memory_device") is not None:
+            memory.setdefault("long_term_memory_device", str(device))
         if Path(source).is_dir():
             from .folder import folder_memory
 
-            folder_memory(source)  # a truncated or corrupt memory file is refused before any weights are read
+            # a truncated, corrupt or mixed memory is refused before any weights are read
+            folder_memory(source, with_store=not memory.get("drop_long_term_memory"))
         model = MemoryLlamaForCausalLM.from_pretrained(source, **load, **memory)
     else:
         raise ValueError(
