@@ -48,7 +48,7 @@ BACKGROUND_BLOCKS: int = 1000
 # docs/results/lexical_recall_*.json: the question's own passage passes for ~0.75 (NQ) / ~0.9 (SQuAD) of questions at
 # every store size; unrelated questions pass for ~0.01 with 1 stored text, but the best of 1,000 unrelated texts
 # usually shares enough words: a lexical score alone cannot tell that apart).
-RELEVANCE_THRESHOLD: float = 0.22
+RELEVANCE_THRESHOLD: float = 0.1
 
 # The Snowball project's English stop word list (as shipped by NLTK), case-folded.
 STOP_WORDS = frozenset(
