@@ -24,6 +24,7 @@ from tqdm import tqdm
 from memoryllm_hf.evaluation.data import default_data_dir
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_lexical as lexical
+from memoryllm_hf.modeling.memory_reader import select_injections
 
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--stored", type=int, default=1000, help="stored texts (questions' passages + unrelated)")
     parser.add_argument("--chunk", type=int, default=256, help="inject_chunk_size (SmolLM2 default: 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--encoder", action="store_true", help="also the optional sentence encoder (bm25+encoder)")
     parser.add_argument("--json", type=Path, help="default: docs/results/lexical_recall_<data>.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -121,66 +123,130 @@ def main() -> None:
     index_s = time.perf_counter() - start
     keys = list(range(len(blocks)))
     owners = torch.tensor([owner for owner, _ in blocks])
-    ranks, best_pos = [], []
+    # scorer(question, terms, index, blocks) -> scores of those blocks; question >= 0: an asked question, -1 - j:
+    # unrelated question j
+    def bm25(question, terms, index, keys):
+        return index.scores(terms, keys)[1]
+
+    scorers = {"bm25": bm25}
+    if args.encoder:
+        from memoryllm_hf.modeling.memory_dense import SentenceEncoder
+
+        encoder = SentenceEncoder()
+        block_text = [tokenizer.decode(part) for text, _ in texts for part in chunks(tokenizer, text, args.chunk)]
+        embedded = torch.cat([encoder.encode(block_text[i : i + 64]) for i in tqdm(range(0, len(block_text), 64),
+                                                                                    desc="encoder", unit="batch")])
+        users = [lexical.user_text(tokenizer.decode(prompter.question(r["question"]).ids), markers) for r in asked]
+        users_neg = [lexical.user_text(tokenizer.decode(prompter.question(r["question"]).ids), markers) for r in unasked]
+        q_emb, n_emb = encoder.encode(users), encoder.encode(users_neg)
+
+        def cosine(question, terms, index, keys):
+            query = q_emb[question] if question >= 0 else n_emb[-1 - question]
+            return (embedded[keys] @ query).double()
+
+        def fused(question, terms, index, keys):
+            return bm25(question, terms, index, keys) + cosine(question, terms, index, keys)
+
+        scorers.update({"encoder only": cosine, "bm25+encoder": fused})
+    ranks = {name: [] for name in scorers}
+    full_scores = {name: [] for name in scorers}
     start = time.perf_counter()
     for i, terms in enumerate(tqdm(queries, desc="questions", unit="q")):
-        bm25, relevance = index.scores(terms, keys)
-        order = bm25.argsort(descending=True, stable=True)
-        ranks.append(int((owners[order] == i).nonzero()[0, 0]))
+        for name, scorer in scorers.items():
+            score = scorer(i, terms, index, keys)
+            full_scores[name].append(score)
+            order = score.argsort(descending=True, stable=True)
+            ranks[name].append(int((owners[order] == i).nonzero()[0, 0]))
     score_s = (time.perf_counter() - start) / len(queries)
+    sizes_tokens = [len(part) for text, _ in texts for part in chunks(tokenizer, text, args.chunk)]
+    calls = []
+    for t_index, (text, _) in enumerate(texts):
+        calls += [t_index] * len(chunks(tokenizer, text, args.chunk))
+    selection = {}
+    for name in scorers:
+        default = lexical.THRESHOLDS[name] if name in lexical.THRESHOLDS else None
+        for budget in (1, 2, 4):
+            others = [0.05, 0.15] if name == "bm25" else [0.4, 0.6]
+            for threshold in sorted({None, default, *others}, key=lambda x: -1 if x is None else x):
+                for margin in (None, 0.1, 0.2):
+                    own, other = 0, 0
+                    for i, score in enumerate(full_scores[name]):
+                        chosen = select_injections(
+                            score.float(), sizes_tokens, calls, budget * args.chunk, threshold, 1, margin
+                        )
+                        own += any(owners[c] == i for c in chosen)
+                        other += sum(sizes_tokens[c] for c in chosen if owners[c] != i)
+                    selection[f"{name} budget={budget} threshold={threshold} margin={margin}"] = {
+                        "own_passage_read": own / len(queries),
+                        "own_passage_read_ci95": wilson(own, len(queries)),
+                        "other_tokens_read_per_question": other / len(queries),
+                    }
 
     # the "nothing relevant" decision at every store size: a store of n texts holding the question's passage (n-1
-    # unrelated texts) vs. the same store asked an unrelated question
-    by_text = {}
-    for owner, terms in blocks:
-        by_text.setdefault(owner, []).append(terms)
-    unrelated = [terms for owner, terms in blocks if owner < 0]
+    # unrelated texts) vs. the same size of store asked an unrelated question
+    own_blocks = {}
+    for b_index, (owner, _) in enumerate(blocks):
+        own_blocks.setdefault(owner, []).append(b_index)
+    unrelated = own_blocks.get(-1, [])
     rng = random.Random(args.seed + 2)
     sizes = [n for n in (1, 10, 100, args.stored) if n <= args.stored]
-    decision = {}
+    decision = {name: {} for name in scorers}
     for size in sizes:
-        positive, negative = [], []
+        rows = {name: {"stored": [], "unrelated": []} for name in scorers}
         for i, terms in enumerate(queries[:100]):
-            store = list(by_text[i]) + rng.sample(unrelated, min(len(unrelated), max(0, size - 1)))
-            small = lexical.LexicalIndex()
-            for key, doc in enumerate(store):
-                small.add(key, doc)
-            keyset = list(range(len(store)))
-            positive.append(float(small.scores(terms, keyset)[1][: len(by_text[i])].max()))
-            negative.append(float(small.scores(negatives[i % len(negatives)], keyset)[1].max()))
-        decision[size] = {"stored": positive, "unrelated": negative}
-    all_pos = [s for d in decision.values() for s in d["stored"]]
-    all_neg = [s for d in decision.values() for s in d["unrelated"]]
-    cuts = sorted(set(round(x, 3) for x in all_pos + all_neg))
-    best = max(cuts, key=lambda t: sum(s >= t for s in all_pos) / len(all_pos) + sum(s < t for s in all_neg) / len(all_neg))
+            for kind, store, query_terms, q in (
+                ("stored", own_blocks[i] + rng.sample(unrelated, min(len(unrelated), size - 1)), terms, i),
+                ("unrelated", rng.sample(unrelated, min(len(unrelated), size)), negatives[i % len(negatives)],
+                 -1 - (i % len(negatives))),
+            ):
+                small = lexical.LexicalIndex()
+                for b_index in store:
+                    small.add(b_index, blocks[b_index][1])
+                for name, scorer in scorers.items():
+                    score = scorer(q, query_terms, small, store)
+                    best = score[: len(own_blocks[i])] if kind == "stored" else score
+                    rows[name][kind].append(float(best.max()))
+        for name in scorers:
+            decision[name][size] = rows[name]
     threshold_rows = {}
-    for size, d in decision.items():
-        row = {}
-        for name, t in (("default", lexical.RELEVANCE_THRESHOLD), ("best_over_sizes", best)):
-            tp, fp = sum(s >= t for s in d["stored"]), sum(s >= t for s in d["unrelated"])
-            row[name] = {
-                "threshold": t,
-                "stored_read": tp / len(d["stored"]),
-                "stored_read_ci95": wilson(tp, len(d["stored"])),
-                "unrelated_read": fp / len(d["unrelated"]),
-                "unrelated_read_ci95": wilson(fp, len(d["unrelated"])),
+    for name in scorers:
+        all_pos = [s for d in decision[name].values() for s in d["stored"]]
+        all_neg = [s for d in decision[name].values() for s in d["unrelated"]]
+        cuts = sorted(set(round(x, 3) for x in all_pos + all_neg))
+        best = max(cuts, key=lambda t: sum(s >= t for s in all_pos) / len(all_pos)
+                   + sum(s < t for s in all_neg) / len(all_neg))
+        for size, d in decision[name].items():
+            row = {}
+            for label, t in (("default", lexical.THRESHOLDS.get(name)), ("best_over_sizes", best)):
+                if t is None:
+                    continue
+                tp, fp = sum(s >= t for s in d["stored"]), sum(s >= t for s in d["unrelated"])
+                row[label] = {
+                    "threshold": t,
+                    "stored_read": tp / len(d["stored"]),
+                    "stored_read_ci95": wilson(tp, len(d["stored"])),
+                    "unrelated_read": fp / len(d["unrelated"]),
+                    "unrelated_read_ci95": wilson(fp, len(d["unrelated"])),
+                }
+            row["quantiles_10_50_90"] = {
+                k: [round(q, 3) for q in torch.tensor(v).quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()]
+                for k, v in d.items()
             }
-        row["quantiles"] = {
-            k: [round(q, 3) for q in torch.tensor(v).quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()]
-            for k, v in d.items()
-        }
-        threshold_rows[str(size)] = row
+            threshold_rows[f"{name} | {size} stored texts"] = row
     results = {
-        "recall": {"bm25 (user words, stemmed) [chat]": recall_row(ranks)},
+        "recall": {f"{name} (user words) [chat]": recall_row(r) for name, r in ranks.items()},
         "decision": threshold_rows,
+        "selection (budget in updates of --chunk tokens, neighbours 1)": selection,
         "store": {"texts": len(texts), "blocks": len(blocks), "terms": sum(len(t) for _, t in blocks)},
         "timing": {"analyse_s": analyse_s, "index_s": index_s, "score_per_question_s": score_s},
         "meta": {k: str(v) for k, v in vars(args).items()},
     }
     print(json.dumps({k: results[k] for k in ("recall", "store", "timing")}, indent=1))
-    for size, row in threshold_rows.items():
-        print(size, row["quantiles"], row["default"]["stored_read"], row["default"]["unrelated_read"],
-              "best", best, row["best_over_sizes"]["stored_read"], row["best_over_sizes"]["unrelated_read"])
+    for key, row in threshold_rows.items():
+        print(key, row["quantiles_10_50_90"], {k: (v["threshold"], v["stored_read"], v["unrelated_read"])
+                                               for k, v in row.items() if k != "quantiles_10_50_90"})
+    for key, row in selection.items():
+        print(f"{key:60s} own read {row['own_passage_read']:.3f}  other tokens {row['other_tokens_read_per_question']:.0f}")
     out = args.json or Path(f"docs/results/lexical_recall_{args.data}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

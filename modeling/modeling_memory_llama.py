@@ -709,6 +709,7 @@ class MemoryLlamaForCausalLM(
             load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
         source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}
         base_config = AutoConfig.from_pretrained(path_or_repo, **source)
+        tokenizer = None
         if base_config.model_type not in ("llama", MemoryLlamaConfig.model_type):
             raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
         skip = ("model_type", "architectures", "auto_map")
@@ -724,8 +725,12 @@ class MemoryLlamaForCausalLM(
                 memory_config.setdefault("read_mode", "retrieve")
                 memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
                 memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
-                # scored by BM25 over the words each block was written from, with a calibrated "nothing relevant" cut
-                scorer = memory_config.setdefault("retrieval_scorer", "bm25")
+                # scored by BM25 over the words each block was written from (when the checkpoint has a tokenizer to
+                # read them with), with a calibrated "nothing relevant" cut
+                if "retrieval_scorer" not in memory_config:
+                    tokenizer = base_tokenizer(path_or_repo, source)
+                    memory_config["retrieval_scorer"] = "bm25" if tokenizer is not None else "model"
+                scorer = memory_config["retrieval_scorer"]
                 if scorer in TEXT_THRESHOLDS:
                     memory_config.setdefault("retrieval_threshold", TEXT_THRESHOLDS[scorer])
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
@@ -753,6 +758,8 @@ class MemoryLlamaForCausalLM(
         if any(surprises.values()):
             logger.warning(f"from_base({path_or_repo}): weights that do not match a Llama: {surprises}")
         model.bos_from_base_model()
+        if tokenizer is not None:
+            model.retrieval_tokenizer = tokenizer
         return model
 
     @torch.no_grad()
@@ -765,6 +772,22 @@ class MemoryLlamaForCausalLM(
         with self.adapters.use(READ):
             hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
         bos.copy_(torch.stack([h[0].to(bos.device) for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+
+
+def base_tokenizer(path_or_repo, source: dict):
+    """The checkpoint's tokenizer, or None (with a warning) when it has none: `from_base` then scores retrieval with
+    the model's own features."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path_or_repo, **{k: v for k, v in source.items() if v is not None})
+    except (OSError, ValueError, TypeError) as err:
+        logger.warning(
+            f"from_base({path_or_repo}): no tokenizer ({type(err).__name__}), so retrieval scores blocks with the "
+            "model's features (retrieval_scorer='model'); for BM25 over the stored words pass retrieval_scorer='bm25' "
+            "and set model.retrieval_tokenizer"
+        )
+        return None
 
 
 # ---------------------------------------------------------------------- base model (AutoModel)
