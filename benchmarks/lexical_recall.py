@@ -28,6 +28,10 @@ from memoryllm_hf.modeling.memory_reader import select_injections
 
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
+# The grid of read settings compared (thresholds and margins on each scorer's own scale).
+CANDIDATE_THRESHOLDS = {"bm25": (0.05, 0.1, 0.15), "encoder only": (0.35, 0.4, 0.45), "bm25+encoder": (0.4, 0.45, 0.5)}
+CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
+                     "bm25+encoder": (None, 0.05, 0.1, 0.2)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -166,9 +170,8 @@ def main() -> None:
     for name in scorers:
         default = lexical.THRESHOLDS[name] if name in lexical.THRESHOLDS else None
         for budget in (1, 2, 4):
-            others = [0.05, 0.15] if name == "bm25" else [0.4, 0.6]
-            for threshold in sorted({None, default, *others}, key=lambda x: -1 if x is None else x):
-                for margin in (None, 0.1, 0.2):
+            for threshold in sorted({None, default, *CANDIDATE_THRESHOLDS[name]}, key=lambda x: -1 if x is None else x):
+                for margin in CANDIDATE_MARGINS[name]:
                     own, other = 0, 0
                     for i, score in enumerate(full_scores[name]):
                         chosen = select_injections(
@@ -217,7 +220,9 @@ def main() -> None:
                    + sum(s < t for s in all_neg) / len(all_neg))
         for size, d in decision[name].items():
             row = {}
-            for label, t in (("default", lexical.THRESHOLDS.get(name)), ("best_over_sizes", best)):
+            candidates = [("default", lexical.THRESHOLDS.get(name)), ("best_over_sizes", best)]
+            candidates += [(f"threshold {t}", t) for t in CANDIDATE_THRESHOLDS[name]]
+            for label, t in candidates:
                 if t is None:
                     continue
                 tp, fp = sum(s >= t for s in d["stored"]), sum(s >= t for s in d["unrelated"])
