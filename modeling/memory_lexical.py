@@ -309,6 +309,7 @@ class TextScorer:
         self.index = LexicalIndex()
         self.encoder = None
         self.embeddings: dict = {}  # block -> unit embedding (bm25+encoder)
+        self.stacked: tuple = (None, None)  # (store, its blocks' embeddings [n, dim])
         if kind == "bm25+encoder":
             from .memory_dense import SentenceEncoder
 
@@ -346,6 +347,7 @@ class TextScorer:
         for row, text in enumerate(texts):
             out[row] = self.index.scores(self.analyzer.terms(text), keys)[1]
         if self.encoder is not None:
-            stored = torch.stack([self.embeddings[block] for block in keys])
-            out += (self.encoder.encode(texts) @ stored.T).double()
+            if self.stacked[0] is not store:  # stacked once per store (a new tuple after every injection)
+                self.stacked = (store, torch.stack([self.embeddings[block] for block in keys]))
+            out += (self.encoder.encode(texts) @ self.stacked[1].T).double()
         return out.float()
