@@ -140,9 +140,10 @@ def main() -> None:
         block_text = [tokenizer.decode(part) for text, _ in texts for part in chunks(tokenizer, text, args.chunk)]
         embedded = torch.cat([encoder.encode(block_text[i : i + 64]) for i in tqdm(range(0, len(block_text), 64),
                                                                                     desc="encoder", unit="batch")])
-        users = [lexical.user_text(tokenizer.decode(prompter.question(r["question"]).ids), markers) for r in asked]
-        users_neg = [lexical.user_text(tokenizer.decode(prompter.question(r["question"]).ids), markers) for r in unasked]
-        q_emb, n_emb = encoder.encode(users), encoder.encode(users_neg)
+        def user_words(row):
+            return lexical.user_text(tokenizer.decode(prompter.question(row["question"]).ids), markers)
+
+        q_emb, n_emb = encoder.encode([user_words(r) for r in asked]), encoder.encode([user_words(r) for r in unasked])
 
         def cosine(question, terms, index, keys):
             query = q_emb[question] if question >= 0 else n_emb[-1 - question]
@@ -251,7 +252,8 @@ def main() -> None:
         print(key, row["quantiles_10_50_90"], {k: (v["threshold"], v["stored_read"], v["unrelated_read"])
                                                for k, v in row.items() if k != "quantiles_10_50_90"})
     for key, row in selection.items():
-        print(f"{key:60s} own read {row['own_passage_read']:.3f}  other tokens {row['other_tokens_read_per_question']:.0f}")
+        own, other = row["own_passage_read"], row["other_tokens_read_per_question"]
+        print(f"{key:60s} own read {own:.3f}  other tokens {other:.0f}")
     out = args.json or Path(f"docs/results/lexical_recall_{args.data}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from memoryllm_hf.evaluation.data import default_data_dir
-from memoryllm_hf.loading import load
 from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.loading import load
 from memoryllm_hf.modeling import memory_lexical as lexical
 from memoryllm_hf.modeling import memory_retrieval as retrieval
 

@@ -130,7 +130,8 @@ def chat_markers(tokenizer) -> tuple[str, str] | None:
     # what precedes a user message both at the start and after an assistant turn; what follows one both before an
     # assistant turn and at the end (before the generation prompt)
     start = _common_suffix(one[: one.index(first)], three[three.index(second) + len(second) : three.index(third)])
-    end = _common_prefix(three[three.index(first) + len(first) : three.index(second)], three[three.index(third) + len(third) :])
+    after_first = three[three.index(first) + len(first) : three.index(second)]
+    end = _common_prefix(after_first, three[three.index(third) + len(third) :])
     start, end = start.lstrip(), end.rstrip() or end
     if not start.strip() or not end:
         return None
@@ -222,7 +223,7 @@ class LexicalIndex:
         renumber = {self.slot_of[key]: new for new, key in enumerate(keys)}
         self.postings = [
             (array.array("i", [renumber[d] for d in docs if d in renumber]),
-             array.array("i", [t for d, t in zip(docs, tfs) if d in renumber]))
+             array.array("i", [t for d, t in zip(docs, tfs, strict=True) if d in renumber]))
             for docs, tfs in self.postings
         ]
         self.doc_terms = [self.doc_terms[self.slot_of[key]] for key in keys]
@@ -326,10 +327,10 @@ class TextScorer:
             self.embeddings.pop(block, None)
         new = [block for block in store if block not in self.index]
         texts = [self.decode(b.token_ids.tolist()) if b.token_ids is not None else "" for b in new]
-        for block, text in zip(new, texts):
+        for block, text in zip(new, texts, strict=True):
             self.index.add(block, self.analyzer.terms(text))
         if self.encoder is not None and new:
-            for block, vector in zip(new, self.encoder.encode(texts)):
+            for block, vector in zip(new, self.encoder.encode(texts), strict=True):
                 self.embeddings[block] = vector
 
     def query_text(self, ids: Sequence[int]) -> str:

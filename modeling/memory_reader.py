@@ -12,8 +12,8 @@ from collections import OrderedDict
 import torch
 
 from .memory_adapters import READ
-from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_lexical import TEXT_SCORERS, TextScorer
+from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LONG_TERM_FILE, LongTermStoreError, check_token_vocab, load_store, validate_store
 
@@ -143,8 +143,8 @@ class LongTermMemoryMixin:
         if input_ids is None:
             raise ValueError(f"retrieval_scorer={kind!r} reads the prompt's words: pass input_ids (not only "
                              "inputs_embeds), or set config.retrieval_scorer='model'")
-        rows = [ids if attention_mask is None else ids[mask.bool()] for ids, mask in
-                zip(input_ids, attention_mask if attention_mask is not None else input_ids)]
+        masks = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        rows = [ids[mask] for ids, mask in zip(input_ids, masks, strict=True)]
         with self._memory_lock:
             store = self._long_term
             scorer = self._text_scorer

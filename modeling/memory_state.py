@@ -15,6 +15,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .memory_pool import drop_and_append, is_sole_reference, kept_slot_indices, tile_pool
+from .memory_storage import (
+    MEMORY_FILE,
+    model_owned_files,
+    read_tensor_file,
+    stage_memory_files,
+    tensors_digest,
+    update_folder,
+    write_tensor_file,
+)
 from .memory_store import (
     LONG_TERM_FILE,
     STORE_TENSORS,
@@ -30,15 +39,6 @@ from .memory_store import (
     store_num_slots,
     store_to_tensors,
     validate_store,
-)
-from .memory_storage import (
-    MEMORY_FILE,
-    model_owned_files,
-    read_tensor_file,
-    stage_memory_files,
-    tensors_digest,
-    update_folder,
-    write_tensor_file,
 )
 
 # Buffers that make up a memory state; they are saved together in their own safetensors file.

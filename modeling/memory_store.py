@@ -141,9 +141,10 @@ def store_token_ids(tensors: dict[str, torch.Tensor], blocks: int) -> list[torch
     if not present:
         return [None] * blocks
     if len(present) != len(TOKEN_TENSORS):
-        raise LongTermStoreError(f"the long-term store's token ids are incomplete: {sorted(set(TOKEN_TENSORS) - set(present))} missing")
+        missing = sorted(set(TOKEN_TENSORS) - set(present))
+        raise LongTermStoreError(f"the long-term store's token ids are incomplete: {missing} missing")
     ids, counts = (tensors[name] for name in TOKEN_TENSORS)
-    for name, tensor in zip(TOKEN_TENSORS, (ids, counts)):
+    for name, tensor in zip(TOKEN_TENSORS, (ids, counts), strict=True):
         if tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
             raise LongTermStoreError(f"{name} must be a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
     if counts.shape[0] != blocks or bool((counts < -1).any()) or int(counts.clamp(min=0).sum()) != ids.shape[0]:

@@ -17,14 +17,13 @@ from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
+from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
 from .memory_lexical import THRESHOLDS as TEXT_THRESHOLDS
 from .memory_pool import is_sole_reference
-from .memory_reader import LongTermMemoryMixin
 from .memory_prefix import (
     PrefixKV,
     cache_prefix_length,
@@ -35,6 +34,7 @@ from .memory_prefix import (
     record_prefix,
     seeded_cache,
 )
+from .memory_reader import LongTermMemoryMixin
 from .memory_state import (
     MEMORY_BUFFERS,
     MemoryLock,
@@ -600,7 +600,7 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
         token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] written from `token_ids` (see `memory_state.next_state`)."""
+        """Memory state after committing new slots [L, k, d] written from `token_ids` (`memory_state.next_state`)."""
         return next_state(self._current_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction

