@@ -22,6 +22,7 @@ from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .memory_generation import static_cache_room, uncached_length
 from .memory_hub import MemoryHubMixin, checkpoint_memory_file
 from .memory_inputs import encoding_rows
+from .memory_lexical import MARGINS as TEXT_MARGINS
 from .memory_lexical import THRESHOLDS as TEXT_THRESHOLDS
 from .memory_pool import is_sole_reference
 from .memory_prefix import (
@@ -731,8 +732,9 @@ class MemoryLlamaForCausalLM(
                     tokenizer = base_tokenizer(path_or_repo, source)
                     memory_config["retrieval_scorer"] = "bm25" if tokenizer is not None else "model"
                 scorer = memory_config["retrieval_scorer"]
-                if scorer in TEXT_THRESHOLDS:
+                if scorer in TEXT_THRESHOLDS:  # a calibrated "nothing relevant" cut and margin below the best block
                     memory_config.setdefault("retrieval_threshold", TEXT_THRESHOLDS[scorer])
+                    memory_config.setdefault("retrieval_margin", TEXT_MARGINS[scorer])
                 memory_config.setdefault("long_term_memory_dtype", "bfloat16")
                 memory_config.setdefault(
                     "long_term_memory_tokens",

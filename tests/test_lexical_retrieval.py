@@ -297,3 +297,21 @@ def test_the_encoder_scorer_finds_a_paraphrased_question(tmp_path, monkeypatch):
     model = text_model(retrieval_scorer="bm25+encoder", retrieval_threshold=lexical.ENCODER_THRESHOLD)
     model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
     assert model.retrieve(chat_ids(model.retrieval_tokenizer, "how do plants make sugar from sunlight"))[0] == [3]
+
+
+# ----------------------------------------------------------------------------------------------- from_base
+def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(llama_folder, tmp_path, caplog):
+    import shutil
+
+    folder, _ = llama_folder
+    with_tokenizer = tmp_path / "with-tokenizer"
+    shutil.copytree(folder, with_tokenizer)
+    tiny_tokenizer().save_pretrained(with_tokenizer)
+    model = MemoryLlamaForCausalLM.from_base(with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    cfg = model.config
+    assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
+        "bm25", lexical.THRESHOLDS["bm25"], lexical.MARGINS["bm25"])
+    model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
+    assert model.retrieve(chat_ids(model.retrieval_tokenizer, "which river flows into the atlantic ocean")) == [[4]]
+    bare = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16)
+    assert (bare.config.retrieval_scorer, bare.config.retrieval_threshold) == ("model", None)
