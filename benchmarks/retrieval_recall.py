@@ -147,6 +147,12 @@ class LexicalVariants:
             out["BM25 + sentence encoder, reciprocal-rank fusion"] = lexical.reciprocal_rank(
                 bm25
             ) + lexical.reciprocal_rank(dense)
+            out["BM25 + sentence encoder + default, reciprocal-rank fusion"] = (
+                lexical.reciprocal_rank(bm25) + lexical.reciprocal_rank(dense) + lexical.reciprocal_rank(default.double())
+            )
+            for weight in (0.02, 0.05):
+                out[f"BM25 relevance + sentence encoder + {weight} x default"] = relevance + dense + weight * default
+
         return out
 
 
