@@ -102,7 +102,7 @@ def store_blocks(model, tokenizer, texts) -> tuple[list[dict], list[int], list[t
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
             for part in torch.tensor_split(ids, -(-ids.numel() // chunk)):
                 slots = model.new_memory_slots(part[None])
-                model.commit_memory_slots(slots)
+                model.commit_memory_slots(slots, input_ids=part)
                 features.append(retrieval.block_features(layers, slots))
                 owners.append(owner)
                 pooled.append(slots[MEAN_POOL_LAYER].float().mean(0))
