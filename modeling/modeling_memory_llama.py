@@ -777,14 +777,14 @@ class MemoryLlamaForCausalLM(
 
 
 def base_tokenizer(path_or_repo, source: dict):
-    """The checkpoint's tokenizer, or None (with a warning) when it has none: `from_base` then scores retrieval with
-    the model's own features."""
+    """The checkpoint's tokenizer, or None when it has none (a weights-only folder: said at info level, loading stays
+    quiet): `from_base` then scores retrieval with the model's own features."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path_or_repo, **{k: v for k, v in source.items() if v is not None})
     except (OSError, ValueError, TypeError) as err:
-        logger.warning(
+        logger.info(
             f"from_base({path_or_repo}): no tokenizer ({type(err).__name__}), so retrieval scores blocks with the "
             "model's features (retrieval_scorer='model'); for BM25 over the stored words pass retrieval_scorer='bm25' "
             "and set model.retrieval_tokenizer"
