@@ -296,6 +296,14 @@ THRESHOLDS = {"bm25": RELEVANCE_THRESHOLD, "bm25+encoder": ENCODER_THRESHOLD}
 MARGINS = {"bm25": 0.05, "bm25+encoder": 0.1}
 
 
+def text_scorer_defaults(memory_config: dict) -> None:
+    """`from_base` settings of a text scorer (unless given): its calibrated threshold and margin."""
+    scorer = memory_config.get("retrieval_scorer")
+    if scorer in THRESHOLDS:
+        memory_config.setdefault("retrieval_threshold", THRESHOLDS[scorer])
+        memory_config.setdefault("retrieval_margin", MARGINS[scorer])
+
+
 class TextScorer:
     """Scores stored blocks against prompts from text: BM25 `relevance` over the blocks' words (and, for
     "bm25+encoder", plus the cosine of sentence-encoder embeddings; see `memory_dense`).

@@ -15,13 +15,8 @@ from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryStateError
 from memoryllm_hf.modeling import memory_lexical as lexical
-from memoryllm_hf.modeling.memory_store import (
-    LongTermStoreError,
-    load_store,
-    save_store,
-    store_from_tensors,
-    store_to_tensors,
-)
+from memoryllm_hf.modeling.memory_files import load_store, save_store
+from memoryllm_hf.modeling.memory_store import LongTermStoreError, store_from_tensors, store_to_tensors
 from memoryllm_hf.testing import LocalHub
 from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
 
@@ -197,7 +192,7 @@ def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one(
     fresh.load_memory_state(model.memory_state())
     assert len(model.long_term_memory) < 12
     torch.testing.assert_close(grown, fresh.retrieval_scores(prompt))
-    assert set(model._text_scorer.index.slot_of) == set(model.long_term_memory)
+    assert set(model.reads["retrieve"].text.index.slot_of) == set(model.long_term_memory)
 
 
 def test_text_scorers_need_token_ids_and_say_what_to_do_without_a_tokenizer():
