@@ -12,8 +12,8 @@ import torch
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
 from .memory_fields import torch_dtype
-from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
+from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_store import LongTermStoreError, check_token_vocab, default_long_term_tokens, validate_store

@@ -262,7 +262,8 @@ class MemoryLlamaForCausalLM(
         `input_ids` (the context they were computed from) are kept with them in the long-term store."""
         with self.memory_lock:
             before = self.live_memory_state()
-            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator, token_ids=input_ids))
+            new = check_finite_slots(slots.detach())
+            self.swap_memory_state(self._state_after(new, generator, token_ids=input_ids))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
@@ -277,7 +278,7 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
         token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] written from `token_ids` (`memory_transition.next_state`)."""
+        """Memory state after committing new slots [L, k, d] written from `token_ids` (see `next_state`)."""
         return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction
