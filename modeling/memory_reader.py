@@ -12,10 +12,11 @@ import torch
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
 from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store, local_entry_replaced, read_store_beside
+from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_settings import store_device, store_dtype
-from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
+from .memory_store import LongTermStoreError, check_token_vocab, default_long_term_tokens, validate_store
 from .mplus_memory import MPlusMemory
 
 
@@ -104,6 +105,9 @@ class RetrieveRead:
         self.packed = DerivedCache()
         self.key_values = DerivedCache(size=prefix_slots)
         self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
+        # the text scorer of `config.retrieval_scorer` ("bm25", "bm25+encoder"; memory_lexical) with its index, which
+        # follows the store block by block (it reads token ids, not weights: kept when the weights change)
+        self.text: TextScorer | None = None
 
     @staticmethod
     def check_config(config) -> None:
@@ -134,6 +138,8 @@ class RetrieveRead:
     def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         """Scores [B, stored injections] of every block of the store against each prompt row."""
         cfg, layers = model.config, model.model.layers
+        if cfg.retrieval_scorer in TEXT_SCORERS:
+            return self.text_scores(model, input_ids, attention_mask)
         with model.memory_lock:
             store = model.long_term_memory
             dtype, device = model.memory.dtype, model.memory.device
@@ -160,6 +166,19 @@ class RetrieveRead:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
         question = question_features(layers, hidden, attention_mask, key_layers)
         return score_packed(question, packed, cfg.retrieval_weights)
+
+    def text_scores(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """`scores` of a text scorer (`memory_lexical.TextScorer`): from the prompt's words, no forward pass."""
+        kind = model.config.retrieval_scorer
+        if input_ids is None:
+            raise ValueError(f"retrieval_scorer={kind!r} reads the prompt's words: pass input_ids (not only "
+                             "inputs_embeds), or set config.retrieval_scorer='model'")
+        masks = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        rows = [ids[mask].tolist() for ids, mask in zip(input_ids, masks, strict=True)]
+        with model.memory_lock:
+            if self.text is None or self.text.kind != kind:
+                self.text = TextScorer(retrieval_tokenizer(model), kind)
+            return self.text.score(model.long_term_memory, rows).to(input_ids.device)
 
     def blocks(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> list[list]:
         """The blocks each row reads; also kept as `last` (injection numbers per row)."""
@@ -236,6 +255,22 @@ class RetrieveRead:
             cache.clear()
 
 
+def retrieval_tokenizer(model):
+    """The tokenizer the text scorers decode with: `model.retrieval_tokenizer` (set by `memoryllm_hf.load`, `from_base`
+    and `inject(text, tokenizer=...)`), else the one saved with the checkpoint."""
+    if model.retrieval_tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"retrieval_scorer={model.config.retrieval_scorer!r} decodes token ids to words and found no "
+                f"tokenizer ({type(err).__name__}: {err}); set model.retrieval_tokenizer = tokenizer"
+            ) from None
+    return model.retrieval_tokenizer
+
+
 def prefix_slots(kv: PrefixKV) -> int:
     """Slots per layer a cached prefix holds (the size the key/value cache is bounded in)."""
     return kv[0][0].shape[2]
@@ -269,6 +304,7 @@ def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_inj
         if not store:
             return None
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
+        check_token_vocab(store, config.vocab_size)
     except LongTermStoreError as err:
         raise ValueError(f"{path_or_repo}: {err}") from None
     for block in store:  # (dtype None: the file's)

@@ -17,6 +17,7 @@ from .memory_fields import FIELD_NAMES, MEMORY_BUFFERS, REQUIRED_BUFFERS, Memory
 from .memory_files import MEMORY_FILE, save_model_folder
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
+from .memory_store import LongTermStoreError, check_token_vocab
 from .mplus_memory import MPlusMemory
 
 
@@ -211,8 +212,13 @@ class MemoryStateMixin:
         self.swap_memory_state(state)
 
     def check_compatible(self, state: MemoryState, allow_other_model: bool = False) -> None:
-        """Raise MemoryStateError unless `state` is valid and fits this model (shape, K, fingerprint)."""
+        """Raise MemoryStateError unless `state` is valid and fits this model (shape, K, fingerprint, vocabulary of
+        the stored token ids)."""
         state.validate()
+        try:
+            check_token_vocab(state.long_term, self.config.vocab_size)
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
         if tuple(state.memory.shape) != tuple(self.memory.shape):
             raise MemoryStateError(
                 f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"

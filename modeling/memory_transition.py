@@ -33,6 +33,7 @@ def next_state(
     out: torch.Tensor | None = None,
     call: int | None = None,
     with_long_term: bool = True,
+    token_ids: torch.Tensor | None = None,
 ) -> MemoryState:
     """The memory after committing new slots [L, k, d] (the one state transition: `inject`, `commit_memory_slots` and
     the evaluation replay all use it). Pure: `state` is not changed.
@@ -41,7 +42,8 @@ def next_state(
     ones drawn by `generator`, default the state's own generator, whose advanced state the result carries) and the
     new slots are appended at the end (written into `out`, an unused pool-shaped buffer, when given).
     Long-term store (when `config.long_term_memory_tokens` > 0): the new slots become one more block, numbered like
-    `written_at`, of `inject()` call `call` (default: its own number); the oldest blocks leave past the bound.
+    `written_at`, of `inject()` call `call` (default: its own number), keeping the `token_ids` it was written from;
+    the oldest blocks leave past the bound.
     (`with_long_term=False` leaves the store as it is: the evaluation replay runs the pool rule on slot indices and
     stores the real slots with `long_term_after`.)
     """
@@ -64,7 +66,7 @@ def next_state(
             rng_state = drawer.get_state()
     long_term = state.long_term
     if with_long_term:
-        long_term = long_term_after(long_term, new, number, call, config, state.memory.dtype)
+        long_term = long_term_after(long_term, new, number, call, config, state.memory.dtype, token_ids)
     return dataclasses.replace(
         state,
         memory=pool,
@@ -77,11 +79,19 @@ def next_state(
 
 
 def long_term_after(
-    long_term: LongTermStore, new: torch.Tensor, number: int, call: int | None, config, pool_dtype: torch.dtype
+    long_term: LongTermStore,
+    new: torch.Tensor,
+    number: int,
+    call: int | None,
+    config,
+    pool_dtype: torch.dtype,
+    token_ids: torch.Tensor | None = None,
 ) -> LongTermStore:
-    """The long-term store after injection `number` wrote `new` [L, k, d] (unchanged when the store is off)."""
+    """The long-term store after injection `number` wrote `new` [L, k, d] from `token_ids` [n] (None: not known)
+    (unchanged when the store is off)."""
     bound = getattr(config, "long_term_memory_tokens", 0)
     if not bound:
         return long_term
     slots = new.detach().to(device=store_device(config), dtype=store_dtype(config, pool_dtype), copy=True)
-    return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
+    ids = None if token_ids is None else token_ids.detach().reshape(-1).to("cpu", torch.int32, copy=True)
+    return store_append(long_term, MemoryBlock(number, call or number, slots, ids), bound)

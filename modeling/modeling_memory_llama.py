@@ -68,6 +68,7 @@ class MemoryLlamaForCausalLM(
         self.retriever = MPlusRetriever(config) if config.retriever_size else None  # M+ (mplus_model)
         self._long_term = self.empty_long_term_memory()  # the store (memory_store) or M+ memory (mplus_memory)
         self.memory_lock = MemoryLock()
+        self.retrieval_tokenizer = None  # decodes stored token ids for the text scorers (memory_lexical)
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
@@ -240,6 +241,8 @@ class MemoryLlamaForCausalLM(
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
         cfg, special = self.config, special_ids(self.config, tokenizer)
         items = injection_ids(text_or_ids, tokenizer, cfg.min_inject_tokens, cfg.vocab_size, special)
+        if tokenizer is not None and self.retrieval_tokenizer is None:
+            self.retrieval_tokenizer = tokenizer  # text retrieval decodes the stored token ids with it
         chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
@@ -250,7 +253,7 @@ class MemoryLlamaForCausalLM(
                     for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
                         call = calls(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
-                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
+                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call, chunk)
                         replaced = self.memory
                         self.swap_memory_state(state)
                         del state
@@ -265,11 +268,15 @@ class MemoryLlamaForCausalLM(
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
         return len(chunks)
 
-    def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
+    def commit_memory_slots(
+        self, slots: torch.Tensor, generator: torch.Generator | None = None, input_ids: torch.Tensor | None = None
+    ) -> None:
+        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo);
+        `input_ids` (the context they were computed from) are kept with them in the long-term store."""
         with self.memory_lock:
             before = self.live_memory_state()
-            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator))
+            new = check_finite_slots(slots.detach())
+            self.swap_memory_state(self._state_after(new, generator, token_ids=input_ids))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
@@ -281,12 +288,14 @@ class MemoryLlamaForCausalLM(
         return new_memory_slots(self, input_ids)
 
     def _state_after(
-        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
+        token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`; M+: `mplus_model`)."""
+        """Memory state after committing new slots [L, k, d] written from `token_ids` (see `next_state`; M+:
+        `mplus_model`)."""
         if self.is_mplus:
             return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
-        return next_state(self.live_memory_state(), new, self.config, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):

@@ -27,12 +27,15 @@ def load_base(source: str, seed: int = 0, dtype=None, device=None, **memory):
         folder = smollm2_base_folder()
         load = {"dtype": dtype} if dtype is not None else {}
         model = MemoryLlamaForCausalLM.from_base(folder, **load, **{**DEFAULT_MEMORY, **memory})
-        return model, AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model.retrieval_tokenizer = tokenizer  # text retrieval decodes stored token ids with it
+        return model, tokenizer
     if source == "tiny":
         from .tiny import tiny_model, tiny_tokenizer
 
-        model = tiny_model(seed=seed, **memory)
-        return (model if dtype is None else model.to(dtype)), tiny_tokenizer()
+        model, tokenizer = tiny_model(seed=seed, **memory), tiny_tokenizer()
+        model.retrieval_tokenizer = tokenizer
+        return (model if dtype is None else model.to(dtype)), tokenizer
     return _load_checkpoint(source, dtype, memory, device)
 
 
@@ -69,4 +72,6 @@ def _load_checkpoint(source: str, dtype, memory: dict, device=None):
     local = Path(source).is_dir()
     if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
         return model, None
-    return model, AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.retrieval_tokenizer = tokenizer
+    return model, tokenizer

@@ -62,15 +62,17 @@ class LazyPool:
     def injections(self) -> int:
         return self.indices.num_injections
 
-    def commit(self, new: torch.Tensor, call: int | None = None) -> None:
+    def commit(self, new: torch.Tensor, call: int | None = None, token_ids: torch.Tensor | None = None) -> None:
         """Append new slots [L, k, d] exactly as `model.inject` would (`call`: the injection number of the first
-        update of the text they belong to)."""
+        update of the text they belong to; `token_ids`: the chunk they were written from, kept in the store)."""
         layers, k = new.shape[:2]
         total = sum(piece.shape[1] for piece in self.pieces)
         ids = torch.arange(total, total + k).expand(layers, k)[..., None]
         number = self.injections + 1
         self.indices = next_state(self.indices, ids, self.config, with_long_term=False)
-        self.long_term = long_term_after(self.long_term, new, number, call, self.config, self.pieces[0].dtype)
+        self.long_term = long_term_after(
+            self.long_term, new, number, call, self.config, self.pieces[0].dtype, token_ids
+        )
         self.pieces.append(new)
         self._state = None
 
@@ -167,7 +169,7 @@ class QuestionChain:
                 compute_slots(self.model, self.pool, write, call)
                 self.counts["computed"] += 1
             else:
-                self.pool.commit(slots, call)
+                self.pool.commit(slots, call, write.ids)
                 self.counts["shared"] += 1
             self.history.append(write.key)
 
@@ -181,5 +183,5 @@ def compute_slots(model, pool: LazyPool, write: Write, call: int | None = None) 
     """New slots of `write` with the model's memory set to `pool`'s state; commits them to `pool`."""
     model.set_memory_state(pool.materialize(), validate=False)
     slots = model.new_memory_slots(write.ids.to(model.device))
-    pool.commit(slots, call)
+    pool.commit(slots, call, write.ids)
     return slots
