@@ -1,7 +1,6 @@
 """Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
-from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -49,23 +48,15 @@ def load_folder(folder: str, read_mode: str | None = None):
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling.memory_state import stored_content_hash
-    from .modeling.memory_storage import MEMORY_FILE
+    from .folder import locked, read_text
+    from .messages import inject_message
+    from .service import FolderService
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
-        loaded = stored_content_hash(Path(args.folder) / MEMORY_FILE)
         model, tokenizer = load_folder(args.folder)
-        before = model.memory_state()
-        updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-        save_memory(args.folder, model, expected_hash=loaded)  # (refuses a memory changed meanwhile)
-        after = model.memory_state()
-    print(
-        f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
-        f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
-        f"{after.num_filled_slots}/{after.num_slots} slots filled; memory saved to {args.folder}"
-    )
+        result = FolderService(args.folder, model, tokenizer).inject(text, args.chunk_size, progress=True)
+    print(inject_message(result, args.folder))
     return 0
 
 
@@ -87,12 +78,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from .folder import folder_config, folder_memory, memory_report, plot_slot_norms, png_path
+    from .messages import stats_text
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
-    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
     if args.png:
         plot_slot_norms(state, args.png)
-        print(f"slot norm histogram written to {png_path(args.png)}")
+    print(stats_text(args.folder, memory_report(state, config), args.png and png_path(args.png)))
     return 0
 
 
