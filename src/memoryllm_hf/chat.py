@@ -32,8 +32,8 @@ class ChatSession:
         self.max_new_tokens, self.autosave = max_new_tokens, autosave
         self.history: list[dict[str, str]] = []
         # what /undo takes back, newest last: the history length at a /remember (/undo also drops the turns that
-        # could have read the undone text), or (memory, history, marks) before a /forget (only the last /forget:
-        # bringing its memory back replaces the memory, so the /remembers before it cannot be undone after it)
+        # could have read the undone text), or (memory, history) before a /forget (bringing that memory back
+        # replaces the memory: the /remembers before the /forget cannot be undone after it)
         self.undo_marks: list[int | tuple] = []
         self.unsaved = False
         self.saved_hash = model.memory_state().content_hash()  # the folder's memory this session started from
@@ -131,7 +131,7 @@ class ChatSession:
         self.say(f"remembered ({updates} memory update{'s' * (updates != 1)}, {self.model.num_injections} in total)")
 
     def forget(self, _: str) -> None:
-        forgotten = (self.model.memory_state(), list(self.history), list(self.undo_marks))
+        forgotten = (self.model.memory_state(), list(self.history))
         self.model.reset_memory()
         self.history.clear()
         self.undo_marks[:] = [forgotten]
@@ -140,9 +140,8 @@ class ChatSession:
 
     def undo(self, _: str) -> None:
         if self.undo_marks and isinstance(self.undo_marks[-1], tuple):
-            state, history, marks = self.undo_marks.pop()
+            state, self.history[:] = self.undo_marks.pop()
             self.model.set_memory_state(state)
-            self.history[:], self.undo_marks[:] = history, marks
             self.changed()
             self.say(f"took back the /forget ({self.model.num_injections} injections in memory, conversation back)")
             return

@@ -1,9 +1,28 @@
 """`memoryllm_hf.load(spec)`: the one model loader behind every entry point (command line, evaluation, demo,
 benchmarks, Hub push, training's adapter folders)."""
 
+import dataclasses
+import difflib
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def config_fields(config_class) -> set[str]:
+    """The fields a config class declares (a value set on a config that lacks the field would be ignored)."""
+    if dataclasses.is_dataclass(config_class):
+        return {field.name for field in dataclasses.fields(config_class)}
+    return {name for name in dir(config_class) if not name.startswith("_")}
+
+
+def refuse_unknown(names, known, where: str) -> None:
+    """TypeError for the first of `names` not in `known`, naming the closest known name: a misspelt setting
+    (`num_memory_token=512`) is refused instead of being ignored."""
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "see the fields of MemoryLlamaConfig"
+            raise TypeError(f"{where} got an unknown setting {name!r}: {hint}")
 
 
 def torch_dtype(dtype):
@@ -27,9 +46,15 @@ def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, *
     * a MemoryLlama folder or Hub id (its saved memory; a local memory file is checked first);
     * a plain Llama folder or Hub id: wrapped with a fresh training-free memory (`from_base`).
 
-    `memory`: MemoryLlamaConfig settings (None values are ignored); a saved MemoryLlama keeps its pool shape.
+    `memory`: MemoryLlamaConfig settings and transformers load options (`revision`, `attn_implementation`, ...;
+    None values are ignored; an unknown name is refused with the closest one); a saved MemoryLlama keeps its pool
+    shape.
     `device`/`dtype` (a name or torch dtype) place the model; "default" and Llama checkpoints load in `dtype`.
     """
+    from .modeling import MemoryLlamaConfig
+    from .modeling.modeling_memory_llama import FROM_BASE_LOAD_KWARGS
+
+    refuse_unknown(memory, config_fields(MemoryLlamaConfig) | set(FROM_BASE_LOAD_KWARGS) - {"dtype"}, "load()")
     memory = {key: value for key, value in memory.items() if value is not None}
     dtype = torch_dtype(dtype)
     if Path(spec).is_dir():
