@@ -8,7 +8,8 @@ Two steps (the first is long and resumable; it saves the memory every `--save-ev
 `build` makes a SmolLM2 (default model) folder and injects one short synthetic fact per injection (fact i names a
 person, an object and a city). `measure` times, as separate processes the way a user runs them: the model's load
 time (`memoryllm_hf.load(FOLDER)`), `memoryllm-hf ask` without a server, the server's start (until it answers),
-then `ask` through the server (first and later questions) and a one-sentence `inject` through it.
+then `ask` through the server (first and later questions), the same question as one HTTP request (the server's own
+work), `stats` through the server (what a client process costs) and a one-sentence `inject` through it.
 """
 
 import argparse
@@ -88,6 +89,13 @@ def measure(args: argparse.Namespace) -> None:
             seconds, answer = timed([*cli, "ask", args.folder, question], env)
             rows[f"ask_with_server_{name}_s"], rows["answer_with_server"] = seconds, answer
             print(f"ask with the server ({name}): {seconds:.1f} s: {answer!r}")
+        server_handle = wait_for_server(args.folder)
+        start = time.perf_counter()
+        server_handle.request("POST", "/ask", {"question": question})
+        rows["ask_request_only_s"] = time.perf_counter() - start  # the server's work, no client process
+        print(f"the same question as one HTTP request from this process: {rows['ask_request_only_s']:.1f} s")
+        rows["stats_with_server_s"] = timed([*cli, "stats", args.folder], env)[0]  # a client process, little work
+        print(f"stats with the server (the cost of a client process): {rows['stats_with_server_s']:.1f} s")
         seconds, out = timed([*cli, "inject", args.folder, "--text", fact(args.injections_for_inject)], env)
         rows["inject_with_server_s"] = seconds
         print(f"inject with the server: {seconds:.1f} s: {out}")

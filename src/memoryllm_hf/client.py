@@ -122,7 +122,8 @@ def server_or_lock(folder: str | os.PathLike, lock: bool = True) -> Iterator[Ser
         except Timeout:
             if not told:
                 info = read_server_file(folder)
-                who = f"the server (pid {info.get('pid')}) to load" if info else "another process that is updating"
+                loading = info is not None and info.get("state") == "loading"
+                who = f"the server (pid {info.get('pid')}) to load" if loading else "another process that is updating"
                 print(f"waiting for {who} {folder} ...", file=sys.stderr, flush=True)
                 told = True
             continue

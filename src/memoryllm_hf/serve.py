@@ -341,6 +341,11 @@ def error(err: Exception, kind: str) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .client import running_server
+
+    running = running_server(args.folder)
+    if running is not None:
+        raise OSError(f"{args.folder} is already served by pid {running.pid} at {running.url}")
     server = MemoryServer(args.folder, port=args.port, read_mode=args.read_mode)
     url = server.start()
     for number in (signal.SIGTERM, signal.SIGINT):
