@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memoryllm_hf import cli, load
-from memoryllm_hf.modeling.memory_state import MemoryState
+from memoryllm_hf.modeling import MemoryState
 
 
 @pytest.mark.parametrize(

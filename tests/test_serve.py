@@ -17,11 +17,11 @@ import pytest
 from tiny_folder import save_tiny_folder
 
 from memoryllm_hf import cli, load
-from memoryllm_hf.client import read_server_file, running_server
+from memoryllm_hf.client import read_server_file, running_server, server_file
 from memoryllm_hf.commands import load_folder
 from memoryllm_hf.greedy import reply
-from memoryllm_hf.modeling.memory_state import MemoryState
-from memoryllm_hf.serve import MemoryServer, server_file
+from memoryllm_hf.modeling import MemoryState
+from memoryllm_hf.serve import MemoryServer
 from memoryllm_hf.service import FolderService
 
 NOTES = "Alice lives in Paris and works as a baker. Bob keeps three cats; the oldest one is called Pepper!"
@@ -133,7 +133,7 @@ def test_http_endpoints(served):
     # refusals say what to send instead, and change nothing
     refusals = [
         ("POST", "/ask", {"questoin": "x"}, 400, "did you mean 'question'?"),
-        ("POST", "/ask", {"question": "x", "read_mode": "both"}, 400, "read_mode must be one of"),
+        ("POST", "/ask", {"question": "x", "read_mode": "both"}, 422, "read_mode must be one of"),
         ("POST", "/ask", {"question": "x", "max_new_tokens": 0}, 400, "max_new_tokens must be >= 1"),
         ("POST", "/inject", {"text": "  "}, 422, "empty or whitespace only"),
         ("POST", "/inject", {"file": "notes.txt"}, 400, "absolute path"),

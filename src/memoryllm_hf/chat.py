@@ -8,7 +8,7 @@ from safetensors import SafetensorError
 
 from .folder import folder_config, memory_report, save_memory
 from .greedy import reply
-from .modeling.memory_state import MemoryChangedOnDiskError
+from .modeling import MemoryChangedOnDiskError
 from .service import bring_back_snapshot, snapshot_file, take_snapshot
 
 HISTORY_TURNS = 8

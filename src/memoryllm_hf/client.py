@@ -18,13 +18,19 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
+from pathlib import Path
 
 from filelock import Timeout
 
-from .serve import server_file
-
 HEALTH_TIMEOUT_S = 5.0
 POLL_S = 0.2
+
+
+def server_file(folder: str | os.PathLike) -> Path:
+    """`.NAME.serve.json` beside the folder (like its lock file: it survives the folder being swapped by a save, and
+    never travels with the folder to the Hub)."""
+    folder = Path(os.path.realpath(folder))
+    return folder.with_name(f".{folder.name}.serve.json")
 
 
 class ServerError(ValueError):
@@ -114,7 +120,7 @@ def server_or_lock(folder: str | os.PathLike, lock: bool = True) -> Iterator[Ser
             yield server
             return
         if folder_lock_ is None:
-            from .modeling.memory_storage import folder_lock  # (imports torch: only where no server answers)
+            from .modeling import folder_lock  # (imports torch: only where no server answers)
 
             folder_lock_ = folder_lock(folder)
         try:

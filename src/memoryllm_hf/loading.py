@@ -2,7 +2,6 @@
 benchmarks, Hub push, training's adapter folders)."""
 
 import dataclasses
-import difflib
 from pathlib import Path
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -15,25 +14,15 @@ def config_fields(config_class) -> set[str]:
     return {name for name in dir(config_class) if not name.startswith("_")}
 
 
-def refuse_unknown(names, known, where: str) -> None:
-    """TypeError for the first of `names` not in `known`, naming the closest known name: a misspelt setting
-    (`num_memory_token=512`) is refused instead of being ignored."""
-    for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else "see the fields of MemoryLlamaConfig"
-            raise TypeError(f"{where} got an unknown setting {name!r}: {hint}")
-
-
 def torch_dtype(dtype):
     """A torch dtype from its name (`DTYPE_NAMES`), a torch dtype, or None (None stays None)."""
     if dtype is None or not isinstance(dtype, str):
         return dtype
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
-    import torch
+    from .modeling import torch_dtype as dtype_from_name  # (imports torch: not at import time of the CLI)
 
-    return getattr(torch, dtype)
+    return dtype_from_name(dtype)
 
 
 def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, **memory):
@@ -51,10 +40,9 @@ def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, *
     shape.
     `device`/`dtype` (a name or torch dtype) place the model; "default" and Llama checkpoints load in `dtype`.
     """
-    from .modeling import MemoryLlamaConfig
-    from .modeling.modeling_memory_llama import FROM_BASE_LOAD_KWARGS
+    from .modeling import check_settings
 
-    refuse_unknown(memory, config_fields(MemoryLlamaConfig) | set(FROM_BASE_LOAD_KWARGS) - {"dtype"}, "load()")
+    check_settings(memory, "load()")
     memory = {key: value for key, value in memory.items() if value is not None}
     dtype = torch_dtype(dtype)
     if Path(spec).is_dir():

@@ -34,16 +34,11 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .client import running_server, server_file
+from .commands import READ_MODE_CHOICES
+
 HOST = "127.0.0.1"
 MAX_BODY_BYTES = 256 * 2**20  # like `inject --file`: a larger text is refused (split it)
-READ_MODES = ("pool", "retrieve")
-
-
-def server_file(folder: str | os.PathLike) -> Path:
-    """`.NAME.serve.json` beside the folder (like its lock file: it survives the folder being swapped by a save, and
-    never travels with the folder to the Hub)."""
-    folder = Path(os.path.realpath(folder))
-    return folder.with_name(f".{folder.name}.serve.json")
 
 
 class RequestError(ValueError):
@@ -81,9 +76,8 @@ def typed(value, kind: type | tuple[type, ...], name: str, allow_none: bool = Tr
 
 
 def checked_read_mode(value):
-    if value is not None and value not in READ_MODES:
-        raise RequestError(f"read_mode must be one of {READ_MODES}, got {value!r}")
-    return value
+    """A read mode name or None (the name itself is checked by the model's config, against its table `READS`)."""
+    return typed(value, str, "read_mode")
 
 
 def positive(value, name: str):
@@ -341,8 +335,6 @@ def error(err: Exception, kind: str) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .client import running_server
-
     running = running_server(args.folder)
     if running is not None:
         raise OSError(f"{args.folder} is already served by pid {running.pid} at {running.url}")
@@ -364,6 +356,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("folder", help="MemoryLlama folder (its lock is held while the server runs)")
     serve.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free port)")
     serve.add_argument(
-        "--read-mode", choices=READ_MODES, help="override the folder's read mode (each question may override it too)"
+        "--read-mode",
+        choices=READ_MODE_CHOICES,
+        metavar="MODE",
+        help="override the folder's read mode (%(choices)s; each question may override it too)",
     )
     serve.set_defaults(func=_serve)

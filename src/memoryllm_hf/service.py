@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .folder import folder_config, memory_report, plot_slot_norms, png_path, replaced_slots, save_memory
 from .greedy import reply
-from .modeling.memory_state import MemoryState
+from .modeling import MemoryState
 
 SNAPSHOT_FOLDER = "snapshots"
 
