@@ -21,6 +21,7 @@ from .memory_files import (
     stage_memory_files,
     state_file_groups,
 )
+from .memory_loading import check_settings
 from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
 from .memory_settings import check_device
@@ -56,6 +57,7 @@ __all__ = [
     "MPlusMemory",
     "atomic_write",
     "check_device",
+    "check_settings",
     "check_length",
     "folder_lock",
     "is_blank_text",

@@ -1,5 +1,8 @@
 """Configuration of MemoryLlama: a Llama decoder with a per-layer latent memory pool (MemoryLLM)."""
 
+import dataclasses
+import difflib
+
 from transformers import LlamaConfig
 
 from .memory_lexical import TEXT_SCORERS
@@ -9,6 +12,19 @@ from .memory_settings import check_memory_settings, setting_value
 
 # "model": the z-scored fusion of memory_retrieval.SCORERS (the model's features); the others: memory_lexical
 RETRIEVAL_SCORERS = ("model", *TEXT_SCORERS)
+
+
+def refuse_unknown_settings(names, known, where: str, only_near_misses: bool = False) -> None:
+    """TypeError for the first of `names` not in `known`, naming the closest known name, so that a misspelt setting
+    (`num_memory_token=512`) is refused instead of silently ignored. `only_near_misses`: refuse only names close to a
+    known one (a config also carries free attributes, as every transformers config does)."""
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8 if only_near_misses else 0.6)
+        if close or not only_near_misses:
+            hint = f"did you mean {close[0]!r}?" if close else "see the fields of MemoryLlamaConfig"
+            raise TypeError(f"{where} got an unknown setting {name!r}: {hint}")
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -110,6 +126,8 @@ class MemoryLlamaConfig(LlamaConfig):
     user_turn_marker: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # A misspelt memory field would otherwise become a free attribute nobody reads.
+        refuse_unknown_settings(kwargs, memory_field_names(), "MemoryLlamaConfig", only_near_misses=True)
         super().__post_init__(**kwargs)
         self.check_memory_settings(on_this_machine=False)  # a device is checked where the model is built
         if getattr(self, "auto_map", None) is None:
@@ -136,3 +154,13 @@ class MemoryLlamaConfig(LlamaConfig):
 
 
 __all__ = ["MemoryLlamaConfig"]
+
+
+def memory_field_names() -> set[str]:
+    """The fields MemoryLlamaConfig adds to LlamaConfig (the memory settings)."""
+    return set(MemoryLlamaConfig.__annotations__)
+
+
+def config_field_names() -> set[str]:
+    """Every field of MemoryLlamaConfig (Llama's and the memory's)."""
+    return {field.name for field in dataclasses.fields(MemoryLlamaConfig)}

@@ -10,7 +10,7 @@ import dataclasses
 from transformers import AutoConfig, GgufConfig
 from transformers.utils import logging
 
-from .configuration_memory_llama import MemoryLlamaConfig
+from .configuration_memory_llama import MemoryLlamaConfig, config_field_names, refuse_unknown_settings
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
@@ -30,6 +30,12 @@ MISMATCHED_SHAPES = (
     "`memory` this means num_hidden_layers / num_memory_tokens / hidden_size in config.json disagree with "
     "memory.safetensors: fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
 )
+
+
+def check_settings(settings, where: str) -> None:
+    """Refuse (TypeError, naming the closest name) a setting that is neither a MemoryLlamaConfig field nor a load
+    option of `from_base` (`FROM_BASE_LOAD_KWARGS`, or `torch_dtype`)."""
+    refuse_unknown_settings(settings, config_field_names() | {*FROM_BASE_LOAD_KWARGS, "torch_dtype"}, where)
 
 
 def drop_load_report(record) -> bool:
@@ -114,6 +120,7 @@ def from_base(
     cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", tokenizer=None, **memory_config
 ):
     """`cls.from_base` (see its docstring)."""
+    check_settings(memory_config, "from_base()")
     if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
         memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
     load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}

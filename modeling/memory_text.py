@@ -49,6 +49,8 @@ def injection_ids(
             raise TypeError(
                 f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
             ) from None
+        if ids.numel() == 0:
+            raise ValueError("nothing to inject: no token ids (pass a text, a list of texts or token ids)")
         if ids.is_meta or ids.layout != torch.strided:
             kind = "meta" if ids.is_meta else str(ids.layout)
             raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")

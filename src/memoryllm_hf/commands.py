@@ -1,7 +1,6 @@
 """Core subcommands: demo, convert, inject, ask, chat, stats."""
 
 import argparse
-from pathlib import Path
 
 
 class ReadModeNames:
@@ -69,22 +68,15 @@ def load_folder(folder: str, read_mode: str | None = None, device: str | None = 
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling import MEMORY_FILE, stored_content_hash
+    from .folder import locked, read_text
+    from .messages import inject_message
+    from .service import FolderService
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
-        loaded = stored_content_hash(Path(args.folder) / MEMORY_FILE)
         model, tokenizer = load_folder(args.folder, device=args.device)
-        before = model.memory_state()
-        updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-        save_memory(args.folder, model, expected_hash=loaded)  # (refuses a memory changed meanwhile)
-        after = model.memory_state()
-    print(
-        f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
-        f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
-        f"{after.num_filled_slots}/{after.num_slots} slots filled; memory saved to {args.folder}"
-    )
+        result = FolderService(args.folder, model, tokenizer).inject(text, args.chunk_size, progress=True)
+    print(inject_message(result, args.folder))
     return 0
 
 
@@ -106,13 +98,13 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from .folder import check_folder, folder_config, folder_memory, memory_report, plot_slot_norms, png_path
+    from .messages import stats_text
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
     lines = memory_report(state, config) + check_folder(args.folder)
-    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in lines]))
     if args.png:
         plot_slot_norms(state, args.png)
-        print(f"slot norm histogram written to {png_path(args.png)}")
+    print(stats_text(args.folder, lines, args.png and png_path(args.png)))
     return 0
 
 

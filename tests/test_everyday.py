@@ -1,0 +1,87 @@
+"""Everyday use without surprises: misspelt settings refused, clear errors for empty input, /undo of /forget,
+--threads on the command line, the read mode switched at run time."""
+
+import io
+import sys
+
+import pytest
+import torch
+
+from memoryllm_hf import cli, load
+from memoryllm_hf.modeling import MemoryState
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"num_memory_token": 512}, "unknown setting 'num_memory_token': did you mean 'num_memory_tokens'?"),
+        ({"read_mod": "pool"}, "did you mean 'read_mode'?"),
+        ({"revison": "main"}, "did you mean 'revision'?"),
+        ({"zzz": None}, "unknown setting 'zzz'"),  # refused even when None (None values are otherwise ignored)
+    ],
+)
+def test_load_refuses_unknown_settings(settings, message):
+    with pytest.raises(TypeError, match=message):
+        load("tiny", **settings)
+
+
+def test_load_takes_known_settings():
+    model, _ = load("tiny", num_memory_tokens=12, attn_implementation="eager", read_mode=None)
+    assert model.config.num_memory_tokens == 12
+
+
+@pytest.mark.parametrize("ids", [[], (), {"input_ids": []}, torch.empty(0, dtype=torch.long), torch.empty(1, 0)])
+def test_inject_of_nothing_says_so(ids):
+    model, _ = load("tiny")
+    before = model.memory_state().content_hash()
+    with pytest.raises(ValueError, match="nothing to inject: no token ids"):
+        model.inject(ids)
+    assert model.memory_state().content_hash() == before
+
+
+def test_chat_undo_takes_back_a_forget(capsys, folder, monkeypatch):
+    notes = "Alice lives in Paris and works as a baker."
+    script = [f"/remember {notes}", "/remember Bob keeps three cats.", "/forget", "/undo", "/undo", "/save"]
+    script += ["/forget", "/remember Bob keeps three cats.", "/undo", "/undo", "/undo", "/quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(script) + "\n"))
+    assert cli.main(["chat", str(folder)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    total = [int(line.split(", ")[1].split()[0]) for line in lines if line.startswith("remembered (")][1]
+    assert lines[3] == "memory and conversation cleared (/undo brings them back)"
+    assert lines[4].startswith(f"took back the /forget ({total} injections in memory, conversation back)")
+    assert lines[5] == "error: the memory was replaced since the last inject; there is nothing to undo"
+    assert MemoryState.load(folder / "memory.safetensors").num_injections == total  # /save after the undo
+    assert lines[9].startswith("took back the last /remember (0 injections")
+    assert lines[10].startswith(f"took back the /forget ({total} injections")
+    assert lines[11].startswith("error: ")
+
+
+def test_threads_option_on_every_command(capsys, folder, monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["stats", str(folder), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit):
+            cli.main(["ask", str(folder), "hi", "--threads", "0"])
+        assert "must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert all("--threads" in command.format_help() for name, command in commands.items() if name != "demo")
+
+
+def test_read_mode_switches_at_run_time():
+    """`model.config.read_mode` is read at every forward (as the README says): no reload needed."""
+    settings = {"memory_update": "input", "fresh_pool": "grow", "long_term_memory_tokens": 200, "read_tokens": 6}
+    model, _ = load("tiny", read_mode="retrieve", **settings)
+    for _ in range(3):
+        model.inject(torch.randint(3, 128, (12,)))
+    prompt = torch.randint(3, 128, (1, 8))
+    with torch.no_grad():
+        retrieved = model(prompt).logits
+        model.config.read_mode = "pool"
+        pooled = model(prompt).logits
+        model.config.read_mode = "retrieve"
+        again = model(prompt).logits
+    assert not torch.allclose(retrieved, pooled) and torch.equal(retrieved, again)
