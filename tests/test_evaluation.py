@@ -669,3 +669,108 @@ def test_shard_option_is_checked(data_dir, tmp_path):
             parse_shard(bad)
     with pytest.raises(ValueError, match="cannot be split into shards"):
         _run("integrity", data_dir, tmp_path / "i.json", "--updates", "1", "--shard", "0/2")
+
+
+# ---------------------------------------------------------------- damaged logs, the lock
+
+
+def _three_records(path):
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    log = RecordLog(path, {"task": "t"})
+    for index, key in enumerate("abc"):
+        log.add(key, index, {"score": 0.0, "text": f"answer {key}"})
+    log.close()
+    return path.read_bytes().split(b"\n")
+
+
+def _edited(line: bytes) -> bytes:
+    entry = json.loads(line)
+    entry["record"]["score"] = 1.0  # the checksum field (if any) is kept as it was
+    return json.dumps(entry).encode()
+
+
+DAMAGES = {
+    "zeroed": lambda line: b"\x00" * len(line),
+    "cut": lambda line: line[: len(line) // 2],
+    "invalid utf-8": lambda line: line.replace(b"answer b", b"answer \xff\xfe"),
+    "not a record": lambda line: b'{"note": "hello"}',
+    "null record": lambda line: b'{"key": "b", "index": 1, "record": null}',
+    "edited value": _edited,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_log_line_is_named_and_its_item_computed_again(tmp_path, damage):
+    """Line 3 (item "b") damaged: resuming warns with FILE:3, keeps a and c, and lists b as still to do."""
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    lines = _three_records(path)
+    lines[2] = DAMAGES[damage](lines[2])
+    path.write_bytes(b"\n".join(lines))
+    with pytest.warns(UserWarning, match=f"{path}:3: .*computed again"):
+        log = RecordLog(path, {"task": "t"}, resume=True)
+    with log:
+        assert log.get("a") == {"score": 0.0, "text": "answer a"} and log.get("c") is not None
+        assert list(log.pending(["a", "b", "c"], desc="test", unit="item")) == [1]
+        log.add("b", 1, {"score": 0.0, "text": "answer b"})
+        assert [r["text"] for r in log.records("abc")] == ["answer a", "answer b", "answer c"]
+
+
+def test_a_damaged_header_is_refused_with_file_and_line(tmp_path):
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"\n".join([_edited_header(lines[0]), *lines[1:]]))
+    with pytest.raises(ValueError, match=f"{path}:1: .*checksum"):
+        RecordLog(path, {"task": "t"}, resume=True)
+
+
+def _edited_header(line: bytes) -> bytes:
+    entry = json.loads(line)
+    entry["header"]["task"] = "other"
+    return json.dumps(entry).encode()
+
+
+def test_two_resumes_of_one_log_are_refused(tmp_path):
+    """While one run holds the log, a second start or resume is refused; after it closes, resuming works."""
+    import subprocess
+    import sys
+
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    _three_records(path)
+    first = RecordLog(path, {"task": "t"}, resume=True)
+    with pytest.raises(RuntimeError, match="another run"):
+        RecordLog(path, {"task": "t"}, resume=True)
+    script = (
+        "import sys\nfrom memoryllm_hf.evaluation.records import RecordLog\n"
+        "try:\n    RecordLog(sys.argv[1], {'task': 't'}, resume=True)\nexcept RuntimeError as err:\n"
+        "    print(err)\n    sys.exit(3)\n"
+    )
+    other = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert other.returncode == 3 and "another run" in other.stdout
+    first.close()
+    with RecordLog(path, {"task": "t"}, resume=True) as again:
+        assert again.get("c") is not None
+
+
+def test_an_edited_record_does_not_change_the_resumed_metrics(data_dir, tmp_path):
+    """The issue's case: a value edited inside a finished record of a real run's log. Resuming names the line,
+    recomputes that record and reproduces the unedited run's metrics."""
+    args = ("--max-new-tokens", "2", "--prompt-style", "chat")
+    whole = _run("longcontext", data_dir, tmp_path / "whole.json", *args)
+    log = tmp_path / "whole.records.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    entry = json.loads(lines[2])
+    entry["record"]["memory"]["chat"]["f1"] = 0.5
+    lines[2] = json.dumps(entry).encode()
+    log.write_bytes(b"\n".join(lines))
+    (tmp_path / "whole.json").unlink()
+    with pytest.warns(UserWarning, match=f"{log}:3: checksum mismatch"):
+        resumed = _run("longcontext", data_dir, tmp_path / "whole.json", *args, "--resume")
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+    assert _drop_times(resumed["records"]) == _drop_times(whole["records"])

@@ -47,7 +47,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in vars(args).items() if key not in ("func", "timer")}
+    return {key: value for key, value in vars(args).items() if key not in ("func", "timer", "log")}
 
 
 def _output(args: argparse.Namespace, dataset: str | None) -> Path:
@@ -63,7 +63,8 @@ def _log(args: argparse.Namespace, model_info: dict, data_info: dict):
 
     header = run_header(args.task, _config(args), data_info, model_info)
     path = log_path(_output(args, data_info.get("dataset")))
-    return RecordLog(path, header, resume=args.resume, shard=args.shard or (0, 1))
+    args.log = RecordLog(path, header, resume=args.resume, shard=args.shard or (0, 1))  # closed by main()
+    return args.log
 
 
 def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result: dict, plot=None) -> int:
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoryllm-hf")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        if getattr(args, "log", None) is not None:
+            args.log.close()
 
 
 if __name__ == "__main__":

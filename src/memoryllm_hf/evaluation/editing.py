@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from .data import EvalData
-from .metrics import harmonic_mean, mean
+from .metrics import bootstrap_interval, harmonic_mean, interval, mean
 from .prompts import Prompter
 from .records import RecordLog, interleave
 from .runner import Timer, continuation_scores, example_seed, with_drop_seed
@@ -66,15 +66,29 @@ def judge(scores: Sequence[dict], layout: Sequence[tuple[str, int, int]]) -> dic
     return result
 
 
-def summarize(results: Sequence[dict]) -> dict:
-    """Rates over records (each record's probes averaged first, as ROME does) and the harmonic-mean Score."""
-    summary = {"n": len(results)}
+def _rates(results: Sequence[dict]) -> dict:
+    """Rates over records (each record's probes averaged first, as ROME does) and the harmonic-mean Scores."""
+    summary = {}
     for probe in PROBES:
         summary[probe] = mean(mean(p["success"] for p in r[probe]) for r in results if r[probe])
         summary[f"{probe}_exact"] = mean(mean(p["exact"] for p in r[probe]) for r in results if r[probe])
     rates = [summary[probe] for probe in PROBES if summary[probe] is not None]
     summary["score"] = harmonic_mean(rates) if rates else None
     summary["exact_score"] = harmonic_mean([summary[f"{p}_exact"] for p in PROBES if summary[f"{p}_exact"] is not None])
+    return summary
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """`_rates` with n and a 95% interval for each (Wilson where every record has one probe of a kind, else a
+    bootstrap over records; the Scores by a bootstrap over records)."""
+    results = list(results)
+    summary = {"n": len(results), **_rates(results)}
+    for probe in PROBES:
+        for name, field in ((probe, "success"), (f"{probe}_exact", "exact")):
+            summary[f"{name}_ci"] = interval([mean(p[field] for p in r[probe]) for r in results if r[probe]])
+    for name in ("score", "exact_score"):
+        found = bootstrap_interval(results, lambda rows, name=name: _rates(rows)[name])
+        summary[f"{name}_ci"] = [round(v, 4) for v in found] if found else None
     return summary
 
 

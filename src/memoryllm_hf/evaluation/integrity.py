@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling.memory_state import MemoryState
-from .metrics import exact_hit, first_line
+from .metrics import exact_hit, first_line, wilson_interval
 from .prompts import Prompter
 from .records import RecordLog
 from .runner import Timer, continuation_scores, generate, greedy_config
@@ -149,6 +149,7 @@ def run_integrity(
             "updates": model.num_injections,
             "probes": probes,
             "final_accuracy": hits / probes if probes else None,
+            "final_accuracy_ci": [round(v, 4) for v in wilson_interval(hits, probes)] if probes else None,
             "max_nonfinite": max(row["nonfinite"] for row in rows) if rows else 0,
             "norm_max": max(row["norm_max"] for row in rows) if rows else None,
             "seconds_per_update": inject_seconds / max(model.num_injections, 1),

@@ -24,7 +24,7 @@ from transformers import GenerationConfig
 
 from ..modeling.memory_state import MemoryState
 from .data import SOURCE_FIELD, EvalData
-from .metrics import mean, score_answer
+from .metrics import mean, rate_summary, score_answer
 from .prompts import Prompter
 from .records import RecordLog
 from .replay import QuestionChain, ReferenceChain, Write, chunk_writes
@@ -252,6 +252,14 @@ def _scores(prompt, generation: str, answers) -> dict:
     return scores
 
 
+def score_summary(scores: Sequence[dict]) -> dict:
+    """n, exact hit, F1 and EM of answers, each with its 95% interval (Wilson for the rates, bootstrap for F1)."""
+    summary = {"n": len(scores)}
+    for name in ("exact_hit", "f1", "exact_match"):
+        summary.update(rate_summary([s[name] for s in scores], name))
+    return summary
+
+
 def aggregate(
     records: list[dict], grid: Sequence[int], styles: Sequence[str], num_memory_tokens: int, slots_per_update: int
 ) -> dict:
@@ -270,10 +278,7 @@ def aggregate(
                 },
             }
             for condition, scores in rows.items():
-                curves[condition][k] = {
-                    "n": len(scores),
-                    **{name: mean(s[name] for s in scores) for name in ("exact_hit", "f1", "exact_match")},
-                }
+                curves[condition][k] = score_summary(scores)
         baseline = curves["no_memory"][str(grid[0])]["exact_hit"]
         meets = [k for k in grid if curves["memory"][str(k)]["exact_hit"] <= baseline]
         metrics[style] = {
