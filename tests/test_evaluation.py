@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from memoryllm_hf.evaluation.cli import main
-from memoryllm_hf.tiny import tiny_tokenizer as char_tokenizer
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.evaluation.report import report
 from memoryllm_hf.evaluation.runner import continuation_scores
 from memoryllm_hf.tiny import tiny_model
+from memoryllm_hf.tiny import tiny_tokenizer as char_tokenizer
 
 ARTICLES = ["Rivers", "Birds", "Stars", "Bread", "Ships", "Clocks"]
 
@@ -136,7 +136,7 @@ HEAD = {
 
 
 def test_retention_end_to_end(data_dir, tmp_path):
-    extra = ["--grid", "0,1,2", "--context-tokens", "24", "--max-new-tokens", "4"]
+    extra = ["--protocol", "per-question", "--grid", "0,1,2", "--context-tokens", "24", "--max-new-tokens", "4"]
     first = _run("retention", data_dir, tmp_path / "a.json", *extra)
     second = _run("retention", data_dir, tmp_path / "b.json", *extra)
     assert HEAD | {"protocol", "decoding"} <= set(first)
@@ -158,6 +158,8 @@ def test_retention_nq_skips_contexts_of_the_question_title(data_dir, tmp_path):
     extra = [
         "--dataset",
         "nq",
+        "--protocol",
+        "per-question",
         "--grid",
         "0,2",
         "--context-tokens",
@@ -186,6 +188,8 @@ def test_retention_squad_skips_contexts_of_the_question_article(data_dir, tmp_pa
         "retention",
         data_dir,
         tmp_path / "s.json",
+        "--protocol",
+        "per-question",
         "--grid",
         "0,4",
         "--context-tokens",
@@ -201,7 +205,8 @@ def test_retention_squad_skips_contexts_of_the_question_article(data_dir, tmp_pa
 
 
 def test_retention_sharing_is_recorded_and_optional(data_dir, tmp_path):
-    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2", "--prompt-style", "plain"]
+    extra = ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"]
+    extra += ["--prompt-style", "plain"]
     extra += ["--in-context-max-k", "0"]
     shared = _run("retention", data_dir, tmp_path / "shared.json", *extra, "--shared-depth", "1")
     exact = _run("retention", data_dir, tmp_path / "exact.json", *extra, "--shared-depth", "-1")
@@ -251,7 +256,8 @@ def test_editing_zsre_questions(data_dir, tmp_path):
 
 @pytest.mark.parametrize("task", ["retention", "editing"])
 def test_report_command_reproduces_the_results(data_dir, tmp_path, task):
-    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "3"] if task == "retention" else []
+    extra = ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "3"]
+    extra = extra if task == "retention" else []
     extra += ["--sequential", "--dataset", "zsre"] if task == "editing" else []
     first = _run(task, data_dir, tmp_path / "a.json", *extra)
     text = report(tmp_path / "a.json")
@@ -552,7 +558,7 @@ def test_read_mode_passes_through_to_the_config(data_dir, tmp_path):
 # ---------------------------------------------------------------- resumable, splittable runs
 
 SHARD_ARGS = {
-    "retention": ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
+    "retention": ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
     "editing": ["--sequential", "--prompt-style", "plain"],
     "longcontext": ["--max-new-tokens", "2", "--prompt-style", "chat"],
 }
@@ -593,7 +599,8 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     data = _retention_data(8)
     _write(folder, "squad_qa.jsonl", data.examples)
     _write(folder, "squad_paragraphs.jsonl", data.unrelated)
-    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1", "--context-tokens", "24"]
+    argv = ["retention", "--model", "tiny", "--data", str(folder), "--protocol", "per-question", "--grid", "0,1"]
+    argv += ["--context-tokens", "24"]
     argv += ["--prompt-style", "plain", "--max-new-tokens", "4", "--threads", "1"]
     killed = tmp_path / "killed.json"
     log = tmp_path / "killed.records.jsonl"

@@ -161,7 +161,8 @@ class RecordLog:
         for number, line in enumerate(lines[1:], start=2):
             entry, why = self._entry(line)
             if entry is not None and not (
-                isinstance(entry.get("key"), str) and isinstance(entry.get("index"), int)
+                isinstance(entry.get("key"), str)
+                and isinstance(entry.get("index"), int)
                 and isinstance(entry.get("record"), dict)
             ):
                 entry, why = None, "not a record (needs a string key, an integer index and a record object)"
@@ -190,6 +191,12 @@ class RecordLog:
         """Indices of `count` items that belong to this shard."""
         index, shards = self.shard
         return list(range(index, count, shards))
+
+    def todo(self, keys: Sequence[str]) -> list[int]:
+        """Indices (into `keys`) of this shard's items without a record yet."""
+        if len(set(keys)) != len(keys):
+            raise ValueError("item keys must be unique (duplicate example ids in the data?)")
+        return [i for i in self.mine(len(keys)) if keys[i] not in self._records]
 
     def pending(self, keys: Sequence[str], desc: str, unit: str) -> Iterator[int]:
         """Indices (into `keys`) of this shard's items without a record yet, with a progress bar over the shard."""

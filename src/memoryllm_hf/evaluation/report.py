@@ -40,6 +40,17 @@ def command(config: dict, output: str | None = None) -> str:
     return " ".join(parts)
 
 
+def _ci(value, interval) -> str:
+    """`value [low, high]` (the 95% interval), or the value alone where the file has no interval."""
+    if value is None:
+        return "-"
+    return f"{_number(value)} [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else _number(value)
+
+
+def _cell(cells: dict, name: str) -> str:
+    return _ci(cells.get(name), cells.get(f"{name}_ci"))
+
+
 def _number(value) -> str:
     if value is None:
         return "-"
@@ -69,38 +80,86 @@ def editing_table(result: dict) -> str:
     for style in _styles(result):
         for condition in ("no_edit", "memory", "in_context"):
             metrics = result["metrics"][style][condition]
-            rows.append([style, condition, metrics["n"], *(metrics[s] for s in scores)])
+            rows.append([style, condition.replace("_", " "), metrics["n"], *(_cell(metrics, s) for s in scores)])
         sequential = result.get("sequential", {}).get("metrics", {}).get(style)
         if sequential:
-            rows.append([style, "memory, sequential", sequential["n"], *(sequential[s] for s in scores)])
+            row = [style, "memory, sequential", sequential["n"], *(_cell(sequential, s) for s in scores)]
+            rows.append(row)
     header = ["prompt", "condition", "n", "efficacy", "generalization", "specificity", "Score", "exact Score"]
     return _table(header, rows)
 
 
 def retention_table(result: dict) -> str:
+    if result["protocol"].get("name") == "stream":
+        return stream_table(result)
     grid = result["protocol"]["grid"]
     rows = []
     for style in _styles(result):
-        # (results files of the earlier protocol have one in-context condition, "in_context": related + k texts)
-        conditions = ("no_memory", "passage_only", "memory", "same_text", "in_context")
+        conditions = ("no_memory", "passage_only", "memory", "same_text")
         for condition in [c for c in conditions if c in result["metrics"][style]]:
             cells = result["metrics"][style][condition]
-            rows.append([style, condition.replace("_", " "), *(cells[str(k)]["exact_hit"] for k in grid)])
-        rows.append([style, "memory meets no memory at k", result["metrics"][style]["memory_meets_no_memory_at_k"]])
-    rows.append(["", "bound (1-K/N)^u", *(result["metrics"]["retention_bound"][str(k)] for k in grid)])
-    rows.append(["", "updates after the passage", *(result["metrics"]["updates_after_related"][str(k)] for k in grid)])
-    width = 2 + len(grid)
-    rows = [row + [""] * (width - len(row)) for row in rows]
-    return _table(["prompt", "exact hit of", *(f"k={k}" for k in grid)], rows)
+            counts = {cells[str(k)]["n"] for k in grid}
+            n = counts.pop() if len(counts) == 1 else "/".join(str(cells[str(k)]["n"]) for k in grid)
+            rows.append([style, condition.replace("_", " "), n, *(_cell(cells[str(k)], "exact_hit") for k in grid)])
+    rows.append(["", "bound (1-K/N)^u", "", *(result["metrics"]["retention_bound"][str(k)] for k in grid)])
+    updates = result["metrics"]["updates_after_related"]
+    rows.append(["", "updates after the passage", "", *(updates[str(k)] for k in grid)])
+    return _table(["prompt", "exact hit [95%] of", "n", *(f"k={k}" for k in grid)], rows)
+
+
+def stream_table(result: dict) -> str:
+    """One row per prompt style, condition and bin of updates since the passage (the baselines once)."""
+    rows = []
+    for style in _styles(result):
+        found = result["metrics"][style]
+        for condition in ("no_memory", "passage_only"):
+            cells = found[condition]
+            rows.append(
+                [style, condition.replace("_", " "), "", cells["n"], _cell(cells, "exact_hit"), _cell(cells, "f1"), ""]
+            )
+        for name, condition in (("memory_by_updates", "memory"), ("same_text_by_updates", "same text")):
+            for label, cells in found[name].items():
+                rows.append(
+                    [
+                        style,
+                        condition,
+                        label,
+                        cells["n"],
+                        _cell(cells, "exact_hit"),
+                        _cell(cells, "f1"),
+                        _cell(cells, "passage_read") if "passage_read" in cells else "",
+                    ]
+                )
+        for label, cells in found["memory_by_stored_tokens"].items():
+            rows.append(
+                [
+                    style,
+                    "memory, by tokens stored",
+                    label,
+                    cells["n"],
+                    _cell(cells, "exact_hit"),
+                    _cell(cells, "f1"),
+                    _cell(cells, "passage_read") if "passage_read" in cells else "",
+                ]
+            )
+    header = ["prompt", "condition", "updates since passage", "n", "exact hit [95%]", "F1 [95%]", "passage read"]
+    return _table(header, rows)
 
 
 def longcontext_table(result: dict) -> str:
     rows = [
-        [style, condition, cells["n"], cells["f1"], cells["exact_match"], cells["exact_hit"]]
+        [
+            style,
+            condition.replace("_", " "),
+            cells["n"],
+            _cell(cells, "f1"),
+            _cell(cells, "exact_match"),
+            _cell(cells, "exact_hit"),
+        ]
         for style in _styles(result)
         for condition, cells in result["metrics"][style].items()
     ]
-    return _table(["prompt", "condition", "n", "F1", "EM", "exact hit"], rows)
+    return _table(["prompt", "condition", "n", "F1 [95%]", "EM [95%]", "exact hit [95%]"], rows)
 
 
 def integrity_table(result: dict) -> str:
@@ -109,12 +168,20 @@ def integrity_table(result: dict) -> str:
         m["injections"],
         m["updates"],
         m["probes"],
-        m["final_accuracy"] if m["probes"] else None,
+        _ci(m["final_accuracy"], m.get("final_accuracy_ci")) if m["probes"] else None,
         m["max_nonfinite"],
         m["norm_max"],
         1e3 * m["seconds_per_update"],
     ]
-    header = ["injections", "updates", "probes", "running accuracy", "max non-finite", "max slot norm", "ms/update"]
+    header = [
+        "injections",
+        "updates",
+        "probes (n)",
+        "running accuracy [95%]",
+        "max non-finite",
+        "max slot norm",
+        "ms/update",
+    ]
     return _table(header, [row])
 
 
