@@ -95,7 +95,7 @@ def test_distance_since_the_passage_is_recorded_correctly(monkeypatch):
         data,
         ["plain"],
         context_tokens=24,
-        checkpoint_every=3,
+        checkpoint_every=1,
         max_new_tokens=2,
         same_text_max_contexts=-1,
     )

@@ -781,3 +781,25 @@ def test_an_edited_record_does_not_change_the_resumed_metrics(data_dir, tmp_path
         resumed = _run("longcontext", data_dir, tmp_path / "whole.json", *args, "--resume")
     assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
     assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
+
+
+def test_editing_with_retrieval_reads_records_whether_each_probe_read_the_edit(data_dir, tmp_path):
+    """Single and sequential edits with read_mode="retrieve": each memory probe says whether its prompt read the
+    edit's own injections; the summaries carry that rate with an interval; the other conditions do not read."""
+    from memoryllm_hf.modeling import MemoryLlamaConfig
+    from memoryllm_hf.evaluation.models import config_fields
+
+    if "read_mode" not in config_fields(MemoryLlamaConfig):
+        pytest.skip("this model has no retrieval reads")
+    args = ("--sequential", "--prompt-style", "plain", "--read-mode", "retrieve", "--set", "long_term_memory_tokens=256")
+    result = _run("editing", data_dir, tmp_path / "e.json", *args)
+    for record in result["records"]:
+        probes = record["memory"]["plain"]
+        assert all(isinstance(p["read_edit"], bool) and "read_nothing" in p for kind in probes.values() for p in kind)
+        assert all(p["read_edit"] for p in probes["efficacy"])  # one edit stored: every read holds it
+        assert "read_edit" not in record["no_edit"]["plain"]["efficacy"][0]
+    sequential = result["sequential"]["records"]
+    assert all("read_edit" in p for r in sequential for kind in r["plain"].values() for p in kind)
+    summary = result["metrics"]["plain"]["memory"]
+    assert summary["efficacy_read_edit"] == 1.0 and summary["efficacy_read_edit_ci"][1] == 1.0
+    assert "efficacy_read_edit" in result["sequential"]["metrics"]["plain"]

@@ -9,7 +9,11 @@ efficacy/generalization, the neighbour's own target for specificity): every targ
 
 Conditions on the same records: no edit (`use_memory=False`), memory, and in-context editing (IKE-style,
 zero-shot: "New fact: {edit_text}" before the prompt). Sequential mode injects all edits one after another into one
-pool, then probes every edit: success against the number of later edits shows forgetting.
+pool, then probes every edit and its neighbourhood: success against the number of later edits shows forgetting.
+Both read modes (`--read-mode pool|retrieve`) run the same protocol; with retrieval reads the model's settings
+(`retrieval_threshold`, margin, neighbours, read budget) are in force as configured, and every memory probe records
+whether its prompt read the edit's own injections (`read_edit`; rates `*_read_edit` in the summaries) and whether it
+read nothing at all (`read_nothing`: all below the threshold).
 """
 
 from collections.abc import Sequence
@@ -44,11 +48,36 @@ def probe_pairs(prompter: Prompter, record: dict, kind: str, context: str | None
 
 
 def probe_record(
-    model, prompter: Prompter, record: dict, kind: str, use_memory: bool, context: str | None, pad_id: int
+    model,
+    prompter: Prompter,
+    record: dict,
+    kind: str,
+    use_memory: bool,
+    context: str | None,
+    pad_id: int,
+    edit_injections: Sequence[int] | None = None,
 ) -> dict:
-    """Per probe type, a list of {wanted, rival (log-probs), success, exact} for one condition."""
+    """Per probe type, a list of {wanted, rival (log-probs), success, exact} for one condition. Reading the memory of
+    a model that reports what it retrieved (`model.last_retrieval`), each probe also says whether its prompt read
+    one of `edit_injections` (the edit's own injections): `read_edit` (wanted for efficacy and generalization, not
+    for the neighbourhood), and `read_nothing` (every injection scored below the retrieval threshold)."""
     pairs, layout = probe_pairs(prompter, record, kind, context)
-    return judge(continuation_scores(model, pairs, use_memory, pad_id), layout)
+    reads = use_memory and edit_injections is not None
+    if reads:
+        model.last_retrieval = None  # (set again by a retrieval read)
+    result = judge(continuation_scores(model, pairs, use_memory, pad_id), layout)
+    retrieval = getattr(model, "last_retrieval", None) if reads else None
+    if retrieval is not None:
+        # continuation_scores runs each distinct prefix once, in order of first appearance: one retrieval row each
+        prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
+        counts = {probe: 0 for probe in PROBES}
+        for probe, wanted, _ in layout:
+            read = list(retrieval[prefixes.index(tuple(pairs[wanted][0]))])
+            entry = result[probe][counts[probe]]
+            entry["read_edit"] = bool(set(read) & set(edit_injections))
+            entry["read_nothing"] = not read
+            counts[probe] += 1
+    return result
 
 
 def judge(scores: Sequence[dict], layout: Sequence[tuple[str, int, int]]) -> dict:
@@ -86,6 +115,10 @@ def summarize(results: Sequence[dict]) -> dict:
     for probe in PROBES:
         for name, field in ((probe, "success"), (f"{probe}_exact", "exact")):
             summary[f"{name}_ci"] = interval([mean(p[field] for p in r[probe]) for r in results if r[probe]])
+    for probe in PROBES:  # how often a probe's prompt read the edit (models that report their reads)
+        read = [mean(p["read_edit"] for p in r[probe]) for r in results if r[probe] and "read_edit" in r[probe][0]]
+        if read:
+            summary.update({f"{probe}_read_edit": mean(read), f"{probe}_read_edit_ci": interval(read)})
     for name in ("score", "exact_score"):
         found = bootstrap_interval(results, lambda rows, name=name: _rates(rows)[name])
         summary[f"{name}_ci"] = [round(v, 4) for v in found] if found else None
@@ -118,7 +151,9 @@ def run_editing(
     for index in log.pending(keys, desc=f"editing {data.dataset}", unit="edit"):
         record, record_timer = data.examples[index], Timer()
         model.set_memory_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
+        before = model.num_injections
         model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
+        injections = list(range(before + 1, model.num_injections + 1))
 
         row = {
             "case_id": record["case_id"],
@@ -132,7 +167,7 @@ def run_editing(
         statement = f"New fact: {record['edit_text']}"
         for style, prompter in prompters.items():
             row["no_edit"][style] = probe_record(model, prompter, record, kind, False, None, pad_id)
-            row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id)
+            row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id, injections)
             row["in_context"][style] = probe_record(model, prompter, record, kind, False, statement, pad_id)
         row["wall_time_s"] = record_timer.seconds()
         log.add(keys[index], index, row)
@@ -169,15 +204,18 @@ def run_sequential(
     todo = log.pending(keys, desc="sequential probes", unit="edit")
     first = next(todo, None)
     model.set_memory_state(empty)
+    injections = []  # per edit, the injection numbers that wrote it
     if first is not None:
         for record in tqdm(examples, desc="sequential edits", unit="edit"):
+            before = model.num_injections
             model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
+            injections.append(list(range(before + 1, model.num_injections + 1)))
     inject_seconds = timer.seconds()
     for position in ([first] if first is not None else []) + list(todo):
         index, age = probed[position]
         row = {"case_id": examples[index]["case_id"], "age": age}
         for style, prompter in prompters.items():
-            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id)
+            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id, injections[index])
         log.add(keys[position], position, row)
     return {
         "records": log.records(keys),
