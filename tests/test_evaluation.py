@@ -786,12 +786,13 @@ def test_an_edited_record_does_not_change_the_resumed_metrics(data_dir, tmp_path
 def test_editing_with_retrieval_reads_records_whether_each_probe_read_the_edit(data_dir, tmp_path):
     """Single and sequential edits with read_mode="retrieve": each memory probe says whether its prompt read the
     edit's own injections; the summaries carry that rate with an interval; the other conditions do not read."""
-    from memoryllm_hf.modeling import MemoryLlamaConfig
     from memoryllm_hf.evaluation.models import config_fields
+    from memoryllm_hf.modeling import MemoryLlamaConfig
 
     if "read_mode" not in config_fields(MemoryLlamaConfig):
         pytest.skip("this model has no retrieval reads")
-    args = ("--sequential", "--prompt-style", "plain", "--read-mode", "retrieve", "--set", "long_term_memory_tokens=256")
+    args = ("--sequential", "--prompt-style", "plain", "--read-mode", "retrieve")
+    args += ("--set", "long_term_memory_tokens=256")
     result = _run("editing", data_dir, tmp_path / "e.json", *args)
     for record in result["records"]:
         probes = record["memory"]["plain"]
