@@ -804,3 +804,55 @@ def test_editing_with_retrieval_reads_records_whether_each_probe_read_the_edit(d
     summary = result["metrics"]["plain"]["memory"]
     assert summary["efficacy_read_edit"] == 1.0 and summary["efficacy_read_edit_ci"][1] == 1.0
     assert "efficacy_read_edit" in result["sequential"]["metrics"]["plain"]
+
+
+# ---------------------------------------------------------------- the plan (GPU path) and the README's tables
+
+
+def test_the_plan_runs_on_the_cpu_when_capped(data_dir, tmp_path, capsys):
+    """The full plan at a cap of 2 on the tiny model: every run of one read mode, one run of the other in bfloat16
+    (the GPU path's dtype) on the CPU; a second start skips finished runs; --dry-run lists every run of both modes."""
+    from memoryllm_hf.evaluation.plan import main as plan_main
+    from memoryllm_hf.evaluation.plan import plan
+
+    common = ["--model", "tiny", "--data", str(data_dir), "--cap", "2", "--out-dir", str(tmp_path)]
+    common += ["--set", "long_term_memory_tokens=256", "--device", "cpu"]
+    retrieve = ["--read-modes", "retrieve", "--only", "longcontext-hotpotqa-retrieve", "--dtype", "bfloat16"]
+    assert plan_main([*common, *retrieve]) == 0
+    bf16 = json.loads((tmp_path / "longcontext-hotpotqa-retrieve.json").read_text())
+    assert bf16["model"]["dtype"] == "bfloat16" and bf16["model"]["read"]["read_mode"] == "retrieve"
+    assert plan_main([*common, "--read-modes", "pool"]) == 0
+    pool = set(plan(["pool"]))
+    assert {"retention-nq-pool", "editing-counterfact-pool", "integrity-tiny-1m"} <= pool
+    assert {path.stem for path in tmp_path.glob("*.json")} == pool | {"longcontext-hotpotqa-retrieve"}
+    capsys.readouterr()
+    assert plan_main([*common, "--read-modes", "pool"]) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == len(pool)
+    assert plan_main([*common, "--out-dir", str(tmp_path / "new"), "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in listed] == list(plan())
+    assert all("--read-mode retrieve" in line for line in listed if line.startswith("retention-squad-retrieve"))
+
+
+def test_the_readme_tables_are_the_report_of_the_result_files():
+    """The README's evaluation tables are generated: regenerating them from docs/results gives the README."""
+    from pathlib import Path
+
+    from memoryllm_hf.evaluation.report import readme
+
+    root = Path(__file__).resolve().parents[1]
+    assert "<!-- report: " in (root / "README.md").read_text()
+    assert readme(root / "README.md", check=True), "run python -m memoryllm_hf.evaluation.report --readme README.md"
+
+
+def test_report_blocks_are_regenerated_from_their_files(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.report import readme, report
+
+    _run("longcontext", data_dir, tmp_path / "lc.json", "--max-new-tokens", "2", "--prompt-style", "chat")
+    page = tmp_path / "PAGE.md"
+    page.write_text("intro\n<!-- report: lc.json -->\nstale table\n<!-- /report -->\nend\n")
+    assert not readme(page, check=True) and "stale table" in page.read_text()
+    assert not readme(page)
+    assert page.read_text() == f"intro\n<!-- report: lc.json -->\n{report('lc.json', tmp_path)}<!-- /report -->\nend\n"
+    assert readme(page, check=True)
+    assert "F1 [95%]" in page.read_text() and "[0.00, " in page.read_text()

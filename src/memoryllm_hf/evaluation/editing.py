@@ -262,6 +262,6 @@ def metrics_of(document: dict) -> dict:
             }
         fields["sequential"] = {
             **sequential,
-            **sequential_metrics(sequential["records"], styles, sequential["age_buckets"]),
+            **sequential_metrics(sequential["records"], styles, sequential.get("age_buckets", 10)),
         }
     return fields

@@ -2,14 +2,21 @@
 
     python -m memoryllm_hf.evaluation.report docs/results/*.json
     python -m memoryllm_hf.evaluation.report --merge OUT.json SHARD0.json SHARD1.json ...
+    python -m memoryllm_hf.evaluation.report --recompute docs/results/*.json   # metrics (with intervals) from records
+    python -m memoryllm_hf.evaluation.report --readme README.md [--check]
 
 Each file becomes a heading (task, dataset, examples, model, memory, wall time), the exact command that reproduces it
 (rebuilt from the recorded configuration) and its table. `--merge` first joins the results of all shards of one
 run (`--shard i/n`) into OUT.json (records in example order, metrics recomputed, PNG beside it) and reports that.
+`--recompute` rewrites each file's metrics from its records (e.g. to add the 95% intervals to an older file).
+`--readme FILE` regenerates every block of FILE between `<!-- report: PATH ... -->` and `<!-- /report -->` from the
+result files it names (paths relative to FILE's folder); `--check` only says whether the blocks are up to date
+(exit 1 if not), which the tests run on the repository's README.
 """
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -193,16 +200,18 @@ TABLES: dict[str, Callable[[dict], str]] = {
 }
 
 
-def report(path: str | Path) -> str:
-    """Heading, command and table of one results file."""
-    result = json.loads(Path(path).read_text())
+def report(path: str | Path, root: str | Path | None = None) -> str:
+    """Heading, command and table of one results file (`path` relative to `root`, if given, and named so)."""
+    result = json.loads((Path(root) / path if root is not None else Path(path)).read_text())
     model, data = result["model"], result["data"]
     memory = model["memory"]
+    read = model.get("read", {}).get("read_mode")
     examples = data.get("num_examples", sum(part["num_examples"] for part in data.get("parts", [])))
     heading = (
         f"**{result['task']}** · {data['dataset'] or 'random tokens'} · {examples} examples · model `{model['spec']}` "
         f"({model['dtype']}, N = {memory['num_memory_tokens']}, K = {memory['num_update_tokens']}, "
-        f"{memory['memory_update']} rule) · {_duration(result['wall_time_s'])} · `{Path(path).name}`"
+        f"{memory['memory_update']} rule{f', {read} read' if read else ''}) · {_duration(result['wall_time_s'])} · "
+        f"`{Path(path).name}`"
     )
     return f"{heading}\n\n```\n{command(result['config'], str(path))}\n```\n\n{TABLES[result['task']](result)}\n"
 
@@ -214,6 +223,43 @@ def _task_module(task: str):
     if task not in modules:
         raise ValueError(f"{task} runs are one chain and are not split into shards: there is nothing to merge")
     return modules[task]
+
+
+def recompute(path: str | Path) -> Path:
+    """Rewrite a results file's metrics from its records (and redraw its PNG if it has one)."""
+    from . import editing, integrity, longcontext, retention
+    from .plots import PLOTS
+    from .runner import write_json
+
+    document = json.loads(Path(path).read_text())
+    task = document["task"]
+    module = {"editing": editing, "retention": retention, "longcontext": longcontext, "integrity": integrity}[task]
+    document.update(module.metrics_of(document))
+    write_json(path, document)
+    picture = Path(path).with_suffix(".png")
+    if picture.exists() and task in PLOTS:
+        PLOTS[task](document, picture)
+    return Path(path)
+
+
+BLOCK = re.compile(r"(<!-- report: (?P<files>[^>]*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.DOTALL)
+
+
+def readme(path: str | Path, check: bool = False) -> bool:
+    """Regenerate the report blocks of a Markdown file (see the module docstring); True when they were up to date.
+    With `check`, nothing is written."""
+    path = Path(path)
+    text = path.read_text()
+    root = path.parent
+
+    def render(match: re.Match) -> str:
+        body = "\n".join(report(name, root) for name in match["files"].split())
+        return f"{match[1]}{body}{match[4]}"
+
+    updated = BLOCK.sub(render, text)
+    if not check and updated != text:
+        path.write_text(updated)
+    return updated == text
 
 
 def merge(output: str | Path, shards: list[str | Path]) -> Path:
@@ -235,9 +281,21 @@ def merge(output: str | Path, shards: list[str | Path]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="results JSON files written by `memoryllm-hf eval`")
+    parser.add_argument("results", nargs="*", help="results JSON files written by `memoryllm-hf eval`")
     parser.add_argument("--merge", metavar="OUT", help="merge the given shard results into OUT, then report it")
+    parser.add_argument("--recompute", action="store_true", help="rewrite the files' metrics from their records")
+    parser.add_argument("--readme", metavar="FILE", help="regenerate the report blocks of a Markdown file")
+    parser.add_argument("--check", action="store_true", help="with --readme: only check that the blocks are current")
     args = parser.parse_args(argv)
+    if args.readme:
+        current = readme(args.readme, check=args.check)
+        print(f"{args.readme}: {'up to date' if current else 'out of date' if args.check else 'regenerated'}")
+        return 0 if current or not args.check else 1
+    if not args.results:
+        parser.error("give results files (or --readme FILE)")
+    if args.recompute:
+        for path in args.results:
+            recompute(path)
     paths = [merge(args.merge, args.results)] if args.merge else args.results
     print("\n".join(report(path) for path in paths))
     return 0
