@@ -170,3 +170,10 @@ def test_editing_summary_carries_n_and_intervals():
     assert summary["efficacy_ci"] == [round(v, 4) for v in wilson_interval(8, 12)]
     low, high = summary["score_ci"]
     assert low <= summary["score"] <= high < 1 and low < high
+
+
+def test_f1_gets_a_bootstrap_interval_and_rates_wilson_even_when_all_zero():
+    from memoryllm_hf.evaluation.metrics import rate_summary, wilson_interval
+
+    assert rate_summary([0.0] * 12, "f1") == {"f1": 0.0, "f1_ci": [0.0, 0.0]}  # the bootstrap of a constant
+    assert rate_summary([0.0] * 12, "exact_hit")["exact_hit_ci"] == [0.0, round(wilson_interval(0, 12)[1], 4)]

@@ -128,19 +128,26 @@ def bootstrap_interval(
     return low, high
 
 
-def interval(values: Sequence[float]) -> list[float] | None:
-    """The 95% interval of the mean of `values`: Wilson's when every value is 0 or 1 (a rate), else a bootstrap."""
+def interval(values: Sequence[float], rate: bool | None = None) -> list[float] | None:
+    """The 95% interval of the mean of `values`: Wilson's for a rate, else a bootstrap. `rate=None`: a rate when every
+    value is 0 or 1 (per-record means of several probes are graded values, one probe per record a rate)."""
     values = [float(v) for v in values]
     if not values:
         return None
-    if all(v in (0.0, 1.0) for v in values):
+    if rate is None:
+        rate = all(v in (0.0, 1.0) for v in values)
+    if rate:
         found = wilson_interval(sum(values), len(values))
     else:
         found = bootstrap_interval(values)
     return [round(found[0], 4), round(found[1], 4)]
 
 
+# Which answer scores are rates (0/1 per answer: Wilson) and which graded (F1: bootstrap).
+RATES = {"exact_hit": True, "exact_match": True, "f1": False, "passage_read": True}
+
+
 def rate_summary(values: Sequence[float], name: str) -> dict:
     """{name: mean, name_ci: 95% interval} of `values` (the caller records n once for the group)."""
     values = list(values)
-    return {name: mean(values), f"{name}_ci": interval(values)}
+    return {name: mean(values), f"{name}_ci": interval(values, RATES.get(name))}

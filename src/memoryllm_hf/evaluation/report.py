@@ -92,7 +92,14 @@ def editing_table(result: dict) -> str:
         if sequential:
             row = [style, "memory, sequential", sequential["n"], *(_cell(sequential, s) for s in scores)]
             rows.append(row)
-    header = ["prompt", "condition", "n", "efficacy", "generalization", "specificity", "Score", "exact Score"]
+    header = [
+        "prompt",
+        "condition",
+        "n",
+        *(f"{name} [95%]" for name in ("efficacy", "generalization", "specificity")),
+        "Score [95%]",
+        "exact Score [95%]",
+    ]
     return _table(header, rows)
 
 
