@@ -122,42 +122,30 @@ def retention_table(result: dict) -> str:
 
 
 def stream_table(result: dict) -> str:
-    """One row per prompt style, condition and bin of updates since the passage (the baselines once)."""
+    """One row per prompt style, condition and bin of updates since the passage (or of tokens stored); the
+    once-per-question baselines once."""
+
+    def row(style: str, condition: str, label: str, cells: dict) -> list:
+        read = _cell(cells, "passage_read") if "passage_read" in cells else ""
+        questions = cells.get("questions", cells["n"])
+        return [style, condition, label, cells["n"], questions, _cell(cells, "exact_hit"), _cell(cells, "f1"), read]
+
     rows = []
     for style in _styles(result):
         found = result["metrics"][style]
-        for condition in ("no_memory", "passage_only"):
-            cells = found[condition]
-            rows.append(
-                [style, condition.replace("_", " "), "", cells["n"], _cell(cells, "exact_hit"), _cell(cells, "f1"), ""]
-            )
-        for name, condition in (("memory_by_updates", "memory"), ("same_text_by_updates", "same text")):
-            for label, cells in found[name].items():
-                rows.append(
-                    [
-                        style,
-                        condition,
-                        label,
-                        cells["n"],
-                        _cell(cells, "exact_hit"),
-                        _cell(cells, "f1"),
-                        _cell(cells, "passage_read") if "passage_read" in cells else "",
-                    ]
-                )
-        for label, cells in found["memory_by_stored_tokens"].items():
-            rows.append(
-                [
-                    style,
-                    "memory, by tokens stored",
-                    label,
-                    cells["n"],
-                    _cell(cells, "exact_hit"),
-                    _cell(cells, "f1"),
-                    _cell(cells, "passage_read") if "passage_read" in cells else "",
-                ]
-            )
-    header = ["prompt", "condition", "updates since passage", "n", "exact hit [95%]", "F1 [95%]", "passage read"]
-    return _table(header, rows)
+        rows += [row(style, condition.replace("_", " "), "", found[condition]) for condition in ONCE_CONDITIONS]
+        for name, condition in STREAM_CURVES:
+            rows += [row(style, condition, label, cells) for label, cells in found[name].items()]
+    header = ["prompt", "condition", "updates since passage", "n", "questions", "exact hit [95%]", "F1 [95%]"]
+    return _table([*header, "passage read [95%]"], rows)
+
+
+ONCE_CONDITIONS = ("no_memory", "passage_only")
+STREAM_CURVES = (
+    ("memory_by_updates", "memory"),
+    ("same_text_by_updates", "same text"),
+    ("memory_by_stored_tokens", "memory, by tokens stored (bin of tokens)"),
+)
 
 
 def longcontext_table(result: dict) -> str:
