@@ -17,8 +17,7 @@ import gc
 
 import torch
 
-from memoryllm_hf.modeling.memory_state import next_state
-
+from memoryllm_hf.modeling.memory_transition import next_state
 from memoryllm_hf.reference import reference_new_memory_slots
 
 from .common import (

@@ -140,7 +140,7 @@ class ReadCell:
 
 def count_memory_kv_computations(model, prompt: torch.Tensor, questions: int = 3) -> int:
     """Memory key/value computations during `questions` forwards + generates against an unchanged memory."""
-    module = sys.modules[type(model).__module__]
+    module = sys.modules[type(model.reads["pool"]).__module__]  # the pool read computes them
     with mock.patch.object(module, "prefix_key_values", wraps=module.prefix_key_values) as spy:
         for _ in range(questions):
             model(prompt)

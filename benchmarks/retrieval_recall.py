@@ -156,6 +156,10 @@ def main() -> None:
     parser.add_argument("--unstored", type=int, default=50, help="questions whose passage is not stored")
     parser.add_argument("--styles", nargs="+", default=["chat", "plain"], choices=("chat", "plain"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threshold", type=float, default=6.5,
+        help="a retrieval_threshold to report (config.retrieval_threshold; 6.5: the SmolLM2 calibration's suggestion)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-tokens", type=int, default=100_000, help="stored tokens for the scoring time")
     parser.add_argument("--json", type=Path, help="default: docs/results/retrieval_recall_<data>.json")
@@ -209,7 +213,7 @@ def main() -> None:
         positive = [s for q, s in zip(questions, best) if q["owner"] >= 0]
         negative = [s for q, s in zip(questions, best) if q["owner"] < 0]
         results["threshold"][style] = {
-            "default": threshold_report(positive, negative, retrieval.RETRIEVAL_THRESHOLD),
+            "default": threshold_report(positive, negative, args.threshold),
             "best_on_this_data": threshold_report(positive, negative, best_threshold(positive, negative)),
             "best_scores": {"stored": positive, "not_stored": negative},
             "best_score_quantiles": {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from memoryllm_hf.modeling.memory_state import next_state
+from memoryllm_hf.modeling.memory_transition import next_state
 
 from .common import Case, Run, common_parser, fill_pool, interleaved_medians, load_model, paired_ratio
 

@@ -6,12 +6,63 @@ checkpoints load without `trust_remote_code`. (This file is not part of the remo
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .atomic_io import atomic_write, folder_lock, update_folder
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_state import MemoryState, MemoryStateError
+from .memory_adapters import READ, WRITE
+from .memory_fields import MEMORY_FIELDS, MemoryChangedOnDiskError, MemoryStateError, seeded_rng_state, torch_dtype
+from .memory_files import (
+    INDEX_FILE,
+    LONG_TERM_FILE,
+    MEMORY_FILE,
+    MEMORY_PARTS,
+    model_owned_files,
+    read_folder_memory,
+    save_memory_to_folder,
+    stage_memory_files,
+    state_file_groups,
+)
+from .memory_reads import READS
+from .memory_state import MemoryState, stored_content_hash
+from .memory_store import MemoryBlock
+from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
+from .memory_transition import long_term_after, next_state
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
 
 AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryState", "MemoryStateError"]
+__all__ = [
+    "READ",
+    "READS",
+    "WRITE",
+    "INDEX_FILE",
+    "LONG_TERM_FILE",
+    "MEMORY_FIELDS",
+    "MEMORY_FILE",
+    "MEMORY_PARTS",
+    "CallNumbers",
+    "MemoryBlock",
+    "MemoryChangedOnDiskError",
+    "MemoryLlamaConfig",
+    "MemoryLlamaForCausalLM",
+    "MemoryLlamaModel",
+    "MemoryState",
+    "MemoryStateError",
+    "atomic_write",
+    "check_length",
+    "folder_lock",
+    "is_blank_text",
+    "long_term_after",
+    "model_owned_files",
+    "next_state",
+    "read_folder_memory",
+    "save_memory_to_folder",
+    "seeded_rng_state",
+    "split_ids",
+    "stage_memory_files",
+    "state_file_groups",
+    "stored_content_hash",
+    "torch_dtype",
+    "update_folder",
+]

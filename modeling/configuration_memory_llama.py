@@ -2,9 +2,11 @@
 
 from transformers import LlamaConfig
 
+from .memory_reads import READS
+from .memory_retrieval import check_weights
+
 MEMORY_UPDATE_MODES = ("output", "input")
 FRESH_POOL_MODES = ("tile", "grow")
-READ_MODES = ("pool", "retrieve")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -38,15 +40,19 @@ class MemoryLlamaConfig(LlamaConfig):
         long_term_memory_dtype: dtype of the stored slots (`"float32"`, `"float16"`, `"bfloat16"`); None = the
             model's dtype. bfloat16 halves the store.
         long_term_memory_device: device of the store; None = the CPU (the pool stays on the model's device).
-        read_mode: `"pool"` (official: every layer attends to `[bos; pool]`) or `"retrieve"`: every layer attends to
-            `[bos; the slots of the injections that score best against the prompt, in the order written]`
-            (needs the long-term store).
+        read_mode: a read of `memory_reads.READS`: `"pool"` (official: every layer attends to `[bos; pool]`) or
+            `"retrieve"`: every layer attends to `[bos; the slots of the injections that score best against the
+            prompt, in the order written]` (needs the long-term store).
         read_tokens: with `"retrieve"`, at most this many slots are read (whole injections, best first).
         retrieval_threshold: with `"retrieve"`, injections scoring below it are never read (None: no threshold).
         retrieval_neighbors: with `"retrieve"`, also read this many neighbouring updates (before and after) of the
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_weights: with `"retrieve"`, the weight of each scorer of `memory_retrieval.SCORERS` by name
+            (None: the calibrated `SCORE_WEIGHTS`, lexical 1.0 and keys 0.5).
+        retrieval_key_layers: with `"retrieve"`, the layers whose keys the "keys" scorer reads (None: the calibrated
+            `KEY_LAYERS`, layer 18 of SmolLM2, or the same relative depth).
     """
 
     model_type = "memory_llama"
@@ -71,6 +77,8 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_weights: dict | None = None
+    retrieval_key_layers: list | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -97,8 +105,8 @@ class MemoryLlamaConfig(LlamaConfig):
     def check_long_term_memory(self) -> None:
         """Raise ValueError unless the long-term memory and read fields are usable (also run by the model at every
         read: fields set after construction, e.g. by `from_pretrained(..., read_mode=...)`, are checked too)."""
-        if self.read_mode not in READ_MODES:
-            raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
+        if self.read_mode not in READS:
+            raise ValueError(f"read_mode must be one of {tuple(READS)}, got {self.read_mode!r}")
         if not isinstance(self.read_tokens, int) or self.read_tokens < 1:
             raise ValueError(f"read_tokens must be an integer >= 1, got {self.read_tokens!r}")
         tokens = self.long_term_memory_tokens
@@ -107,11 +115,7 @@ class MemoryLlamaConfig(LlamaConfig):
                 f"long_term_memory_tokens must be 0 (off) or >= num_update_tokens ({self.num_update_tokens}), "
                 f"got {tokens!r}"
             )
-        if self.read_mode == "retrieve" and tokens == 0:
-            raise ValueError(
-                "read_mode='retrieve' reads from the long-term store: set long_term_memory_tokens > 0 "
-                "(or use read_mode='pool')"
-            )
+        READS[self.read_mode].check_config(self)
         if self.long_term_memory_dtype is not None and self.long_term_memory_dtype not in STORE_DTYPES:
             raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, "
                              f"got {self.long_term_memory_dtype!r}")
@@ -123,6 +127,18 @@ class MemoryLlamaConfig(LlamaConfig):
                 raise ValueError(f"{name} must be a number or None, got {value!r}")
         if self.retrieval_margin is not None and self.retrieval_margin < 0:
             raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
+        if self.retrieval_weights is not None:
+            if not isinstance(self.retrieval_weights, dict):
+                raise ValueError(f"retrieval_weights must be a dict (scorer name -> weight) or None, got "
+                                 f"{self.retrieval_weights!r}")
+            check_weights(self.retrieval_weights)
+        layers = self.retrieval_key_layers
+        if layers is not None and (
+            not isinstance(layers, (list, tuple))
+            or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
+        ):
+            raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
+                             f"{self.num_hidden_layers}), got {layers!r}")
 
 
 __all__ = ["MemoryLlamaConfig"]

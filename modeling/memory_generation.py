@@ -4,7 +4,7 @@ The memory prefix sits at the start of the cache but is not part of `input_ids`,
 (cache implementation, how many input tokens the cache already holds) needs the prefix length taken out.
 """
 
-from .memory_prefix import cache_prefix_length
+from .memory_prefix import cache_prefix_length, cache_prefix_mask, extend_attention_mask
 
 # Transformers' cache implementations that can hold the prefix: the default dynamic cache and a static one.
 PREFIX_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
@@ -40,3 +40,29 @@ def uncached_length(input_ids, cache, inputs_embeds=None) -> int:
             "(e.g. the previous output's `sequences`) followed by the new tokens"
         )
     return tokens - cached
+
+
+def read_before_generate(model, inputs, generation_config, kwargs: dict) -> None:
+    """Set up `generate()`'s keyword arguments: a fresh call that reads memory gets the cache seeded with the memory
+    prefix (a row per beam / returned sequence) and the mask over prefix + tokens; a call continuing from a cache
+    with a memory prefix gets its mask extended over that prefix."""
+    given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+    tokens = next((t for t in candidates if t is not None), None)
+    prefix = cache_prefix_length(given_cache)
+    if given_cache is None and tokens is not None and model.reads_memory(kwargs.get("use_memory", True)):
+        batch, length = tokens.shape[:2]
+        beams = kwargs.get("num_beams", generation_config.num_beams) or 1
+        returns = kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1
+        room = static_cache_room(generation_config, kwargs, length)
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
+        kwargs["cache"], kwargs["attention_mask"] = model.memory_read(
+            input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
+            max_cache_len=room,
+        )
+    elif prefix:
+        batch, length = tokens.shape[:2]
+        kwargs["attention_mask"] = extend_attention_mask(
+            kwargs.get("attention_mask"), batch, length, prefix, tokens.device, cache_prefix_mask(given_cache, batch)
+        )

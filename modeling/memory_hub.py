@@ -1,15 +1,12 @@
 """Hub API of MemoryLlama: push only the memory as one small commit, load a memory state by revision.
 
-A repo holds the weights once and the memory in its own shard, `memory.safetensors` (listed in
-`model.safetensors.index.json`), described by `memory_state.json`. A memory update commits only these two files,
-so branches or commits of one repo can hold many memories of the same model.
+A repo holds the weights once and the memory in its own files (the Hub layout of `memory_files`: `memory.safetensors`,
+listed in `model.safetensors.index.json`, the long-term store, `memory_state.json`). A memory update commits only
+these files, so branches or commits of one repo can hold many memories of the same model.
 """
 
-import dataclasses
 import glob
-import hashlib
 import importlib.metadata
-import json
 import os
 import tempfile
 
@@ -23,23 +20,23 @@ from huggingface_hub import (
     hf_hub_download,
 )
 from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-from safetensors import safe_open
 from transformers import PreTrainedTokenizerBase
 
-from .memory_state import MEMORY_BUFFERS, MemoryState, MemoryStateError
-from .memory_storage import INDEX_FILE, MEMORY_FILE, WEIGHTS_FILE
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, save_store
+from .memory_fields import MEMORY_BUFFERS, MemoryStateError
+from .memory_files import (
+    INDEX_FILE,
+    MEMORY_FILE,
+    MEMORY_STATE_FILE,
+    WEIGHTS_FILE,
+    hub_file_names,
+    read_hub_files,
+    read_json_object,
+    write_hub_files,
+)
+from .memory_state import MemoryState
+from .memory_store import LongTermStoreError
 
-MEMORY_STATE_FILE = "memory_state.json"
 PACKAGE = "memoryllm-hf"
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def package_version() -> str | None:
@@ -58,65 +55,11 @@ def _download(repo_id: str, filename: str, revision: str | None, token, cache_di
         return None
 
 
-def _read_json_object(path: str, what: str) -> dict:
-    """A JSON file that must hold an object (a list, null or broken JSON is refused with a clear error)."""
-    try:
-        with open(path) as handle:
-            content = json.load(handle)
-    except ValueError as err:
-        raise MemoryStateError(f"{what} is not valid JSON ({err})") from None
-    if not isinstance(content, dict):
-        raise MemoryStateError(f"{what} must hold a JSON object, got {type(content).__name__}")
-    return content
-
-
-_HUB_LOAD_ARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies", "subfolder")
-
-
-def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, set[str] | None, str | None]:
-    """What `from_pretrained(source, **load_kwargs)` just read about the memory: (the file holding the `memory`
-    tensor, the memory buffers the checkpoint lists (None: unknown, e.g. a .bin checkpoint), the local folder)."""
-    if source is None:
-        return None, None, None
-    source, subfolder = os.fspath(source), load_kwargs.get("subfolder") or ""
-    folder = os.path.join(source, subfolder) if os.path.isdir(os.path.join(source, subfolder)) else None
-
-    def fetch(name: str) -> str | None:
-        if folder is not None:
-            return os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
-        from transformers.utils import cached_file
-
-        hub = {key: load_kwargs[key] for key in _HUB_LOAD_ARGS if key in load_kwargs}
-        return cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub)
-
-    index = fetch(INDEX_FILE)
-    if index is not None:
-        weight_map = _read_json_object(index, INDEX_FILE).get("weight_map", {})
-        keys, name = {key for key in MEMORY_BUFFERS if key in weight_map}, weight_map.get("memory")
-    else:
-        name = WEIGHTS_FILE
-        path = fetch(name)
-        if path is None:
-            return None, None, folder
-        with safe_open(path, "pt") as handle:
-            keys = set(handle.keys()) & set(MEMORY_BUFFERS)
-    return (fetch(name) if name is not None and "memory" in keys else None), keys, folder
-
-
 class MemoryHubMixin:
-    """Memory push/pull for MemoryLlama (relies on the model's `_current_state` / `_set_state`)."""
+    """Memory push/pull for MemoryLlama (through the model's public memory API; the files are the Hub layout of
+    `memory_files`)."""
 
     # ------------------------------------------------------------------ metadata and card
-    def memory_metadata(self, state: MemoryState, memory_file: str) -> dict:
-        """`memory_state.json` content for `state` (taken from this model), saved in `memory_file`: the memory
-        file's own metadata (`MemoryState.describe`, same field names) plus the file's sha256 and the versions."""
-        return {
-            **state.describe(),
-            "memory_update": self.config.memory_update,
-            "sha256": sha256_file(memory_file),
-            "package_version": package_version(),
-        }
-
     def model_card(self, repo_id: str, base_model: str | None = None, tags: list[str] | None = None) -> ModelCard:
         """A README.md model card: YAML metadata (library, base model, memory size, injections) and how to load."""
         cfg = self.config
@@ -163,20 +106,12 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
     # ------------------------------------------------------------------ push
-    def _write_memory(self, folder: str) -> dict:
-        """Write a snapshot of the memory to `memory.safetensors` (refusing a broken memory), its long-term store
-        (if any) to `long_term_memory.safetensors` and its `memory_state.json` into `folder`; returns the metadata."""
+    def write_memory_files(self, folder: str) -> dict:
+        """Write a snapshot of the memory as the Hub file set into `folder` (refusing a broken memory); returns the
+        content of its `memory_state.json`."""
         state = self.memory_state()
-        path = os.path.join(folder, MEMORY_FILE)
-        dataclasses.replace(state, long_term=()).save(path)
-        metadata = self.memory_metadata(state, path)
-        if state.long_term:
-            store_path = os.path.join(folder, LONG_TERM_FILE)
-            save_store(store_path, state.long_term, state.fingerprint)
-            metadata["long_term_sha256"] = sha256_file(store_path)
-        with open(os.path.join(folder, MEMORY_STATE_FILE), "w") as handle:
-            json.dump(metadata, handle, indent=2)
-        return metadata
+        versions = {"memory_update": self.config.memory_update, "package_version": package_version()}
+        return write_hub_files(folder, state, versions)
 
     def push_memory_to_hub(
         self,
@@ -205,40 +140,20 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 f"{repo_id} does not exist on the Hub (or this token cannot see it): push the whole model once with "
                 "model.push_to_hub(repo_id), then push memories"
             ) from None
-        self._check_remote_layout(repo_id, head, token)
+        check_remote_layout(repo_id, head, token, self.memory_fingerprint)
         with tempfile.TemporaryDirectory() as folder:
-            metadata = self._write_memory(folder)
+            metadata = self.write_memory_files(folder)
+            added, absent = hub_file_names(metadata)
             operations = [
-                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name))
-                for name in (MEMORY_FILE, LONG_TERM_FILE, MEMORY_STATE_FILE)
-                if os.path.exists(os.path.join(folder, name))
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=os.path.join(folder, name)) for name in added
             ]
-            if "long_term_sha256" not in metadata and api.file_exists(repo_id, LONG_TERM_FILE, revision=head):
-                operations.append(CommitOperationDelete(path_in_repo=LONG_TERM_FILE))  # it belongs to the old memory
+            for name in absent:  # a file of the old memory that this one does not have
+                if api.file_exists(repo_id, name, revision=head):
+                    operations.append(CommitOperationDelete(path_in_repo=name))
             message = commit_message or f"Update memory ({metadata['injections']} injections)"
             return api.create_commit(
                 repo_id, operations=operations, commit_message=message, revision=revision, parent_commit=head
             )
-
-    def _check_remote_layout(self, repo_id: str, revision: str, token) -> None:
-        """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model."""
-        index_path = _download(repo_id, INDEX_FILE, revision, token, None)
-        weight_map = {}
-        if index_path is not None:
-            weight_map = _read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
-        if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
-            raise ValueError(
-                f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
-                "push the whole model once with model.push_to_hub(repo_id), then push memories"
-            )
-        state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
-        if state_path is not None:
-            remote = _read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
-            if remote is not None and remote != self.memory_fingerprint():
-                raise ValueError(
-                    f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
-                    f"{self.memory_fingerprint()}); push this model to its own repo with push_to_hub"
-                )
 
     def push_to_hub(
         self,
@@ -262,11 +177,11 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        stale = self._pushed_weight_files(api, repo_id, revision)
+        stale = pushed_weight_files(api, repo_id, revision)
         with tempfile.TemporaryDirectory() as scratch:
             folder = os.path.join(scratch, "model")
             self.save_pretrained(folder, max_shard_size=max_shard_size)
-            self._write_memory(folder)  # one consistent snapshot of the memory, with its metadata
+            self.write_memory_files(folder)  # one consistent snapshot of the memory, with its metadata
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
             self.model_card(repo_id, base_model, tags).save(os.path.join(folder, "README.md"))
@@ -279,19 +194,6 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 create_pr=create_pr,
                 delete_patterns=sorted(stale - set(os.listdir(folder))) or None,
             )
-
-    @staticmethod
-    def _pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
-        """Top-level weight files a model push wrote to `revision` before (per its index; a single weights file)."""
-        try:
-            present = set(api.list_repo_files(repo_id, revision=revision))
-        except RevisionNotFoundError:
-            return set()
-        owned = {WEIGHTS_FILE, INDEX_FILE}
-        if INDEX_FILE in present:
-            path = _download(repo_id, INDEX_FILE, revision, api.token, None)
-            owned |= set(_read_json_object(path, f"{repo_id} {INDEX_FILE}").get("weight_map", {}).values())
-        return {name for name in owned & present if "/" not in name and glob.escape(name) == name}
 
     # ------------------------------------------------------------------ load
     def load_memory_from_hub(
@@ -309,31 +211,46 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         fingerprint, a broken one (NaN/inf, truncated), or one whose file does not match `memory_state.json`.
         """
         where = f"{repo_id}@{revision or 'main'}"
-        state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, cache_dir)
-        memory_path = _download(repo_id, MEMORY_FILE, revision, token, cache_dir)
-        if memory_path is None:
-            raise ValueError(f"{where} has no {MEMORY_FILE}; push one with model.push_memory_to_hub")
         try:
-            metadata = {} if state_path is None else _read_json_object(state_path, MEMORY_STATE_FILE)
-            if metadata.get("sha256") not in (None, sha256_file(memory_path)):
-                raise MemoryStateError(
-                    f"{MEMORY_FILE} does not match the sha256 in {MEMORY_STATE_FILE} (the branch moved during the "
-                    "download, or an upload was incomplete); load it again or pin a commit sha"
-                )
-            state = MemoryState.load(memory_path)
-            if metadata.get("content_hash") not in (None, state.content_hash()):
-                raise MemoryStateError(f"{MEMORY_FILE} does not match the content_hash in {MEMORY_STATE_FILE}")
-            if state.fingerprint is None:
-                state.fingerprint = metadata.get("fingerprint")
-            if "long_term_sha256" in metadata:
-                store_path = _download(repo_id, LONG_TERM_FILE, revision, token, cache_dir)
-                if store_path is None or sha256_file(store_path) != metadata["long_term_sha256"]:
-                    raise MemoryStateError(
-                        f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a "
-                        "commit sha"
-                    )
-                state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
+            state, metadata = read_hub_files(
+                lambda name: _download(repo_id, name, revision, token, cache_dir), MemoryState, where
+            )
             self.load_memory_state(state, allow_other_model)
         except (MemoryStateError, LongTermStoreError) as err:
             raise MemoryStateError(f"{where}: {err}") from None
         return metadata
+
+
+def check_remote_layout(repo_id: str, revision: str, token, fingerprint) -> None:
+    """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model (one
+    whose memory fingerprint differs from `fingerprint()`, the pushing model's, computed only when compared)."""
+    index_path = _download(repo_id, INDEX_FILE, revision, token, None)
+    weight_map = {}
+    if index_path is not None:
+        weight_map = read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
+    if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
+        raise ValueError(
+            f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
+            "push the whole model once with model.push_to_hub(repo_id), then push memories"
+        )
+    state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
+    if state_path is not None:
+        remote = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}").get("fingerprint")
+        if remote is not None and remote != fingerprint():
+            raise ValueError(
+                f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
+                f"{fingerprint()}); push this model to its own repo with push_to_hub"
+            )
+
+
+def pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:
+    """Top-level weight files a model push wrote to `revision` before (per its index; a single weights file)."""
+    try:
+        present = set(api.list_repo_files(repo_id, revision=revision))
+    except RevisionNotFoundError:
+        return set()
+    owned = {WEIGHTS_FILE, INDEX_FILE}
+    if INDEX_FILE in present:
+        path = _download(repo_id, INDEX_FILE, revision, api.token, None)
+        owned |= set(read_json_object(path, f"{repo_id} {INDEX_FILE}").get("weight_map", {}).values())
+    return {name for name in owned & present if "/" not in name and glob.escape(name) == name}

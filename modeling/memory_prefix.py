@@ -174,7 +174,53 @@ def extend_attention_mask(
     return torch.cat([prefix_mask, attention_mask], dim=1)
 
 
+def continued_read(cache, attention_mask: torch.Tensor, position_ids, length: int, device) -> tuple:
+    """(attention mask, position ids) of a forward continuing from `cache` with `length` new tokens: the user's mask
+    covers the tokens so far (or the memory prefix and them); positions follow it, so right-padded rows continue
+    where their own tokens ended."""
+    batch = attention_mask.shape[0]
+    prefix = cache_prefix_length(cache)
+    seen = int(cache.get_seq_length()) - prefix + length
+    if prefix:
+        rows_prefix = cache_prefix_mask(cache, batch)
+        attention_mask = extend_attention_mask(attention_mask, batch, seen, prefix, device, rows_prefix)
+    if position_ids is None and attention_mask.shape[1] == prefix + seen:
+        position_ids = positions_from_mask(attention_mask, length)
+    return attention_mask, position_ids
+
+
 def positions_from_mask(full_mask: torch.Tensor, length: int) -> torch.Tensor:
     """Position ids of the last `length` tokens: prefix slots take 0..P-1, real tokens continue after them
     (left padding is skipped, so each row matches its unpadded run)."""
     return (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+
+def module_fingerprint(module: nn.Module, parts: list) -> None:
+    """Append the identity, adapter settings and parameter versions of `module` and its submodules. Runs at every
+    question, so it walks `_modules`/`_parameters` directly (`modules()`/`parameters()` cost ~7x more)."""
+    parts.append(id(module))
+    if "active_adapter" in module.__dict__ or hasattr(type(module), "active_adapter"):
+        parts += [
+            str(module.active_adapter),
+            getattr(module, "merged", None),
+            getattr(module, "disable_adapters", None),
+        ]
+    for param in module._parameters.values():
+        if param is not None:
+            parts += [param.data_ptr(), param._version]
+    for child in module._modules.values():
+        if child is not None:
+            module_fingerprint(child, parts)
+
+
+def key_value_weights_fingerprint(layers: nn.ModuleList, bos: torch.Tensor | None) -> tuple:
+    """What a slot's keys/values depend on besides the slot: the `bos` vectors, each layer's input norm and k/v
+    projections (with adapters). Equal fingerprints: keys/values computed earlier are still right."""
+    parts: list = []
+    if bos is not None:
+        parts += [bos.data_ptr(), bos._version]
+    for layer in layers._modules.values():
+        attention = layer._modules["self_attn"]._modules
+        for module in (layer._modules["input_layernorm"], attention["k_proj"], attention["v_proj"]):
+            module_fingerprint(module, parts)
+    return tuple(parts)

@@ -1,20 +1,21 @@
-"""Retrieval reads: which stored injections each row of a batch reads, and the rows' prefixes side by side.
+"""The retrieval read (`read_mode="retrieve"`): which stored injections each row of a batch reads, and its prefix.
 
 `read_mode="retrieve"` replaces the pool read `[bos; pool]` by `[bos; the slots of the injections that score best
 against the prompt, in the order they were written]`. The scores come from `memory_retrieval`; this file turns them
 into a choice per row (`select_injections`) and stacks rows whose prefixes differ in length into one left-padded
 cache (`stack_prefixes`): a row's padding columns are masked out, so a batch reads exactly what its rows read alone.
-`LongTermMemoryMixin` gives the model its store-facing API (scores, retrieval, loading a checkpoint's store).
+`RetrieveRead` is the read mode (the model's public retrieval API is `memory_reads.MemoryReadMixin`).
 """
-
-from collections import OrderedDict
 
 import torch
 
 from .memory_adapters import READ
-from .memory_prefix import PrefixKV, rotate_prefix_keys, slot_key_values
+from .memory_cache import DerivedCache
+from .memory_fields import torch_dtype
+from .memory_files import LONG_TERM_FILE, checkpoint_file, load_store
+from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LONG_TERM_FILE, LongTermStoreError, load_store, validate_store
+from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
 
 
 def select_injections(
@@ -31,7 +32,8 @@ def select_injections(
     Blocks are taken best score first while their slots fit the `budget`; a block scoring below `threshold`, or more
     than `margin` below the best block, is not taken for its own score. With `neighbors` > 0, after each taken block
     the `neighbors` blocks before and after it that belong to the same text (`calls`: the first update of the text)
-    are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the newer block first), so the choice is deterministic.
+    are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the
+    newer block first), so the choice is deterministic.
     """
     count = len(sizes)
     if scores.shape != (count,):
@@ -90,40 +92,63 @@ def stack_prefixes(rows: list[PrefixKV]) -> tuple[PrefixKV, torch.Tensor]:
     return stacked, mask
 
 
-class LongTermMemoryMixin:
-    """The long-term store and retrieval reads of MemoryLlama (relies on the model's `_long_term`, `_memory_lock`,
-    `memory`, `adapters`, `memory_prefix_hidden`)."""
+class RetrieveRead:
+    """Prefix `[bos; the slots of the injections that score best against the row's prompt, in the order written]`,
+    per row. Caches, all under the one rule of `memory_cache` (kept per block, stale when the weights change):
+    each block's scorer features (`features`), the store's features packed for scoring (`packed`), and the
+    un-rotated keys/values of recently read blocks (`key_values`, bounded by `model.retrieval_kv_cache_slots`)."""
 
-    @property
-    def long_term_memory(self) -> tuple:
-        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
-        return self._long_term
+    def __init__(self):
+        self.features = DerivedCache()
+        self.packed = DerivedCache()
+        self.key_values = DerivedCache(size=prefix_slots)
+        self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
+
+    @staticmethod
+    def check_config(config) -> None:
+        if config.long_term_memory_tokens == 0:
+            raise ValueError(
+                "read_mode='retrieve' reads from the long-term store: set long_term_memory_tokens > 0 "
+                "(or use read_mode='pool')"
+            )
+
+    @staticmethod
+    def from_base_defaults(memory_config: dict, base_config) -> None:
+        """`from_base` settings (unless given): read 4 updates and their neighbours from a bfloat16 store of ~1 GiB."""
+        update = memory_config.get("num_update_tokens", 16)
+        memory_config.setdefault("read_tokens", 4 * update)
+        memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
+        memory_config.setdefault("long_term_memory_dtype", "bfloat16")
+        memory_config.setdefault(
+            "long_term_memory_tokens",
+            default_long_term_tokens(
+                base_config.num_hidden_layers, base_config.hidden_size, memory_config["long_term_memory_dtype"], update
+            ),
+        )
+
+    def has_memory(self, model) -> bool:
+        return bool(model.long_term_memory)
 
     @torch.no_grad()
-    def retrieval_scores(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scores [B, stored injections] of every long-term block against each prompt row (higher = more relevant)."""
-        with self._memory_lock:
-            store = self._long_term
-            dtype, device = self.memory.dtype, self.memory.device
-            key_layers = retrieval_key_layers(self.config.num_hidden_layers)
-            packed = self.__dict__.get("_packed_store")
-            if packed is None or packed[0] is not store or packed[1] != (key_layers, device):
-                features = []
-                for block in store:
-                    if block.features is None:  # computed once per block, on first use
-                        slots = block.slots.to(device=device, dtype=dtype)
-                        block.features = block_features(self.model.layers, slots, key_layers)
-                    features.append(block.features)
-                # packed once per store (a store is an immutable tuple: a new one after every injection)
-                packed = (store, (key_layers, device), pack_blocks(features, device))
-                self.__dict__["_packed_store"] = packed
-        with self.adapters.use(READ):
-            hidden = self.model(
+    def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
+        """Scores [B, stored injections] of every block of the store against each prompt row."""
+        cfg, layers = model.config, model.model.layers
+        with model.memory_lock:
+            store = model.long_term_memory
+            dtype, device = model.memory.dtype, model.memory.device
+            key_layers = retrieval_key_layers(cfg.num_hidden_layers, cfg.retrieval_key_layers)
+            weights = (key_layers, dtype, device) + key_value_weights_fingerprint(layers, None)
+
+            def features(block):
+                slots = block.slots.to(device=device, dtype=dtype)
+                return block_features(layers, slots, key_layers)
+
+            def packed():  # packed once per store (an immutable tuple: a new one after every injection)
+                return pack_blocks([self.features.get(b, weights, lambda b=b: features(b)) for b in store], device)
+
+            packed = self.packed.get(store, weights, packed, limit=1)
+        with model.adapters.use(READ):
+            hidden = model.model(
                 input_ids=input_ids,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -132,24 +157,15 @@ class LongTermMemoryMixin:
             ).hidden_states
         if not store:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
-        return score_packed(question_features(self.model.layers, hidden, attention_mask, key_layers), packed[2])
+        question = question_features(layers, hidden, attention_mask, key_layers)
+        return score_packed(question, packed, cfg.retrieval_weights)
 
-    def retrieve(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> list[list[int]]:
-        """The injection numbers each prompt row reads with `read_mode="retrieve"` (in the order written)."""
-        chosen = self._retrieved_blocks(input_ids, inputs_embeds, attention_mask)
-        return [[block.injection for block in row] for row in chosen]
-
-    def _retrieved_blocks(self, input_ids, inputs_embeds, attention_mask) -> list[list]:
-        """The blocks each row reads; also kept as `last_retrieval` (injection numbers per row)."""
-        with self._memory_lock:
-            store = self._long_term
-            scores = self.retrieval_scores(input_ids, attention_mask, inputs_embeds)
-        cfg = self.config
+    def blocks(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> list[list]:
+        """The blocks each row reads; also kept as `last` (injection numbers per row)."""
+        with model.memory_lock:
+            store = model.long_term_memory
+            scores = self.scores(model, input_ids, attention_mask, inputs_embeds)
+        cfg = model.config
         sizes, calls = [block.num_slots for block in store], [block.call for block in store]
         chosen = [
             select_injections(
@@ -158,79 +174,85 @@ class LongTermMemoryMixin:
             )
             for row in scores.float().cpu()
         ]
-        self.last_retrieval = [[store[i].injection for i in row] for row in chosen]
+        self.last = [[store[i].injection for i in row] for row in chosen]
         return [[store[i] for i in row] for row in chosen]
 
-    # Blocks whose (un-rotated) keys/values are kept for the next reads, in slots per layer (least recently read
-    # leave first). A question's prefix is then the cached keys/values rotated to their positions.
-    retrieval_kv_cache_slots: int = 8192
-
     @torch.no_grad()
-    def _retrieved_prefix(self, input_ids, inputs_embeds, attention_mask):
+    def prefix(self, model, input_ids, inputs_embeds, attention_mask) -> tuple[PrefixKV, torch.Tensor]:
         """Per-layer keys/values [B, kv, P, hd] of each row's `[bos; retrieved slots]`, left-padded, and the mask
         [B, P] of the real prefix columns (rows that chose the same injections share one computation)."""
         by_choice: dict[tuple, PrefixKV] = {}
         rows = []
-        with self.adapters.use(READ):
-            weights = self._key_value_weights_fingerprint()
-            for blocks in self._retrieved_blocks(input_ids, inputs_embeds, attention_mask):
+        layers, limit = model.model.layers, model.retrieval_kv_cache_slots
+        memory = model.memory
+
+        def kv(block) -> PrefixKV:
+            return slot_key_values(layers, list(block.slots.to(device=memory.device, dtype=memory.dtype)))
+
+        with model.adapters.use(READ):
+            bos, _ = model.memory_embeddings()
+            weights = (memory.dtype, memory.device) + key_value_weights_fingerprint(layers, bos)
+            if bos is None:
+                empty = memory.new_zeros(model.config.num_hidden_layers, 0, model.config.hidden_size)
+                bos_kv = slot_key_values(layers, list(empty))
+            else:
+                bos_hidden = list(bos.to(memory.dtype))
+                bos_kv = self.key_values.get("bos", weights, lambda: slot_key_values(layers, bos_hidden), limit)
+            for blocks in self.blocks(model, input_ids, attention_mask, inputs_embeds):
                 key = tuple(block.injection for block in blocks)
                 if key not in by_choice:
-                    parts = [self._bos_key_values(weights)] + [self._block_key_values(b, weights) for b in blocks]
+                    parts = [bos_kv] + [self.key_values.get(b, weights, lambda b=b: kv(b), limit) for b in blocks]
                     joined = [
                         (torch.cat([p[layer][0] for p in parts], 2), torch.cat([p[layer][1] for p in parts], 2))
                         for layer in range(len(parts[0]))
                     ]
-                    by_choice[key] = rotate_prefix_keys(joined, self.model.rotary_emb)
+                    by_choice[key] = rotate_prefix_keys(joined, model.model.rotary_emb)
                 rows.append(by_choice[key])
         return stack_prefixes(rows)
 
-    def _bos_key_values(self, weights: tuple) -> PrefixKV:
-        bos, _ = self.memory_embeddings()
-        if bos is None:
-            empty = self.memory.new_zeros(self.config.num_hidden_layers, 0, self.config.hidden_size)
-            return slot_key_values(self.model.layers, list(empty))
-        return self._cached_key_values(("bos",), weights, lambda: bos.to(self.memory.dtype))
+    def read(self, model, batch, rows: int, slots=None, read_only=False, max_cache_len=None):
+        """(cache seeded with each row's retrieved prefix for `rows` cache rows (beams repeat each row), attention
+        mask [B, prefix + tokens]) of one prompt batch (`ReadBatch`)."""
+        mask = batch.attention_mask
+        if mask is not None and (mask.dim() != 2 or mask.shape[1] != batch.length):
+            raise ValueError(
+                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, "
+                f"{batch.length}], got {tuple(mask.shape)}"
+            )
+        prefix_kv, prefix_mask = self.prefix(model, batch.input_ids, batch.inputs_embeds, mask)
+        repeat = rows // batch.size
+        if repeat != 1:
+            prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
+        if mask is None:
+            mask = torch.ones(batch.size, batch.length, dtype=torch.long, device=batch.device)
+        full_mask = torch.cat([prefix_mask.to(mask.device, mask.dtype), mask], dim=1)
+        static = None if max_cache_len is None else prefix_mask.shape[1] + max_cache_len
+        prefix_mask = prefix_mask.repeat_interleave(repeat, 0)
+        return seeded_cache(model.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
 
-    def _block_key_values(self, block, weights: tuple) -> PrefixKV:
-        slots = lambda: block.slots.to(device=self.memory.device, dtype=self.memory.dtype)  # noqa: E731
-        return self._cached_key_values((block.injection, id(block.slots)), weights, slots)
+    def clear(self) -> None:
+        for cache in (self.features, self.packed, self.key_values):
+            cache.clear()
 
-    def _cached_key_values(self, key: tuple, weights: tuple, hidden) -> PrefixKV:
-        cache = self.__dict__.setdefault("_retrieval_kv_cache", OrderedDict())
-        found = cache.get(key)
-        if found is not None and found[0] == weights:
-            cache.move_to_end(key)
-            return found[1]
-        kv = slot_key_values(self.model.layers, list(hidden()))
-        cache[key] = (weights, kv)
-        while sum(entry[1][0][0].shape[2] for entry in cache.values()) > self.retrieval_kv_cache_slots:
-            cache.popitem(last=False)
-        return kv
 
-    def _load_long_term_file(self, path_or_repo, kwargs: dict) -> None:
-        """Install the checkpoint's long-term store (`long_term_memory.safetensors`), if it has one."""
-        from transformers.utils import cached_file
+def prefix_slots(kv: PrefixKV) -> int:
+    """Slots per layer a cached prefix holds (the size the key/value cache is bounded in)."""
+    return kv[0][0].shape[2]
 
-        options = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "subfolder", "local_files_only") if k in kwargs}
-        path = cached_file(
-            path_or_repo,
-            LONG_TERM_FILE,
-            _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False,
-            **options,
-        )
-        if path is None:
-            return
-        try:
-            store = load_store(path, self.memory_fingerprint())
-            validate_store(store, self.config.num_hidden_layers, self.config.hidden_size, self.num_injections)
-        except LongTermStoreError as err:
-            raise ValueError(f"{path_or_repo}: {err}") from None
-        dtype = getattr(torch, self.config.long_term_memory_dtype) if self.config.long_term_memory_dtype else None
-        device = self.config.long_term_memory_device or "cpu"
-        for block in store:
-            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
-        with self._memory_lock:
-            self._long_term = store
 
+def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int):
+    """The checkpoint's long-term store (`long_term_memory.safetensors`), checked (against `fingerprint()`, the
+    reading model's, computed only when there is a store) and cast to the configured dtype and device, or None."""
+    path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
+    if path is None:
+        return None
+    try:
+        store = load_store(path, fingerprint())
+        validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
+    except LongTermStoreError as err:
+        raise ValueError(f"{path_or_repo}: {err}") from None
+    dtype = torch_dtype(config.long_term_memory_dtype)
+    device = config.long_term_memory_device or "cpu"
+    for block in store:
+        block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype)
+    return store

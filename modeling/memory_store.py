@@ -10,13 +10,11 @@ snapshots, undo) share their tensors.
 """
 
 import dataclasses
-import os
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from .memory_storage import atomic_write, read_tensor_file, tensors_digest
+from .atomic_io import tensors_digest
+from .memory_fields import torch_dtype
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
 STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
@@ -31,8 +29,6 @@ class MemoryBlock:
     injection: int
     call: int
     slots: torch.Tensor
-    # Retrieval features of the slots, computed on first use by the model that reads them (see memory_retrieval).
-    features: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def num_slots(self) -> int:
@@ -48,8 +44,7 @@ class LongTermStoreError(ValueError):
 
 def bytes_per_stored_token(num_layers: int, hidden_size: int, dtype: str | torch.dtype) -> int:
     """Bytes one stored token (one slot in every layer) takes."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return num_layers * hidden_size * torch.empty(0, dtype=dtype).element_size()
+    return num_layers * hidden_size * torch.empty(0, dtype=torch_dtype(dtype)).element_size()
 
 
 def default_long_term_tokens(num_layers: int, hidden_size: int, dtype: str, num_update_tokens: int) -> int:
@@ -142,59 +137,6 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
         previous = block.injection
 
 
-# ---------------------------------------------------------------------------------------------------- file
-LONG_TERM_FILE = "long_term_memory.safetensors"
-STORE_FORMAT = "memoryllm-hf/long-term-store/1"
-
-
 def store_content_hash(store: LongTermStore) -> str:
     """sha256 of the store's tensors (names, dtypes, shapes, bytes)."""
     return tensors_digest(store_to_tensors(store))
-
-
-def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) -> dict[str, str]:
-    """Metadata of a store file: format, geometry, counts, content hash (and the model's fingerprint)."""
-    L, _, d = store[0].slots.shape
-    metadata = {
-        "long_term_store": STORE_FORMAT,
-        "num_layers": str(L),
-        "hidden_size": str(d),
-        "slots": str(store_num_slots(store)),
-        "injections": str(len(store)),
-        "content_hash": store_content_hash(store),
-    }
-    if fingerprint is not None:
-        metadata["fingerprint"] = fingerprint
-    return metadata
-
-
-def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
-    """Write the store to one safetensors file, atomically, with its hash (and the model's fingerprint)."""
-    if not store:
-        raise LongTermStoreError("the long-term store is empty: there is nothing to save")
-    metadata = {"format": "pt", **store_file_metadata(store, fingerprint)}
-    atomic_write(os.fspath(path), lambda tmp: save_file(store_to_tensors(store), tmp, metadata=metadata))
-
-
-def load_store(path: str | os.PathLike, fingerprint: str | None = None) -> LongTermStore:
-    """Read a file written by `save_store`; refuses a truncated or corrupted file, a hash mismatch and (when
-    `fingerprint` is given and the file records one) another model's store."""
-    path = os.fspath(path)
-    try:
-        tensors, metadata = read_tensor_file(path)
-    except (SafetensorError, OSError) as err:
-        raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
-    extra = sorted(set(tensors) - set(STORE_TENSORS))
-    if extra or metadata.get("long_term_store") != STORE_FORMAT:
-        raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
-                                 f"unexpected tensors {extra})")
-    recorded = metadata.get("fingerprint")
-    if fingerprint is not None and recorded is not None and recorded != fingerprint:
-        raise LongTermStoreError(
-            f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
-        )
-    store = store_from_tensors(tensors)
-    if metadata.get("content_hash") != store_content_hash(store):
-        raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
-    return store
-

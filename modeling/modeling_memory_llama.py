@@ -1,9 +1,12 @@
-"""MemoryLlama: a Llama decoder with a fixed-size latent memory pool per layer (MemoryLLM, Wang et al. 2024).
+"""The MemoryLlama model classes: a Llama with a latent memory pool per layer (MemoryLLM, Wang et al. 2024), wired.
 
-Reading: every layer attends to `[bos_l; memory_l; tokens]`. The memory's keys/values are computed once per memory
-state and seeded into the generation cache, so the stock `LlamaModel` and `generate()` do the rest.
-Writing (`inject`): each layer sees `[bos_l; last K slots; context]`; K new slots per layer come out, K random old
-slots are dropped (see `memory_pool`).
+The class declares its parts in `__init__` and wires them; each part lives in its own file:
+- the memory state's tensors: `memory_fields` (buffers), `memory_state` (the value), `memory_state_api` (states,
+  snapshots, undo), `memory_store` (the long-term store), `memory_files` / `memory_hub` (on disk, on the Hub);
+- reading: `memory_reads` (the table of read modes: `memory_pool_read`, `memory_reader`, and the public read API),
+  `memory_prefix` / `shared_prefix_attention` (the prefix in transformers' caches), `memory_generation`;
+- writing (`inject`): `memory_text` (checks, chunks), `memory_writer` (new slots), `memory_transition` (drop rule);
+- construction: `memory_loading` (`from_pretrained`'s checks, `save_pretrained`, `from_base`).
 """
 
 import os
@@ -11,95 +14,35 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationMixin, GgufConfig, LlamaForCausalLM
+from transformers import GenerationMixin, LlamaForCausalLM
 from transformers import initialization as init
-from transformers.masking_utils import create_causal_mask
 from transformers.utils import logging
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .memory_adapters import READ, WRITE, AdapterWeights, MemoryAdapters
 from .headless import LlamaHeadless
-from .memory_generation import static_cache_room, uncached_length
-from .memory_hub import MemoryHubMixin, checkpoint_memory_file
-from .memory_inputs import encoding_rows
+from .memory_adapters import AdapterWeights, MemoryAdapters
+from .memory_embeddings import MemoryEmbeddings
+from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
+from .memory_generation import read_before_generate, uncached_length
+from .memory_hub import MemoryHubMixin
+from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_pool import is_sole_reference
-from .memory_reader import LongTermMemoryMixin
-from .memory_prefix import (
-    PrefixKV,
-    cache_prefix_length,
-    cache_prefix_mask,
-    extend_attention_mask,
-    positions_from_mask,
-    prefix_key_values,
-    record_prefix,
-    seeded_cache,
-)
-from .memory_state import (
-    MEMORY_BUFFERS,
-    MemoryLock,
-    MemoryState,
-    MemoryStateMixin,
-    check_finite_slots,
-    is_blank_text,
-    next_state,
-    seeded_rng_state,
-)
-from .memory_store import default_long_term_tokens
-from .shared_prefix_attention import SharedPrefixCache, shared_prefix_reads, shares_prefix
+from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
+from .memory_reads import READS, MemoryReadMixin
+from .memory_state import MemoryState
+from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
+from .memory_text import CallNumbers, injection_ids, split_ids
+from .memory_transition import check_finite_slots, next_state
+from .memory_writer import new_memory_slots, write_layout
+from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
 
 PROGRESS_MIN_CHUNKS = 8
-# `from_base` keyword arguments that go to `from_pretrained` (the others configure the memory).
-FROM_BASE_LOAD_KWARGS = (
-    "dtype", "revision", "device_map", "offload_folder", "attn_implementation", "token", "cache_dir", "local_files_only"
-)
-
-
-def _drop_load_report(record) -> bool:
-    """Log filter leaving out transformers' load report (see `from_base`)."""
-    return "LOAD REPORT" not in record.getMessage()
-
-
-def _module_fingerprint(module: nn.Module, parts: list) -> None:
-    """Append the identity, adapter settings and parameter versions of `module` and its submodules. Runs at every
-    question, so it walks `_modules`/`_parameters` directly (`modules()`/`parameters()` cost ~7x more)."""
-    parts.append(id(module))
-    if "active_adapter" in module.__dict__ or hasattr(type(module), "active_adapter"):
-        parts += [
-            str(module.active_adapter),
-            getattr(module, "merged", None),
-            getattr(module, "disable_adapters", None),
-        ]
-    for param in module._parameters.values():
-        if param is not None:
-            parts += [param.data_ptr(), param._version]
-    for child in module._modules.values():
-        if child is not None:
-            _module_fingerprint(child, parts)
-
-
-class MemoryEmbeddings(nn.Module):
-    """Trainable memory-side vectors: the per-layer bos slot [L, 1, d] and the write-position embedding [1, 1, d].
-
-    A module of its own so PEFT can train and save it (`modules_to_save=["memory_embeddings"]`); the model reads
-    it only through `forward()`, which PEFT's wrapper routes to the trained copy.
-    """
-
-    def __init__(self, config: MemoryLlamaConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.bos_embedding = (
-            nn.Parameter(torch.zeros(config.num_hidden_layers, 1, d)) if config.add_bos_embedding else None
-        )
-        self.new_memory_positional_emb = nn.Parameter(torch.zeros(1, 1, d))
-
-    def forward(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        return self.bos_embedding, self.new_memory_positional_emb
 
 
 class MemoryLlamaForCausalLM(
-    MemoryStateMixin, MemoryHubMixin, LongTermMemoryMixin, LlamaForCausalLM, GenerationMixin
+    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, LlamaForCausalLM, GenerationMixin
 ):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
@@ -111,17 +54,16 @@ class MemoryLlamaForCausalLM(
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
-        L, N, d = config.num_hidden_layers, config.num_memory_tokens, config.hidden_size
         self.memory_embeddings = MemoryEmbeddings(config)
-        self.register_buffer("memory", torch.zeros(L, N, d), persistent=True)
-        self.register_buffer("memory_filled", torch.tensor(0, dtype=torch.long), persistent=True)
-        self.register_buffer("memory_injections", torch.tensor(0, dtype=torch.long), persistent=True)
-        self.register_buffer("memory_rng_state", seeded_rng_state(config.memory_seed), persistent=True)
-        self.register_buffer("memory_written_at", torch.zeros(L, N, dtype=torch.long), persistent=True)
+        fresh = fresh_tensors(config_geometry(config), torch.get_default_dtype(), config.memory_seed)
+        for field in MEMORY_FIELDS:  # the memory state's tensors (memory_fields), saved in their own file
+            self.register_buffer(field.buffer, fresh[field.name], persistent=field.saved)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
-        self._prefix_kv: tuple[tuple, PrefixKV] | None = None
+        self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
         self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
-        self._memory_lock = MemoryLock()
+        self.memory_lock = MemoryLock()
+        self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
+        self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
         for module in self.modules():
             if isinstance(module, AdapterWeights):
@@ -134,11 +76,10 @@ class MemoryLlamaForCausalLM(
                 init.normal_(module.bos_embedding, std=self.config.initializer_range)
             init.zeros_(module.new_memory_positional_emb)
         elif module is self:
+            fresh = fresh_tensors(config_geometry(self.config), self.memory.dtype, self.config.memory_seed)
+            for field in MEMORY_FIELDS:
+                init.copy_(getattr(self, field.buffer), fresh[field.name])
             init.normal_(self.memory, std=self.config.initializer_range)
-            init.zeros_(self.memory_filled)
-            init.zeros_(self.memory_injections)
-            init.copy_(self.memory_rng_state, seeded_rng_state(self.config.memory_seed))
-            init.zeros_(self.memory_written_at)
 
     # ------------------------------------------------------------------ memory state
     @property
@@ -160,159 +101,30 @@ class MemoryLlamaForCausalLM(
     def num_injections(self) -> int:
         return int(self.memory_injections)
 
+    @property
+    def long_term_memory(self) -> tuple:
+        """The long-term store: one `MemoryBlock` per stored injection, oldest first (see `memory_store`)."""
+        return self._long_term
+
     def reset_memory(self, seed: int | None = None) -> None:
         """Empty the pool and the long-term store: reads use no memory until the next injection."""
-        seed = self.config.memory_seed if seed is None else seed
-        self._set_state(
-            MemoryState(
-                memory=torch.zeros_like(self.memory),
-                filled=torch.zeros_like(self.memory_filled),
-                injections=torch.zeros_like(self.memory_injections),
-                rng_state=seeded_rng_state(seed).to(self.memory_rng_state.device),
-                written_at=torch.zeros_like(self.memory_written_at),
-            )
-        )
+        self.swap_memory_state(MemoryState.empty(self.config, seed, self.memory.dtype, self.memory.device))
 
-    def _current_state(self) -> MemoryState:
+    def live_memory_state(self) -> MemoryState:
+        """The memory as a state that shares the model's tensors (no copy, no checks; `memory_state()` copies)."""
         buffers = {name: getattr(self, name) for name in MEMORY_BUFFERS}
         return MemoryState.from_buffers(buffers, long_term=self._long_term)
 
-    def _set_state(self, state: MemoryState) -> None:
-        """The only place that changes the memory: swaps in new tensors (never edits them in place)."""
-        with self._memory_lock:
+    def swap_memory_state(self, state: MemoryState) -> None:
+        """The only place that changes the memory: swaps in `state`'s tensors (never edits them in place), without
+        the checks of `load_memory_state` / `set_memory_state` (for states of this model)."""
+        with self.memory_lock:
             for name, tensor in state.as_buffers().items():
                 current = getattr(self, name)
                 setattr(self, name, tensor.to(device=current.device, dtype=current.dtype))
             self._long_term = state.long_term
-            # The cached memory keys/values belong to the old pool; its address may be reused by a later pool.
-            self._prefix_kv = None
 
-    # ------------------------------------------------------------------ reading
-    def memory_prefix_hidden(self, slots: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per-layer prefix hidden states `[bos_l; slots_l]` ([P, d] each); slots default to the filled pool."""
-        bos, _ = self.memory_embeddings()
-        if slots is None:
-            slots = self.memory[:, self.config.num_memory_tokens - self.num_filled_slots :]
-        if bos is None:
-            return list(slots)
-        return list(torch.cat([bos.to(slots.device, slots.dtype), slots], dim=1))
-
-    def _prefix_fingerprint(self) -> tuple:
-        """Everything the memory keys/values depend on: memory tensor versions and the weights/adapters in use."""
-        parts = (self.memory.data_ptr(), self.memory._version, self.memory.dtype, self.memory.device)
-        return parts + (self.num_filled_slots,) + self._key_value_weights_fingerprint()
-
-    def _key_value_weights_fingerprint(self) -> tuple:
-        """What a slot's keys/values depend on besides the slot: bos, the norms and k/v projections (with adapters)."""
-        parts: list = []
-        bos, _ = self.memory_embeddings()
-        if bos is not None:
-            parts += [bos.data_ptr(), bos._version]
-        for layer in self.model.layers._modules.values():
-            attention = layer._modules["self_attn"]._modules
-            for module in (layer._modules["input_layernorm"], attention["k_proj"], attention["v_proj"]):
-                _module_fingerprint(module, parts)
-        return tuple(parts)
-
-    def memory_key_values(self, slots: torch.Tensor | None = None) -> PrefixKV:
-        """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
-        The pool's are cached until the memory or the weights change; they are computed afresh (with gradient)
-        when gradients can flow into the prefix path."""
-        if slots is not None or (torch.is_grad_enabled() and self._prefix_needs_grad()):
-            return prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden(slots))
-        with self._memory_lock:
-            fingerprint = self._prefix_fingerprint()
-            if self._prefix_kv is None or self._prefix_kv[0] != fingerprint:
-                with torch.no_grad():
-                    kv = prefix_key_values(self.model.layers, self.model.rotary_emb, self.memory_prefix_hidden())
-                self._prefix_kv = (fingerprint, kv)
-            return self._prefix_kv[1]
-
-    def clear_memory_key_values(self) -> None:
-        """Forget the cached keys/values of the pool's prefix (the next read computes them again)."""
-        with self._memory_lock:
-            self._prefix_kv = None
-
-    def _prefix_needs_grad(self) -> bool:
-        bos, _ = self.memory_embeddings()
-        modules = [m for layer in self.model.layers for m in (layer.input_layernorm, layer.self_attn)]
-        return (bos is not None and bos.requires_grad) or any(p.requires_grad for m in modules for p in m.parameters())
-
-    def memory_cache(
-        self,
-        batch_size: int = 1,
-        slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
-        """A cache pre-filled with the memory prefix (`[bos; pool]`, or `[bos; slots]`) for `batch_size` rows
-        (a `StaticCache` of `max_cache_len` positions when given). Rows of a batch share one copy of the pool's
-        prefix (`SharedPrefixCache`, see `share_memory_prefix`)."""
-        prefix_kv = self.memory_key_values(slots)
-        shared = self.share_memory_prefix and slots is None and not read_only and not self.training
-        if shared and max_cache_len is None and shares_prefix(self.config, batch_size):
-            return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
-        return seeded_cache(self.config, prefix_kv, batch_size, read_only, max_cache_len)
-
-    def _memory_prefix(
-        self,
-        batch_size: int,
-        slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
-        """(cache, prefix length) taken from one consistent memory state. `max_cache_len` asks for a static cache
-        with room for that many token positions after the prefix."""
-        with self._memory_lock:
-            length = self.memory_prefix_length if slots is None else int(self.config.add_bos_embedding) + slots.shape[1]
-            static = None if max_cache_len is None else length + max_cache_len
-            return self.memory_cache(batch_size, slots, read_only, static), length
-
-    def _memory_read(
-        self,
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        rows: int | None = None,
-        memory_slots: torch.Tensor | None = None,
-        read_only: bool = False,
-        max_cache_len: int | None = None,
-    ):
-        """(cache seeded with the memory prefix for `rows` cache rows (default: the batch; beams repeat each row),
-        attention mask [B, prefix + tokens]) of a fresh read: the pool (or `memory_slots`), or with
-        `read_mode="retrieve"` each row's retrieved injections. `max_cache_len`: a static cache with room for that
-        many token positions after the prefix."""
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        batch, length = tokens.shape[:2]
-        rows = rows or batch
-        if memory_slots is not None or self._read_mode() == "pool":
-            cache, prefix = self._memory_prefix(rows, memory_slots, read_only, max_cache_len)
-            return cache, extend_attention_mask(attention_mask, batch, length, prefix, tokens.device)
-        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[1] != length):
-            raise ValueError(
-                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, {length}], "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        prefix_kv, prefix_mask = self._retrieved_prefix(input_ids, inputs_embeds, attention_mask)
-        if rows != batch:
-            repeat = rows // batch
-            prefix_kv = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in prefix_kv]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=tokens.device)
-        full_mask = torch.cat([prefix_mask.to(attention_mask.device, attention_mask.dtype), attention_mask], dim=1)
-        static = None if max_cache_len is None else prefix_mask.shape[1] + max_cache_len
-        prefix_mask = prefix_mask.repeat_interleave(rows // batch, 0)
-        return seeded_cache(self.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
-
-    def _read_mode(self) -> str:
-        self.config.check_long_term_memory()  # edited after construction? never fall back to the pool silently
-        return self.config.read_mode
-
-    def _reads_memory(self, use_memory: bool) -> bool:
-        if not use_memory:
-            return False
-        return bool(self._long_term) if self._read_mode() == "retrieve" else self.memory_is_initialized
-
+    # ------------------------------------------------------------------ reading (see memory_reads)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -337,21 +149,12 @@ class MemoryLlamaForCausalLM(
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
         if not fresh and attention_mask is not None and attention_mask.dim() == 2:
-            # continuing from a cache: the mask covers the tokens so far (or the memory prefix and them); positions
-            # follow it, so right-padded rows continue where their own tokens ended
-            prefix = cache_prefix_length(cache)
-            seen = int(cache.get_seq_length()) - prefix + length
-            if prefix:
-                attention_mask = extend_attention_mask(
-                    attention_mask, batch, seen, prefix, tokens.device, cache_prefix_mask(cache, batch)
-                )
-            if position_ids is None and attention_mask.shape[1] == prefix + seen:
-                position_ids = positions_from_mask(attention_mask, length)
-        if fresh and (memory_slots is not None or self._reads_memory(use_memory)):
+            attention_mask, position_ids = continued_read(cache, attention_mask, position_ids, length, tokens.device)
+        if fresh and (memory_slots is not None or self.reads_memory(use_memory)):
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
             )
-            cache, attention_mask = self._memory_read(
+            cache, attention_mask = self.memory_read(
                 input_ids, inputs_embeds, attention_mask, memory_slots=memory_slots, read_only=checkpointing
             )
             if position_ids is None:
@@ -384,27 +187,7 @@ class MemoryLlamaForCausalLM(
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """Standard `generate()`; the memory prefix is added to the cache and the attention mask automatically.
         A cache returned by an earlier call (`cache=`, with the whole sequence so far as input) continues it."""
-        given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
-        tokens = next((t for t in candidates if t is not None), None)
-        prefix = cache_prefix_length(given_cache)
-        if given_cache is None and tokens is not None and self._reads_memory(kwargs.get("use_memory", True)):
-            batch, length = tokens.shape[:2]
-            config = generation_config or self.generation_config
-            beams = kwargs.get("num_beams", config.num_beams) or 1
-            returns = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
-            room = static_cache_room(config, kwargs, length)
-            input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-            inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-            kwargs["cache"], kwargs["attention_mask"] = self._memory_read(
-                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
-                max_cache_len=room,
-            )
-        elif prefix:
-            batch, length = tokens.shape[:2]
-            kwargs["attention_mask"] = extend_attention_mask(
-                kwargs.get("attention_mask"), batch, length, prefix, tokens.device, cache_prefix_mask(given_cache, batch)
-            )
+        read_before_generate(self, inputs, generation_config or self.generation_config, kwargs)
         return super().generate(inputs, generation_config, **kwargs)
 
     def prepare_inputs_for_generation(
@@ -439,163 +222,62 @@ class MemoryLlamaForCausalLM(
         """
         chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
         if chunk_size < self.config.min_inject_tokens:
-            raise ValueError(f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}")
+            raise ValueError(
+                f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
+            )
         # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        chunks = [
-            (text, c) for text, ids in enumerate(self._injection_ids(text_or_ids, tokenizer))
-            for c in self._split(ids, chunk_size)
-        ]
+        items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
+        chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
-        with self._memory_lock:
-            before = self._current_state()
-            first_update: dict[int, int] = {}
+        with self.memory_lock:
+            before = self.live_memory_state()
+            calls = CallNumbers()
             try:
                 with torch.no_grad():
                     for text, chunk in logging.tqdm(chunks, desc="Injecting", unit="chunk", disable=not show):
-                        call = first_update.setdefault(text, self.num_injections + 1)
+                        call = calls(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
-                        state = self._state_after(new, generator, self._take_spare_pool(), call)
+                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
                         replaced = self.memory
-                        self._set_state(state)
+                        self.swap_memory_state(state)
                         del state
                         # A pool between two chunks of this call. (is_sole_reference counts references: keep the
                         # call inline, a helper in between would add one and turn recycling off.)
-                        if self._recycles(replaced) and is_sole_reference(replaced):
-                            self._spare_pool = replaced
+                        if self.spare_pool.accepts(replaced, self.recycle_pools) and is_sole_reference(replaced):
+                            self.spare_pool.keep(replaced)
                         del replaced
             except BaseException:
-                self._set_state(before)
+                self.swap_memory_state(before)
                 raise
-            self._remember_undo(before)
+            self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
         return len(chunks)
 
     def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
-        with self._memory_lock:
-            before = self._current_state()
-            self._set_state(self._state_after(check_finite_slots(slots.detach()), generator))
-            self._remember_undo(before)
-
-    def _injection_ids(self, text_or_ids, tokenizer) -> list[torch.Tensor]:
-        """Validate and tokenize everything up front (so a bad item fails before memory changes)."""
-        if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
-            return [ids for row in encoding_rows(text_or_ids) for ids in self._injection_ids(row, tokenizer)]
-        if isinstance(text_or_ids, str) or (
-            isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
-        ):
-            texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
-            if any(isinstance(t, str) and is_blank_text(t) for t in texts):
-                raise ValueError("text is empty or whitespace only: there is nothing to inject")
-            if tokenizer is None:
-                raise ValueError("inject(text) needs tokenizer=...; or pass token ids")
-            items = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
-        else:
-            try:
-                ids = torch.as_tensor(text_or_ids)
-            except RuntimeError as err:  # e.g. None or dicts among the ids
-                raise TypeError(
-                    f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
-                ) from None
-            if ids.is_meta or ids.layout != torch.strided:
-                kind = "meta" if ids.is_meta else str(ids.layout)
-                raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
-            if ids.dim() == 2 and ids.shape[0] != 1:
-                raise ValueError(
-                    f"inject takes one sequence at a time, got a batch of {ids.shape[0]}; "
-                    "pass a list of texts (or call inject per row) to inject them in order"
-                )
-            if ids.dim() > 2:
-                raise ValueError(f"token ids must be 1-D or [1, n], got shape {tuple(ids.shape)}")
-            items = [ids.reshape(-1).long()]
-        minimum, vocab = self.config.min_inject_tokens, self.config.vocab_size
-        for ids in items:
-            if ids.numel() < minimum:
-                raise ValueError(
-                    f"injection has {ids.numel()} tokens; at least min_inject_tokens={minimum} are needed "
-                    "(join short texts together, or lower config.min_inject_tokens)"
-                )
-            if ids.min() < 0 or ids.max() >= vocab:
-                raise ValueError(f"token ids must be in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]")
-        return items
-
-    def _split(self, ids: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
-        """Near-equal chunks of at most `chunk_size` tokens (none shorter than the minimum)."""
-        count = -(-ids.numel() // chunk_size)
-        return [c[None].to(self.device) for c in torch.tensor_split(ids, count)]
+        with self.memory_lock:
+            before = self.live_memory_state()
+            self.swap_memory_state(self._state_after(check_finite_slots(slots.detach()), generator))
+            self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
-        """The write window for a context of `length` tokens: (bos in prefix, memory slots in prefix, memory slots
-        re-processed as queries, add the position embedding, number of new slots).
-
-        Official ("output") rule: window `[bos; last K slots; context]`, queries = the last max(n, K) positions, new
-        slots = layer outputs at the last K; the first write into an empty "tile" pool has no bos and no memory.
-        "input" rule: only the context tokens are queries and become (min(n, K)) new slots.
-        """
-        cfg, K, filled = self.config, self.config.num_update_tokens, self.num_filled_slots
-        output_rule = cfg.memory_update == "output"
-        official_first = filled == 0 and output_rule and cfg.fresh_pool == "tile"
-        requeried = min(max(K - length, 0), filled) if output_rule else 0
-        add_pos = cfg.positional_emb_on_first_injection if filled == 0 else True
-        num_new = min(K, requeried + length)
-        return cfg.add_bos_embedding and not official_first, min(K, filled) - requeried, requeried, add_pos, num_new
+        """The write window for a context of `length` tokens (see `memory_writer.write_layout`)."""
+        return write_layout(self.config, self.num_filled_slots, length)
 
     def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
-        use_bos, prefix_slots, requeried, add_pos, num_new = self.write_layout(input_ids.shape[1])
-        bos, pos_emb = self.memory_embeddings()
-        N, K = self.config.num_memory_tokens, self.config.num_update_tokens
-        layers = self.model.layers
-        memory = self.memory
-        with self.adapters.use(WRITE):
-            hidden = self.model.embed_tokens(input_ids)
-            first_slot = N - requeried - prefix_slots
-            prefix = [memory[layer, first_slot : N - requeried] for layer in range(len(layers))]
-            if use_bos:
-                prefix = [torch.cat([bos[i].to(p.device, hidden.dtype), p], dim=0) for i, p in enumerate(prefix)]
-            start = prefix[0].shape[0]
-            cache = None
-            if start:
-                # read-only: the window is used once per layer, and a checkpointing replay must see the same prefix
-                cache = seeded_cache(self.config, prefix_key_values(layers, self.model.rotary_emb, prefix), 1, True)
-            length = requeried + input_ids.shape[1]
-            positions = torch.arange(start, start + length, device=hidden.device)[None]
-            probe = hidden.new_empty(1, length, hidden.shape[-1])
-            mask = create_causal_mask(self.config, probe, None, cache, position_ids=positions)
-            rotary = self.model.rotary_emb(probe, positions)
-            # Official quirk, kept for parity: with no prefix in the window, the next layer's in-place position
-            # embedding add also lands on the recorded output slots.
-            aliased_position_emb = add_pos and not start and not requeried
-            new_slots = []
-            for index, layer in enumerate(layers):
-                requery = memory[index, N - requeried :][None].to(hidden.device)
-                x = hidden if not requeried else torch.cat([requery, hidden], dim=1)
-                if add_pos:
-                    K_here = min(K, x.shape[1])
-                    x = torch.cat([x[:, : x.shape[1] - K_here], x[:, -K_here:] + pos_emb.to(x.device, x.dtype)], dim=1)
-                if self.config.memory_update == "input":
-                    new_slots.append(x[0, -num_new:].to(memory.device))
-                    if index == len(layers) - 1:
-                        break
-                out = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions, cache=cache)
-                if self.config.memory_update == "output":
-                    slot = out[0, -num_new:]
-                    if aliased_position_emb and index < len(layers) - 1:
-                        slot = slot + pos_emb[0].to(slot.device, slot.dtype)
-                    new_slots.append(slot.to(memory.device))
-                hidden = out[:, -input_ids.shape[1] :]
-        return torch.stack(new_slots)
+        return new_memory_slots(self, input_ids)
 
     def _state_after(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
     ) -> MemoryState:
         """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
-        return next_state(self._current_state(), new, self.config, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
-        self._prefix_kv = self._spare_pool = None
+        self.spare_pool.clear()
+        for read in self.reads.values():
+            read.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def save_pretrained(
@@ -611,21 +293,8 @@ class MemoryLlamaForCausalLM(
         Crash-safe over an existing folder (the new folder is written beside it, then swapped in) and locked
         against other savers. Refuses to overwrite a memory that changed on disk since this model was loaded from
         that folder, unless `overwrite_memory=True`."""
-        if kwargs.get("push_to_hub"):
-            raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
-        with self._memory_lock:  # one memory state: the buffers and the long-term store
-            long_term = self._long_term
-            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
-        state = self._memory_for_save(state_dict, long_term)
-        save_weights = super().save_pretrained
-        if not kwargs.get("is_main_process", True):
-            return save_weights(save_directory, *args, state_dict=state_dict, **kwargs)
-        self._save_folder(
-            save_directory,
-            lambda staging: save_weights(staging, *args, state_dict=state_dict, **kwargs),
-            state,
-            overwrite_memory,
-        )
+        parent = super().save_pretrained
+        return save_pretrained(self, parent, save_directory, args, state_dict, overwrite_memory, kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
@@ -633,50 +302,7 @@ class MemoryLlamaForCausalLM(
         consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
         whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
         instead of reading a re-initialized one)."""
-        want_info = kwargs.pop("output_loading_info", False)
-        if args and kwargs.get("config") is None:
-            cls._refuse_plain_checkpoint(args[0], kwargs)
-        try:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        except RuntimeError as err:
-            if "mismatched" not in str(err):
-                raise
-            raise ValueError(
-                "the checkpoint's tensors do not have the shapes its config implies (see the load report above). For "
-                "`memory` this means num_hidden_layers / num_memory_tokens / hidden_size in config.json disagree with "
-                "memory.safetensors: fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
-            ) from err
-        model._reset_missing_adapters(info["missing_keys"])
-        if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
-            logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
-            model.reset_memory()
-        else:
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model._adopt_checkpoint_memory(*checkpoint_memory_file(source, kwargs), allow_other_model)
-            if source is not None:
-                model._load_long_term_file(source, kwargs)
-        model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
-        return (model, info) if want_info else model
-
-    @classmethod
-    def _refuse_plain_checkpoint(cls, path_or_repo, kwargs: dict) -> None:
-        """A checkpoint of another model type (a plain Llama) would load as an untrained memory model: refuse."""
-        lookup = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "gguf_file")
-        config, _ = MemoryLlamaConfig.get_config_dict(path_or_repo, **{k: kwargs[k] for k in lookup if k in kwargs})
-        model_type = config.get("model_type")
-        if model_type != MemoryLlamaConfig.model_type:
-            raise ValueError(
-                f"{path_or_repo} is a {model_type!r} checkpoint, not MemoryLlama: wrap it with "
-                f"{cls.__name__}.from_base(path) (a fresh training-free memory), or convert an official MemoryLLM "
-                "checkpoint with `memoryllm-hf convert --official`"
-            )
-
-    def _reset_missing_adapters(self, missing_keys: set[str]) -> None:
-        """Adapter weights absent from a checkpoint start as fresh (identity) adapters. (They live inside the Llama
-        submodel, whose own `_init_weights` does not know them.)"""
-        for prefix, module in self.named_modules():
-            if isinstance(module, AdapterWeights):
-                module.reset([name for name in module if f"{prefix}.{name}" in missing_keys])
+        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model)
 
     @classmethod
     def from_base(
@@ -692,65 +318,11 @@ class MemoryLlamaForCausalLM(
         and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
         model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
         """
-        if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
-            memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
-        load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}
-        if gguf_file:
-            load_kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(dequantize=True))
-        source = {"gguf_file": gguf_file} if gguf_file else {"revision": load_kwargs.get("revision")}
-        base_config = AutoConfig.from_pretrained(path_or_repo, **source)
-        if base_config.model_type not in ("llama", MemoryLlamaConfig.model_type):
-            raise ValueError(f"from_base needs a Llama checkpoint, got model_type={base_config.model_type!r}")
-        skip = ("model_type", "architectures", "auto_map")
-        fields = {k: v for k, v in base_config.to_dict().items() if k not in skip}
-        if memory_update == "input":
-            # Every context token becomes a slot, so chunks longer than K would lose tokens; and the 16-token
-            # minimum of the trained official models has no reason to apply.
-            memory_config.setdefault("inject_chunk_size", memory_config.get("num_update_tokens", 16))
-            memory_config.setdefault("min_inject_tokens", 4)
-            memory_config.setdefault("fresh_pool", "grow")
-            # What leaves the pool stays findable: a long-term store of about 1 GiB and retrieval reads.
-            if memory_config.get("read_mode", "retrieve") == "retrieve":
-                memory_config.setdefault("read_mode", "retrieve")
-                memory_config.setdefault("read_tokens", 4 * memory_config.get("num_update_tokens", 16))  # 4 updates
-                memory_config.setdefault("retrieval_neighbors", 1)  # and the neighbouring updates of their text
-                memory_config.setdefault("long_term_memory_dtype", "bfloat16")
-                memory_config.setdefault(
-                    "long_term_memory_tokens",
-                    default_long_term_tokens(
-                        base_config.num_hidden_layers,
-                        base_config.hidden_size,
-                        memory_config["long_term_memory_dtype"],
-                        memory_config.get("num_update_tokens", 16),
-                    ),
-                )
-        config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
-        # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
-        # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and
-        # replaced by a report of what is not expected.
-        report_logger = logging.get_logger("transformers.modeling_utils")
-        report_logger.addFilter(_drop_load_report)
-        try:
-            model, info = cls.from_pretrained(path_or_repo, config=config, output_loading_info=True, **load_kwargs)
-        finally:
-            report_logger.removeFilter(_drop_load_report)
-        missing = sorted(key for key in info["missing_keys"] if ".adapter_" not in key)
-        surprises = {"missing": missing, "unexpected": sorted(info["unexpected_keys"])}
-        if any(surprises.values()):
-            logger.warning(f"from_base({path_or_repo}): weights that do not match a Llama: {surprises}")
-        model.bos_from_base_model()
-        return model
+        return from_base(cls, path_or_repo, gguf_file, memory_update, **memory_config)
 
-    @torch.no_grad()
     def bos_from_base_model(self) -> None:
         """Set `bos_embedding[l]` to the input of layer l when the base model reads its BOS token alone."""
-        bos, _ = self.memory_embeddings()
-        if bos is None or self.config.bos_token_id is None:
-            return
-        ids = torch.tensor([[self.config.bos_token_id]], device=self.device)
-        with self.adapters.use(READ):
-            hidden = self.model(input_ids=ids, output_hidden_states=True).hidden_states
-        bos.copy_(torch.stack([h[0].to(bos.device) for h in hidden[: self.config.num_hidden_layers]]).to(bos.dtype))
+        bos_from_base_model(self)
 
 
 # ---------------------------------------------------------------------- base model (AutoModel)

@@ -12,6 +12,13 @@ prefix part runs as one matmul per kv head for the queries of all rows (no per-r
 
 Activation is scoped to one forward: `shared_prefix_reads` switches the model's `_attn_implementation` from "sdpa"
 to this function (which is sdpa itself whenever the cache is not a `SharedPrefixCache`) and back.
+
+Why per forward, and not once at load time: outside a forward `config._attn_implementation` must keep showing what
+the user chose. Transformers reads it there: `save_pretrained` and `push_to_hub` write the config, and this name
+(one per copy of this module, see `ATTENTION_NAME`) would be wrong in a checkpoint loaded elsewhere;
+`set_attn_implementation`, `generate`'s compile and cache checks and PEFT inspect it; a user who picks "eager" or a
+flash kernel must get exactly that. So only a forward over a shared cache, on an "sdpa" model, runs with the switch
+(reentrant and thread-safe, see `_attention_switched`).
 """
 
 import threading

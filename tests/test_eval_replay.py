@@ -25,7 +25,7 @@ def _writes(model, key: str, ids: list[int]):
 
 
 def _assert_same_state(state, model):
-    reference = model._current_state()
+    reference = model.live_memory_state()
     assert torch.equal(state.memory, reference.memory)
     assert int(state.filled) == int(reference.filled)
     assert int(state.injections) == int(reference.injections)
@@ -43,12 +43,12 @@ def test_lazy_pool_matches_inject_with_many_commits_between_reads(rule):
     for ids in texts:
         naive.inject(ids)
     # The twin computes each chunk's slots; the lazy pool commits them all without materializing in between.
-    pool = LazyPool(twin._current_state(), twin.config)
+    pool = LazyPool(twin.live_memory_state(), twin.config)
     for i, ids in enumerate(texts):
         call = twin.num_injections + 1
         for write in _writes(twin, f"t{i}", ids):
             slots = twin.new_memory_slots(write.ids)
-            twin._set_state(twin._state_after(slots, None, call=call))
+            twin.swap_memory_state(twin._state_after(slots, None, call=call))
             pool.commit(slots, call)
     _assert_same_state(pool.materialize(), naive)
 

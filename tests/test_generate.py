@@ -119,10 +119,11 @@ def test_streamer_and_pipeline(model):
 def test_memory_keys_values_are_reused_until_the_memory_changes(model, monkeypatch):
     calls = []
     original = memory_prefix.prefix_key_values
-    monkeypatch.setattr(
-        "memoryllm_hf.modeling.modeling_memory_llama.prefix_key_values",
-        lambda *a, **k: calls.append(1) or original(*a, **k),
-    )
+    for reader in ("memory_pool_read", "memory_writer"):  # the read's prefix and the write window's
+        monkeypatch.setattr(
+            f"memoryllm_hf.modeling.{reader}.prefix_key_values",
+            lambda *a, **k: calls.append(1) or original(*a, **k),
+        )
     prompt = torch.randint(3, 128, (1, 4))
     first = model.generate(prompt, max_new_tokens=3, do_sample=False)
     for _ in range(3):

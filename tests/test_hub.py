@@ -141,7 +141,7 @@ def test_push_and_load_refuse_broken_memories(hub):
     model.push_to_hub(REPO)
     nan_state = model.memory_state()
     nan_state.memory[0, -1, 0] = float("nan")
-    model._set_state(nan_state)
+    model.swap_memory_state(nan_state)
     with pytest.raises(ValueError, match="NaN"):
         model.push_memory_to_hub(REPO)
 

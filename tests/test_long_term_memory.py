@@ -6,8 +6,9 @@ import torch
 
 from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling import MemoryLlamaConfig, MemoryStateError
+from memoryllm_hf.modeling.memory_files import LONG_TERM_FILE
 from memoryllm_hf.modeling.memory_reader import select_injections
-from memoryllm_hf.modeling.memory_store import LONG_TERM_FILE, MemoryBlock, store_append
+from memoryllm_hf.modeling.memory_store import MemoryBlock, store_append
 from memoryllm_hf.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 
@@ -316,7 +317,7 @@ def test_cached_block_key_values_equal_a_fresh_computation_and_follow_weight_cha
     model(prompt)
     model.model.layers[0].self_attn.v_proj.weight.mul_(3.0)  # in-place weight edit: cached values are stale
     changed = model(prompt).logits
-    model.__dict__.pop("_retrieval_kv_cache")
+    model.reads["retrieve"].key_values.clear()
     assert (changed - first).abs().max() > 1e-5
     assert (model(prompt).logits - changed).abs().max() < 1e-6
 
@@ -359,3 +360,58 @@ def test_reads_between_injections_see_the_newest_store():
     assert model.retrieve(stored[0][None]) == first
     model.undo()  # back to the earlier store: the newest block is not scored any more
     assert 12 not in model.retrieve(stored[-1][None])[0]
+
+
+def fresh_retrieval_scores(model, prompt):
+    """Scores computed from nothing kept: the model's own weights on the store's slots and the prompt."""
+    from memoryllm_hf.modeling import memory_retrieval as retrieval
+
+    layers, key_layers = model.model.layers, retrieval.retrieval_key_layers(model.config.num_hidden_layers)
+    hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
+    question = retrieval.question_features(layers, hidden, None, key_layers)
+    store = model.long_term_memory
+    blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), key_layers) for b in store]
+    return retrieval.score_blocks(question, blocks)
+
+
+@torch.no_grad()
+def test_retrieval_features_follow_the_weights_that_read_them():
+    """Features computed from memory belong to the weights that computed them: after another model's memory is
+    loaded (`allow_other_model=True`) or a weight changes in place, scores equal a computation from scratch."""
+    writer = retrieval_model(read_tokens=18)
+    for ids in texts(6):
+        writer.inject(ids)
+    prompt = texts(1, length=5, seed=9)[0][None]
+    assert torch.allclose(writer.retrieval_scores(prompt), fresh_retrieval_scores(writer, prompt), atol=1e-4)
+    reader = retrieval_model(seed=3, read_tokens=18)
+    reader.load_memory_state(writer.memory_state(), allow_other_model=True)
+    assert torch.allclose(reader.retrieval_scores(prompt), fresh_retrieval_scores(reader, prompt), atol=1e-4)
+    assert torch.allclose(writer.retrieval_scores(prompt), fresh_retrieval_scores(writer, prompt), atol=1e-4)
+    writer.model.layers[1].self_attn.k_proj.weight.mul_(-2.0)  # in place: features computed before are stale
+    assert torch.allclose(writer.retrieval_scores(prompt), fresh_retrieval_scores(writer, prompt), atol=1e-4)
+
+
+@torch.no_grad()
+def test_scorer_calibration_comes_from_the_config():
+    """`retrieval_weights` / `retrieval_key_layers` are read at every read (no edit of remote code); unknown scorers
+    and layers the model does not have are refused with what to use."""
+    from memoryllm_hf.modeling import memory_retrieval as retrieval
+
+    model = retrieval_model(read_tokens=18)
+    for ids in texts(6):
+        model.inject(ids)
+    prompt = texts(1, length=5, seed=9)[0][None]
+    layers = model.model.layers
+    hidden = model.model(input_ids=prompt, output_hidden_states=True, use_cache=False).hidden_states
+    settings = (({"lexical": 1.0}, None), ({"keys": 1.0}, [0]), ({"lexical": 0.3, "keys": 2.0}, [0, 1]))
+    for weights, key_layers in settings:
+        model.config.retrieval_weights, model.config.retrieval_key_layers = weights, key_layers
+        used = retrieval.retrieval_key_layers(model.config.num_hidden_layers, key_layers)
+        store = model.long_term_memory
+        blocks = [retrieval.block_features(layers, b.slots.to(model.memory.dtype), used) for b in store]
+        expected = retrieval.score_blocks(retrieval.question_features(layers, hidden, None, used), blocks, weights)
+        assert torch.allclose(model.retrieval_scores(prompt), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown score weights.*'lexical' and 'keys'"):
+        tiny_config(retrieval_weights={"bm25": 1.0})
+    with pytest.raises(ValueError, match="retrieval_key_layers"):
+        tiny_config(retrieval_key_layers=[2])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from memoryllm_hf.modeling import atomic_io as memory_storage_module
 from memoryllm_hf.modeling import memory_state as memory_state_module
-from memoryllm_hf.modeling import memory_storage as memory_storage_module
 from memoryllm_hf.modeling.memory_state import MemoryState, MemoryStateError
 from memoryllm_hf.tiny import tiny_model
 
@@ -287,7 +287,7 @@ def test_recycled_pools_give_the_same_memory(rule):
         for model in models:
             model.inject(ids(seed, 40), chunk_size=10 if seed % 2 else None)
         assert states_equal(models[0].memory_state(), models[1].memory_state())
-    assert models[0]._spare_pool is not None and models[1]._spare_pool is None  # nothing kept when turned off
+    assert models[0].spare_pool.pool is not None and models[1].spare_pool.pool is None  # nothing kept when turned off
     models[0].undo()
     models[1].undo()
     assert states_equal(models[0].memory_state(), models[1].memory_state())

@@ -22,9 +22,9 @@ from tqdm.std import TqdmDefaultWriteLock, tqdm
 from memoryllm_hf import MemoryLlamaForCausalLM, cli
 from memoryllm_hf.chat import ChatSession
 from memoryllm_hf.commands import load_folder
-from memoryllm_hf.modeling import memory_storage
+from memoryllm_hf.modeling import atomic_io as memory_storage
+from memoryllm_hf.modeling.atomic_io import iter_orphans
 from memoryllm_hf.modeling.memory_state import MemoryChangedOnDiskError, MemoryState, MemoryStateError
-from memoryllm_hf.modeling.memory_storage import iter_orphans
 from memoryllm_hf.tiny import tiny_model
 
 SHORT = "Bob keeps three cats."  # one memory update of the tiny folder

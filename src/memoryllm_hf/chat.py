@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 
 from .folder import folder_config, memory_report, save_memory
 from .greedy import reply
-from .modeling.memory_state import MemoryChangedOnDiskError, MemoryState
+from .modeling import MemoryChangedOnDiskError, MemoryState
 
 HISTORY_TURNS = 8
 SNAPSHOT_FOLDER = "snapshots"

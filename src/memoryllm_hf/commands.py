@@ -4,6 +4,25 @@ import argparse
 from pathlib import Path
 
 
+class ReadModeNames:
+    """The `--read-mode` choices: the names in the model's table of read modes (`READS`), looked up when an argument
+    is checked or a subcommand's help is shown (building the parser, and `memoryllm-hf --help`, stay free of torch)."""
+
+    def _names(self) -> tuple[str, ...]:
+        from .modeling import READS
+
+        return tuple(READS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+READ_MODE_CHOICES = ReadModeNames()
+
+
 def _demo(args: argparse.Namespace) -> int:
     try:
         from .demo import main as demo_main
@@ -15,21 +34,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoTokenizer
 
     from .convert import convert_official
+    from .loading import torch_dtype
     from .modeling import MemoryLlamaForCausalLM
 
     if args.official:
-        convert_official(args.source, args.output, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        convert_official(args.source, args.output, dtype=torch_dtype(args.dtype))
     else:
         memory = {"num_memory_tokens": args.num_memory_tokens, "num_update_tokens": args.num_update_tokens}
         if args.read_mode:
             memory["read_mode"] = args.read_mode
         model = MemoryLlamaForCausalLM.from_base(args.source, gguf_file=args.gguf_file, **memory)
         if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
+            model = model.to(torch_dtype(args.dtype))
         model.save_pretrained(args.output)
         AutoTokenizer.from_pretrained(args.source, gguf_file=args.gguf_file).save_pretrained(args.output)
     print(f"saved MemoryLlama to {args.output}")
@@ -39,7 +58,7 @@ def _convert(args: argparse.Namespace) -> int:
 def load_folder(folder: str, read_mode: str | None = None):
     """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
     refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights. `read_mode`
-    overrides the folder's ("pool" or "retrieve"; "retrieve" needs a long-term store)."""
+    overrides the folder's (a name of `READS`; "retrieve" needs a long-term store)."""
     from .folder import folder_config, locked
     from .loading import load
 
@@ -50,8 +69,7 @@ def load_folder(folder: str, read_mode: str | None = None):
 
 def _inject(args: argparse.Namespace) -> int:
     from .folder import locked, read_text, replaced_slots, save_memory
-    from .modeling.memory_state import stored_content_hash
-    from .modeling.memory_storage import MEMORY_FILE
+    from .modeling import MEMORY_FILE, stored_content_hash
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
@@ -112,8 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights and memory")
     convert.add_argument(
         "--read-mode",
-        choices=["pool", "retrieve"],
-        help="base Llama: retrieval reads from a long-term store (default) or the official pool read",
+        choices=READ_MODE_CHOICES,
+        metavar="MODE",
+        help="base Llama: %(choices)s (default retrieve: retrieval reads from a long-term store; pool: official)",
     )
     convert.set_defaults(func=_convert)
 
@@ -131,7 +150,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=128)
     ask.add_argument(
-        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+        "--read-mode", choices=READ_MODE_CHOICES, metavar="MODE",
+        help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
     ask.set_defaults(func=_ask)
 
@@ -141,12 +161,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chat.add_argument("folder", help="MemoryLlama folder")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument(
-        "--read-mode", choices=["pool", "retrieve"], help="override the folder's read mode (retrieve needs a store)"
+        "--read-mode", choices=READ_MODE_CHOICES, metavar="MODE",
+        help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
     chat.set_defaults(func=_chat)
 
-    stats = subparsers.add_parser("stats", help="describe a folder's memory (N, K, injections, fill, slot norms)")
+    stats = subparsers.add_parser(
+        "stats", help="describe a folder's memory (N, K, injections, fill, slot norms, long-term store)"
+    )
     stats.add_argument("folder", help="MemoryLlama folder")
     stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
     stats.set_defaults(func=_stats)

@@ -5,6 +5,7 @@ its own file, and writes the config and the remote-code files, so the result loa
 `AutoModelForCausalLM.from_pretrained(dst, trust_remote_code=True)`.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -16,9 +17,16 @@ from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
-from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from .modeling.memory_state import MEMORY_GROUP_FILES, MemoryState, seeded_rng_state
-from .modeling.memory_storage import INDEX_FILE, model_owned_files, stage_memory_files, update_folder
+from .modeling import (
+    INDEX_FILE,
+    MemoryLlamaConfig,
+    MemoryLlamaForCausalLM,
+    MemoryState,
+    model_owned_files,
+    stage_memory_files,
+    state_file_groups,
+    update_folder,
+)
 
 # Official config keys that become MemoryLlama fields (or are dropped as unused by the official code).
 _OFFICIAL_ONLY = {
@@ -161,16 +169,12 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
         if tuple(pool.shape) != expected:
             raise ValueError(f"memory has shape {tuple(pool.shape)}, the config implies {expected}")
         (staging / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        state = MemoryState(
-            memory=pool,
-            filled=torch.tensor(config.num_memory_tokens if int(memory.get("initialized", 1)) else 0),
-            injections=torch.tensor(0, dtype=torch.long),
-            rng_state=seeded_rng_state(config.memory_seed),
-            written_at=torch.zeros(pool.shape[:2], dtype=torch.long),  # official pools: unknown
-            num_update_tokens=config.num_update_tokens,
-        )
+        # an empty memory (no injections, slot ages unknown) holding the official pool
+        filled = config.num_memory_tokens if int(memory.get("initialized", 1)) else 0
+        empty = MemoryState.empty(config, dtype=pool.dtype)
+        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled))
         state.validate()
-        dropped = stage_memory_files(str(staging), str(staging), state.file_groups(), MEMORY_GROUP_FILES)
+        dropped = stage_memory_files(str(staging), str(staging), state_file_groups(state))
         config.dtype = str(pool.dtype).removeprefix("torch.")
         config.architectures = [MemoryLlamaForCausalLM.__name__]
         with torch.device("meta"):

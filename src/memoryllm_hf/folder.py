@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from .modeling.memory_state import MemoryState, is_blank_text, save_memory_to_folder
-from .modeling.memory_storage import MEMORY_FILE, folder_lock
+from .modeling import MemoryState, folder_lock, is_blank_text, read_folder_memory, save_memory_to_folder
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
@@ -36,8 +35,9 @@ def folder_config(folder: str | Path) -> dict:
 
 
 def folder_memory(folder: str | Path) -> MemoryState:
-    """The memory saved in a folder, fully checked (truncated, corrupted or non-finite files are refused)."""
-    return MemoryState.load(Path(folder) / MEMORY_FILE)
+    """The memory saved in a folder (the pool and the long-term store), fully checked (truncated, corrupted or
+    non-finite files are refused)."""
+    return read_folder_memory(folder, MemoryState)
 
 
 @contextlib.contextmanager
@@ -144,7 +144,26 @@ def memory_report(state: MemoryState, config: dict) -> list[str]:
             f"slot norms    mean {float(norms.mean()):.4g}, min {float(norms.min()):.4g}, max {float(norms.max()):.4g}"
         )
         lines += ["slot norm histogram (all layers):"] + ["  " + line for line in histogram_lines(norms.flatten())]
-    return lines
+    return lines + store_report(state, config)
+
+
+def store_report(state: MemoryState, config: dict) -> list[str]:
+    """Lines describing the long-term store (every injection's slots, `long_term_memory.safetensors`)."""
+    bound = config.get("long_term_memory_tokens") or 0
+    store = state.long_term
+    if not store:
+        return [f"long-term     {'empty' if bound else 'off'} (bound {bound} slots per layer)"]
+    slots = sum(block.num_slots for block in store)
+    first = store[0].slots
+    size = sum(block.slots.numel() * block.slots.element_size() for block in store)
+    texts = len({block.call for block in store})
+    return [
+        f"long-term     {len(store)} injections ({texts} texts, "
+        f"injections {store[0].injection}-{store[-1].injection}), "
+        f"{slots}/{bound} slots per layer",
+        f"store size    {size / 2**20:.4g} MiB ({str(first.dtype).removeprefix('torch.')}, "
+        f"{first.shape[0]} layers x {first.shape[2]})",
+    ]
 
 
 def png_path(path: str | Path) -> Path:

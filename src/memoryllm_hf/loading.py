@@ -12,9 +12,9 @@ def torch_dtype(dtype):
         return dtype
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
-    import torch
+    from .modeling import torch_dtype as dtype_from_name  # (imports torch: not at import time of the CLI)
 
-    return getattr(torch, dtype)
+    return dtype_from_name(dtype)
 
 
 def load(spec: str | Path = "default", device=None, dtype=None, seed: int = 0, **memory):

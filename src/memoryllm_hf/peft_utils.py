@@ -10,8 +10,7 @@ import os
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .modeling import MemoryLlamaForCausalLM
-from .modeling.memory_adapters import READ, WRITE
+from .modeling import READ, WRITE, MemoryLlamaForCausalLM
 
 
 class PeftRoleSwitch:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling.memory_state import MemoryState
+from ..modeling import MemoryState
 from .metrics import exact_hit, first_line, wilson_interval
 from .prompts import Prompter
 from .records import RecordLog

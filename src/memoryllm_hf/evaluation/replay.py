@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modeling.memory_state import MemoryState, long_term_after, next_state
+from ..modeling import CallNumbers, MemoryState, check_length, long_term_after, next_state, split_ids
 
 
 @dataclass
@@ -39,11 +39,9 @@ class Write:
 
 def chunk_writes(key: str, ids: list[int], chunk_size: int, min_tokens: int) -> list[Write]:
     """The updates `model.inject(ids)` makes: near-equal chunks of at most `chunk_size` tokens."""
-    if len(ids) < min_tokens:
-        raise ValueError(f"text {key} has {len(ids)} tokens, fewer than the model's min_inject_tokens={min_tokens}")
-    tensor = torch.tensor(ids, dtype=torch.long)
-    count = -(-len(ids) // chunk_size)
-    return [Write(f"{key}/{i}", chunk[None]) for i, chunk in enumerate(torch.tensor_split(tensor, count))]
+    check_length(len(ids), min_tokens, f"text {key}")
+    chunks = split_ids(torch.tensor(ids, dtype=torch.long), chunk_size)
+    return [Write(f"{key}/{i}", chunk) for i, chunk in enumerate(chunks)]
 
 
 class LazyPool:
@@ -159,11 +157,12 @@ class QuestionChain:
         self.pool = LazyPool(start, model.config)
         self.history: list[str] = []
         self.counts = {"shared": 0, "computed": 0}
+        self.calls = CallNumbers()  # as `inject` numbers the chunks of one text
 
     def write(self, writes: list[Write]) -> None:
         for write in writes:
             slots = self.reference.lookup(self.history, write, self.pool.window_digest) if self.reference else None
-            call = self._call(write)
+            call = self.calls(write.key.rsplit("/", 1)[0], self.pool.injections + 1)
             if slots is None:
                 compute_slots(self.model, self.pool, write, call)
                 self.counts["computed"] += 1
@@ -171,14 +170,6 @@ class QuestionChain:
                 self.pool.commit(slots, call)
                 self.counts["shared"] += 1
             self.history.append(write.key)
-
-    def _call(self, write: Write) -> int:
-        """The injection number of the first chunk of `write`'s text (the chunks of one text are one inject call)."""
-        text = write.key.rsplit("/", 1)[0]
-        previous = self.history[-1].rsplit("/", 1)[0] if self.history else None
-        if text != previous:
-            self._call_start = self.pool.injections + 1
-        return self._call_start
 
     def load(self) -> None:
         """Make the chain's current pool the model's memory."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from ..modeling.memory_state import MemoryState
+from ..modeling import MemoryState
 from .data import SOURCE_FIELD, EvalData
 from .metrics import mean, rate_summary, score_answer
 from .prompts import Prompter

@@ -14,8 +14,7 @@ import transformers
 from transformers import GenerationConfig
 
 from ..greedy import generate, greedy_config  # noqa: F401 (the tasks take them from here)
-from ..modeling.memory_state import MemoryState, seeded_rng_state
-from ..modeling.memory_storage import atomic_write
+from ..modeling import MemoryState, atomic_write, seeded_rng_state
 
 
 def seed_everything(seed: int) -> None:

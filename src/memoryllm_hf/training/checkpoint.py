@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..modeling.memory_state import MemoryState
-from ..modeling.memory_storage import MEMORY_FILE
+from ..modeling import MEMORY_FILE, MemoryState
 from .config import ModelConfig
 from .model import build_model, trainable_state
 from .objective import StreamState

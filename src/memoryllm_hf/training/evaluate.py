@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..evaluation.data import read_jsonl
 from ..evaluation.metrics import normalize_answer
 from ..greedy import generate, greedy_config
+from ..loading import torch_dtype
 from .checkpoint import MODEL_CONFIG_FILE, load_trained_model
 from .config import ModelConfig
 from .model import build_model
@@ -73,7 +74,7 @@ def evaluate(
     untrained, _ = build_model(ModelConfig(**json.loads((Path(adapter) / MODEL_CONFIG_FILE).read_text())))
     results = {"questions": len(questions), "paragraphs": len(texts)}
     for name, model in (("trained", trained), ("untrained", untrained)):
-        model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+        model = model.to(device=device, dtype=torch_dtype(dtype)).eval()
         start = time.perf_counter()
         results[name] = {
             **qa_accuracy(model, tokenizer, questions),

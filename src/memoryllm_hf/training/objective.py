@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..modeling.memory_adapters import WRITE
+from ..modeling import WRITE
 from .config import ObjectiveConfig
 from .data import Example
 

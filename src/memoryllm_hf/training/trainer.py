@@ -27,7 +27,6 @@ from .plots import plot_loss_curves
 from .synthetic import KeyValueTask
 
 
-
 def make_accelerator(config: TrainConfig, cpu: bool = False) -> Accelerator:
     """An Accelerator for this config. DDP: ranks keep their own memory pools (`broadcast_buffers=False`), and
     each step's process leaves some adapter unused (`find_unused_parameters=True`)."""

@@ -1,5 +1,5 @@
-"""Memory files on disk: one safetensors file per memory group beside the weights, crash-safe folder updates and a
-folder lock.
+"""Generic crash-safe file I/O: atomic single files, safetensors tensor files and their digest, folder swaps, a folder
+lock (nothing here knows what a memory is; the memory layouts are in `memory_files`).
 
 Guarantees (see README "Reliability"):
 * a single file is replaced atomically (`atomic_write`: temp file, fsync, rename);
@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -25,10 +24,6 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-MEMORY_FILE = "memory.safetensors"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_SHARD = "model-00001-of-00001.safetensors"
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
 
@@ -166,7 +161,7 @@ def _recover(folder: str) -> None:
         os.rename(os.path.join(parent, backups[-1]), folder)
 
 
-def _link_tree(source: str, target: str) -> None:
+def link_tree(source: str, target: str) -> None:
     """Hard-link `source` (file or folder tree) to `target`; copy where links are not possible."""
 
     def link(src: str, dst: str) -> None:
@@ -207,7 +202,7 @@ def update_folder(folder: str | os.PathLike, write: Callable[[str, str | None], 
                 for entry in os.listdir(old):
                     if entry in dropped or os.path.lexists(os.path.join(staging, entry)) or TMP_MARK in entry:
                         continue
-                    _link_tree(os.path.join(old, entry), os.path.join(staging, entry))
+                    link_tree(os.path.join(old, entry), os.path.join(staging, entry))
             if old is not None:
                 os.chmod(staging, os.stat(old).st_mode & 0o7777)
             else:
@@ -232,66 +227,6 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once: setting it is process-wide, not something to do while other threads write
-
-
-# ---------------------------------------------------------------------------------------------- memory in a folder
-def read_index(folder: str | None) -> dict | None:
-    """The folder's shard index, or None."""
-    if folder is None or not os.path.isfile(os.path.join(folder, INDEX_FILE)):
-        return None
-    with open(os.path.join(folder, INDEX_FILE)) as handle:
-        index = json.load(handle)
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise ValueError(f"{os.path.join(folder, INDEX_FILE)} is not a shard index (no weight_map)")
-    return index
-
-
-def model_owned_files(folder: str | None) -> set[str]:
-    """Files a `save_pretrained` of the model owns in `folder`: its index, the files the index names, and a single
-    weights file. A new save supersedes all of them (other files, like a tokenizer or adapters, are kept)."""
-    index = read_index(folder) or {"weight_map": {}}
-    return {INDEX_FILE, WEIGHTS_FILE, *index["weight_map"].values()}
-
-
-def stage_memory_files(
-    staging: str,
-    weights: str,
-    groups: Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, str]]],
-    group_files: Iterable[str],
-) -> set[str]:
-    """Write each memory file group (`{file name: (tensors, metadata)}`) into `staging`, and an index there that
-    lists the weights of folder `weights` (`staging` itself after a save, else the current folder, whose weight files
-    are carried over) and points every memory tensor at its file. `group_files` names every memory file the format
-    knows: entries of the old index pointing at them are replaced. Returns the old entries this supersedes."""
-    group_files = set(group_files) | set(groups)
-    for file_name, (tensors, metadata) in groups.items():
-        write_tensor_file(os.path.join(staging, file_name), tensors, metadata)
-    dropped = {INDEX_FILE, *group_files}
-    index = read_index(weights)
-    if index is None:
-        if not os.path.isfile(os.path.join(weights, WEIGHTS_FILE)):
-            raise FileNotFoundError(f"{weights} has no {WEIGHTS_FILE} or {INDEX_FILE} to list the memory in")
-        # A single weights file becomes shard 1 of 1, so the index (which lists the memory file) is what loads.
-        if weights == staging:
-            os.replace(os.path.join(staging, WEIGHTS_FILE), os.path.join(staging, SINGLE_SHARD))
-        else:
-            _link_tree(os.path.join(weights, WEIGHTS_FILE), os.path.join(staging, SINGLE_SHARD))
-            dropped.add(WEIGHTS_FILE)
-        with safe_open(os.path.join(staging, SINGLE_SHARD), "pt") as handle:
-            index = {"metadata": {}, "weight_map": dict.fromkeys(handle.keys(), SINGLE_SHARD)}
-    # the pool's buffers are model buffers (the index loads them); other groups (the long-term store) are read by
-    # the model itself and stay out of the index
-    stored = {name: file_name for file_name, (tensors, _) in groups.items() if file_name == MEMORY_FILE for name in tensors}
-    weight_map = {k: v for k, v in index["weight_map"].items() if k not in stored and v not in group_files}
-    weight_map.update(stored)
-    index["weight_map"] = dict(sorted(weight_map.items()))
-
-    def dump(path: str) -> None:
-        with open(path, "w") as handle:
-            json.dump(index, handle, indent=2)
-
-    atomic_write(os.path.join(staging, INDEX_FILE), dump)
-    return dropped
 
 
 def iter_orphans(folder: str) -> Iterator[str]:
