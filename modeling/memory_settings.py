@@ -1,9 +1,9 @@
 """Memory settings: every MemoryLlamaConfig field that shapes, places or reads the memory, checked in one place.
 
-`check_memory_settings(config, READS)` runs when a config is built (config.json, keyword arguments) and again on every path
-that acts on the settings: the model's construction (after `from_pretrained` overrides), every read, `inject` and
-`save_pretrained`. A value set later on `model.config` is refused where it would act, never half used. A bad value
-gets a ValueError naming the field, what it got and what to pass.
+`check_memory_settings(config, READS)` runs when a config is built (config.json, keyword arguments) and again on
+every path that acts on the settings: the model's construction (after `from_pretrained` overrides), every read,
+`inject` and `save_pretrained`. A value set later on `model.config` is refused where it would act, never half
+used. A bad value gets a ValueError naming the field, what it got and what to pass.
 
 Whether `long_term_memory_device` exists is a property of the machine, not of the config: it is checked when a model
 is built and used (`on_this_machine=True`), so `from_pretrained(..., long_term_memory_device="cpu")`,
