@@ -216,7 +216,8 @@ class MemoryStateMixin:
         the stored token ids)."""
         state.validate()
         try:
-            check_token_vocab(state.long_term, self.config.vocab_size)
+            if not isinstance(state.long_term, MPlusMemory):  # (an M+ memory keeps no token ids)
+                check_token_vocab(state.long_term, self.config.vocab_size)
         except LongTermStoreError as err:
             raise MemoryStateError(str(err)) from None
         if tuple(state.memory.shape) != tuple(self.memory.shape):
