@@ -35,7 +35,8 @@ MISMATCHED_SHAPES = (
 def check_settings(settings, where: str) -> None:
     """Refuse (TypeError, naming the closest name) a setting that is neither a MemoryLlamaConfig field nor a load
     option of `from_base` (`FROM_BASE_LOAD_KWARGS`, or `torch_dtype`)."""
-    refuse_unknown_settings(settings, config_field_names() | {*FROM_BASE_LOAD_KWARGS, "torch_dtype"}, where)
+    known = config_field_names() | {*FROM_BASE_LOAD_KWARGS, "torch_dtype", "drop_long_term_memory"}
+    refuse_unknown_settings(settings, known, where)
 
 
 def drop_load_report(record) -> bool:

@@ -110,8 +110,9 @@ def rewrite_store(folder: Path, tensors: dict | None = None, **metadata_changes)
     if tensors is None:
         tensors = load_file(path)
     else:
-        order = ("long_term_slots", "long_term_injection", "long_term_call")  # the order the hash is taken in
-        metadata["content_hash"] = tensors_digest({name: tensors[name] for name in order})
+        order = ("long_term_slots", "long_term_injection", "long_term_call",  # the order the hash is taken in
+                 "long_term_token_ids", "long_term_token_counts")
+        metadata["content_hash"] = tensors_digest({name: tensors[name] for name in order if name in tensors})
     for key, value in metadata_changes.items():
         if value is None:
             metadata.pop(key, None)
