@@ -24,6 +24,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
+from transformers.utils.generic import is_flash_attention_requested
 
 from .memory_prefix import PrefixKV, cache_prefix_length, cache_prefix_mask, record_prefix, seeded_cache
 from .shared_prefix_attention import SharedPrefixCache, shares_prefix
@@ -235,11 +236,11 @@ def placed_read(model, prefix_kv, prefix_mask, input_ids, attention_mask, split,
     `rows` cache rows (beams repeat each row), marked with the rows' split columns for the prefill."""
     batch, length = input_ids.shape
     check_token_mask(attention_mask, length)
-    if "flash" in str(model.config._attn_implementation):
+    if is_flash_attention_requested(model.config):
         raise ValueError(
-            f"read_placement='user_turn' hides the memory from the prompt's header with an attention mask, which "
-            f"attn_implementation={model.config._attn_implementation!r} cannot take: use sdpa, eager or "
-            "flex_attention, or read_placement='prefix'"
+            "read_placement='user_turn' hides the memory from the prompt's header with an attention mask, which "
+            "flash attention cannot take: use attn_implementation sdpa, eager or flex_attention, or "
+            "read_placement='prefix'"
         )
     header = header_lengths(split, attention_mask)
     bos_columns = int(model.config.add_bos_embedding)
