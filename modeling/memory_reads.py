@@ -8,6 +8,8 @@ its caches:
 - `has_memory(model)`: whether there is anything to read (no prefix otherwise: the plain base model runs);
 - `read(model, batch, rows, slots, read_only, max_cache_len)`: the cache seeded with the prefix for `rows` cache
   rows and the attention mask [B, prefix + tokens] of one `ReadBatch` (`slots`: explicit slots to read instead);
+- `longest_prefix(model, slots)`: the most positions its next prefix takes (known before any compute: a prefix
+  plus a prompt past the model's window is warned about first);
 - `clear()`: forget its caches. What it caches and when that is stale is said in its docstring; every cache follows
   the one rule of `memory_cache`.
 
@@ -19,9 +21,12 @@ A new read mode is one file with its class plus one line in `READS`; the config'
 import dataclasses
 
 import torch
+from transformers.utils import logging
 
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
+
+logger = logging.get_logger(__name__)
 
 READS = {
     "pool": PoolRead,
@@ -53,6 +58,19 @@ class ReadBatch:
     def device(self) -> torch.device:
         return self.tokens.device
 
+
+
+def warn_past_window(config, prefix: int, length: int) -> None:
+    """Warn (once per set of numbers, before any compute) when a prefix of `prefix` positions plus a prompt of
+    `length` tokens passes the model's window (`max_position_embeddings`): the prompt's last positions were never
+    trained, and answers degrade."""
+    window = config.max_position_embeddings
+    if prefix + length > window:
+        logger.warning_once(
+            f"the memory prefix (up to {prefix:,} positions) plus "
+            f"the prompt ({length:,} tokens) = {prefix + length:,} positions, past the model's window of {window:,} "
+            "(max_position_embeddings): shorten the prompt, or read fewer slots (read_tokens, a smaller pool)"
+        )
 
 
 class MemoryReadMixin:
@@ -90,6 +108,7 @@ class MemoryReadMixin:
         prefix."""
         batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
         read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
+        warn_past_window(self.config, read.longest_prefix(self, memory_slots), batch.length)
         return read.read(self, batch, rows or batch.size, memory_slots, read_only, max_cache_len)
 
     def memory_key_values(self, slots: torch.Tensor | None = None):
