@@ -2,6 +2,7 @@
 --threads on the command line, the read mode switched at run time."""
 
 import io
+import os
 import sys
 
 import pytest
@@ -119,3 +120,23 @@ def test_prefix_plus_prompt_past_the_window_is_warned_about_first(read_mode, mon
         model(torch.randint(3, 128, (1, 257 - prefix)))
     assert f"the memory prefix (up to {prefix} positions) plus the prompt ({257 - prefix} tokens) = 257" in log.out
     assert "window of 256" in log.out and len(reads) == 2  # said before the read computed anything
+
+
+def test_weight_files_have_the_mode_transformers_gives_them(tmp_path, llama_folder):
+    """transformers (5.x) writes weights through a private temporary file (mode 0600): a saved MemoryLlama's weights
+    have the same mode as a plain Llama's, and its other files the mode the umask gives."""
+    from transformers import LlamaForCausalLM
+
+    model, _ = load("tiny")
+    model.save_pretrained(tmp_path / "memory_llama")
+    LlamaForCausalLM.from_pretrained(llama_folder[0]).save_pretrained(tmp_path / "llama")
+
+    def mode(path):
+        return path.stat().st_mode & 0o777
+
+    plain = mode(next((tmp_path / "llama").glob("model*.safetensors")))
+    weights = list((tmp_path / "memory_llama").glob("model-*.safetensors"))
+    assert weights and all(mode(path) == plain for path in weights)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode(tmp_path / "memory_llama" / "memory.safetensors") == 0o666 & ~umask
