@@ -67,6 +67,10 @@ class PoolRead:
             return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
         return seeded_cache(model.config, prefix_kv, batch_size, read_only, max_cache_len)
 
+    def longest_prefix(self, model, slots=None) -> int:
+        """Positions the prefix of the next read takes: `[bos; filled pool]` (or `[bos; slots]`)."""
+        return model.memory_prefix_length if slots is None else int(model.config.add_bos_embedding) + slots.shape[1]
+
     def read(self, model, batch, rows: int, slots=None, read_only=False, max_cache_len=None):
         """(cache seeded with `[bos; pool]` (or `[bos; slots]`) for `rows` cache rows, attention mask [B, prefix +
         tokens]) of one prompt batch (`ReadBatch`), taken from one consistent memory state."""

@@ -16,7 +16,7 @@ from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_settings import store_device, store_dtype
-from .memory_store import LongTermStoreError, check_token_vocab, default_long_term_tokens, validate_store
+from .memory_store import LongTermStoreError, check_token_vocab, default_long_term_tokens, store_num_slots, validate_store
 from .mplus_memory import MPlusMemory
 
 
@@ -133,6 +133,12 @@ class RetrieveRead:
 
     def has_memory(self, model) -> bool:
         return bool(model.long_term_memory)
+
+    def longest_prefix(self, model, slots=None) -> int:
+        """Positions the prefix of the next read may take at most: `[bos; read_tokens slots]`, or fewer when the
+        store holds fewer (known before any scoring)."""
+        cfg = model.config
+        return int(cfg.add_bos_embedding) + min(cfg.read_tokens, store_num_slots(model.long_term_memory))
 
     @torch.no_grad()
     def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:

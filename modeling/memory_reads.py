@@ -11,6 +11,8 @@ its caches:
 - `prefix(model, input_ids, inputs_embeds, attention_mask)`: the prefix's keys/values [1 or B, kv, P, d] (each row's
   real columns at positions 0..) and the mask [B, P] of the columns each row reads (None: all), which a read
   placement (`memory_placement.PLACEMENTS`, `config.read_placement`) moves elsewhere in the prompt;
+- `longest_prefix(model, slots)`: the most positions its next prefix takes (known before any compute: a prefix
+  plus a prompt past the model's window is warned about first);
 - `clear()`: forget its caches. What it caches and when that is stale is said in its docstring; every cache follows
   the one rule of `memory_cache`.
 
@@ -22,11 +24,14 @@ A new read mode is one file with its class plus one line in `READS`; the config'
 import dataclasses
 
 import torch
+from transformers.utils import logging
 
 from .memory_placement import check_token_mask, placed_generate_masks, placed_read, read_split
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
 from .mplus_read import MPlusRead
+
+logger = logging.get_logger(__name__)
 
 READS = {
     "pool": PoolRead,
@@ -59,6 +64,19 @@ class ReadBatch:
     def device(self) -> torch.device:
         return self.tokens.device
 
+
+
+def warn_past_window(config, prefix: int, length: int) -> None:
+    """Warn (once per set of numbers, before any compute) when a prefix of `prefix` positions plus a prompt of
+    `length` tokens passes the model's window (`max_position_embeddings`): the prompt's last positions were never
+    trained, and answers degrade."""
+    window = config.max_position_embeddings
+    if prefix + length > window:
+        logger.warning_once(
+            f"the memory prefix (up to {prefix:,} positions) plus "
+            f"the prompt ({length:,} tokens) = {prefix + length:,} positions, past the model's window of {window:,} "
+            "(max_position_embeddings): shorten the prompt, or read fewer slots (read_tokens, a smaller pool)"
+        )
 
 
 class MemoryReadMixin:
@@ -96,6 +114,7 @@ class MemoryReadMixin:
         prefix."""
         batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
         read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
+        warn_past_window(self.config, read.longest_prefix(self, memory_slots), batch.length)
         split = read_split(self.config, input_ids, attention_mask) if memory_slots is None else None
         if split is not None:  # `read_placement="user_turn"`: the prefix after each row's header
             check_token_mask(attention_mask, batch.length)

@@ -225,6 +225,13 @@ class MPlusRead:
         memory = model.long_term_memory
         return model.memory_is_initialized or any(memory.slot_counts) or memory.num_pending > 0
 
+    def longest_prefix(self, model, slots=None) -> int:
+        """Positions the prefix of the next read may take at most: `[bos; k retrieved; pool]` (k: `read_tokens`, or
+        fewer when the long-term memory holds fewer candidates per layer)."""
+        memory, cfg = model.long_term_memory, model.config
+        candidates = max(memory.slot_counts, default=0) + memory.num_pending
+        return int(cfg.add_bos_embedding) + min(cfg.read_tokens, candidates) + model.num_filled_slots
+
     def read(self, model, batch, rows: int, slots=None, read_only=False, max_cache_len=None):
         """(cache seeded with every row's M+ prefix for `rows` cache rows, attention mask [B, prefix + tokens]) of one
         prompt batch (`ReadBatch`): the retrieval pass, then the stock forward reads the cache."""
