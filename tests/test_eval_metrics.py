@@ -177,3 +177,15 @@ def test_f1_gets_a_bootstrap_interval_and_rates_wilson_even_when_all_zero():
 
     assert rate_summary([0.0] * 12, "f1") == {"f1": 0.0, "f1_ci": [0.0, 0.0]}  # the bootstrap of a constant
     assert rate_summary([0.0] * 12, "exact_hit")["exact_hit_ci"] == [0.0, round(wilson_interval(0, 12)[1], 4)]
+
+
+def test_the_cost_measurement_runs_on_the_tiny_model(tmp_path):
+    """`python -m memoryllm_hf.evaluation.costs` (its unit costs feed the plan's estimate) on the tiny model."""
+    from memoryllm_hf.evaluation.costs import measure
+    from memoryllm_hf.evaluation.data import EvalData
+    from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
+
+    examples = [{"id": i, "title": "T", "question": f"q {i}?", "answers": ["a"], "context": "c"} for i in range(4)]
+    unrelated = [{"title": f"U{i}", "text": f"unrelated text {i} " * 3} for i in range(40)]
+    found = measure(tiny_model(), tiny_tokenizer(), EvalData("nq", examples, unrelated), contexts=2, batch=4, repeats=1)
+    assert found["ask_memory_batch4_s"] > 0 and found["batch_speedup_per_row"] > 0 and found["inject_s_per_context"] > 0

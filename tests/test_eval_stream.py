@@ -215,3 +215,31 @@ def test_stream_options_are_checked(stream_data, tmp_path):
             "--output",
             str(tmp_path / "y.json"),
         )
+
+
+def test_agreement_of_the_protocols_for_one_question():
+    """The report's side-by-side of the two protocols: one question, exact chaining, same drop seed: at every k the
+    same exact hit and the same answer."""
+    from memoryllm_hf.evaluation.report import agreement, agreement_table
+    from memoryllm_hf.evaluation.retention import run_retention
+    from memoryllm_hf.evaluation.stream import run_retention_stream
+
+    data, tokenizer = _data(1), char_tokenizer()
+    options = {"context_tokens": 24, "max_new_tokens": 3, "seed": 0}
+    paper = run_retention(tiny_model(), tokenizer, data, ["chat"], grid=[0, 1], shared_depth=None, **options)
+    prefill = paper["protocol"]["prefill_contexts"]
+    stream = run_retention_stream(
+        tiny_model(),
+        tokenizer,
+        data,
+        ["chat"],
+        checkpoint_every=1,
+        stream_contexts=prefill + 1,
+        drop_seed=example_seed(0, "q0"),
+        **options,
+    )
+    table = agreement(stream, paper)
+    assert list(table) == ["0", "1"]
+    assert all(cells["n"] == 1 and cells["same_answer"] == 1.0 for cells in table.values())
+    assert all(cells["stream"] == cells["per_question"] for cells in table.values())
+    assert "per-question exact hit" in agreement_table(table)

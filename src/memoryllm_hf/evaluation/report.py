@@ -211,6 +211,58 @@ def report(path: str | Path, root: str | Path | None = None) -> str:
     return f"{heading}\n\n```\n{command(result['config'], str(path))}\n```\n\n{TABLES[result['task']](result)}\n"
 
 
+def agreement(stream: dict, per_question: dict, style: str = "chat") -> dict:
+    """The two retention protocols side by side on the questions both answered: exact hit of the memory at each
+    distance k (contexts since the passage) that both have, with n and Wilson intervals, and how often the two gave the
+    same answer to the same question at the same k. Records may come from results files or from logs in progress."""
+    from .metrics import wilson_interval
+
+    asks = {(r["id"], r["contexts_since_passage"]): r for r in stream["records"] if r.get("kind") == "ask"}
+    rows = {}
+    for record in per_question["records"]:
+        for k, answers in record["memory"].items():
+            found = asks.get((record["id"], int(k)))
+            if found is not None and style in answers and style in found["memory"]:
+                rows.setdefault(int(k), []).append((answers[style], found["memory"][style], found))
+    table = {}
+    for k, pairs in sorted(rows.items()):
+        n = len(pairs)
+        paper, mine = sum(a["exact_hit"] for a, _, _ in pairs), sum(b["exact_hit"] for _, b, _ in pairs)
+        table[str(k)] = {
+            "n": n,
+            "per_question": paper / n,
+            "per_question_ci": [round(v, 4) for v in wilson_interval(paper, n)],
+            "stream": mine / n,
+            "stream_ci": [round(v, 4) for v in wilson_interval(mine, n)],
+            "same_answer": sum(a["answer"] == b["answer"] for a, b, _ in pairs) / n,
+            "stream_updates_since_passage_mean": sum(r["updates_since_passage"] for _, _, r in pairs) / n,
+        }
+    return table
+
+
+def agreement_table(table: dict) -> str:
+    rows = [
+        [
+            k,
+            cells["n"],
+            cells["stream_updates_since_passage_mean"],
+            _ci(cells["per_question"], cells["per_question_ci"]),
+            _ci(cells["stream"], cells["stream_ci"]),
+            cells["same_answer"],
+        ]
+        for k, cells in table.items()
+    ]
+    header = [
+        "k (contexts since passage)",
+        "n",
+        "stream: updates since passage",
+        "per-question exact hit [95%]",
+        "stream exact hit [95%]",
+        "same answer",
+    ]
+    return _table(header, rows)
+
+
 def _task_module(task: str):
     from . import editing, longcontext, retention
 
