@@ -88,7 +88,11 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
 
 def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool,
                     drop_long_term_memory: bool = False):
-    """`cls.from_pretrained(*args, **kwargs)` (see its docstring); `parent_from_pretrained`: transformers' own."""
+    """`cls.from_pretrained(*args, **kwargs)`; `parent_from_pretrained`: transformers' own. The memory is checked
+    fully before it is used (`MemoryState.load`: complete, finite, consistent, its hash, this model's fingerprint
+    unless `allow_other_model=True`; the long-term store the pool file records, unless `drop_long_term_memory=True`
+    starts with an empty store on purpose); a memory pool whose shape disagrees with the config is refused (with
+    `ignore_mismatched_sizes=True` the model starts from an empty pool instead of reading a re-initialized one)."""
     want_info = kwargs.pop("output_loading_info", False)
     if args and kwargs.get("config") is None:
         refuse_plain_checkpoint(cls, args[0], kwargs)

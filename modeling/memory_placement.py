@@ -325,7 +325,9 @@ def placed_prefill(config, cache, attention_mask, position_ids, tokens: torch.Te
     if attention_mask.dim() == 2:
         probe = torch.empty(batch, length, 0, dtype=dtype, device=device)
         function = read_split_mask_function(prefix, split.to(device))
-        attention_mask = create_causal_mask(config, probe, attention_mask, cache, position_ids, and_mask_function=function)
+        attention_mask = create_causal_mask(
+            config, probe, attention_mask, cache, position_ids, and_mask_function=function
+        )
     return attention_mask, position_ids
 
 

@@ -16,7 +16,13 @@ from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
 from .memory_settings import store_device, store_dtype
-from .memory_store import LongTermStoreError, check_token_vocab, default_long_term_tokens, store_num_slots, validate_store
+from .memory_store import (
+    LongTermStoreError,
+    check_token_vocab,
+    default_long_term_tokens,
+    store_num_slots,
+    validate_store,
+)
 from .mplus_memory import MPlusMemory
 
 

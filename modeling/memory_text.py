@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only
+from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only, special_ids
 
 
 def is_blank_text(text: str) -> bool:
@@ -91,3 +91,16 @@ class CallNumbers:
         if self.call is None or text != self.text:
             self.text, self.call = text, injection
         return self.call
+
+
+def injection_chunks(config, text_or_ids, tokenizer, chunk_size: int | None, device) -> list[tuple[int, torch.Tensor]]:
+    """`inject`'s input checked and cut into updates: `(text number, chunk [n] on device)` in order (the chunks of
+    one text share its first update's number in the long-term store); `config`'s settings checked first (set on
+    `model.config` since?), so nothing is written when they are not usable."""
+    config.check_memory_settings()
+    chunk_size = config.inject_chunk_size if chunk_size is None else chunk_size
+    if chunk_size < config.min_inject_tokens:
+        raise ValueError(f"chunk_size must be >= min_inject_tokens ({config.min_inject_tokens}), got {chunk_size}")
+    special = special_ids(config, tokenizer)
+    items = injection_ids(text_or_ids, tokenizer, config.min_inject_tokens, config.vocab_size, special)
+    return [(text, c.to(device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]

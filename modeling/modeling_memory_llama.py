@@ -25,7 +25,6 @@ from .memory_embeddings import MemoryEmbeddings
 from .memory_fields import MEMORY_BUFFERS, MEMORY_FIELDS, config_geometry, fresh_tensors
 from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
-from .memory_inputs import special_ids
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
@@ -33,7 +32,7 @@ from .memory_prefix import cache_prefix_length, continued_read, positions_from_m
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_text import CallNumbers, injection_ids, split_ids
+from .memory_text import CallNumbers, injection_chunks
 from .memory_transition import check_finite_slots, next_state
 from .memory_writer import new_memory_slots, write_layout
 from .mplus_model import MPlusMixin
@@ -172,7 +171,8 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
-        attention_mask, position_ids = placed_prefill(self.config, cache, attention_mask, position_ids, tokens, self.dtype)
+        attention_mask, position_ids = placed_prefill(
+            self.config, cache, attention_mask, position_ids, tokens, self.dtype)
         with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
             outputs = super().forward(
                 input_ids=input_ids,
@@ -232,18 +232,9 @@ class MemoryLlamaForCausalLM(
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
         On any error the memory is left exactly as it was.
         """
-        self.config.check_memory_settings()  # set on model.config since? refused before the memory changes
-        chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
-        if chunk_size < self.config.min_inject_tokens:
-            raise ValueError(
-                f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
-            )
-        # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        cfg, special = self.config, special_ids(self.config, tokenizer)
-        items = injection_ids(text_or_ids, tokenizer, cfg.min_inject_tokens, cfg.vocab_size, special)
+        chunks = injection_chunks(self.config, text_or_ids, tokenizer, chunk_size, self.device)
         if tokenizer is not None and self.retrieval_tokenizer is None:
             self.retrieval_tokenizer = tokenizer  # text retrieval decodes the stored token ids with it
-        chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
             before = self.live_memory_state()
@@ -268,9 +259,7 @@ class MemoryLlamaForCausalLM(
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
         return len(chunks)
 
-    def commit_memory_slots(
-        self, slots: torch.Tensor, generator: torch.Generator | None = None, input_ids: torch.Tensor | None = None
-    ) -> None:
+    def commit_memory_slots(self, slots: torch.Tensor, generator=None, input_ids: torch.Tensor | None = None) -> None:
         """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo);
         `input_ids` (the context they were computed from) are kept with them in the long-term store."""
         with self.memory_lock:
@@ -291,8 +280,7 @@ class MemoryLlamaForCausalLM(
         self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
         token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] written from `token_ids` (see `next_state`; M+:
-        `mplus_model`)."""
+        """The state after committing new slots [L, k, d] written from `token_ids` (next_state; M+: mplus_model)."""
         if self.is_mplus:
             return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
         return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
@@ -322,22 +310,14 @@ class MemoryLlamaForCausalLM(
 
     @classmethod
     def from_pretrained(cls, *args, allow_other_model=False, drop_long_term_memory=False, **kwargs):
-        """`from_pretrained` that checks the memory fully before using it (`MemoryState.load`: complete, finite,
-        consistent, its hash, this model's fingerprint unless `allow_other_model=True`; the long-term store the pool
-        file records, unless `drop_long_term_memory=True` starts with an empty store on purpose), and refuses a
-        memory pool whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an
-        empty pool instead of reading a re-initialized one)."""
+        """`from_pretrained` that checks the memory fully before using it (`memory_loading.load_pretrained`: the pool
+        file, this model's fingerprint unless `allow_other_model=True`, the long-term store the pool file records
+        unless `drop_long_term_memory=True` drops it on purpose, the pool's shape against the config)."""
         return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model, drop_long_term_memory)
 
     @classmethod
-    def from_base(
-        cls,
-        path_or_repo: str | os.PathLike,
-        gguf_file: str | None = None,
-        memory_update: str = "input",
-        tokenizer=None,
-        **memory_config,
-    ) -> "MemoryLlamaForCausalLM":
+    def from_base(cls, path_or_repo: str | os.PathLike, gguf_file: str | None = None, memory_update: str = "input",
+                  tokenizer=None, **memory_config) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
 
         Defaults to the training-free "input" update with a "grow" pool, a long-term store of about 1 GiB (bfloat16)
