@@ -263,9 +263,12 @@ def agreement_table(table: dict) -> str:
     return _table(header, rows)
 
 
-def _task_module(task: str):
-    from . import editing, longcontext, retention
+def _task_module(task: str, document: dict | None = None):
+    """The module whose `metrics_of` recomputes a `task` document (a retention run of the stream protocol: `stream`)."""
+    from . import editing, longcontext, retention, stream
 
+    if task == "retention" and document is not None and document.get("protocol", {}).get("name") == "stream":
+        return stream
     modules = {"editing": editing, "retention": retention, "longcontext": longcontext}
     if task not in modules:
         raise ValueError(f"{task} runs are one chain and are not split into shards: there is nothing to merge")
@@ -274,13 +277,13 @@ def _task_module(task: str):
 
 def recompute(path: str | Path) -> Path:
     """Rewrite a results file's metrics from its records (and redraw its PNG if it has one)."""
-    from . import editing, integrity, longcontext, retention
+    from . import integrity
     from .plots import PLOTS
     from .runner import write_json
 
     document = json.loads(Path(path).read_text())
     task = document["task"]
-    module = {"editing": editing, "retention": retention, "longcontext": longcontext, "integrity": integrity}[task]
+    module = integrity if task == "integrity" else _task_module(task, document)
     document.update(module.metrics_of(document))
     write_json(path, document)
     picture = Path(path).with_suffix(".png")
@@ -317,7 +320,7 @@ def merge(output: str | Path, shards: list[str | Path]) -> Path:
 
     documents = [json.loads(Path(path).read_text()) for path in shards]
     task = documents[0]["task"] if documents else None
-    merged = merge_shards(documents, _task_module(task).metrics_of)
+    merged = merge_shards(documents, _task_module(task, documents[0] if documents else None).metrics_of)
     merged["config"]["output"] = str(output)
     write_json(output, merged)
     plot = PLOTS.get(task)

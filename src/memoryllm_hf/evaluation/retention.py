@@ -298,12 +298,9 @@ def aggregate(
 
 
 def metrics_of(document: dict) -> dict:
-    """The metrics of a results document recomputed from its records (merging shards)."""
+    """The metrics of a per-question results document recomputed from its records (merging shards; a stream run's
+    are `stream.metrics_of`)."""
     protocol, memory = document["protocol"], document["model"]["memory"]
-    if protocol.get("name") == "stream":
-        from .stream import metrics_of as stream_metrics
-
-        return stream_metrics(document)
     records = document["records"]
     return {
         "metrics": aggregate(
