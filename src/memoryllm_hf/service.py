@@ -7,7 +7,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .folder import folder_config, memory_report, plot_slot_norms, png_path, replaced_slots, save_memory
+from .folder import check_folder, folder_config, memory_report, plot_slot_norms, png_path, replaced_slots, save_memory
 from .greedy import reply
 from .modeling import MemoryState
 
@@ -58,7 +58,7 @@ class FolderService:
         if read_mode is not None:
             config.read_mode = read_mode
         try:
-            config.check_long_term_memory()  # e.g. "retrieve" without a store: refused before any compute
+            config.check_memory_settings()  # e.g. "retrieve" without a store: refused before any compute
             yield
         finally:
             config.read_mode = previous
@@ -102,7 +102,7 @@ class FolderService:
         state = self.model.memory_state()
         if png:
             plot_slot_norms(state, png)
-        return memory_report(state, self.config), png and str(png_path(png))
+        return memory_report(state, self.config) + check_folder(self.folder), png and str(png_path(png))
 
     def snapshot(self, name: str) -> Path:
         return take_snapshot(self.model, self.folder, name)
