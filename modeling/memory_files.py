@@ -51,6 +51,7 @@ from .memory_fields import (
 )
 from .memory_store import (
     STORE_TENSORS,
+    TOKEN_TENSORS,
     LongTermStore,
     LongTermStoreError,
     store_content_hash,
@@ -59,6 +60,7 @@ from .memory_store import (
     store_num_slots,
     store_to_tensors,
 )
+from .mplus_memory import MPLUS_FORMAT, MPLUS_TENSORS, MPlusMemory, decode_mplus_file
 
 # ---------------------------------------------------------------------------------------------- format constants
 MEMORY_FILE = "memory.safetensors"
@@ -72,6 +74,14 @@ SEGMENTS_DIR = "long_term"  # a disk-backed store's segment files (memory-mapped
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
+# One memory: the pool file records the head of the store saved with it (`store_head`), the store file the pool's
+# injection count, so a lost, replaced, older or newer store is refused on every load path (`read_store_beside`).
+STORE_HEAD = "long_term_head"
+POOL_INJECTIONS = "pool_injections"
+DROP_STORE_HOW = (
+    "restore the matching file from a backup, or drop the long-term store on purpose and keep the pool: "
+    "`memoryllm-hf drop-store FOLDER`, or from_pretrained(folder, drop_long_term_memory=True) and save"
+)
 # Metadata fields of a memory file (and of the Hub's memory_state.json) that must agree with its tensors.
 COUNTERS = ("num_hidden_layers", "num_memory_tokens", "hidden_size", "filled_slots", "injections")
 
@@ -79,9 +89,10 @@ TensorFile = tuple[dict[str, torch.Tensor], dict[str, str]]  # (tensors, metadat
 
 
 # ---------------------------------------------------------------------------------------------- single-file state
-def describe_state(state) -> dict:
+def describe_state(state, head: dict | None = None) -> dict:
     """The metadata schema of a memory file (also the core of the Hub's `memory_state.json`): format, geometry,
-    counters, K, the model fingerprint, the content hash and every tensor's dtype and shape."""
+    counters, K, the model fingerprint, the content hash, the long-term store's head (`head`, when already known:
+    `store_head(state.long_term)`) and every tensor's dtype and shape."""
     L, N, d = state.memory.shape
     info = {
         "memory_state": STATE_FORMAT,
@@ -94,6 +105,7 @@ def describe_state(state) -> dict:
         "num_update_tokens": state.num_update_tokens,
         "fingerprint": state.fingerprint,
         "content_hash": state.content_hash(),
+        STORE_HEAD: store_head(state.long_term) if head is None else head,
         "tensors": {
             name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape)} for name, t in state.as_buffers().items()
         },
@@ -101,18 +113,24 @@ def describe_state(state) -> dict:
     return {key: value for key, value in info.items() if value is not None}
 
 
-def state_metadata(state) -> dict[str, str]:
+def state_metadata(state, head: dict | None = None) -> dict[str, str]:
     """`describe_state` as safetensors metadata (str -> str)."""
-    return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in describe_state(state).items()}
+    return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in describe_state(state, head).items()}
 
 
 def write_state_file(path: str | os.PathLike, state) -> None:
     """One file holding the whole memory (pool and long-term store, each with its hash), written atomically."""
     state.validate()
-    metadata = state_metadata(state)
-    if state.long_term:
-        metadata["long_term_hash"] = store_content_hash(state.long_term)
-    write_tensor_file(os.fspath(path), {**state.as_buffers(), **store_to_tensors(state.long_term)}, metadata)
+    head = store_head(state.long_term)
+    metadata = state_metadata(state, head)
+    if isinstance(state.long_term, MPlusMemory):
+        metadata.update(long_term_hash=head["content_hash"], long_term_store=MPLUS_FORMAT)
+        long_term = state.long_term.to_tensors()
+    else:
+        if state.long_term:
+            metadata["long_term_hash"] = head["content_hash"]
+        long_term = store_to_tensors(state.long_term)
+    write_tensor_file(os.fspath(path), {**state.as_buffers(), **long_term}, metadata)
 
 
 def read_state_file(path: str | os.PathLike, state_class):
@@ -140,11 +158,22 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     if missing:
         raise MemoryStateError(f"not a memory state: tensors {missing} are missing")
     try:
-        long_term = store_from_tensors({name: tensors.pop(name) for name in STORE_TENSORS if name in tensors})
+        if metadata.get("long_term_store") == MPLUS_FORMAT:
+            long_term = MPlusMemory.from_tensors({name: tensors.pop(name) for name in MPLUS_TENSORS if name in tensors})
+        else:
+            stored = STORE_TENSORS + TOKEN_TENSORS
+            long_term = store_from_tensors({name: tensors.pop(name) for name in stored if name in tensors})
     except LongTermStoreError as err:
         raise MemoryStateError(str(err)) from None
-    if long_term and metadata.get("long_term_hash") != store_content_hash(long_term):
+    head = store_head(long_term)
+    if isinstance(long_term, MPlusMemory) and metadata.get("long_term_hash") != head["content_hash"]:
+        raise MemoryStateError("corrupted: its M+ long-term memory differs from the hash recorded at saving")
+    if long_term and metadata.get("long_term_hash") != head["content_hash"]:
         raise MemoryStateError("corrupted: its long-term store differs from the hash recorded when it was saved")
+    if "long_term_hash" in metadata:  # a single-file memory: its store is inside (a folder's pool file has it beside)
+        if not long_term:
+            raise MemoryStateError("corrupted: its metadata records a long-term store but the store's tensors are gone")
+        check_store_head(recorded_head(metadata), long_term, "the memory file", actual=head)
     extra = sorted(set(tensors) - set(MEMORY_BUFFERS))
     if extra:
         raise MemoryStateError(f"holds tensors that are not part of a memory ({extra[:5]}); not a memory file")
@@ -166,7 +195,7 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             recorded = json.loads(metadata.get("tensors", "null"))
         except ValueError:
             recorded = None
-        actual = describe_state(state)
+        actual = describe_state(state, head)
         if recorded != actual["tensors"]:
             raise MemoryStateError(f"corrupted: its tensors {actual['tensors']} differ from its metadata {recorded}")
         wrong = {key: (numbers.get(key), actual[key]) for key in COUNTERS if numbers.get(key) != actual[key]}
@@ -196,8 +225,12 @@ def recorded_content_hash(path: str | os.PathLike, state_class) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- long-term store file
-def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) -> dict[str, str]:
-    """Metadata of a store file: format, geometry, counts, content hash (and the model's fingerprint)."""
+def store_file_metadata(
+    store: LongTermStore, fingerprint: str | None = None, pool_injections: int | None = None,
+    content_hash: str | None = None,
+) -> dict[str, str]:
+    """Metadata of a store file: format, geometry, counts, content hash (`content_hash`, when already known; and the
+    model's fingerprint, and the injection count of the pool it is saved with)."""
     L, _, d = store[0].slots.shape
     metadata = {
         "long_term_store": STORE_FORMAT,
@@ -205,11 +238,25 @@ def store_file_metadata(store: LongTermStore, fingerprint: str | None = None) ->
         "hidden_size": str(d),
         "slots": str(store_num_slots(store)),
         "injections": str(len(store)),
-        "content_hash": store_content_hash(store),
+        "content_hash": store_content_hash(store) if content_hash is None else content_hash,
     }
     if fingerprint is not None:
         metadata["fingerprint"] = fingerprint
+    if pool_injections is not None:
+        metadata[POOL_INJECTIONS] = str(pool_injections)
     return metadata
+
+
+def check_store_file_metadata(path: str, metadata: dict[str, str], store: LongTermStore) -> None:
+    """Raise LongTermStoreError unless the counts and geometry a store file's metadata records are its tensors'."""
+    if not store:
+        return
+    L, _, d = store[0].slots.shape
+    actual = {"num_layers": L, "hidden_size": d, "slots": store_num_slots(store), "injections": len(store)}
+    wrong = {key: (metadata.get(key), value) for key, value in actual.items() if metadata.get(key) != str(value)}
+    if wrong:
+        raise LongTermStoreError(f"{path} is corrupted: its metadata and tensors disagree on {wrong} (metadata, "
+                                 "tensors); restore it from a backup")
 
 
 def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
@@ -219,28 +266,42 @@ def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str |
     write_tensor_file(os.fspath(path), store_to_tensors(store), store_file_metadata(store, fingerprint))
 
 
-def load_store(path: str | os.PathLike, fingerprint: str | None = None, mapped: bool = False) -> LongTermStore:
+def load_store(
+    path: str | os.PathLike, fingerprint: str | None = None, pool_injections: int | None = None, mapped: bool = False
+) -> LongTermStore:
     """Read a file written by `save_store` (or a segment of a disk-backed store); refuses a truncated or corrupted
-    file, a hash mismatch and (when `fingerprint` is given and the file records one) another model's store.
-    `mapped=True`: the blocks' slots stay memory-mapped from the file (`MemoryBlock.source`)."""
+    file, a hash mismatch, (when `fingerprint` is given) another model's store or one that records no model, and
+    (when `pool_injections` is given and the file records its pool's) a store saved beside another pool than the one
+    of `pool_injections`. `mapped=True`: the blocks' slots stay memory-mapped from the file (`MemoryBlock.source`)."""
     path = os.fspath(path)
     try:
         tensors, metadata = map_tensor_file(path) if mapped else read_tensor_file(path)
     except (SafetensorError, OSError, ValueError) as err:
         raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
-    extra = sorted(set(tensors) - set(STORE_TENSORS))
+    if metadata.get("long_term_store") == MPLUS_FORMAT:  # an M+ model's long-term memory
+        return decode_mplus_file(path, tensors, metadata, fingerprint)
+    extra = sorted(set(tensors) - set(STORE_TENSORS) - set(TOKEN_TENSORS))
     if extra or metadata.get("long_term_store") != STORE_FORMAT:
         raise LongTermStoreError(f"{path} is not a long-term store file (format {metadata.get('long_term_store')!r}, "
                                  f"unexpected tensors {extra})")
     recorded = metadata.get("fingerprint")
-    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+    if fingerprint is not None and recorded != fingerprint:  # (a store without one is nobody's)
         raise LongTermStoreError(
             f"{path} belongs to another model (fingerprint {recorded}, this model's is {fingerprint})"
         )
-    digest = tensors_digest({name: tensors[name] for name in STORE_TENSORS if name in tensors})
+    saved_with = metadata.get(POOL_INJECTIONS)
+    if pool_injections is not None and saved_with is not None and saved_with != str(pool_injections):
+        raise LongTermStoreError(
+            f"{path} was saved beside a pool of {saved_with} injections, but {MEMORY_FILE} has {pool_injections}: "
+            f"the two files come from different saves; {DROP_STORE_HOW}"
+        )
+    store = store_from_tensors(tensors, source=path if mapped else None)
+    check_store_file_metadata(path, metadata, store)
+    # (the file's tensors are the store's `store_to_tensors`: hashing them needs no copy of mapped slots)
+    digest = tensors_digest({name: tensors[name] for name in (*STORE_TENSORS, *TOKEN_TENSORS) if name in tensors})
     if metadata.get("content_hash") != digest:
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
-    return store_from_tensors(tensors, source=path if mapped else None)
+    return store
 
 
 # ---------------------------------------------------------------------------------------------- store segments
@@ -386,15 +447,20 @@ def place_store(store: LongTermStore, storage: str, spill: SpillDirectory) -> Lo
 class JournalEntry:
     """One injection as the journal keeps it, enough to replay it bit-exactly (`memory_transition.replay`): its
     number, the number of the `inject()` call it belongs to, its new slots [L, k, d] exactly as committed, and the
-    state of the external generator that drew its dropped slots (None: the pool's own generator)."""
+    state of the external generator that drew its dropped slots (None: the pool's own generator), and the token ids
+    [n] the slots were written from (None: not known), which the long-term store keeps (`MemoryBlock.token_ids`)."""
 
     injection: int
     call: int
     slots: torch.Tensor
     generator: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
 
 
-JOURNAL_TENSORS = ("journal_slots", "journal_injection", "journal_call", "journal_generator", "journal_external")
+JOURNAL_TENSORS = (
+    "journal_slots", "journal_injection", "journal_call", "journal_generator", "journal_external",
+    "journal_token_ids", "journal_token_counts",  # each entry's token ids, concatenated; their counts (-1: None)
+)
 _RECORD_DIGITS = 10
 
 
@@ -424,6 +490,13 @@ def encode_journal_record(entries, parent: str, fingerprint: str | None) -> Tens
         "journal_call": torch.tensor([e.call for e, k in zip(entries, sizes, strict=True) for _ in range(k)]),
         "journal_generator": torch.stack(generators) if generators else torch.zeros(0, RNG_STATE_BYTES).byte(),
         "journal_external": torch.tensor(external, dtype=torch.uint8),
+        "journal_token_ids": torch.cat(
+            [torch.zeros(0, dtype=torch.int32)]
+            + [e.token_ids.reshape(-1).to("cpu", torch.int32) for e in entries if e.token_ids is not None]
+        ).contiguous(),
+        "journal_token_counts": torch.tensor(
+            [-1 if e.token_ids is None else e.token_ids.numel() for e in entries], dtype=torch.long
+        ),
     }
     metadata = {
         "memory_journal": JOURNAL_FORMAT,
@@ -459,7 +532,7 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
     tensors = {name: tensors[name] for name in JOURNAL_TENSORS}
     if metadata.get("record_hash") != record_hash(metadata.get("parent", ""), tensors):
         raise _journal_error(path, "corrupted: its content differs from the hash recorded when it was written")
-    slots, injection, call, generator, external = tensors.values()
+    slots, injection, call, generator, external, token_ids, token_counts = tensors.values()
     count = external.shape[0]
     try:
         first, last = int(metadata["first"]), int(metadata["last"])
@@ -471,6 +544,9 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
             and numbers == list(range(first, last + 1)) == list(range(first, first + count))
             and tuple(generator.shape) == (int(external.sum()), RNG_STATE_BYTES) and external.dim() == 1
             and os.path.basename(path) == journal_record_name(first, last)
+            and token_ids.dtype == torch.int32 and token_ids.dim() == 1 and token_counts.shape == (count,)
+            and token_counts.dtype == torch.long and bool((token_counts >= -1).all())
+            and int(token_counts.clamp(min=0).sum()) == token_ids.shape[0]
         )
     except (KeyError, ValueError):
         consistent = False
@@ -478,14 +554,16 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
         raise _journal_error(path, "inconsistent injection numbers or shapes")
     if not bool(torch.isfinite(slots).all()):
         raise _journal_error(path, "holds NaN/inf slots")
-    entries, drawn = [], iter(generator)
+    entries, drawn, ids = [], iter(generator), iter(token_ids.split(token_counts.clamp(min=0).tolist()))
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if bool((call[start:end] != call[start]).any()):
             raise _journal_error(path, f"injection {numbers[index]} has slots of different calls")
+        tokens = next(ids)
         entries.append(
             JournalEntry(
                 numbers[index], int(call[start]), slots[:, start:end].clone(),
                 next(drawn).clone() if bool(external[index]) else None,
+                tokens.clone() if int(token_counts[index]) >= 0 else None,
             )
         )
     return entries, metadata
@@ -558,12 +636,122 @@ def append_journal_record(folder: str | os.PathLike, record: TensorFile) -> None
     write_tensor_file(os.path.join(directory, name), tensors, metadata)
 
 
+# ---------------------------------------------------------------------------------------------- one memory
+def store_head(store: LongTermStore, content_hash: str | None = None) -> dict:
+    """What a pool file records of the long-term store saved with it: its newest injection, size and content hash
+    (`content_hash`: when already known; `{"injections": 0}` for no store; an M+ long-term memory: its kind, slots
+    per layer and content hash)."""
+    if isinstance(store, MPlusMemory):
+        return {
+            "kind": MPLUS_FORMAT,
+            "slots": list(store.slot_counts),
+            "content_hash": store.content_hash() if content_hash is None else content_hash,
+        }
+    if not store:
+        return {"injections": 0}
+    return {
+        "newest_injection": store[-1].injection,
+        "injections": len(store),
+        "slots": store_num_slots(store),
+        "content_hash": store_content_hash(store) if content_hash is None else content_hash,
+    }
+
+
+def recorded_head(metadata: Mapping) -> dict | None:
+    """The store head a pool file's metadata (or memory_state.json) records; None for files saved before heads were
+    recorded (their store is taken as it is)."""
+    head = metadata.get(STORE_HEAD)
+    if head is None or isinstance(head, dict):
+        return head
+    try:
+        head = json.loads(head)
+    except ValueError:
+        head = None
+    if not isinstance(head, dict):
+        raise MemoryStateError(f"corrupted: {STORE_HEAD}={metadata.get(STORE_HEAD)!r} in its metadata")
+    return head
+
+
+def check_store_head(
+    head: dict | None, store: LongTermStore, where: str, missing: str = "missing", actual: dict | None = None
+) -> None:
+    """Raise MemoryStateError unless `store` is the long-term store the pool file recorded (`head`; `actual`: the
+    store's own head, when already known); `where` names the place of the files, `missing` says what happened to a
+    store file that is not there."""
+    if head is None or head == (store_head(store) if actual is None else actual):
+        return
+    recorded = head.get("injections", 0)
+    if not store:
+        raise MemoryStateError(
+            f"{where}: {MEMORY_FILE} records a long-term store of {recorded} injections (newest "
+            f"{head.get('newest_injection')}), but {LONG_TERM_FILE} is {missing}: loading would lose them for good; "
+            f"{DROP_STORE_HOW}"
+        )
+    if isinstance(store, MPlusMemory) or head.get("kind") == MPLUS_FORMAT:
+        raise MemoryStateError(
+            f"{where}: {LONG_TERM_FILE} is not the M+ long-term memory {MEMORY_FILE} was saved with (recorded "
+            f"{head}); {DROP_STORE_HOW}"
+        )
+    found = f"{LONG_TERM_FILE} holds {len(store)} injections (newest {store[-1].injection})"
+    if not recorded:
+        raise MemoryStateError(
+            f"{where}: {found}, but {MEMORY_FILE} was saved without a long-term store: the two files come from "
+            f"different saves; {DROP_STORE_HOW}"
+        )
+    newest = head.get("newest_injection", 0)
+    age = "an older" if store[-1].injection < newest else "a newer" if store[-1].injection > newest else "another"
+    raise MemoryStateError(
+        f"{where}: {found}, {age} store than the one {MEMORY_FILE} was saved with ({recorded} injections, newest "
+        f"{newest}); {DROP_STORE_HOW}"
+    )
+
+
+def read_store_beside(pool_file: str, store_file: str | None, fingerprint, pool_injections: int, where: str,
+                      replaced: bool = False, mapped: bool = False) -> LongTermStore:
+    """The long-term store saved beside the pool file `pool_file` (`store_file`: its local path, None when there is
+    none; `replaced`: something that is not a file stands in its place), checked to be the store the pool file
+    records and of the model with `fingerprint` (a value, or a function computing it only when there is a store)."""
+    with safe_open(pool_file, "pt") as handle:
+        head = recorded_head(handle.metadata() or {})
+    if replaced:
+        check_store_head(head, (), where, "not a file (a directory, a device or a link to one)")
+        raise MemoryStateError(f"{where}: {LONG_TERM_FILE} is not a file (a directory, a device or a link to one); "
+                               f"{DROP_STORE_HOW}")
+    try:
+        fingerprint = fingerprint() if callable(fingerprint) and store_file is not None else fingerprint
+        store = () if store_file is None else load_store(store_file, fingerprint, pool_injections, mapped)
+    except LongTermStoreError as err:
+        raise MemoryStateError(str(err)) from None
+    verified = None  # load_store checked the file's recorded hash against its content: no need to hash again
+    if store:
+        with safe_open(store_file, "pt") as handle:
+            verified = handle.metadata()["content_hash"]
+    check_store_head(head, store, where, actual=store_head(store, verified))
+    return store
+
+
+def check_segments_beside(pool_file: str, store: LongTermStore, where: str) -> LongTermStore:
+    """Raise MemoryStateError unless the segment files of a disk-backed store (`store`, read from them) hold the
+    store the pool file `pool_file` records (a lost, older, newer or replaced segment set is refused)."""
+    with safe_open(pool_file, "pt") as handle:
+        head = recorded_head(handle.metadata() or {})
+    check_store_head(head, store, where, f"missing (no segment files in {SEGMENTS_DIR}/)")
+    return store
+
+
+def local_entry_replaced(folder: str | None, name: str) -> bool:
+    """Whether something that is not a regular file (a directory, a device, a dangling link) stands at `name`."""
+    path = None if folder is None else os.path.join(folder, name)
+    return path is not None and os.path.lexists(path) and not os.path.isfile(path)
+
+
 # ---------------------------------------------------------------------------------------------- memory parts
 @dataclasses.dataclass(frozen=True)
 class MemoryPart:
     """One file of a memory beside the weights (in a checkpoint folder and a Hub file set).
 
-    `encode(state)`: the file's (tensors, metadata), None when the state has nothing for it; `in_index`: its tensors
+    `encode(state, head)`: the file's (tensors, metadata), None when the state has nothing for it (`head`: the
+    store's `store_head`, computed once for all parts); `in_index`: its tensors
     are model buffers listed in the shard index (transformers loads them with the weights); `hub_key`: the field of
     `memory_state.json` recording the file's sha256 (None: not part of the Hub file set).
     """
@@ -577,14 +765,17 @@ class MemoryPart:
     stage: Callable[..., None] | None = None
 
 
-def _pool_file(state) -> TensorFile:
-    return state.as_buffers(), state_metadata(state)
+def _pool_file(state, head: dict) -> TensorFile:
+    return state.as_buffers(), state_metadata(state, head)
 
 
-def _store_file(state) -> TensorFile | None:
+def _store_file(state, head: dict) -> TensorFile | None:
+    if isinstance(state.long_term, MPlusMemory):
+        return state.long_term.to_tensors(), state.long_term.file_metadata(state.fingerprint)
     if not state.long_term or any(block.source for block in state.long_term):  # (disk-backed: segments)
         return None
-    return store_to_tensors(state.long_term), store_file_metadata(state.long_term, state.fingerprint)
+    metadata = store_file_metadata(state.long_term, state.fingerprint, state.num_injections, head["content_hash"])
+    return store_to_tensors(state.long_term), metadata
 
 
 POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=True, hub_key="sha256")
@@ -603,11 +794,12 @@ MEMORY_GROUP_FILES = tuple(part.file for part in MEMORY_PARTS)
 HUB_PARTS = tuple(part for part in MEMORY_PARTS if part.hub_key is not None)
 
 
-def state_file_groups(state) -> dict[str, TensorFile]:
+def state_file_groups(state, head: dict | None = None) -> dict[str, TensorFile]:
     """The files this memory is saved in beside the weights: `{file name: (tensors, metadata)}`."""
+    head = store_head(state.long_term) if head is None else head
     groups = {}
     for part in MEMORY_PARTS:
-        encoded = part.encode(state)
+        encoded = part.encode(state, head)
         if encoded is not None:
             groups[part.file] = encoded
     return groups
@@ -724,17 +916,27 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
     update_folder(folder, write)
 
 
-def read_folder_base(folder: str | os.PathLike, state_class):
+def read_folder_base(folder: str | os.PathLike, state_class, with_store: bool = True):
     """The memory files of a model folder, fully checked, without its journal (`memory_journal.read_folder_memory`
-    replays it): the pool file and, when present, the long-term store file (refused when it belongs to another
-    model than the pool file says)."""
-    state = read_state_file(os.path.join(os.fspath(folder), MEMORY_FILE), state_class)
-    store_path = os.path.join(os.fspath(folder), LONG_TERM_FILE)
-    try:
-        store = load_store(store_path, state.fingerprint) if os.path.isfile(store_path) else ()
-        store = store or read_segments(folder, state.fingerprint)
-    except LongTermStoreError as err:
-        raise MemoryStateError(str(err)) from None
+    replays it): the pool file and the long-term store (its file, or the segment files of a disk-backed store),
+    refused when it belongs to another model than the pool file says, or is not the store the pool file records:
+    missing, replaced, older or newer. `with_store=False`: the pool alone (the store is being dropped on purpose)."""
+    folder = os.fspath(folder)
+    pool_path, store_path = os.path.join(folder, MEMORY_FILE), os.path.join(folder, LONG_TERM_FILE)
+    state = read_state_file(pool_path, state_class)
+    if not with_store:
+        return state
+    if not os.path.lexists(store_path) and os.path.isdir(os.path.join(folder, SEGMENTS_DIR)):
+        try:
+            store = read_segments(folder, state.fingerprint)
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
+        check_segments_beside(pool_path, store, folder)
+    else:
+        store = read_store_beside(
+            pool_path, store_path if os.path.isfile(store_path) else None, state.fingerprint, state.num_injections,
+            folder, replaced=local_entry_replaced(folder, LONG_TERM_FILE),
+        )
     if store:
         state = dataclasses.replace(state, long_term=store)
         state.validate()
@@ -821,8 +1023,9 @@ def write_hub_files(folder: str, state, extra: Mapping) -> dict:
     """Write the memory's part files (refusing a broken memory) and `memory_state.json` (the pool file's metadata,
     `extra`, and each file's sha256) into `folder`; returns that metadata."""
     state.validate()
-    metadata = {**describe_state(state), **extra}
-    for file_name, (tensors, file_metadata) in state_file_groups(state).items():
+    head = store_head(state.long_term)
+    metadata = {**describe_state(state, head), **extra}
+    for file_name, (tensors, file_metadata) in state_file_groups(state, head).items():
         write_tensor_file(os.path.join(folder, file_name), tensors, file_metadata)
     for part in HUB_PARTS:
         path = os.path.join(folder, part.file)
@@ -920,18 +1123,19 @@ def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):
         raise MemoryStateError(f"{MEMORY_FILE} does not match the content_hash in {MEMORY_STATE_FILE}")
     if state.fingerprint is None:
         state.fingerprint = metadata.get("fingerprint")
-    if STORE_PART.hub_key in metadata:
-        store_path = fetch(LONG_TERM_FILE)
-        if store_path is None or sha256_file(store_path) != metadata[STORE_PART.hub_key]:
-            raise MemoryStateError(
-                f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a commit sha"
-            )
-        state = dataclasses.replace(state, long_term=load_store(store_path, state.fingerprint))
-    elif SEGMENTS_PART.hub_key in metadata:
+    if STORE_PART.hub_key not in metadata and SEGMENTS_PART.hub_key in metadata:
         try:
             store = read_hub_segments(fetch, metadata, state.fingerprint)
         except LongTermStoreError as err:
             raise MemoryStateError(str(err)) from None
-        state = dataclasses.replace(state, long_term=store)
-    return state, metadata
+        check_segments_beside(memory_path, store, where)
+        return dataclasses.replace(state, long_term=store), metadata
+    store_path = fetch(LONG_TERM_FILE) if STORE_PART.hub_key in metadata else None  # (memory_state.json lists it)
+    recorded_sha = metadata.get(STORE_PART.hub_key)
+    if recorded_sha is not None and (store_path is None or sha256_file(store_path) != recorded_sha):
+        raise MemoryStateError(
+            f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a commit sha"
+        )
+    store = read_store_beside(memory_path, store_path, state.fingerprint, state.num_injections, where)
+    return dataclasses.replace(state, long_term=store), metadata
 

@@ -4,6 +4,7 @@ The memory prefix sits at the start of the cache but is not part of `input_ids`,
 (cache implementation, how many input tokens the cache already holds) needs the prefix length taken out.
 """
 
+from .memory_inputs import refuse_empty_prompt
 from .memory_prefix import cache_prefix_length, cache_prefix_mask, extend_attention_mask
 
 # Transformers' cache implementations that can hold the prefix: the default dynamic cache and a static one.
@@ -49,6 +50,7 @@ def read_before_generate(model, inputs, generation_config, kwargs: dict) -> None
     given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
     candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
     tokens = next((t for t in candidates if t is not None), None)
+    refuse_empty_prompt(tokens)
     prefix = cache_prefix_length(given_cache)
     if given_cache is None and tokens is not None and model.reads_memory(kwargs.get("use_memory", True)):
         batch, length = tokens.shape[:2]
@@ -57,10 +59,15 @@ def read_before_generate(model, inputs, generation_config, kwargs: dict) -> None
         room = static_cache_room(generation_config, kwargs, length)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         inputs_embeds = kwargs.get("inputs_embeds") if input_ids is None else None
-        kwargs["cache"], kwargs["attention_mask"] = model.memory_read(
-            input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
-            max_cache_len=room,
-        )
+        if model.read_mode == "mplus" and room is None and input_ids is not None:  # one M+ pass, see mplus_model
+            kwargs["cache"], kwargs["attention_mask"] = model.mplus_generation_cache(
+                input_ids, kwargs.get("attention_mask"), rows=batch * max(beams, returns)
+            )
+        else:
+            kwargs["cache"], kwargs["attention_mask"] = model.memory_read(
+                input_ids, inputs_embeds, kwargs.get("attention_mask"), rows=batch * max(beams, returns),
+                max_cache_len=room,
+            )
     elif prefix:
         batch, length = tokens.shape[:2]
         kwargs["attention_mask"] = extend_attention_mask(

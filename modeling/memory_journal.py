@@ -16,6 +16,7 @@ chain or another model's is refused at load with the file named.
 Where the bytes are: `memory_files` (record format, `JOURNAL_DIR`, the journal part of `MEMORY_PARTS`).
 """
 
+import dataclasses
 import os
 
 from .configuration_memory_llama import MemoryLlamaConfig
@@ -74,6 +75,10 @@ class PendingUpdates:
         if self.slots > limit:
             self.pool = None
 
+    def let_go(self) -> None:
+        """The memory changed in a way the journal does not record (an M+ memory's writes): the next save is full."""
+        self.entries, self.pool, self.version, self.slots = [], None, None, 0
+
     def since(self, pool) -> list | None:
         """The pending entries when `pool` (the model's current pool) is the one they led to, else None."""
         if self.pool is None or pool is not self.pool or pool._version != self.version:
@@ -108,12 +113,13 @@ def replay_folder_journal(folder, state, config, fingerprint=None):
     return state, head
 
 
-def read_folder_memory(folder, state_class, config=None):
+def read_folder_memory(folder, state_class, with_store: bool = True, config=None):
     """The whole memory saved in a model folder, fully checked: the pool and store files with the journal replayed
-    (`config`: the folder's MemoryLlamaConfig, read from its config.json when not given)."""
-    state = read_folder_base(folder, state_class)
-    if not journal_chain(folder, state.num_injections):
-        return state
-    if config is None:
-        config = MemoryLlamaConfig.from_pretrained(os.fspath(folder))
-    return replay_folder_journal(folder, state, config)[0]
+    (`config`: the folder's MemoryLlamaConfig, read from its config.json when not given). `with_store=False`: the
+    pool alone (the long-term store is being dropped on purpose; the journal still replays onto the pool)."""
+    state = read_folder_base(folder, state_class, with_store)
+    if journal_chain(folder, state.num_injections):
+        if config is None:
+            config = MemoryLlamaConfig.from_pretrained(os.fspath(folder))
+        state = replay_folder_journal(folder, state, config)[0]
+    return state if with_store else dataclasses.replace(state, long_term=())

@@ -10,10 +10,12 @@ import dataclasses
 from transformers import AutoConfig, GgufConfig
 from transformers.utils import logging
 
-from .configuration_memory_llama import MemoryLlamaConfig
+from .configuration_memory_llama import MemoryLlamaConfig, config_field_names, refuse_unknown_settings
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
+from .memory_lexical import text_scorer_defaults
+from .memory_placement import placement_defaults
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
 
@@ -28,6 +30,13 @@ MISMATCHED_SHAPES = (
     "`memory` this means num_hidden_layers / num_memory_tokens / hidden_size in config.json disagree with "
     "memory.safetensors: fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
 )
+
+
+def check_settings(settings, where: str) -> None:
+    """Refuse (TypeError, naming the closest name) a setting that is neither a MemoryLlamaConfig field nor a load
+    option of `from_base` (`FROM_BASE_LOAD_KWARGS`, or `torch_dtype`)."""
+    known = config_field_names() | {*FROM_BASE_LOAD_KWARGS, "torch_dtype", "drop_long_term_memory"}
+    refuse_unknown_settings(settings, known, where)
 
 
 def drop_load_report(record) -> bool:
@@ -60,6 +69,7 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
     """`model.save_pretrained` (see its docstring); `parent_save_pretrained`: transformers' own."""
     if kwargs.get("push_to_hub"):
         raise ValueError("use model.push_to_hub(repo_id) (it keeps the memory in its own file)")
+    model.config.check_memory_settings(on_this_machine=False)  # never save a config.json that does not load
     with model.memory_lock:  # one memory state: the buffers and the long-term store
         long_term, pool = model.long_term_memory, model.memory
         state_dict = dict(model.state_dict() if state_dict is None else state_dict)
@@ -78,8 +88,13 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
         model.pending_updates.reset(pool)  # the folder holds this pool (later injections are journaled)
 
 
-def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool):
-    """`cls.from_pretrained(*args, **kwargs)` (see its docstring); `parent_from_pretrained`: transformers' own."""
+def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allow_other_model: bool,
+                    drop_long_term_memory: bool = False):
+    """`cls.from_pretrained(*args, **kwargs)`; `parent_from_pretrained`: transformers' own. The memory is checked
+    fully before it is used (`MemoryState.load`: complete, finite, consistent, its hash, this model's fingerprint
+    unless `allow_other_model=True`; the long-term store the pool file records, unless `drop_long_term_memory=True`
+    starts with an empty store on purpose); a memory pool whose shape disagrees with the config is refused (with
+    `ignore_mismatched_sizes=True` the model starts from an empty pool instead of reading a re-initialized one)."""
     want_info = kwargs.pop("output_loading_info", False)
     if args and kwargs.get("config") is None:
         refuse_plain_checkpoint(cls, args[0], kwargs)
@@ -95,21 +110,29 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
         model.reset_memory()
     else:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        memory_file, keys, folder = checkpoint_memory_file(source, kwargs)
-        model.adopt_checkpoint_memory(memory_file, keys, folder, allow_other_model)
-        store = None if source is None else read_long_term_file(
-            source, kwargs, model.config, model.memory_fingerprint, model.num_injections, folder
+        pool_file, keys, folder = checkpoint_memory_file(source, kwargs)
+        model.adopt_checkpoint_memory(pool_file, keys, folder, allow_other_model)
+        if drop_long_term_memory:
+            logger.warning(f"{source}: the long-term store is dropped on purpose (drop_long_term_memory=True)")
+        store = None if source is None or drop_long_term_memory else read_long_term_file(
+            source, kwargs, model.config, model.memory_fingerprint, model.num_injections, pool_file, folder
         )
         if store is not None:
             model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=store))
-        if folder is not None and memory_file is not None:
+        if folder is not None and pool_file is not None:
             model.replay_checkpoint_journal(folder)  # injections saved since the pool file (memory_journal)
-    model.config.check_long_term_memory()  # fields given to from_pretrained skip the config's own checks
+        if drop_long_term_memory:  # (the journal's injections too; the next save is a full one, without the store)
+            model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=()))
+            model.pending_updates.let_go()
+    model.config.check_memory_settings()  # fields given to from_pretrained skip the config's own checks
     return (model, info) if want_info else model
 
 
-def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", **memory_config):
+def from_base(
+    cls, path_or_repo, gguf_file: str | None = None, memory_update: str = "input", tokenizer=None, **memory_config
+):
     """`cls.from_base` (see its docstring)."""
+    check_settings(memory_config, "from_base()")
     if "torch_dtype" in memory_config:  # the pre-5 name of `dtype`
         memory_config.setdefault("dtype", memory_config.pop("torch_dtype"))
     load_kwargs = {k: memory_config.pop(k) for k in FROM_BASE_LOAD_KWARGS if k in memory_config}
@@ -131,6 +154,13 @@ def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: st
         mode = memory_config.setdefault("read_mode", "retrieve")
         if mode in READS:
             READS[mode].from_base_defaults(memory_config, base_config)
+        if mode == "retrieve" and "retrieval_scorer" not in memory_config:
+            # BM25 over the stored words when the checkpoint has a tokenizer to read them with
+            if tokenizer is None:
+                tokenizer = base_tokenizer(path_or_repo, source)
+            memory_config["retrieval_scorer"] = "bm25" if tokenizer is not None else "model"
+        text_scorer_defaults(memory_config)
+    placement_defaults(memory_config, tokenizer, path_or_repo, {**load_kwargs, **source})
     config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})
     # A base checkpoint has no memory and no adapters: transformers' load report would list every adapter weight
     # as missing. It is left out (a filter, not a log level: levels switch on other transformers checks) and
@@ -146,7 +176,25 @@ def from_base(cls, path_or_repo, gguf_file: str | None = None, memory_update: st
     if any(surprises.values()):
         logger.warning(f"from_base({path_or_repo}): weights that do not match a Llama: {surprises}")
     model.bos_from_base_model()
+    if tokenizer is not None:
+        model.retrieval_tokenizer = tokenizer
     return model
+
+
+def base_tokenizer(path_or_repo, source: dict):
+    """The checkpoint's tokenizer, or None when it has none (a weights-only folder: said at info level, loading stays
+    quiet): `from_base` then scores retrieval with the model's own features."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path_or_repo, **{k: v for k, v in source.items() if v is not None})
+    except (OSError, ValueError, TypeError) as err:
+        logger.info(
+            f"from_base({path_or_repo}): no tokenizer ({type(err).__name__}), so retrieval scores blocks with the "
+            "model's features (retrieval_scorer='model'); for BM25 over the stored words pass retrieval_scorer='bm25' "
+            "and set model.retrieval_tokenizer"
+        )
+        return None
 
 
 def bos_from_base_model(model) -> None:

@@ -54,6 +54,10 @@ class PoolRead:
 
             return self.key_values.get(memory, fingerprint, compute, limit=1)  # only the current pool's
 
+    def prefix(self, model, input_ids=None, inputs_embeds=None, attention_mask=None):
+        """(`[bos; pool]` keys/values [1, kv, P, d], None: every row reads every column) for any prompt batch."""
+        return self.prefix_key_values(model), None
+
     def cache(self, model, batch_size=1, slots=None, read_only=False, max_cache_len=None):
         """A cache pre-filled with the memory prefix for `batch_size` rows (a `StaticCache` of `max_cache_len`
         positions when given); rows share one copy of the pool's prefix (see `model.share_memory_prefix`)."""
@@ -62,6 +66,10 @@ class PoolRead:
         if shared and max_cache_len is None and shares_prefix(model.config, batch_size):
             return record_prefix(SharedPrefixCache(prefix_kv), prefix_kv)
         return seeded_cache(model.config, prefix_kv, batch_size, read_only, max_cache_len)
+
+    def longest_prefix(self, model, slots=None) -> int:
+        """Positions the prefix of the next read takes: `[bos; filled pool]` (or `[bos; slots]`)."""
+        return model.memory_prefix_length if slots is None else int(model.config.add_bos_embedding) + slots.shape[1]
 
     def read(self, model, batch, rows: int, slots=None, read_only=False, max_cache_len=None):
         """(cache seeded with `[bos; pool]` (or `[bos; slots]`) for `rows` cache rows, attention mask [B, prefix +

@@ -13,20 +13,32 @@ import torch
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
-from .memory_fields import MemoryStateError, torch_dtype
+from .memory_fields import MemoryStateError
 from .memory_files import (
     LONG_TERM_FILE,
     MEMORY_STATE_FILE,
     SEGMENTS_DIR,
+    check_segments_beside,
     checkpoint_file,
     load_store,
+    local_entry_replaced,
     read_hub_segments,
     read_json_object,
     read_segments,
+    read_store_beside,
 )
+from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
 from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
-from .memory_store import LongTermStoreError, default_long_term_tokens, validate_store
+from .memory_settings import store_device, store_dtype
+from .memory_store import (
+    LongTermStoreError,
+    check_token_vocab,
+    default_long_term_tokens,
+    store_num_slots,
+    validate_store,
+)
+from .mplus_memory import MPlusMemory
 
 
 def select_injections(
@@ -71,7 +83,7 @@ def select_injections(
         take(index)
         if index not in chosen:
             continue
-        for step in range(1, neighbors + 1):
+        for step in range(1, min(neighbors, count) + 1):  # (more steps than blocks find nothing)
             for other in (index - step, index + step):
                 if 0 <= other < count and calls[other] == calls[index]:
                     take(other)
@@ -114,6 +126,9 @@ class RetrieveRead:
         self.packed = DerivedCache()
         self.key_values = DerivedCache(size=prefix_slots)
         self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
+        # the text scorer of `config.retrieval_scorer` ("bm25", "bm25+encoder"; memory_lexical) with its index, which
+        # follows the store block by block (it reads token ids, not weights: kept when the weights change)
+        self.text: TextScorer | None = None
 
     @staticmethod
     def check_config(config) -> None:
@@ -140,10 +155,18 @@ class RetrieveRead:
     def has_memory(self, model) -> bool:
         return bool(model.long_term_memory)
 
+    def longest_prefix(self, model, slots=None) -> int:
+        """Positions the prefix of the next read may take at most: `[bos; read_tokens slots]`, or fewer when the
+        store holds fewer (known before any scoring)."""
+        cfg = model.config
+        return int(cfg.add_bos_embedding) + min(cfg.read_tokens, store_num_slots(model.long_term_memory))
+
     @torch.no_grad()
     def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         """Scores [B, stored injections] of every block of the store against each prompt row."""
         cfg, layers = model.config, model.model.layers
+        if cfg.retrieval_scorer in TEXT_SCORERS:
+            return self.text_scores(model, input_ids, attention_mask)
         with model.memory_lock:
             store = model.long_term_memory
             dtype, device = model.memory.dtype, model.memory.device
@@ -170,6 +193,19 @@ class RetrieveRead:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
         question = question_features(layers, hidden, attention_mask, key_layers)
         return score_packed(question, packed, cfg.retrieval_weights)
+
+    def text_scores(self, model, input_ids, attention_mask) -> torch.Tensor:
+        """`scores` of a text scorer (`memory_lexical.TextScorer`): from the prompt's words, no forward pass."""
+        kind = model.config.retrieval_scorer
+        if input_ids is None:
+            raise ValueError(f"retrieval_scorer={kind!r} reads the prompt's words: pass input_ids (not only "
+                             "inputs_embeds), or set config.retrieval_scorer='model'")
+        masks = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        rows = [ids[mask].tolist() for ids, mask in zip(input_ids, masks, strict=True)]
+        with model.memory_lock:
+            if self.text is None or self.text.kind != kind:
+                self.text = TextScorer(retrieval_tokenizer(model), kind)
+            return self.text.score(model.long_term_memory, rows).to(input_ids.device)
 
     def blocks(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> list[list]:
         """The blocks each row reads; also kept as `last` (injection numbers per row)."""
@@ -246,42 +282,84 @@ class RetrieveRead:
             cache.clear()
 
 
+def retrieval_tokenizer(model):
+    """The tokenizer the text scorers decode with: `model.retrieval_tokenizer` (set by `memoryllm_hf.load`, `from_base`
+    and `inject(text, tokenizer=...)`), else the one saved with the checkpoint."""
+    if model.retrieval_tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"retrieval_scorer={model.config.retrieval_scorer!r} decodes token ids to words and found no "
+                f"tokenizer ({type(err).__name__}: {err}); set model.retrieval_tokenizer = tokenizer"
+            ) from None
+    return model.retrieval_tokenizer
+
+
 def prefix_slots(kv: PrefixKV) -> int:
     """Slots per layer a cached prefix holds (the size the key/value cache is bounded in)."""
     return kv[0][0].shape[2]
 
 
-def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int, folder=None):
+def hub_or_folder_segments(path_or_repo, kwargs: dict, folder):
+    """A function reading the checkpoint's disk-backed store from its segment files (given the model's fingerprint):
+    `long_term/` of a local `folder`, or the segments a Hub revision's `memory_state.json` lists; None: it has none."""
+    if folder is not None:
+        return (lambda fp: read_segments(folder, fp)) if os.path.isdir(os.path.join(folder, SEGMENTS_DIR)) else None
+    state_path = checkpoint_file(path_or_repo, kwargs, MEMORY_STATE_FILE)
+    listed = {} if state_path is None else read_json_object(state_path, MEMORY_STATE_FILE)
+    if not listed.get("segments"):
+        return None
+    fetch = lambda name: checkpoint_file(path_or_repo, kwargs, name)  # noqa: E731
+    return lambda fp: read_hub_segments(fetch, listed, fp)
+
+
+def read_long_term_file(path_or_repo, kwargs: dict, config, fingerprint, num_injections: int, pool_file=None,
+                        folder=None):
     """The checkpoint's long-term store, checked (against `fingerprint()`, the reading model's, computed only when
-    there is a store) and cast to the configured dtype and device, or None: `long_term_memory.safetensors`, or the
-    segment files of a disk-backed store (`long_term/` of a local `folder`, or those a Hub revision's
-    `memory_state.json` lists). With `long_term_memory_storage="disk"` the slots stay memory-mapped."""
+    there is a store; and to be the store the pool file `pool_file` records) and cast to the configured dtype and
+    device, or None: `long_term_memory.safetensors`, or the segment files of a disk-backed store (`long_term/` of a
+    local `folder`, or those a Hub revision's `memory_state.json` lists). With `long_term_memory_storage="disk"` the
+    slots stay memory-mapped. `folder`: the checkpoint's local folder, if it is one."""
     path = checkpoint_file(path_or_repo, kwargs, LONG_TERM_FILE)
+    segments = None if path is not None else hub_or_folder_segments(path_or_repo, kwargs, folder)
+    if path is None and segments is None and config.retriever_size:
+        raise ValueError(
+            f"{path_or_repo} is an M+ model but has no {LONG_TERM_FILE} (its long-term memory): restore the file, or "
+            "convert the official checkpoint again"
+        )
+    if path is None and segments is None and pool_file is None:
+        return None
     on_disk = config.long_term_memory_storage == "disk"
     try:
-        if path is not None:
+        if segments is not None:
+            store = segments(fingerprint())
+            if pool_file is not None:
+                check_segments_beside(pool_file, store, str(path_or_repo))
+        elif pool_file is None:  # a memory inside the weights (older layouts): no record of a store
             store = load_store(path, fingerprint(), mapped=on_disk)
-        elif folder is not None:
-            if not os.path.isdir(os.path.join(folder, SEGMENTS_DIR)):
-                return None
-            store = read_segments(folder, fingerprint())
-        else:  # a Hub revision: the segments its memory_state.json lists
-            state_path = checkpoint_file(path_or_repo, kwargs, MEMORY_STATE_FILE)
-            listed = {} if state_path is None else read_json_object(state_path, MEMORY_STATE_FILE)
-            if not listed.get("segments"):
-                return None
-            fetch = lambda name: checkpoint_file(path_or_repo, kwargs, name)  # noqa: E731
-            store = read_hub_segments(fetch, listed, fingerprint())
+        else:
+            replaced = local_entry_replaced(folder, LONG_TERM_FILE)
+            store = read_store_beside(pool_file, path, fingerprint, num_injections, str(path_or_repo), replaced,
+                                      mapped=on_disk)
+        if isinstance(store, MPlusMemory) != bool(config.retriever_size):
+            raise LongTermStoreError(f"{path} holds the long-term memory of another kind of model (M+ or not)")
+        if isinstance(store, MPlusMemory):
+            cfg = config
+            store.validate(cfg.num_hidden_layers, cfg.num_memory_tokens, cfg.hidden_size, cfg.retriever_size)
+            return store
+        if not store:
+            return None
         validate_store(store, config.num_hidden_layers, config.hidden_size, num_injections)
+        check_token_vocab(store, config.vocab_size)
     except (LongTermStoreError, MemoryStateError) as err:
         raise ValueError(f"{path_or_repo}: {err}") from None
-    if not store:
-        return None
-    dtype = torch_dtype(config.long_term_memory_dtype)
-    device = config.long_term_memory_device or "cpu"
-    for block in store:
-        if not on_disk or block.slots.dtype != (dtype or block.slots.dtype):
+    for block in store:  # (dtype None: the file's)
+        device, dtype = store_device(config), store_dtype(config, block.slots.dtype)
+        if not on_disk or block.slots.dtype != dtype:
             copy = block.source is not None  # (a map of the file becomes RAM of its own)
-            block.slots = block.slots.to(device=device, dtype=dtype or block.slots.dtype, copy=copy)
+            block.slots = block.slots.to(device=device, dtype=dtype, copy=copy)
             block.source = None
     return store

@@ -8,6 +8,11 @@ its caches:
 - `has_memory(model)`: whether there is anything to read (no prefix otherwise: the plain base model runs);
 - `read(model, batch, rows, slots, read_only, max_cache_len)`: the cache seeded with the prefix for `rows` cache
   rows and the attention mask [B, prefix + tokens] of one `ReadBatch` (`slots`: explicit slots to read instead);
+- `prefix(model, input_ids, inputs_embeds, attention_mask)`: the prefix's keys/values [1 or B, kv, P, d] (each row's
+  real columns at positions 0..) and the mask [B, P] of the columns each row reads (None: all), which a read
+  placement (`memory_placement.PLACEMENTS`, `config.read_placement`) moves elsewhere in the prompt;
+- `longest_prefix(model, slots)`: the most positions its next prefix takes (known before any compute: a prefix
+  plus a prompt past the model's window is warned about first);
 - `clear()`: forget its caches. What it caches and when that is stale is said in its docstring; every cache follows
   the one rule of `memory_cache`.
 
@@ -19,13 +24,19 @@ A new read mode is one file with its class plus one line in `READS`; the config'
 import dataclasses
 
 import torch
+from transformers.utils import logging
 
+from .memory_placement import check_token_mask, placed_generate_masks, placed_read, read_split
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
+from .mplus_read import MPlusRead
+
+logger = logging.get_logger(__name__)
 
 READS = {
     "pool": PoolRead,
     "retrieve": RetrieveRead,
+    "mplus": MPlusRead,
 }
 
 
@@ -55,6 +66,19 @@ class ReadBatch:
 
 
 
+def warn_past_window(config, prefix: int, length: int) -> None:
+    """Warn (once per set of numbers, before any compute) when a prefix of `prefix` positions plus a prompt of
+    `length` tokens passes the model's window (`max_position_embeddings`): the prompt's last positions were never
+    trained, and answers degrade."""
+    window = config.max_position_embeddings
+    if prefix + length > window:
+        logger.warning_once(
+            f"the memory prefix (up to {prefix:,} positions) plus "
+            f"the prompt ({length:,} tokens) = {prefix + length:,} positions, past the model's window of {window:,} "
+            "(max_position_embeddings): shorten the prompt, or read fewer slots (read_tokens, a smaller pool)"
+        )
+
+
 class MemoryReadMixin:
     """The memory model's public read API (the reads themselves are the objects of `model.reads`, one per entry of
     `READS`, created in the model's `__init__`)."""
@@ -75,7 +99,7 @@ class MemoryReadMixin:
     @property
     def read_mode(self) -> str:
         """`config.read_mode`, checked at every read (edited after construction? never fall back silently)."""
-        self.config.check_long_term_memory()
+        self.config.check_memory_settings()
         return self.config.read_mode
 
     def reads_memory(self, use_memory: bool = True) -> bool:
@@ -90,7 +114,19 @@ class MemoryReadMixin:
         prefix."""
         batch = ReadBatch(input_ids, inputs_embeds, attention_mask)
         read = self.reads["pool"] if memory_slots is not None else self.reads[self.read_mode]
+        warn_past_window(self.config, read.longest_prefix(self, memory_slots), batch.length)
+        split = read_split(self.config, input_ids, attention_mask) if memory_slots is None else None
+        if split is not None:  # `read_placement="user_turn"`: the prefix after each row's header
+            check_token_mask(attention_mask, batch.length)
+            prefix_kv, prefix_mask = read.prefix(self, input_ids, inputs_embeds, attention_mask)
+            rows = rows or batch.size
+            return placed_read(self, prefix_kv, prefix_mask, input_ids, attention_mask, split, rows, read_only,
+                               max_cache_len)
         return read.read(self, batch, rows or batch.size, memory_slots, read_only, max_cache_len)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+        """transformers' `create_masks_for_generate` (static caches); see `memory_placement.placed_generate_masks`."""
+        return placed_generate_masks(config, inputs_embeds, attention_mask, cache, position_ids, **kwargs)
 
     def memory_key_values(self, slots: torch.Tensor | None = None):
         """Keys/values of the memory prefix (the pool, or explicit `slots` [L, k, d]) for the active adapter.
@@ -119,10 +155,11 @@ class MemoryReadMixin:
         return [[block.injection for block in row] for row in chosen]
 
     @property
-    def last_retrieval(self) -> list[list[int]] | None:
-        """The injection numbers each prompt row read in the last retrieval read (None before the first)."""
-        return self.reads["retrieve"].last
+    def last_retrieval(self):
+        """What the last read of the current read mode retrieved (None before the first, and for the pool read):
+        "retrieve": the injection numbers each prompt row read; "mplus": `mplus_read.MPlusRetrieval`."""
+        return getattr(self.reads[self.config.read_mode], "last", None)
 
     @last_retrieval.setter
     def last_retrieval(self, value) -> None:
-        self.reads["retrieve"].last = value
+        self.reads[self.config.read_mode].last = value

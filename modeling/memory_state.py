@@ -22,6 +22,7 @@ from .memory_fields import (
 )
 from .memory_files import describe_state, read_state_file, recorded_content_hash, state_metadata, write_state_file
 from .memory_store import LongTermStore, LongTermStoreError, store_num_slots, validate_store
+from .mplus_memory import MPlusMemory, MPlusMemoryError, empty_long_term
 
 __all__ = [
     "MEMORY_BUFFERS",
@@ -46,19 +47,22 @@ class MemoryState:
     written_at: torch.Tensor | None = None  # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown
     fingerprint: str | None = None
     num_update_tokens: int | None = None
-    long_term: LongTermStore = ()
+    long_term: LongTermStore | MPlusMemory = ()  # the block store, or an M+ model's long-term memory
 
     def __post_init__(self) -> None:
         for field in MEMORY_FIELDS:  # a field absent from an older file gets its fresh value
             if getattr(self, field.name) is None:
                 fresh = field.fresh(tuple(self.memory.shape), self.memory.dtype, 0)
                 setattr(self, field.name, fresh.to(self.memory.device))
-        self.long_term = tuple(self.long_term)
+        if not isinstance(self.long_term, MPlusMemory):
+            self.long_term = tuple(self.long_term)
 
     def __repr__(self) -> str:
         L, N, d = self.memory.shape
         store = ""
-        if self.long_term:
+        if isinstance(self.long_term, MPlusMemory):
+            store = f", long_term={self.long_term!r}"
+        elif self.long_term:
             store = f", long_term={len(self.long_term)} injections/{store_num_slots(self.long_term)} slots"
         return (
             f"MemoryState({L}x{N}x{d} {str(self.memory.dtype).removeprefix('torch.')}, filled={self.num_filled_slots}, "
@@ -74,7 +78,8 @@ class MemoryState:
         tensors = fresh_tensors(config_geometry(config), dtype or torch.float32, seed)
         if device is not None:
             tensors = {name: t.to(device) for name, t in tensors.items()}
-        return cls(**tensors, num_update_tokens=config.num_update_tokens)
+        long_term = empty_long_term(config, dtype or torch.float32)
+        return cls(**tensors, num_update_tokens=config.num_update_tokens, long_term=long_term)
 
     def as_buffers(self) -> dict[str, torch.Tensor]:
         """`{model buffer name: tensor}` of the saved fields (`memory_fields.MEMORY_FIELDS`)."""
@@ -150,8 +155,11 @@ class MemoryState:
             bad = int((~torch.isfinite(memory)).sum())
             raise MemoryStateError(f"memory holds {bad} NaN/inf values; refusing to use it")
         try:
-            validate_store(self.long_term, memory.shape[0], memory.shape[2], int(injections))
-        except LongTermStoreError as err:
+            if isinstance(self.long_term, MPlusMemory):
+                self.long_term.validate(*memory.shape, self.long_term.pending_keys.shape[2])
+            else:
+                validate_store(self.long_term, memory.shape[0], memory.shape[2], int(injections))
+        except (LongTermStoreError, MPlusMemoryError) as err:
             raise MemoryStateError(str(err)) from None
 
     def save(self, path: str | os.PathLike) -> None:

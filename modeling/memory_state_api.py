@@ -27,6 +27,8 @@ from .memory_files import (
 from .memory_journal import PendingUpdates, journal_has_room, replay_folder_journal
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
+from .memory_store import LongTermStoreError, check_token_vocab
+from .mplus_memory import MPlusMemory
 
 
 class SparePool:
@@ -240,11 +242,28 @@ class MemoryStateMixin:
         self.swap_memory_state(state)
 
     def check_compatible(self, state: MemoryState, allow_other_model: bool = False) -> None:
-        """Raise MemoryStateError unless `state` is valid and fits this model (shape, K, fingerprint)."""
+        """Raise MemoryStateError unless `state` is valid and fits this model (shape, K, fingerprint, vocabulary of
+        the stored token ids)."""
         state.validate()
+        try:
+            if not isinstance(state.long_term, MPlusMemory):  # (an M+ memory keeps no token ids)
+                check_token_vocab(state.long_term, self.config.vocab_size)
+        except LongTermStoreError as err:
+            raise MemoryStateError(str(err)) from None
         if tuple(state.memory.shape) != tuple(self.memory.shape):
             raise MemoryStateError(
                 f"memory state has shape {tuple(state.memory.shape)}, this model's pool is {tuple(self.memory.shape)}"
+            )
+        mplus = isinstance(state.long_term, MPlusMemory)
+        if mplus != self.is_mplus:
+            raise MemoryStateError(
+                "an M+ model's memory needs its M+ long-term memory (MPlusMemory), other models a block store: this "
+                "state belongs to another kind of model"
+            )
+        if mplus and state.long_term.pending_keys.shape[2] != self.config.retriever_size:
+            raise MemoryStateError(
+                f"the state's M+ keys are {state.long_term.pending_keys.shape[2]} wide, this model's retriever "
+                f"{self.config.retriever_size}: it belongs to another model"
             )
         K = self.config.num_update_tokens
         if state.num_update_tokens is not None and state.num_update_tokens != K:
@@ -275,7 +294,10 @@ class MemoryStateMixin:
 
     def record_injections(self, entries: list[JournalEntry]) -> None:
         """After `inject` / `commit_memory_slots` (memory lock held): `entries` led to the current pool; the next
-        `save_memory` into the folder the memory came from appends them to its journal."""
+        `save_memory` into the folder the memory came from appends them to its journal. An M+ memory's writes also
+        change its long-term memory (`mplus_memory`), which the journal does not record: its saves are full ones."""
+        if self.is_mplus:
+            return self.pending_updates.let_go()
         self.pending_updates.record(entries, self.memory, self.config.num_memory_tokens)
 
     def save_memory(self, folder, overwrite: bool = False, compact: bool = False) -> str:
@@ -332,6 +354,8 @@ class MemoryStateMixin:
                 raise MemoryStateError(f"the checkpoint's memory is broken: {err}") from None
             return
         state = MemoryState.load(memory_file)
+        if self.is_mplus and state.long_term == ():  # its long-term memory is in its own file (read next)
+            state = dataclasses.replace(state, long_term=self.empty_long_term_memory())
         try:
             self.check_compatible(state, allow_other_model)
         except MemoryStateError as err:

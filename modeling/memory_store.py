@@ -15,9 +15,14 @@ import torch
 
 from .atomic_io import tensors_digest
 from .memory_fields import torch_dtype
+from .memory_settings import check_store_dtype
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
 STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
+# ... and the token ids each block was written from (all blocks' ids concatenated, int32), with the number of ids of
+# each block in store order (-1: none kept, e.g. a store saved before token ids were kept). Absent when no block
+# has token ids.
+TOKEN_TENSORS = ("long_term_token_ids", "long_term_token_counts")
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +34,8 @@ class MemoryBlock:
     injection: int
     call: int
     slots: torch.Tensor
+    # The token ids [n] (int32, CPU) the slots were written from (None when not known): lexical retrieval reads them.
+    token_ids: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     # The segment file the slots are memory-mapped from (a disk-backed store), None: the slots are in RAM.
     source: str | None = dataclasses.field(default=None, repr=False)
 
@@ -69,7 +76,7 @@ def store_in_ram(store: LongTermStore) -> LongTermStore:
     if not any(block.source for block in store):
         return store
     return tuple(
-        MemoryBlock(block.injection, block.call, block.slots.clone()) if block.source else block
+        dataclasses.replace(block, slots=block.slots.clone(), source=None) if block.source else block
         for block in store
     )
 
@@ -97,7 +104,12 @@ def store_to_tensors(store: LongTermStore) -> dict[str, torch.Tensor]:
     slots = torch.cat([block.slots.detach().cpu() for block in store], dim=1).contiguous()
     injection = torch.cat([torch.full((b.num_slots,), b.injection, dtype=torch.long) for b in store])
     call = torch.cat([torch.full((b.num_slots,), b.call, dtype=torch.long) for b in store])
-    return dict(zip(STORE_TENSORS, (slots, injection, call), strict=True))
+    tensors = dict(zip(STORE_TENSORS, (slots, injection, call), strict=True))
+    if any(block.token_ids is not None for block in store):
+        ids = [block.token_ids.reshape(-1).to("cpu", torch.int32) for block in store if block.token_ids is not None]
+        counts = [-1 if block.token_ids is None else block.token_ids.numel() for block in store]
+        tensors.update(zip(TOKEN_TENSORS, (torch.cat(ids).contiguous(), torch.tensor(counts)), strict=True))
+    return tensors
 
 
 def store_from_tensors(tensors: dict[str, torch.Tensor], source: str | None = None) -> LongTermStore:
@@ -105,6 +117,8 @@ def store_from_tensors(tensors: dict[str, torch.Tensor], source: str | None = No
     With `source` (the tensors are a memory map of that segment file) the blocks' slots stay views of the map."""
     present = [name for name in STORE_TENSORS if name in tensors]
     if not present:
+        if any(name in tensors for name in TOKEN_TENSORS):
+            raise LongTermStoreError("the long-term store has token ids but no slots: corrupted")
         return ()
     if len(present) != len(STORE_TENSORS):
         missing = sorted(set(STORE_TENSORS) - set(present))
@@ -129,13 +143,39 @@ def store_from_tensors(tensors: dict[str, torch.Tensor], source: str | None = No
         # in RAM each block owns its memory: an evicted block frees it (a view would keep the whole file alive)
         block = slots[:, start:end] if source is not None else slots[:, start:end].clone()
         store.append(MemoryBlock(int(injection[start]), int(call[start]), block, source=source))
+    for block, ids in zip(store, store_token_ids(tensors, len(store)), strict=True):
+        block.token_ids = ids
     return tuple(store)
+
+
+def store_token_ids(tensors: dict[str, torch.Tensor], blocks: int) -> list[torch.Tensor | None]:
+    """Each block's token ids from the file's `TOKEN_TENSORS` (all None when absent). Checks consistency."""
+    present = [name for name in TOKEN_TENSORS if name in tensors]
+    if not present:
+        return [None] * blocks
+    if len(present) != len(TOKEN_TENSORS):
+        missing = sorted(set(TOKEN_TENSORS) - set(present))
+        raise LongTermStoreError(f"the long-term store's token ids are incomplete: {missing} missing")
+    ids, counts = (tensors[name] for name in TOKEN_TENSORS)
+    for name, tensor in zip(TOKEN_TENSORS, (ids, counts), strict=True):
+        if tensor.dim() != 1 or tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise LongTermStoreError(f"{name} must be a 1-D integer tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+    if counts.shape[0] != blocks or bool((counts < -1).any()) or int(counts.clamp(min=0).sum()) != ids.shape[0]:
+        raise LongTermStoreError(
+            f"long_term_token_counts ({counts.shape[0]} entries, {int(counts.clamp(min=0).sum())} ids) does not match "
+            f"the store's {blocks} blocks and {ids.shape[0]} token ids: corrupted"
+        )
+    out, start = [], 0
+    for count in counts.tolist():
+        out.append(None if count < 0 else ids[start : start + count].to(torch.int32).clone())
+        start += max(count, 0)
+    return out
 
 
 def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, injections: int) -> None:
     """Raise LongTermStoreError unless the blocks fit a pool of this shape after `injections` injections: shapes,
     increasing injection numbers (each at most `injections`), calls that start at or before their injection, all
-    values finite."""
+    values finite, token ids (where kept) 1-D and >= 0 (`check_token_vocab` checks them against a vocabulary)."""
     previous = 0
     for block in store:
         slots = block.slots
@@ -144,6 +184,7 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block of injection {block.injection} has shape {tuple(slots.shape)} ({slots.dtype}); this "
                 f"model needs float slots [{num_layers}, k, {hidden_size}]: the store belongs to another model"
             )
+        check_store_dtype(slots.dtype, f"long-term block of injection {block.injection}", LongTermStoreError)
         if not previous < block.injection <= injections or not 1 <= block.call <= block.injection:
             raise LongTermStoreError(
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
@@ -151,7 +192,27 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
             )
         if slots.is_meta or not bool(torch.isfinite(slots).all()):
             raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
+        ids = block.token_ids
+        if ids is not None and (
+            ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool
+            or (ids.numel() and int(ids.min()) < 0)
+        ):
+            raise LongTermStoreError(
+                f"long-term block of injection {block.injection} has negative token ids (or not a 1-D integer "
+                "tensor): corrupted"
+            )
         previous = block.injection
+
+
+def check_token_vocab(store: LongTermStore, vocab_size: int) -> None:
+    """Raise LongTermStoreError when a block's token ids do not fit a vocabulary of `vocab_size` tokens."""
+    for block in store:
+        ids = block.token_ids
+        if ids is not None and ids.numel() and int(ids.max()) >= vocab_size:
+            raise LongTermStoreError(
+                f"long-term block of injection {block.injection} has token id {int(ids.max())}, outside this model's "
+                f"vocabulary of {vocab_size}: the store belongs to another model"
+            )
 
 
 def store_content_hash(store: LongTermStore) -> str:

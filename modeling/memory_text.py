@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .memory_inputs import encoding_rows
+from .memory_inputs import check_injection_input, encoding_rows, refuse_special_only, special_ids
 
 
 def is_blank_text(text: str) -> bool:
@@ -23,12 +23,16 @@ def check_length(num_tokens: int, minimum: int, what: str = "injection") -> None
         )
 
 
-def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> list[torch.Tensor]:
+def injection_ids(
+    text_or_ids, tokenizer, min_tokens: int, vocab_size: int, special: set[int] = frozenset()
+) -> list[torch.Tensor]:
     """Validate and tokenize everything `inject` was given, up front (so a bad item fails before memory changes):
-    one 1-D id tensor per text (a text, a list of texts, token ids, or tokenizer output: each row in order)."""
+    one 1-D id tensor per text (a text, a list of texts, token ids, or tokenizer output: each row in order). Odd
+    inputs (bytes, lists mixing texts with other things) and texts of only `special` ids are refused."""
+    check_injection_input(text_or_ids)
     if isinstance(text_or_ids, Mapping):  # tokenizer output: each row in order
         rows = encoding_rows(text_or_ids)
-        return [ids for row in rows for ids in injection_ids(row, tokenizer, min_tokens, vocab_size)]
+        return [ids for row in rows for ids in injection_ids(row, tokenizer, min_tokens, vocab_size, special)]
     if isinstance(text_or_ids, str) or (
         isinstance(text_or_ids, (list, tuple)) and text_or_ids and isinstance(text_or_ids[0], str)
     ):
@@ -45,6 +49,8 @@ def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> l
             raise TypeError(
                 f"inject takes a text, a list of texts or token ids (ints, integer tensor): {err}"
             ) from None
+        if ids.numel() == 0:
+            raise ValueError("nothing to inject: no token ids (pass a text, a list of texts or token ids)")
         if ids.is_meta or ids.layout != torch.strided:
             kind = "meta" if ids.is_meta else str(ids.layout)
             raise ValueError(f"token ids must be a dense tensor holding data, got a {kind} tensor")
@@ -62,6 +68,7 @@ def injection_ids(text_or_ids, tokenizer, min_tokens: int, vocab_size: int) -> l
         check_length(ids.numel(), min_tokens)
         if ids.min() < 0 or ids.max() >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]")
+        refuse_special_only(ids, special)
     return items
 
 
@@ -84,3 +91,16 @@ class CallNumbers:
         if self.call is None or text != self.text:
             self.text, self.call = text, injection
         return self.call
+
+
+def injection_chunks(config, text_or_ids, tokenizer, chunk_size: int | None, device) -> list[tuple[int, torch.Tensor]]:
+    """`inject`'s input checked and cut into updates: `(text number, chunk [n] on device)` in order (the chunks of
+    one text share its first update's number in the long-term store); `config`'s settings checked first (set on
+    `model.config` since?), so nothing is written when they are not usable."""
+    config.check_memory_settings()
+    chunk_size = config.inject_chunk_size if chunk_size is None else chunk_size
+    if chunk_size < config.min_inject_tokens:
+        raise ValueError(f"chunk_size must be >= min_inject_tokens ({config.min_inject_tokens}), got {chunk_size}")
+    special = special_ids(config, tokenizer)
+    items = injection_ids(text_or_ids, tokenizer, config.min_inject_tokens, config.vocab_size, special)
+    return [(text, c.to(device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]

@@ -8,8 +8,9 @@ import hashlib
 
 import torch
 
-from .memory_fields import MemoryStateError, torch_dtype
+from .memory_fields import MemoryStateError
 from .memory_pool import drop_and_append, kept_slot_indices, tile_pool
+from .memory_settings import store_device, store_dtype
 from .memory_state import MemoryState
 from .memory_store import LongTermStore, MemoryBlock, store_append
 
@@ -34,6 +35,7 @@ def next_state(
     out: torch.Tensor | None = None,
     call: int | None = None,
     with_long_term: bool = True,
+    token_ids: torch.Tensor | None = None,
 ) -> MemoryState:
     """The memory after committing new slots [L, k, d] (the one state transition: `inject`, `commit_memory_slots` and
     the evaluation replay all use it). Pure: `state` is not changed.
@@ -42,7 +44,8 @@ def next_state(
     ones drawn by `generator`, default the state's own generator, whose advanced state the result carries) and the
     new slots are appended at the end (written into `out`, an unused pool-shaped buffer, when given).
     Long-term store (when `config.long_term_memory_tokens` > 0): the new slots become one more block, numbered like
-    `written_at`, of `inject()` call `call` (default: its own number); the oldest blocks leave past the bound.
+    `written_at`, of `inject()` call `call` (default: its own number), keeping the `token_ids` it was written from;
+    the oldest blocks leave past the bound.
     (`with_long_term=False` leaves the store as it is: the evaluation replay runs the pool rule on slot indices and
     stores the real slots with `long_term_after`.)
     """
@@ -65,7 +68,7 @@ def next_state(
             rng_state = drawer.get_state()
     long_term = state.long_term
     if with_long_term:
-        long_term = long_term_after(long_term, new, number, call, config, state.memory.dtype)
+        long_term = long_term_after(long_term, new, number, call, config, state.memory.dtype, token_ids)
     return dataclasses.replace(
         state,
         memory=pool,
@@ -78,15 +81,22 @@ def next_state(
 
 
 def long_term_after(
-    long_term: LongTermStore, new: torch.Tensor, number: int, call: int | None, config, pool_dtype: torch.dtype
+    long_term: LongTermStore,
+    new: torch.Tensor,
+    number: int,
+    call: int | None,
+    config,
+    pool_dtype: torch.dtype,
+    token_ids: torch.Tensor | None = None,
 ) -> LongTermStore:
-    """The long-term store after injection `number` wrote `new` [L, k, d] (unchanged when the store is off)."""
+    """The long-term store after injection `number` wrote `new` [L, k, d] from `token_ids` [n] (None: not known)
+    (unchanged when the store is off)."""
     bound = getattr(config, "long_term_memory_tokens", 0)
     if not bound:
         return long_term
-    dtype = torch_dtype(config.long_term_memory_dtype) or pool_dtype
-    slots = new.detach().to(device=config.long_term_memory_device or "cpu", dtype=dtype, copy=True)
-    return store_append(long_term, MemoryBlock(number, call or number, slots), bound)
+    slots = new.detach().to(device=store_device(config), dtype=store_dtype(config, pool_dtype), copy=True)
+    ids = None if token_ids is None else token_ids.detach().reshape(-1).to("cpu", torch.int32, copy=True)
+    return store_append(long_term, MemoryBlock(number, call or number, slots, ids), bound)
 
 
 class LazyPool:
@@ -107,15 +117,19 @@ class LazyPool:
     def injections(self) -> int:
         return self.indices.num_injections
 
-    def commit(self, new: torch.Tensor, call: int | None = None, generator: torch.Generator | None = None) -> None:
+    def commit(self, new: torch.Tensor, call: int | None = None, generator: torch.Generator | None = None,
+               token_ids: torch.Tensor | None = None) -> None:
         """Append new slots [L, k, d] exactly as `model.inject` would (`call`: the injection number of the first
-        update of the text they belong to; `generator`: an external generator drawing the dropped slots)."""
+        update of the text they belong to; `generator`: an external generator drawing the dropped slots; `token_ids`:
+        the tokens the slots were written from, kept by the long-term store)."""
         layers, k = new.shape[:2]
         total = sum(piece.shape[1] for piece in self.pieces)
         ids = torch.arange(total, total + k).expand(layers, k)[..., None]
         number = self.injections + 1
         self.indices = next_state(self.indices, ids, self.config, generator, with_long_term=False)
-        self.long_term = long_term_after(self.long_term, new, number, call, self.config, self.pieces[0].dtype)
+        self.long_term = long_term_after(
+            self.long_term, new, number, call, self.config, self.pieces[0].dtype, token_ids
+        )
         self.pieces.append(new)
         self._state = None
 
@@ -173,5 +187,5 @@ def replay(state: MemoryState, entries, config) -> MemoryState:
         if entry.generator is not None:
             generator = torch.Generator()
             generator.set_state(entry.generator.cpu())
-        pool.commit(entry.slots.to(state.memory.device), entry.call, generator)
+        pool.commit(entry.slots.to(state.memory.device), entry.call, generator, entry.token_ids)
     return pool.materialize()

@@ -28,14 +28,17 @@ from .memory_generation import read_before_generate, uncached_length
 from .memory_hub import MemoryHubMixin
 from .memory_journal import PendingUpdates
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
+from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
 from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
-from .memory_text import CallNumbers, injection_ids, split_ids
+from .memory_text import CallNumbers, injection_chunks
 from .memory_transition import check_finite_slots, next_state
 from .memory_writer import new_memory_slots, write_layout
+from .mplus_model import MPlusMixin
+from .mplus_read import MPlusRetriever
 from .shared_prefix_attention import shared_prefix_reads
 
 logger = logging.get_logger(__name__)
@@ -44,7 +47,7 @@ PROGRESS_MIN_CHUNKS = 8
 
 
 class MemoryLlamaForCausalLM(
-    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, LlamaForCausalLM, GenerationMixin
+    MemoryStateMixin, MemoryHubMixin, MemoryReadMixin, MPlusMixin, LlamaForCausalLM, GenerationMixin
 ):
     """Llama causal LM with a MemoryLLM memory pool: `inject()` writes text into memory, reads are automatic."""
 
@@ -56,19 +59,24 @@ class MemoryLlamaForCausalLM(
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
+        config.check_memory_settings()  # again: from_pretrained's overrides are set after the config was built
         self.memory_embeddings = MemoryEmbeddings(config)
         fresh = fresh_tensors(config_geometry(config), torch.get_default_dtype(), config.memory_seed)
         for field in MEMORY_FIELDS:  # the memory state's tensors (memory_fields), saved in their own file
             self.register_buffer(field.buffer, fresh[field.name], persistent=field.saved)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
         self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
-        self._long_term: tuple = ()  # the long-term store (memory_store), part of every memory state
+        self.retriever = MPlusRetriever(config) if config.retriever_size else None  # M+ (mplus_model)
+        self._long_term = self.empty_long_term_memory()  # the store (memory_store) or M+ memory (mplus_memory)
         self.memory_lock = MemoryLock()
+        self.retrieval_tokenizer = None  # decodes stored token ids for the text scorers (memory_lexical)
         self.undo_history, self.memory_snapshots = UndoHistory(), Snapshots()
         self.spare_pool, self.memory_origin = SparePool(), MemoryOrigin()
         # injections a save appends to the folder's journal; a disk-backed store's blocks until they are saved
         self.pending_updates, self.store_spill = PendingUpdates(), SpillDirectory()
         self._init_weights(self.memory_embeddings)  # memory parts are added after Llama's own post_init
+        if self.retriever is not None:
+            self.retriever.apply(self._init_weights)
         for module in self.modules():
             if isinstance(module, AdapterWeights):
                 module.reset()
@@ -154,6 +162,8 @@ class MemoryLlamaForCausalLM(
         batch, length = tokens.shape[:2]
         if not fresh and attention_mask is not None and attention_mask.dim() == 2:
             attention_mask, position_ids = continued_read(cache, attention_mask, position_ids, length, tokens.device)
+        if self.plain_mplus_read(cache, attention_mask, position_ids, labels, memory_slots, kwargs, use_memory):
+            return self.mplus_forward(input_ids, attention_mask, inputs_embeds, logits_to_keep, use_cache)
         if fresh and (memory_slots is not None or self.reads_memory(use_memory)):
             checkpointing = self.training and any(
                 getattr(m, "gradient_checkpointing", False) for m in self.model.layers
@@ -165,6 +175,8 @@ class MemoryLlamaForCausalLM(
                 position_ids = positions_from_mask(attention_mask, length)
             drop_cache = checkpointing or use_cache is False or (use_cache is None and not self.config.use_cache)
             use_cache = False if checkpointing else use_cache
+        attention_mask, position_ids = placed_prefill(
+            self.config, cache, attention_mask, position_ids, tokens, self.dtype)
         with shared_prefix_reads(self.config, cache, attention_mask, kwargs):
             outputs = super().forward(
                 input_ids=input_ids,
@@ -224,14 +236,9 @@ class MemoryLlamaForCausalLM(
         K slots per layer chosen by `generator` (default: the pool's own seeded generator, saved with the memory).
         On any error the memory is left exactly as it was.
         """
-        chunk_size = self.config.inject_chunk_size if chunk_size is None else chunk_size
-        if chunk_size < self.config.min_inject_tokens:
-            raise ValueError(
-                f"chunk_size must be >= min_inject_tokens ({self.config.min_inject_tokens}), got {chunk_size}"
-            )
-        # (text number, chunk): the chunks of one text share its first update's number in the long-term store
-        items = injection_ids(text_or_ids, tokenizer, self.config.min_inject_tokens, self.config.vocab_size)
-        chunks = [(text, c.to(self.device)) for text, ids in enumerate(items) for c in split_ids(ids, chunk_size)]
+        chunks = injection_chunks(self.config, text_or_ids, tokenizer, chunk_size, self.device)
+        if tokenizer is not None and self.retrieval_tokenizer is None:
+            self.retrieval_tokenizer = tokenizer  # text retrieval decodes the stored token ids with it
         show = len(chunks) >= PROGRESS_MIN_CHUNKS if progress is None else progress
         with self.memory_lock:
             before = self.live_memory_state()
@@ -242,8 +249,8 @@ class MemoryLlamaForCausalLM(
                         call = calls(text, self.num_injections + 1)
                         new = check_finite_slots(self.new_memory_slots(chunk))
                         drawn = None if generator is None else generator.get_state()
-                        entries.append(JournalEntry(self.num_injections + 1, call, new, drawn))
-                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call)
+                        entries.append(JournalEntry(self.num_injections + 1, call, new, drawn, chunk))
+                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call, chunk)
                         replaced = self.memory
                         self.swap_memory_state(state)
                         del state
@@ -259,14 +266,15 @@ class MemoryLlamaForCausalLM(
             self.record_injections(entries)
         return len(chunks)
 
-    def commit_memory_slots(self, slots: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo)."""
+    def commit_memory_slots(self, slots: torch.Tensor, generator=None, input_ids: torch.Tensor | None = None) -> None:
+        """Write slots [L, k, d] computed by `new_memory_slots` into the pool, as `inject` would (drop rule, undo);
+        `input_ids` (the context they were computed from) are kept with them in the long-term store."""
         with self.memory_lock:
-            before, slots = self.live_memory_state(), check_finite_slots(slots.detach())
+            before, new = self.live_memory_state(), check_finite_slots(slots.detach())
             drawn = None if generator is None else generator.get_state()  # (the journal replays the same draw)
-            self.swap_memory_state(self._state_after(slots, generator))
+            self.swap_memory_state(self._state_after(new, generator, token_ids=input_ids))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
-            self.record_injections([JournalEntry(self.num_injections, self.num_injections, slots, drawn)])
+            self.record_injections([JournalEntry(self.num_injections, self.num_injections, new, drawn, input_ids)])
 
     def write_layout(self, length: int) -> tuple[bool, int, int, bool, int]:
         """The write window for a context of `length` tokens (see `memory_writer.write_layout`)."""
@@ -277,10 +285,13 @@ class MemoryLlamaForCausalLM(
         return new_memory_slots(self, input_ids)
 
     def _state_after(
-        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
+        token_ids: torch.Tensor | None = None,
     ) -> MemoryState:
-        """Memory state after committing new slots [L, k, d] (see `memory_state.next_state`)."""
-        return next_state(self.live_memory_state(), new, self.config, generator, out, call)
+        """The state after committing new slots [L, k, d] written from `token_ids` (next_state; M+: mplus_model)."""
+        if self.is_mplus:
+            return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
@@ -306,28 +317,24 @@ class MemoryLlamaForCausalLM(
         return save_pretrained(self, parent, save_directory, args, state_dict, overwrite_memory, kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args, allow_other_model: bool = False, **kwargs):
-        """`from_pretrained` that checks the memory fully before using it (`MemoryState.load`: complete, finite,
-        consistent, its hash, this model's fingerprint unless `allow_other_model=True`), and refuses a memory pool
-        whose shape disagrees with the config (or, with `ignore_mismatched_sizes=True`, starts from an empty pool
-        instead of reading a re-initialized one)."""
-        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model)
+    def from_pretrained(cls, *args, allow_other_model=False, drop_long_term_memory=False, **kwargs):
+        """`from_pretrained` that checks the memory fully before using it (`memory_loading.load_pretrained`: the pool
+        file, this model's fingerprint unless `allow_other_model=True`, the long-term store the pool file records
+        unless `drop_long_term_memory=True` drops it on purpose, the pool's shape against the config)."""
+        return load_pretrained(cls, super().from_pretrained, args, kwargs, allow_other_model, drop_long_term_memory)
 
     @classmethod
-    def from_base(
-        cls,
-        path_or_repo: str | os.PathLike,
-        gguf_file: str | None = None,
-        memory_update: str = "input",
-        **memory_config,
-    ) -> "MemoryLlamaForCausalLM":
+    def from_base(cls, path_or_repo: str | os.PathLike, gguf_file: str | None = None, memory_update: str = "input",
+                  tokenizer=None, **memory_config) -> "MemoryLlamaForCausalLM":
         """Wrap any pretrained Llama checkpoint (folder, Hub id, or GGUF via `gguf_file`) with a fresh memory pool.
 
         Defaults to the training-free "input" update with a "grow" pool, a long-term store of about 1 GiB (bfloat16)
         and retrieval reads (`read_mode="pool"` keeps the official read). `bos_embedding` starts as the base
         model's own hidden states of its BOS token, so reads see the attention sink the model was trained with.
+        With a chat template (the checkpoint's tokenizer, or `tokenizer`), reads are placed where the user's message
+        starts (`read_placement="user_turn"`; `read_placement="prefix"` keeps the official place).
         """
-        return from_base(cls, path_or_repo, gguf_file, memory_update, **memory_config)
+        return from_base(cls, path_or_repo, gguf_file, memory_update, tokenizer, **memory_config)
 
     def bos_from_base_model(self) -> None:
         """Set `bos_embedding[l]` to the input of layer l when the base model reads its BOS token alone."""

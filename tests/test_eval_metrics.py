@@ -104,3 +104,88 @@ def test_summarize_averages_each_record_first():
     assert summary["score"] == pytest.approx(3 / (1 / 0.5 + 1 / 0.75 + 1))
     assert summary["efficacy_exact"] == 0.5 and summary["specificity_exact"] == 0.5
     assert math.isclose(summary["exact_score"], harmonic_mean([0.5, 0.5, 0.5]))
+
+
+# ---------------------------------------------------------------- 95% intervals
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "low", "high"),
+    [  # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score, no continuity correction)
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ],
+)
+def test_wilson_interval_equals_the_published_values(successes, n, low, high):
+    from memoryllm_hf.evaluation.metrics import wilson_interval
+
+    found = wilson_interval(successes, n)
+    assert found[0] == pytest.approx(low, abs=5e-5) and found[1] == pytest.approx(high, abs=5e-5)
+    assert wilson_interval(0, 0) is None
+
+
+def test_bootstrap_interval_equals_a_reference_and_the_normal_limit():
+    """Against a plain reference implementation (same seed, same resampling order) on a small case, and on a large
+    sample of rates against Wilson's interval (they agree to ~0.005 at n = 1,000)."""
+    import random
+
+    from memoryllm_hf.evaluation.metrics import bootstrap_interval, wilson_interval
+
+    values = [0.0, 0.2, 0.5, 0.5, 1.0, 0.8, 0.0, 0.3]
+    generator = random.Random(0)
+    means = sorted(sum(values[generator.randrange(8)] for _ in range(8)) / 8 for _ in range(2000))
+    assert bootstrap_interval(values) == (means[int(math.floor(0.025 * 1999))], means[int(math.ceil(0.975 * 1999))])
+    assert bootstrap_interval([0.4] * 5) == (0.4, 0.4)
+    assert bootstrap_interval([]) is None
+    rates = [1.0] * 300 + [0.0] * 700
+    low, high = bootstrap_interval(rates)
+    wilson = wilson_interval(300, 1000)
+    assert abs(low - wilson[0]) < 0.006 and abs(high - wilson[1]) < 0.006
+
+
+def test_interval_uses_wilson_for_rates_and_the_bootstrap_for_graded_values():
+    from memoryllm_hf.evaluation.metrics import bootstrap_interval, interval, wilson_interval
+
+    assert interval([1, 0, 0, 1, 1]) == [round(v, 4) for v in wilson_interval(3, 5)]
+    assert interval([0.5, 1.0, 0.0]) == [round(v, 4) for v in bootstrap_interval([0.5, 1.0, 0.0])]
+    assert interval([]) is None
+
+
+def test_editing_summary_carries_n_and_intervals():
+    """Efficacy (one probe per record) gets Wilson's interval; the Score a bootstrap over records that holds it."""
+    from memoryllm_hf.evaluation.metrics import wilson_interval
+
+    records = [
+        {
+            "efficacy": [{"success": i % 3 != 0, "exact": False}],
+            "generalization": [{"success": i % 2 == 0, "exact": False}, {"success": True, "exact": True}],
+            "specificity": [{"success": i % 4 == 0, "exact": False}],
+        }
+        for i in range(12)
+    ]
+    summary = summarize(records)
+    assert summary["n"] == 12
+    assert summary["efficacy_ci"] == [round(v, 4) for v in wilson_interval(8, 12)]
+    low, high = summary["score_ci"]
+    assert low <= summary["score"] <= high < 1 and low < high
+
+
+def test_f1_gets_a_bootstrap_interval_and_rates_wilson_even_when_all_zero():
+    from memoryllm_hf.evaluation.metrics import rate_summary, wilson_interval
+
+    assert rate_summary([0.0] * 12, "f1") == {"f1": 0.0, "f1_ci": [0.0, 0.0]}  # the bootstrap of a constant
+    assert rate_summary([0.0] * 12, "exact_hit")["exact_hit_ci"] == [0.0, round(wilson_interval(0, 12)[1], 4)]
+
+
+def test_the_cost_measurement_runs_on_the_tiny_model(tmp_path):
+    """`python -m memoryllm_hf.evaluation.costs` (its unit costs feed the plan's estimate) on the tiny model."""
+    from memoryllm_hf.evaluation.costs import measure
+    from memoryllm_hf.evaluation.data import EvalData
+    from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
+
+    examples = [{"id": i, "title": "T", "question": f"q {i}?", "answers": ["a"], "context": "c"} for i in range(4)]
+    unrelated = [{"title": f"U{i}", "text": f"unrelated text {i} " * 3} for i in range(40)]
+    found = measure(tiny_model(), tiny_tokenizer(), EvalData("nq", examples, unrelated), contexts=2, batch=4, repeats=1)
+    assert found["ask_memory_batch4_s"] > 0 and found["batch_speedup_per_row"] > 0 and found["inject_s_per_context"] > 0

@@ -33,6 +33,8 @@ def _assert_same_state(state, model):
     assert torch.equal(state.written_at, reference.written_at)
     assert [(b.injection, b.call) for b in state.long_term] == [(b.injection, b.call) for b in reference.long_term]
     assert all(torch.equal(a.slots, b.slots) for a, b in zip(state.long_term, reference.long_term, strict=True))
+    # the token ids lexical retrieval reads
+    assert [b.token_ids.tolist() for b in state.long_term] == [b.token_ids.tolist() for b in reference.long_term]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -48,8 +50,8 @@ def test_lazy_pool_matches_inject_with_many_commits_between_reads(rule):
         call = twin.num_injections + 1
         for write in _writes(twin, f"t{i}", ids):
             slots = twin.new_memory_slots(write.ids)
-            twin.swap_memory_state(twin._state_after(slots, None, call=call))
-            pool.commit(slots, call)
+            twin.swap_memory_state(twin._state_after(slots, None, call=call, token_ids=write.ids))
+            pool.commit(slots, call, write.ids)
     _assert_same_state(pool.materialize(), naive)
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from memoryllm_hf.evaluation.cli import main
-from memoryllm_hf.tiny import tiny_tokenizer as char_tokenizer
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.evaluation.report import report
 from memoryllm_hf.evaluation.runner import continuation_scores
 from memoryllm_hf.tiny import tiny_model
+from memoryllm_hf.tiny import tiny_tokenizer as char_tokenizer
 
 ARTICLES = ["Rivers", "Birds", "Stars", "Bread", "Ships", "Clocks"]
 
@@ -136,7 +136,7 @@ HEAD = {
 
 
 def test_retention_end_to_end(data_dir, tmp_path):
-    extra = ["--grid", "0,1,2", "--context-tokens", "24", "--max-new-tokens", "4"]
+    extra = ["--protocol", "per-question", "--grid", "0,1,2", "--context-tokens", "24", "--max-new-tokens", "4"]
     first = _run("retention", data_dir, tmp_path / "a.json", *extra)
     second = _run("retention", data_dir, tmp_path / "b.json", *extra)
     assert HEAD | {"protocol", "decoding"} <= set(first)
@@ -158,6 +158,8 @@ def test_retention_nq_skips_contexts_of_the_question_title(data_dir, tmp_path):
     extra = [
         "--dataset",
         "nq",
+        "--protocol",
+        "per-question",
         "--grid",
         "0,2",
         "--context-tokens",
@@ -186,6 +188,8 @@ def test_retention_squad_skips_contexts_of_the_question_article(data_dir, tmp_pa
         "retention",
         data_dir,
         tmp_path / "s.json",
+        "--protocol",
+        "per-question",
         "--grid",
         "0,4",
         "--context-tokens",
@@ -201,7 +205,8 @@ def test_retention_squad_skips_contexts_of_the_question_article(data_dir, tmp_pa
 
 
 def test_retention_sharing_is_recorded_and_optional(data_dir, tmp_path):
-    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2", "--prompt-style", "plain"]
+    extra = ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"]
+    extra += ["--prompt-style", "plain"]
     extra += ["--in-context-max-k", "0"]
     shared = _run("retention", data_dir, tmp_path / "shared.json", *extra, "--shared-depth", "1")
     exact = _run("retention", data_dir, tmp_path / "exact.json", *extra, "--shared-depth", "-1")
@@ -251,7 +256,8 @@ def test_editing_zsre_questions(data_dir, tmp_path):
 
 @pytest.mark.parametrize("task", ["retention", "editing"])
 def test_report_command_reproduces_the_results(data_dir, tmp_path, task):
-    extra = ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "3"] if task == "retention" else []
+    extra = ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "3"]
+    extra = extra if task == "retention" else []
     extra += ["--sequential", "--dataset", "zsre"] if task == "editing" else []
     first = _run(task, data_dir, tmp_path / "a.json", *extra)
     text = report(tmp_path / "a.json")
@@ -552,7 +558,7 @@ def test_read_mode_passes_through_to_the_config(data_dir, tmp_path):
 # ---------------------------------------------------------------- resumable, splittable runs
 
 SHARD_ARGS = {
-    "retention": ["--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
+    "retention": ["--protocol", "per-question", "--grid", "0,2", "--context-tokens", "24", "--max-new-tokens", "2"],
     "editing": ["--sequential", "--prompt-style", "plain"],
     "longcontext": ["--max-new-tokens", "2", "--prompt-style", "chat"],
 }
@@ -593,7 +599,8 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     data = _retention_data(8)
     _write(folder, "squad_qa.jsonl", data.examples)
     _write(folder, "squad_paragraphs.jsonl", data.unrelated)
-    argv = ["retention", "--model", "tiny", "--data", str(folder), "--grid", "0,1", "--context-tokens", "24"]
+    argv = ["retention", "--model", "tiny", "--data", str(folder), "--protocol", "per-question", "--grid", "0,1"]
+    argv += ["--context-tokens", "24"]
     argv += ["--prompt-style", "plain", "--max-new-tokens", "4", "--threads", "1"]
     killed = tmp_path / "killed.json"
     log = tmp_path / "killed.records.jsonl"
@@ -669,3 +676,183 @@ def test_shard_option_is_checked(data_dir, tmp_path):
             parse_shard(bad)
     with pytest.raises(ValueError, match="cannot be split into shards"):
         _run("integrity", data_dir, tmp_path / "i.json", "--updates", "1", "--shard", "0/2")
+
+
+# ---------------------------------------------------------------- damaged logs, the lock
+
+
+def _three_records(path):
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    log = RecordLog(path, {"task": "t"})
+    for index, key in enumerate("abc"):
+        log.add(key, index, {"score": 0.0, "text": f"answer {key}"})
+    log.close()
+    return path.read_bytes().split(b"\n")
+
+
+def _edited(line: bytes) -> bytes:
+    entry = json.loads(line)
+    entry["record"]["score"] = 1.0  # the checksum field (if any) is kept as it was
+    return json.dumps(entry).encode()
+
+
+DAMAGES = {
+    "zeroed": lambda line: b"\x00" * len(line),
+    "cut": lambda line: line[: len(line) // 2],
+    "invalid utf-8": lambda line: line.replace(b"answer b", b"answer \xff\xfe"),
+    "not a record": lambda line: b'{"note": "hello"}',
+    "null record": lambda line: b'{"key": "b", "index": 1, "record": null}',
+    "edited value": _edited,
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_log_line_is_named_and_its_item_computed_again(tmp_path, damage):
+    """Line 3 (item "b") damaged: resuming warns with FILE:3, keeps a and c, and lists b as still to do."""
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    lines = _three_records(path)
+    lines[2] = DAMAGES[damage](lines[2])
+    path.write_bytes(b"\n".join(lines))
+    with pytest.warns(UserWarning, match=f"{path}:3: .*computed again"):
+        log = RecordLog(path, {"task": "t"}, resume=True)
+    with log:
+        assert log.get("a") == {"score": 0.0, "text": "answer a"} and log.get("c") is not None
+        assert list(log.pending(["a", "b", "c"], desc="test", unit="item")) == [1]
+        log.add("b", 1, {"score": 0.0, "text": "answer b"})
+        assert [r["text"] for r in log.records("abc")] == ["answer a", "answer b", "answer c"]
+
+
+def test_a_damaged_header_is_refused_with_file_and_line(tmp_path):
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"\n".join([_edited_header(lines[0]), *lines[1:]]))
+    with pytest.raises(ValueError, match=f"{path}:1: .*checksum"):
+        RecordLog(path, {"task": "t"}, resume=True)
+
+
+def _edited_header(line: bytes) -> bytes:
+    entry = json.loads(line)
+    entry["header"]["task"] = "other"
+    return json.dumps(entry).encode()
+
+
+def test_two_resumes_of_one_log_are_refused(tmp_path):
+    """While one run holds the log, a second start or resume is refused; after it closes, resuming works."""
+    import subprocess
+    import sys
+
+    from memoryllm_hf.evaluation.records import RecordLog
+
+    path = tmp_path / "run.records.jsonl"
+    _three_records(path)
+    first = RecordLog(path, {"task": "t"}, resume=True)
+    with pytest.raises(RuntimeError, match="another run"):
+        RecordLog(path, {"task": "t"}, resume=True)
+    script = (
+        "import sys\nfrom memoryllm_hf.evaluation.records import RecordLog\n"
+        "try:\n    RecordLog(sys.argv[1], {'task': 't'}, resume=True)\nexcept RuntimeError as err:\n"
+        "    print(err)\n    sys.exit(3)\n"
+    )
+    other = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True)
+    assert other.returncode == 3 and "another run" in other.stdout
+    first.close()
+    with RecordLog(path, {"task": "t"}, resume=True) as again:
+        assert again.get("c") is not None
+
+
+def test_an_edited_record_does_not_change_the_resumed_metrics(data_dir, tmp_path):
+    """The issue's case: a value edited inside a finished record of a real run's log. Resuming names the line,
+    recomputes that record and reproduces the unedited run's metrics."""
+    args = ("--max-new-tokens", "2", "--prompt-style", "chat")
+    whole = _run("longcontext", data_dir, tmp_path / "whole.json", *args)
+    log = tmp_path / "whole.records.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    entry = json.loads(lines[2])
+    entry["record"]["memory"]["chat"]["f1"] = 0.5
+    lines[2] = json.dumps(entry).encode()
+    log.write_bytes(b"\n".join(lines))
+    (tmp_path / "whole.json").unlink()
+    with pytest.warns(UserWarning, match=f"{log}:3: checksum mismatch"):
+        resumed = _run("longcontext", data_dir, tmp_path / "whole.json", *args, "--resume")
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+    assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
+
+
+def test_editing_with_retrieval_reads_records_whether_each_probe_read_the_edit(data_dir, tmp_path):
+    """Single and sequential edits with read_mode="retrieve": each memory probe says whether its prompt read the
+    edit's own injections; the summaries carry that rate with an interval; the other conditions do not read."""
+    from memoryllm_hf.evaluation.models import config_fields
+    from memoryllm_hf.modeling import MemoryLlamaConfig
+
+    if "read_mode" not in config_fields(MemoryLlamaConfig):
+        pytest.skip("this model has no retrieval reads")
+    args = ("--sequential", "--prompt-style", "plain", "--read-mode", "retrieve")
+    args += ("--set", "long_term_memory_tokens=256")
+    result = _run("editing", data_dir, tmp_path / "e.json", *args)
+    for record in result["records"]:
+        probes = record["memory"]["plain"]
+        assert all(isinstance(p["read_edit"], bool) and "read_nothing" in p for kind in probes.values() for p in kind)
+        assert all(p["read_edit"] for p in probes["efficacy"])  # one edit stored: every read holds it
+        assert "read_edit" not in record["no_edit"]["plain"]["efficacy"][0]
+    sequential = result["sequential"]["records"]
+    assert all("read_edit" in p for r in sequential for kind in r["plain"].values() for p in kind)
+    summary = result["metrics"]["plain"]["memory"]
+    assert summary["efficacy_read_edit"] == 1.0 and summary["efficacy_read_edit_ci"][1] == 1.0
+    assert "efficacy_read_edit" in result["sequential"]["metrics"]["plain"]
+
+
+# ---------------------------------------------------------------- the plan (GPU path) and the README's tables
+
+
+def test_the_plan_runs_on_the_cpu_when_capped(data_dir, tmp_path, capsys):
+    """The full plan at a cap of 2 on the tiny model: every run of one read mode, one run of the other in bfloat16
+    (the GPU path's dtype) on the CPU; a second start skips finished runs; --dry-run lists every run of both modes."""
+    from memoryllm_hf.evaluation.plan import main as plan_main
+    from memoryllm_hf.evaluation.plan import plan
+
+    common = ["--model", "tiny", "--data", str(data_dir), "--cap", "2", "--out-dir", str(tmp_path)]
+    common += ["--set", "long_term_memory_tokens=256", "--device", "cpu"]
+    retrieve = ["--read-modes", "retrieve", "--only", "longcontext-hotpotqa-retrieve", "--dtype", "bfloat16"]
+    assert plan_main([*common, *retrieve]) == 0
+    bf16 = json.loads((tmp_path / "longcontext-hotpotqa-retrieve.json").read_text())
+    assert bf16["model"]["dtype"] == "bfloat16" and bf16["model"]["read"]["read_mode"] == "retrieve"
+    assert plan_main([*common, "--read-modes", "pool"]) == 0
+    pool = set(plan(["pool"]))
+    assert {"retention-nq-pool", "editing-counterfact-pool", "integrity-tiny-1m"} <= pool
+    assert {path.stem for path in tmp_path.glob("*.json")} == pool | {"longcontext-hotpotqa-retrieve"}
+    capsys.readouterr()
+    assert plan_main([*common, "--read-modes", "pool"]) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == len(pool)
+    assert plan_main([*common, "--out-dir", str(tmp_path / "new"), "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in listed] == list(plan())
+    assert all("--read-mode retrieve" in line for line in listed if line.startswith("retention-squad-retrieve"))
+
+
+def test_the_readme_tables_are_the_report_of_the_result_files():
+    """The README's evaluation tables are generated: regenerating them from docs/results gives the README."""
+    from pathlib import Path
+
+    from memoryllm_hf.evaluation.report import readme
+
+    root = Path(__file__).resolve().parents[1]
+    assert "<!-- report: " in (root / "README.md").read_text()
+    assert readme(root / "README.md", check=True), "run python -m memoryllm_hf.evaluation.report --readme README.md"
+
+
+def test_report_blocks_are_regenerated_from_their_files(data_dir, tmp_path):
+    from memoryllm_hf.evaluation.report import readme, report
+
+    _run("longcontext", data_dir, tmp_path / "lc.json", "--max-new-tokens", "2", "--prompt-style", "chat")
+    page = tmp_path / "PAGE.md"
+    page.write_text("intro\n<!-- report: lc.json -->\nstale table\n<!-- /report -->\nend\n")
+    assert not readme(page, check=True) and "stale table" in page.read_text()
+    assert not readme(page)
+    assert page.read_text() == f"intro\n<!-- report: lc.json -->\n{report('lc.json', tmp_path)}<!-- /report -->\nend\n"
+    assert readme(page, check=True)
+    assert "F1 [95%]" in page.read_text() and "[0.00, " in page.read_text()

@@ -81,7 +81,7 @@ def test_saved_file_and_folder_index_list_exactly_the_table(tmp_path):
     with safe_open(tmp_path / "state.safetensors", "pt") as handle:
         names = set(handle.keys())
     assert set(MEMORY_BUFFERS) <= names and names - set(MEMORY_BUFFERS) == {
-        "long_term_slots", "long_term_injection", "long_term_call"
+        "long_term_slots", "long_term_injection", "long_term_call", "long_term_token_ids", "long_term_token_counts"
     }
     model.save_pretrained(tmp_path / "folder")
     weight_map = json.loads((tmp_path / "folder" / INDEX_FILE).read_text())["weight_map"]

@@ -1,6 +1,5 @@
 """Answers from a MemoryLlama (chat template when the tokenizer has one, greedy) and the `chat` REPL."""
 
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -9,14 +8,14 @@ from safetensors import SafetensorError
 
 from .folder import folder_config, memory_report, save_memory
 from .greedy import reply
-from .modeling import MemoryChangedOnDiskError, MemoryState
+from .modeling import MemoryChangedOnDiskError
+from .service import bring_back_snapshot, snapshot_file, take_snapshot
 
 HISTORY_TURNS = 8
-SNAPSHOT_FOLDER = "snapshots"
 HELP = """Plain lines are chat turns. Commands:
   /remember TEXT   write TEXT into the memory
   /forget          empty the memory and the conversation
-  /undo            take back the last /remember
+  /undo            take back the last /remember or /forget
   /snapshot NAME   keep the current memory as NAME (also saved as FOLDER/snapshots/NAME.safetensors)
   /restore NAME    bring back snapshot NAME
   /stats           describe the memory
@@ -32,8 +31,10 @@ class ChatSession:
         self.folder, self.model, self.tokenizer = Path(folder), model, tokenizer
         self.max_new_tokens, self.autosave = max_new_tokens, autosave
         self.history: list[dict[str, str]] = []
-        # history length at each /remember: /undo also drops the turns that could have read the undone text
-        self.remember_marks: list[int] = []
+        # what /undo takes back, newest last: the history length at a /remember (/undo also drops the turns that
+        # could have read the undone text), or (memory, history) before a /forget (bringing that memory back
+        # replaces the memory: the /remembers before the /forget cannot be undone after it)
+        self.undo_marks: list[int | tuple] = []
         self.unsaved = False
         self.commands: dict[str, Callable[[str], None]] = {
             "remember": self.remember,
@@ -124,22 +125,29 @@ class ChatSession:
         if not text:
             raise ValueError("usage: /remember TEXT")
         updates = self.model.inject(text, tokenizer=self.tokenizer)
-        self.remember_marks.append(len(self.history))
+        self.undo_marks.append(len(self.history))
         self.changed()
         self.say(f"remembered ({updates} memory update{'s' * (updates != 1)}, {self.model.num_injections} in total)")
 
     def forget(self, _: str) -> None:
+        forgotten = (self.model.memory_state(), list(self.history))
         self.model.reset_memory()
         self.history.clear()
-        self.remember_marks.clear()
+        self.undo_marks[:] = [forgotten]
         self.changed()
-        self.say("memory and conversation cleared")
+        self.say("memory and conversation cleared (/undo brings them back)")
 
     def undo(self, _: str) -> None:
+        if self.undo_marks and isinstance(self.undo_marks[-1], tuple):
+            state, self.history[:] = self.undo_marks.pop()
+            self.model.set_memory_state(state)
+            self.changed()
+            self.say(f"took back the /forget ({self.model.num_injections} injections in memory, conversation back)")
+            return
         self.model.undo()
         dropped = 0
-        if self.remember_marks:
-            mark = self.remember_marks.pop()
+        if self.undo_marks:
+            mark = self.undo_marks.pop()
             dropped, self.history[mark:] = len(self.history) - mark, []
         self.changed()
         self.say(
@@ -147,24 +155,20 @@ class ChatSession:
             f"{dropped // 2} conversation turn{'s' * (dropped // 2 != 1)} since"
         )
 
-    def snapshot_path(self, name: str) -> Path:
-        if not re.fullmatch(r"[\w-][\w.-]*", name):
-            raise ValueError("usage: /snapshot NAME (letters, digits, '_', '-', '.')")
-        return self.folder / SNAPSHOT_FOLDER / f"{name}.safetensors"
+    @staticmethod
+    def checked_name(name: str) -> str:
+        try:
+            snapshot_file(".", name)
+        except ValueError:
+            raise ValueError("usage: /snapshot NAME (letters, digits, '_', '-', '.')") from None
+        return name
 
     def snapshot(self, name: str) -> None:
-        path = self.snapshot_path(name)
-        path.parent.mkdir(exist_ok=True)
-        self.model.memory_state().save(path)  # registered only once saved
-        self.model.snapshot(name)
+        path = take_snapshot(self.model, self.folder, self.checked_name(name))
         self.say(f"snapshot {name!r} saved to {path}")
 
     def restore(self, name: str) -> None:
-        path = self.snapshot_path(name)
-        if name not in self.model.snapshots and path.is_file():
-            self.model.load_memory_state(MemoryState.load(path))
-        else:
-            self.model.restore(name)
+        bring_back_snapshot(self.model, self.folder, self.checked_name(name))
         self.changed()
         self.say(f"restored snapshot {name!r} ({self.model.num_injections} injections)")
 

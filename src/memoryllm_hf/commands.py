@@ -54,40 +54,36 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_folder(folder: str, read_mode: str | None = None):
+def load_folder(folder: str, read_mode: str | None = None, device: str | None = None):
     """(model, tokenizer) of a MemoryLlama folder whose memory a command may save back (a plain Llama folder is
     refused, not wrapped); `memoryllm_hf.load` checks the memory file before reading weights. `read_mode`
-    overrides the folder's (a name of `READS`; "retrieve" needs a long-term store)."""
+    overrides the folder's (a name of `READS`; "retrieve" needs a long-term store); `device` places the model and
+    wins over the store device in config.json."""
     from .folder import folder_config, locked
     from .loading import load
 
     folder_config(folder)
     with locked(folder):  # not while another process swaps the folder
-        return load(folder, read_mode=read_mode)
+        return load(folder, device=device, read_mode=read_mode)
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from .folder import locked, read_text, replaced_slots, save_memory
+    from .folder import locked, read_text
+    from .messages import inject_message
+    from .service import FolderService
 
     text = read_text(args.file, args.text, args.encoding)
     with locked(args.folder):  # load, inject and save as one step: a concurrent inject waits, none is lost
-        model, tokenizer = load_folder(args.folder)
-        before = model.memory_state()
-        updates = model.inject(text, tokenizer=tokenizer, chunk_size=args.chunk_size, progress=True)
-        save_memory(args.folder, model)  # appends to the folder's journal (refuses a memory changed meanwhile)
-        after = model.memory_state()
-    print(
-        f"{updates} memory update{'s' * (updates != 1)} ({after.num_injections} in total); "
-        f"{replaced_slots(before, after)} of {before.num_filled_slots} stored slots per layer replaced; "
-        f"{after.num_filled_slots}/{after.num_slots} slots filled; memory saved to {args.folder}"
-    )
+        model, tokenizer = load_folder(args.folder, device=args.device)
+        result = FolderService(args.folder, model, tokenizer).inject(text, args.chunk_size, progress=True)
+    print(inject_message(result, args.folder))
     return 0
 
 
 def _ask(args: argparse.Namespace) -> int:
     from .greedy import reply
 
-    model, tokenizer = load_folder(args.folder, args.read_mode)
+    model, tokenizer = load_folder(args.folder, args.read_mode, args.device)
     print(reply(model, tokenizer, [{"role": "user", "content": args.question}], args.max_new_tokens))
     return 0
 
@@ -95,20 +91,38 @@ def _ask(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession
 
-    model, tokenizer = load_folder(args.folder, args.read_mode)
+    model, tokenizer = load_folder(args.folder, args.read_mode, args.device)
     ChatSession(args.folder, model, tokenizer, args.max_new_tokens, args.autosave).run()
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .folder import folder_config, folder_memory, memory_report, plot_slot_norms, png_path
+    from .folder import check_folder, folder_config, folder_memory, memory_report, plot_slot_norms, png_path
+    from .messages import stats_text
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
-    print("\n".join([f"memory of {args.folder}"] + ["  " + line for line in memory_report(state, config)]))
+    lines = memory_report(state, config) + check_folder(args.folder)
     if args.png:
         plot_slot_norms(state, args.png)
-        print(f"slot norm histogram written to {png_path(args.png)}")
+    print(stats_text(args.folder, lines, args.png and png_path(args.png)))
     return 0
+
+
+def _drop_store(args: argparse.Namespace) -> int:
+    from .folder import drop_store
+
+    dropped = drop_store(args.folder)
+    what = "a missing or unreadable store" if dropped is None else f"{dropped} stored injections"
+    print(f"dropped the long-term store of {args.folder} ({what}); the pool is kept, new injections are stored again")
+    return 0
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        help="where the model (and a store placed on a device by config.json) runs: cpu, cuda, cuda:1, ... "
+        "(wins over config.json's long_term_memory_device)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -140,6 +154,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--text", help="text to inject")
     inject.add_argument("--encoding", default="utf-8", help="encoding of --file (default: utf-8)")
     inject.add_argument("--chunk-size", type=int, help="tokens per memory update (default: the model's)")
+    add_device_argument(inject)
     inject.set_defaults(func=_inject)
 
     ask = subparsers.add_parser("ask", help="answer one question from a folder's model and memory (greedy)")
@@ -150,6 +165,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--read-mode", choices=READ_MODE_CHOICES, metavar="MODE",
         help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
+    add_device_argument(ask)
     ask.set_defaults(func=_ask)
 
     chat = subparsers.add_parser(
@@ -162,6 +178,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override the folder's read mode (%(choices)s; retrieve needs a store)",
     )
     chat.add_argument("--autosave", action="store_true", help="save the memory after every change")
+    add_device_argument(chat)
     chat.set_defaults(func=_chat)
 
     stats = subparsers.add_parser(
@@ -170,3 +187,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("folder", help="MemoryLlama folder")
     stats.add_argument("--png", help="also write a PNG histogram of the slot norms")
     stats.set_defaults(func=_stats)
+
+    drop = subparsers.add_parser(
+        "drop-store", help="drop a folder's long-term store on purpose, keeping the pool (e.g. after the file was lost)"
+    )
+    drop.add_argument("folder", help="MemoryLlama folder")
+    drop.set_defaults(func=_drop_store)

@@ -13,10 +13,20 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
+from .convert_mplus import (
+    LONG_TERM_KEY,
+    MPLUS_ONLY,
+    check_mplus_weights,
+    is_mplus_config,
+    mplus_config_fields,
+    mplus_long_term_memory,
+    rename_mplus_key,
+)
 from .modeling import (
     INDEX_FILE,
     MemoryLlamaConfig,
@@ -79,8 +89,6 @@ _MEMORY_KEYS = {"memory", "initialized"}
 
 def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
     """Map an official config.json (LlamaConfig + MemoryLLM extras) to a MemoryLlamaConfig."""
-    if "num_ltm_blocks" in official or "add_selector" in official:
-        raise ValueError("M+ (long-term memory) checkpoints are not supported; convert MemoryLLM-7B/8B checkpoints")
     if "num_tokens" not in official or "num_blocks" not in official:
         raise ValueError(
             f"not an official MemoryLLM checkpoint (config.json has no num_tokens/num_blocks, model_type "
@@ -91,7 +99,11 @@ def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
     N = official["num_blocks"] * K
     seven_b = "interpolate_position_ids" in official
     max_positions = official["max_position_embeddings"]
-    if official.get("interpolate_position_ids"):
+    mplus = mplus_config_fields(official) if is_mplus_config(official) else {}
+    if mplus:
+        rope = mplus.pop("rope_parameters")
+        N = mplus.pop("num_memory_tokens")
+    elif official.get("interpolate_position_ids"):
         # 7B branch: positions scaled by max_pos / ((num_blocks + 1) K), rotary base hard-coded to 10000.
         factor = max((official["num_blocks"] + 1) * K, max_positions) / max_positions
         rope = {"rope_type": "linear", "factor": factor, "rope_theta": 10000.0}
@@ -105,7 +117,7 @@ def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
         if kind == "linear":
             rope["factor"] = float(scaling["factor"])
     lora = official.get("lora_config")
-    fields = {k: v for k, v in official.items() if k not in _OFFICIAL_ONLY}
+    fields = {k: v for k, v in official.items() if k not in _OFFICIAL_ONLY | MPLUS_ONLY}
     return MemoryLlamaConfig(
         **fields,
         rope_parameters=rope,
@@ -118,10 +130,34 @@ def official_config_to_memory_llama(official: dict) -> MemoryLlamaConfig:
         positional_emb_on_first_injection=not seven_b,
         lora_config={k: lora[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")} if lora else None,
         add_decoder_lora=bool(official.get("add_decoder_lora", False)) and bool(lora),
+        **mplus,
     )
 
 
-def rename_official_key(key: str) -> str:
+def rename_official_key(key: str) -> str | None:
+    """The MemoryLlama name of an official weight (None: not kept)."""
+    return rename_mplus_key(_generic_name(key))
+
+
+def _is_memory_key(key: str) -> bool:
+    """The pool and (M+) the long-term memory: they go into the memory files, not the weights."""
+    return key in _MEMORY_KEYS or bool(LONG_TERM_KEY.match(key))
+
+
+def _weight_names(files: list[Path]) -> set[str] | None:
+    """Names of all official weights (renamed like the rest, before renaming M+ parts), read from the safetensors
+    headers; None for .bin checkpoints (checked while converting)."""
+    if any(path.suffix != ".safetensors" for path in files):
+        return None
+    names = set()
+    for path in files:
+        with safe_open(path, "pt") as handle:
+            names.update(handle.keys())
+    return {_generic_name(name) for name in names}
+
+
+def _generic_name(key: str) -> str:
+    """An official weight name after the renames shared by all official checkpoints (not the M+ ones)."""
     for pattern, replacement in _KEY_RULES:
         key = pattern.sub(replacement, key)
     return key
@@ -150,13 +186,19 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
     src, dst = Path(src), Path(dst)
     config = official_config_to_memory_llama(json.loads((src / "config.json").read_text()))
     files = _weight_files(src)
+    names = _weight_names(files)
+    if config.retriever_size and names is not None:
+        check_mplus_weights(names, config, src)  # before anything is written
 
     def write(staging: str, old: str | None) -> set[str]:
         staging = Path(staging)
-        weight_map, memory = {}, {}
+        weight_map, memory, seen = {}, {}, set()
         for number, path in enumerate(files, start=1):
-            shard = {rename_official_key(k): v for k, v in _load_shard(path).items()}
-            memory.update({k: shard.pop(k) for k in _MEMORY_KEYS & shard.keys()})
+            shard = _load_shard(path)
+            seen.update(shard)
+            memory.update({k: shard.pop(k) for k in [k for k in shard if _is_memory_key(k)]})
+            shard = {rename_official_key(k): v for k, v in shard.items()}
+            shard = {k: v for k, v in shard.items() if k is not None}
             if dtype is not None:
                 shard = {k: v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
             name = f"model-{number:05d}-of-{len(files):05d}.safetensors"
@@ -169,10 +211,15 @@ def convert_official(src: str | os.PathLike, dst: str | os.PathLike, dtype: torc
         if tuple(pool.shape) != expected:
             raise ValueError(f"memory has shape {tuple(pool.shape)}, the config implies {expected}")
         (staging / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        # an empty memory (no injections, slot ages unknown) holding the official pool
+        long_term = ()
+        if config.retriever_size:
+            check_mplus_weights({_generic_name(name) for name in seen}, config, src)
+            long_term = mplus_long_term_memory(memory, config, dtype)
+        # an empty memory (no injections, slot ages unknown) holding the official pool (and M+ long-term memory)
         filled = config.num_memory_tokens if int(memory.get("initialized", 1)) else 0
         empty = MemoryState.empty(config, dtype=pool.dtype)
-        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled))
+        long_term = long_term or empty.long_term
+        state = dataclasses.replace(empty, memory=pool, filled=torch.tensor(filled), long_term=long_term)
         state.validate()
         dropped = stage_memory_files(str(staging), str(staging), state_file_groups(state))
         config.dtype = str(pool.dtype).removeprefix("torch.")

@@ -2,6 +2,7 @@
 
 import codecs
 import contextlib
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -11,7 +12,15 @@ from pathlib import Path
 import torch
 from filelock import Timeout
 
-from .modeling import MemoryState, folder_lock, is_blank_text, read_folder_memory
+from .modeling import (
+    MemoryState,
+    MPlusMemory,
+    folder_head,
+    folder_lock,
+    is_blank_text,
+    read_folder_memory,
+    save_memory_to_folder,
+)
 
 HISTOGRAM_BINS = 10
 HISTOGRAM_WIDTH = 40
@@ -34,10 +43,54 @@ def folder_config(folder: str | Path) -> dict:
     return config
 
 
-def folder_memory(folder: str | Path) -> MemoryState:
+def folder_memory(folder: str | Path, with_store: bool = True) -> MemoryState:
     """The memory saved in a folder (the pool and the long-term store, with its journal replayed), fully checked
-    (truncated, corrupted or non-finite files are refused)."""
-    return read_folder_memory(folder, MemoryState)
+    (truncated, corrupted or non-finite files are refused, and a store or segment set that is not the one the pool
+    file records: missing, replaced, older or newer). `with_store=False`: the pool alone (journal replayed)."""
+    return read_folder_memory(folder, MemoryState, with_store)
+
+
+def drop_store(folder: str | Path) -> int | None:
+    """Drop a folder's long-term store on purpose, keeping its pool (after the store file was lost or damaged, or to
+    forget what it holds): the folder then records an empty store (the pool file, its journal replayed, is rewritten;
+    a store file or a disk-backed store's segment files are removed). Returns how many stored injections were dropped
+    (None: the store was missing or unreadable)."""
+    with locked(folder):
+        pool = folder_memory(folder, with_store=False)
+        try:
+            dropped = len(folder_memory(folder).long_term)
+        except (ValueError, OSError):
+            dropped = None
+        expected = folder_head(folder, MemoryState)  # (the journal's head, else the pool file's hash)
+        save_memory_to_folder(folder, dataclasses.replace(pool, long_term=()), expected_hash=expected)
+    return dropped
+
+
+def check_folder(folder: str | Path) -> list[str]:
+    """Check what `memoryllm-hf stats` reports on (ValueError/OSError naming the broken file): config.json's memory
+    settings, every weights file the index lists (present, readable), the pool and its long-term store (one memory).
+    Returns the report line saying what was checked."""
+    from safetensors import SafetensorError, safe_open
+    from transformers.utils import SAFE_WEIGHTS_NAME
+
+    from .modeling import INDEX_FILE, MemoryLlamaConfig
+
+    MemoryLlamaConfig.from_pretrained(folder)  # every memory setting (NaN, bounds, dtypes, read modes)
+    index_path = Path(folder) / INDEX_FILE
+    files = [SAFE_WEIGHTS_NAME]
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{index_path} is not a shard index (no weight_map): the folder is broken")
+        files = sorted(set(index["weight_map"].values()))
+    for name in files:
+        try:
+            with safe_open(str(Path(folder) / name), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{Path(folder) / name} (weights) is missing or broken ({err}); restore it") from None
+    return [f"checked       config.json, {len(files)} weight file{'s' * (len(files) != 1)}, the pool and the "
+            "long-term store (one memory)"]
 
 
 @contextlib.contextmanager
@@ -150,6 +203,14 @@ def store_report(state: MemoryState, config: dict) -> list[str]:
     """Lines describing the long-term store (every injection's slots, `long_term_memory.safetensors`)."""
     bound = config.get("long_term_memory_tokens") or 0
     store = state.long_term
+    if isinstance(store, MPlusMemory):
+        tensors = store.to_tensors()
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        return [
+            f"long-term     M+: {store.slot_counts} slots per layer, {store.num_pending} pending, "
+            f"{store.commits} injections since the last merge (every {config.get('long_term_merge_every')})",
+            f"store size    {size / 2**20:.4g} MiB ({str(store.pending_slots.dtype).removeprefix('torch.')})",
+        ]
     if not store:
         return [f"long-term     {'empty' if bound else 'off'} (bound {bound} slots per layer)"]
     slots = sum(block.num_slots for block in store)

@@ -10,10 +10,12 @@ POOL_SHAPE = ("num_memory_tokens", "num_update_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_base(source: str, seed: int = 0, dtype=None, **memory):
+def load_base(source: str, seed: int = 0, dtype=None, device=None, **memory):
     """(model, tokenizer) for `source` with `memory` (MemoryLlamaConfig fields) applied; `dtype` is the load dtype
-    (a torch dtype or None for the checkpoint's). Not moved, not put in eval mode (see `memoryllm_hf.load`). The
-    tokenizer is None for a local folder saved without one."""
+    (a torch dtype or None for the checkpoint's). `device`, where the model will run, also replaces a
+    `long_term_memory_device` recorded in a saved model's config.json (a folder written on another machine loads
+    here). Not moved, not put in eval mode (see `memoryllm_hf.load`). The tokenizer is None for a local folder saved
+    without one."""
     from .modeling import MemoryLlamaForCausalLM
 
     source = str(source)
@@ -25,16 +27,19 @@ def load_base(source: str, seed: int = 0, dtype=None, **memory):
         folder = smollm2_base_folder()
         load = {"dtype": dtype} if dtype is not None else {}
         model = MemoryLlamaForCausalLM.from_base(folder, **load, **{**DEFAULT_MEMORY, **memory})
-        return model, AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model.retrieval_tokenizer = tokenizer  # text retrieval decodes stored token ids with it
+        return model, tokenizer
     if source == "tiny":
         from .tiny import tiny_model, tiny_tokenizer
 
-        model = tiny_model(seed=seed, **memory)
-        return (model if dtype is None else model.to(dtype)), tiny_tokenizer()
-    return _load_checkpoint(source, dtype, memory)
+        model, tokenizer = tiny_model(seed=seed, **memory), tiny_tokenizer()
+        model.retrieval_tokenizer = tokenizer
+        return (model if dtype is None else model.to(dtype)), tokenizer
+    return _load_checkpoint(source, dtype, memory, device)
 
 
-def _load_checkpoint(source: str, dtype, memory: dict):
+def _load_checkpoint(source: str, dtype, memory: dict, device=None):
     from transformers import AutoTokenizer, PretrainedConfig
 
     from .modeling import MemoryLlamaConfig, MemoryLlamaForCausalLM
@@ -43,7 +48,8 @@ def _load_checkpoint(source: str, dtype, memory: dict):
         raise ValueError(
             f"{source!r} is neither 'default', 'tiny', a folder nor a Hub id (user/name); check the path"
         )
-    model_type = PretrainedConfig.get_config_dict(source)[0].get("model_type")
+    config = PretrainedConfig.get_config_dict(source)[0]
+    model_type = config.get("model_type")
     load = {"dtype": dtype} if dtype is not None else {}
     if model_type == "llama":
         model = MemoryLlamaForCausalLM.from_base(source, **load, **memory)
@@ -51,10 +57,13 @@ def _load_checkpoint(source: str, dtype, memory: dict):
         shape = sorted(key for key in POOL_SHAPE if key in memory)
         if shape:
             raise ValueError(f"{shape} cannot be changed on a saved model; convert it again instead")
+        if device is not None and config.get("long_term_memory_device") is not None:
+            memory.setdefault("long_term_memory_device", str(device))
         if Path(source).is_dir():
             from .folder import folder_memory
 
-            folder_memory(source)  # a truncated or corrupt memory file is refused before any weights are read
+            # a truncated, corrupt or mixed memory is refused before any weights are read
+            folder_memory(source, with_store=not memory.get("drop_long_term_memory"))
         model = MemoryLlamaForCausalLM.from_pretrained(source, **load, **memory)
     else:
         raise ValueError(
@@ -63,4 +72,6 @@ def _load_checkpoint(source: str, dtype, memory: dict):
     local = Path(source).is_dir()
     if local and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
         return model, None
-    return model, AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.retrieval_tokenizer = tokenizer
+    return model, tokenizer

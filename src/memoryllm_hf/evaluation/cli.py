@@ -47,7 +47,7 @@ def _setup(args: argparse.Namespace):
 
 
 def _config(args: argparse.Namespace) -> dict:
-    return {key: value for key, value in vars(args).items() if key not in ("func", "timer")}
+    return {key: value for key, value in vars(args).items() if key not in ("func", "timer", "log")}
 
 
 def _output(args: argparse.Namespace, dataset: str | None) -> Path:
@@ -63,7 +63,8 @@ def _log(args: argparse.Namespace, model_info: dict, data_info: dict):
 
     header = run_header(args.task, _config(args), data_info, model_info)
     path = log_path(_output(args, data_info.get("dataset")))
-    return RecordLog(path, header, resume=args.resume, shard=args.shard or (0, 1))
+    args.log = RecordLog(path, header, resume=args.resume, shard=args.shard or (0, 1))  # closed by main()
+    return args.log
 
 
 def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result: dict, plot=None) -> int:
@@ -96,27 +97,51 @@ def _print_summary(document: dict) -> None:
 
 def _retention(args: argparse.Namespace) -> int:
     from .plots import plot_retention
-    from .retention import DEFAULT_GRID, run_retention
 
-    args.grid = args.grid or list(DEFAULT_GRID)
     model, tokenizer, info = _setup(args)
     data = load_data(args.data, args.dataset, args.limit)
-    depth = None if args.shared_depth < 0 else args.shared_depth
-    result = run_retention(
-        model,
-        tokenizer,
-        data,
-        _styles(args),
-        grid=args.grid,
-        context_tokens=args.context_tokens,
-        prefill=args.prefill,
-        shared_depth=depth,
-        max_new_tokens=args.max_new_tokens or 16,
-        window=args.window,
-        seed=args.seed,
-        in_context_max_k=args.in_context_max_k,
-        log=_log(args, info, data.info()),
-    )
+    common = {
+        "context_tokens": args.context_tokens,
+        "prefill": args.prefill,
+        "max_new_tokens": args.max_new_tokens or 16,
+        "window": args.window,
+        "seed": args.seed,
+        "log": _log(args, info, data.info()),
+    }
+    if args.protocol == "stream":
+        from .stream import run_retention_stream
+
+        if args.grid or args.in_context_max_k is not None or args.shared_depth != 6:
+            raise ValueError(
+                "--grid, --in-context-max-k and --shared-depth belong to --protocol per-question; the stream protocol "
+                "takes --checkpoint-every, --stream-contexts, --max-distance and --same-text-max-contexts"
+            )
+        result = run_retention_stream(
+            model,
+            tokenizer,
+            data,
+            _styles(args),
+            checkpoint_every=args.checkpoint_every,
+            stream_contexts=args.stream_contexts,
+            max_distance=args.max_distance,
+            same_text_max_contexts=args.same_text_max_contexts,
+            batch_size=args.batch_size,
+            **common,
+        )
+    else:
+        from .retention import DEFAULT_GRID, run_retention
+
+        args.grid = args.grid or list(DEFAULT_GRID)
+        result = run_retention(
+            model,
+            tokenizer,
+            data,
+            _styles(args),
+            grid=args.grid,
+            shared_depth=None if args.shared_depth < 0 else args.shared_depth,
+            in_context_max_k=args.in_context_max_k,
+            **common,
+        )
     return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result}, plot_retention)
 
 
@@ -252,7 +277,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retention = tasks.add_parser("retention", help="accuracy vs unrelated contexts injected (SQuAD, NQ)")
     _common(retention, "retention")
     retention.add_argument(
-        "--grid", type=lambda s: [int(k) for k in s.split(",")], help="unrelated contexts before each probe (0,1,2,...)"
+        "--protocol",
+        choices=["stream", "per-question"],
+        default="stream",
+        help="stream: one memory, passages spread through one stream of unrelated contexts, asked at checkpoints; "
+        "per-question: the paper's (a fresh chain of k contexts after each question's passage)",
+    )
+    retention.add_argument(
+        "--checkpoint-every", type=int, default=4, help="stream: ask every stored question every N contexts"
+    )
+    retention.add_argument("--stream-contexts", type=int, help="stream: use only the first N unrelated contexts")
+    retention.add_argument(
+        "--max-distance", type=int, help="stream: ask a question only up to N contexts after its passage"
+    )
+    retention.add_argument(
+        "--same-text-max-contexts",
+        type=int,
+        help="stream: the same-text condition only up to N contexts after the passage (-1: never; default: while the "
+        "passage fits the window)",
+    )
+    retention.add_argument("--batch-size", type=int, default=16, help="stream: questions per shared-memory batch")
+    retention.add_argument(
+        "--grid",
+        type=lambda s: [int(k) for k in s.split(",")],
+        help="per-question: unrelated contexts before each probe (0,1,2,...)",
     )
     retention.add_argument("--context-tokens", type=int, default=512, help="tokens per unrelated context")
     retention.add_argument("--prefill", type=int, help="unrelated contexts written first (default: fill the pool)")
@@ -260,9 +308,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shared-depth",
         type=int,
         default=6,
-        help="share a chunk's slots once its last D writes match the reference chain; -1: exact",
+        help="per-question: share a chunk's slots once its last D writes match the reference chain; -1: exact",
     )
-    retention.add_argument("--in-context-max-k", type=int, help="run the in-context condition only up to this k")
+    retention.add_argument("--in-context-max-k", type=int, help="per-question: same text only up to this k")
     retention.set_defaults(func=_retention)
 
     editing = tasks.add_parser("editing", help="CounterFact / zsRE efficacy, generalization, specificity")
@@ -296,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memoryllm-hf")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    finally:
+        if getattr(args, "log", None) is not None:
+            args.log.close()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ efficacy/generalization, the neighbour's own target for specificity): every targ
 
 Conditions on the same records: no edit (`use_memory=False`), memory, and in-context editing (IKE-style,
 zero-shot: "New fact: {edit_text}" before the prompt). Sequential mode injects all edits one after another into one
-pool, then probes every edit: success against the number of later edits shows forgetting.
+pool, then probes every edit and its neighbourhood: success against the number of later edits shows forgetting.
+Both read modes (`--read-mode pool|retrieve`) run the same protocol; with retrieval reads the model's settings
+(`retrieval_threshold`, margin, neighbours, read budget) are in force as configured, and every memory probe records
+whether its prompt read the edit's own injections (`read_edit`; rates `*_read_edit` in the summaries) and whether it
+read nothing at all (`read_nothing`: all below the threshold).
 """
 
 from collections.abc import Sequence
@@ -17,7 +21,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from .data import EvalData
-from .metrics import harmonic_mean, mean
+from .metrics import bootstrap_interval, harmonic_mean, interval, mean
 from .prompts import Prompter
 from .records import RecordLog, interleave
 from .runner import Timer, continuation_scores, example_seed, with_drop_seed
@@ -44,11 +48,36 @@ def probe_pairs(prompter: Prompter, record: dict, kind: str, context: str | None
 
 
 def probe_record(
-    model, prompter: Prompter, record: dict, kind: str, use_memory: bool, context: str | None, pad_id: int
+    model,
+    prompter: Prompter,
+    record: dict,
+    kind: str,
+    use_memory: bool,
+    context: str | None,
+    pad_id: int,
+    edit_injections: Sequence[int] | None = None,
 ) -> dict:
-    """Per probe type, a list of {wanted, rival (log-probs), success, exact} for one condition."""
+    """Per probe type, a list of {wanted, rival (log-probs), success, exact} for one condition. Reading the memory of
+    a model that reports what it retrieved (`model.last_retrieval`), each probe also says whether its prompt read
+    one of `edit_injections` (the edit's own injections): `read_edit` (wanted for efficacy and generalization, not
+    for the neighbourhood), and `read_nothing` (every injection scored below the retrieval threshold)."""
     pairs, layout = probe_pairs(prompter, record, kind, context)
-    return judge(continuation_scores(model, pairs, use_memory, pad_id), layout)
+    reads = use_memory and edit_injections is not None
+    if reads:
+        model.last_retrieval = None  # (set again by a retrieval read)
+    result = judge(continuation_scores(model, pairs, use_memory, pad_id), layout)
+    retrieval = getattr(model, "last_retrieval", None) if reads else None
+    if retrieval is not None:
+        # continuation_scores runs each distinct prefix once, in order of first appearance: one retrieval row each
+        prefixes = list(dict.fromkeys(tuple(prefix) for prefix, _ in pairs))
+        counts = {probe: 0 for probe in PROBES}
+        for probe, wanted, _ in layout:
+            read = list(retrieval[prefixes.index(tuple(pairs[wanted][0]))])
+            entry = result[probe][counts[probe]]
+            entry["read_edit"] = bool(set(read) & set(edit_injections))
+            entry["read_nothing"] = not read
+            counts[probe] += 1
+    return result
 
 
 def judge(scores: Sequence[dict], layout: Sequence[tuple[str, int, int]]) -> dict:
@@ -66,15 +95,33 @@ def judge(scores: Sequence[dict], layout: Sequence[tuple[str, int, int]]) -> dic
     return result
 
 
-def summarize(results: Sequence[dict]) -> dict:
-    """Rates over records (each record's probes averaged first, as ROME does) and the harmonic-mean Score."""
-    summary = {"n": len(results)}
+def _rates(results: Sequence[dict]) -> dict:
+    """Rates over records (each record's probes averaged first, as ROME does) and the harmonic-mean Scores."""
+    summary = {}
     for probe in PROBES:
         summary[probe] = mean(mean(p["success"] for p in r[probe]) for r in results if r[probe])
         summary[f"{probe}_exact"] = mean(mean(p["exact"] for p in r[probe]) for r in results if r[probe])
     rates = [summary[probe] for probe in PROBES if summary[probe] is not None]
     summary["score"] = harmonic_mean(rates) if rates else None
     summary["exact_score"] = harmonic_mean([summary[f"{p}_exact"] for p in PROBES if summary[f"{p}_exact"] is not None])
+    return summary
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """`_rates` with n and a 95% interval for each (Wilson where every record has one probe of a kind, else a
+    bootstrap over records; the Scores by a bootstrap over records)."""
+    results = list(results)
+    summary = {"n": len(results), **_rates(results)}
+    for probe in PROBES:
+        for name, field in ((probe, "success"), (f"{probe}_exact", "exact")):
+            summary[f"{name}_ci"] = interval([mean(p[field] for p in r[probe]) for r in results if r[probe]])
+    for probe in PROBES:  # how often a probe's prompt read the edit (models that report their reads)
+        read = [mean(p["read_edit"] for p in r[probe]) for r in results if r[probe] and "read_edit" in r[probe][0]]
+        if read:
+            summary.update({f"{probe}_read_edit": mean(read), f"{probe}_read_edit_ci": interval(read)})
+    for name in ("score", "exact_score"):
+        found = bootstrap_interval(results, lambda rows, name=name: _rates(rows)[name])
+        summary[f"{name}_ci"] = [round(v, 4) for v in found] if found else None
     return summary
 
 
@@ -104,7 +151,9 @@ def run_editing(
     for index in log.pending(keys, desc=f"editing {data.dataset}", unit="edit"):
         record, record_timer = data.examples[index], Timer()
         model.set_memory_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
+        before = model.num_injections
         model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
+        injections = list(range(before + 1, model.num_injections + 1))
 
         row = {
             "case_id": record["case_id"],
@@ -118,7 +167,7 @@ def run_editing(
         statement = f"New fact: {record['edit_text']}"
         for style, prompter in prompters.items():
             row["no_edit"][style] = probe_record(model, prompter, record, kind, False, None, pad_id)
-            row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id)
+            row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id, injections)
             row["in_context"][style] = probe_record(model, prompter, record, kind, False, statement, pad_id)
         row["wall_time_s"] = record_timer.seconds()
         log.add(keys[index], index, row)
@@ -155,15 +204,18 @@ def run_sequential(
     todo = log.pending(keys, desc="sequential probes", unit="edit")
     first = next(todo, None)
     model.set_memory_state(empty)
+    injections = []  # per edit, the injection numbers that wrote it
     if first is not None:
         for record in tqdm(examples, desc="sequential edits", unit="edit"):
+            before = model.num_injections
             model.inject(record["edit_text"], tokenizer=tokenizer, progress=False)
+            injections.append(list(range(before + 1, model.num_injections + 1)))
     inject_seconds = timer.seconds()
     for position in ([first] if first is not None else []) + list(todo):
         index, age = probed[position]
         row = {"case_id": examples[index]["case_id"], "age": age}
         for style, prompter in prompters.items():
-            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id)
+            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id, injections[index])
         log.add(keys[position], position, row)
     return {
         "records": log.records(keys),
@@ -210,6 +262,6 @@ def metrics_of(document: dict) -> dict:
             }
         fields["sequential"] = {
             **sequential,
-            **sequential_metrics(sequential["records"], styles, sequential["age_buckets"]),
+            **sequential_metrics(sequential["records"], styles, sequential.get("age_buckets", 10)),
         }
     return fields

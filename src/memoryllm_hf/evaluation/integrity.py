@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling import MemoryState
-from .metrics import exact_hit, first_line
+from .metrics import exact_hit, first_line, wilson_interval
 from .prompts import Prompter
 from .records import RecordLog
 from .runner import Timer, continuation_scores, generate, greedy_config
@@ -144,15 +144,7 @@ def run_integrity(
             window_seconds = 0.0
     return {
         "rows": rows,
-        "metrics": {
-            "injections": updates,
-            "updates": model.num_injections,
-            "probes": probes,
-            "final_accuracy": hits / probes if probes else None,
-            "max_nonfinite": max(row["nonfinite"] for row in rows) if rows else 0,
-            "norm_max": max(row["norm_max"] for row in rows) if rows else None,
-            "seconds_per_update": inject_seconds / max(model.num_injections, 1),
-        },
+        **metrics_of({"rows": rows}),
         "probe": {"mode": probe_mode, "every": probe_every, "style": style, "max_new_tokens": max_new_tokens}
         if stream is not None
         else None,
@@ -169,3 +161,28 @@ def _keep_row(model, log: RecordLog, row: dict, index: int, previous: int | None
     log.add(f"row:{row['injections']}", index, row)
     if path is not None and previous is not None:
         checkpoint_path(log, previous).unlink(missing_ok=True)
+
+
+def metrics_of(document: dict) -> dict:
+    """The metrics of an integrity results document, from its rows (the last row holds the running totals)."""
+    rows = document["rows"]
+    last = rows[-1] if rows else {}
+    probes = last.get("probes", 0)
+    hits = last["hits"] if "hits" in last else round(last.get("running_accuracy", 0.0) * probes)  # (older files)
+    old = document.get("metrics", {})
+    if "inject_seconds" in last:
+        seconds = last["inject_seconds"] / max(last["updates"], 1)
+    else:
+        seconds = old.get("seconds_per_update", 0.0)
+    return {
+        "metrics": {
+            "injections": last.get("injections", 0),
+            "updates": last.get("updates", 0),
+            "probes": probes,
+            "final_accuracy": hits / probes if probes else None,
+            "final_accuracy_ci": [round(v, 4) for v in wilson_interval(hits, probes)] if probes else None,
+            "max_nonfinite": max(row["nonfinite"] for row in rows) if rows else 0,
+            "norm_max": max(row["norm_max"] for row in rows) if rows else None,
+            "seconds_per_update": seconds,
+        }
+    }

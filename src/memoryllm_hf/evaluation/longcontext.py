@@ -9,7 +9,7 @@ exact hit. The in-context condition puts the passages in the prompt, cut from th
 from collections.abc import Sequence
 
 from .data import EvalData
-from .metrics import mean, score_answer
+from .metrics import rate_summary, score_answer
 from .prompts import Prompter
 from .records import RecordLog
 from .runner import Timer, decoding_info, example_seed, generate, greedy_config, with_drop_seed
@@ -94,9 +94,11 @@ def metrics_of(document: dict) -> dict:
     records, styles = document["records"], document["prompt_styles"]
     metrics = {
         style: {
-            condition: {
-                "n": len(records),
-                **{name: mean(r[condition][style][name] for r in records) for name in SCORES},
+            condition: {"n": len(records)}
+            | {
+                key: value
+                for name in SCORES
+                for key, value in rate_summary([r[condition][style][name] for r in records], name).items()
             }
             for condition in ("no_memory", "memory", "in_context")
         }

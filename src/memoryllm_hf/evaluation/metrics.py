@@ -5,10 +5,12 @@ whitespace. Every generation is first cut to its first non-empty line (the pinne
 post-processing: models keep talking after the answer, and the official scripts leave this unpinned).
 """
 
+import math
+import random
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
@@ -77,3 +79,75 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1 / v for v in values)
+
+
+# --- 95% intervals ------------------------------------------------------------------------------------------------
+# Rates (a share of yes/no outcomes) get Wilson's score interval; means of graded values (F1, per-record averages of
+# several probes) and statistics of many rates (the CounterFact Score) get a percentile bootstrap over the examples,
+# with a fixed seed so a results file is reproducible from its records.
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson's score interval for `successes` out of `n` (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(
+    rows: Sequence,
+    statistic: Callable[[Sequence], float | None] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(rows)` (default: the mean), resampling the rows with replacement
+    (None for no rows)."""
+    rows = list(rows)
+    if not rows:
+        return None
+    statistic = statistic or mean
+    generator = random.Random(seed)
+    values = sorted(
+        value
+        for value in (statistic([rows[generator.randrange(len(rows))] for _ in rows]) for _ in range(resamples))
+        if value is not None
+    )
+    if not values:
+        return None
+    tail = (1 - level) / 2
+    low = values[int(math.floor(tail * (len(values) - 1)))]
+    high = values[int(math.ceil((1 - tail) * (len(values) - 1)))]
+    return low, high
+
+
+def interval(values: Sequence[float], rate: bool | None = None) -> list[float] | None:
+    """The 95% interval of the mean of `values`: Wilson's for a rate, else a bootstrap. `rate=None`: a rate when every
+    value is 0 or 1 (per-record means of several probes are graded values, one probe per record a rate)."""
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    if rate is None:
+        rate = all(v in (0.0, 1.0) for v in values)
+    if rate:
+        found = wilson_interval(sum(values), len(values))
+    else:
+        found = bootstrap_interval(values)
+    return [round(found[0], 4), round(found[1], 4)]
+
+
+# Which answer scores are rates (0/1 per answer: Wilson) and which graded (F1: bootstrap).
+RATES = {"exact_hit": True, "exact_match": True, "f1": False, "passage_read": True}
+
+
+def rate_summary(values: Sequence[float], name: str) -> dict:
+    """{name: mean, name_ci: 95% interval} of `values` (the caller records n once for the group)."""
+    values = list(values)
+    return {name: mean(values), f"{name}_ci": interval(values, RATES.get(name))}

@@ -1,16 +1,15 @@
 """Loading the model under evaluation: `default` (SmolLM2, training-free memory), `tiny` (random, CI), a trained
 adapter folder (`OUT/adapter` of `memoryllm_hf.train`) or a saved MemoryLlama folder."""
 
-import dataclasses
 import json
 
-from ..loading import load
+from ..loading import config_fields, load
 
 # Memory settings the command line may override (None = keep the model's own).
 MEMORY_FLAGS = ("num_memory_tokens", "num_update_tokens", "memory_update", "fresh_pool")
 # How the model reads its memory, recorded where its config has these fields.
 READ_FIELDS = ("read_mode", "long_term_memory_tokens", "long_term_memory_dtype", "read_tokens", "retrieval_threshold",
-               "retrieval_margin", "retrieval_neighbors")
+               "retrieval_margin", "retrieval_neighbors", "read_placement")
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -26,13 +25,6 @@ def parse_overrides(pairs: list[str]) -> dict:
         except json.JSONDecodeError:
             overrides[key.strip()] = value
     return overrides
-
-
-def config_fields(config_class) -> set[str]:
-    """The fields a config class declares (a value set on a config that lacks the field would be ignored)."""
-    if dataclasses.is_dataclass(config_class):
-        return {field.name for field in dataclasses.fields(config_class)}
-    return {name for name in dir(config_class) if not name.startswith("_")}
 
 
 def check_overrides(config_class, overrides: dict, config=None) -> None:

@@ -35,9 +35,51 @@ def _save(figure, path: str | Path) -> Path:
     return path
 
 
+def plot_stream(result: dict, path: str | Path) -> Path:
+    """Stream protocol: exact-hit accuracy (95% intervals as bars) against the updates since the passage (bins), for
+    memory and same text, with the once-per-question baselines as bands, per prompt style."""
+    metrics = result["metrics"]
+    styles = result["prompt_styles"]
+    figure, axes = plt.subplots(1, len(styles), figsize=(6.5 * len(styles), 4.4), squeeze=False)
+    for axis, style in zip(axes[0], styles, strict=True):
+        found = metrics[style]
+        labels = list(found["memory_by_updates"])
+        for name, condition in (("memory_by_updates", "memory"), ("same_text_by_updates", "same_text")):
+            cells = [(i, found[name][label]) for i, label in enumerate(labels) if label in found[name]]
+            if not cells:
+                continue
+            x = [i for i, _ in cells]
+            y = [cell["exact_hit"] for _, cell in cells]
+            errors = [
+                [cell["exact_hit"] - cell["exact_hit_ci"][0] for _, cell in cells],
+                [cell["exact_hit_ci"][1] - cell["exact_hit"] for _, cell in cells],
+            ]
+            look = {k: v for k, v in CONDITION_STYLE[condition].items() if k != "linestyle"}
+            axis.errorbar(x, y, yerr=errors, capsize=3, **look)
+        for condition in ("passage_only", "no_memory"):
+            cell, look = found[condition], CONDITION_STYLE[condition]
+            if cell["n"]:
+                axis.axhline(cell["exact_hit"], color=look["color"], linestyle=look["linestyle"], label=look["label"])
+                axis.axhspan(*cell["exact_hit_ci"], color=look["color"], alpha=0.08)
+        counts = [found["memory_by_updates"][label]["n"] for label in labels]
+        axis.set_xticks(
+            range(len(labels)), [f"{label}\nn={n}" for label, n in zip(labels, counts, strict=True)], fontsize=7
+        )
+        _label_axis(
+            axis,
+            "memory updates since the passage (asks per bin)",
+            "exact-hit accuracy (95% interval)",
+            f"{result['data']['dataset']} stream, {style} prompts ({metrics['questions']} questions)",
+            rate=True,
+        )
+    return _save(figure, path)
+
+
 def plot_retention(result: dict, path: str | Path) -> Path:
     """Exact-hit accuracy against the number of unrelated contexts k (and the memory updates made after the
     passage, under each k), per prompt style, with both in-context baselines and the (1-K/N)^u bound."""
+    if result["protocol"].get("name") == "stream":
+        return plot_stream(result, path)
     metrics, grid = result["metrics"], result["protocol"]["grid"]
     styles = [s for s in metrics if s not in ("retention_bound", "updates_after_related")]
     figure, axes = plt.subplots(1, len(styles), figsize=(6 * len(styles), 4.2), squeeze=False)

@@ -2,21 +2,31 @@
 
 `OUTPUT.records.jsonl` holds one JSON object per line: first a header (task, configuration, data hashes, model),
 then one line per finished record (`{"key", "index", "record"}`), each flushed and fsynced before the run moves on.
-A run that is killed loses at most the record in progress (a half-written last line is cut off on resume);
+Every line carries a checksum (`sha256`: the first 16 hex digits of the SHA-256 of the line's canonical JSON without
+it). A run that is killed loses at most the record in progress (a half-written last line is cut off on resume);
+a damaged record line anywhere else (zeroed or cut bytes, invalid UTF-8, valid JSON that is no record, a `null`
+record, an edited value that no longer matches its checksum) is named by file and line in a warning and skipped: its
+item has no record and is computed again (the line stays in the file for inspection; a later valid line of the same
+item is the one used). A damaged header is refused. A lock file (`OUTPUT.records.jsonl.lock`, `filelock`) is held
+while a run writes its log, so a second run or resume of the same log is refused instead of computing items twice.
 `--resume` reads the log, refuses it when the run's configuration differs (saying what differs) and continues with
 the records still missing. `--shard i/n` runs the items i, i + n, i + 2n, ... of the task (round robin, so shards
 get similar mixes); `python -m memoryllm_hf.evaluation.report --merge OUT SHARD.json ...` interleaves the shards'
 records back into example order and recomputes the metrics (`merge_shards`).
 """
 
+import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 LOG_SUFFIX = ".records.jsonl"
+CHECKSUM = "sha256"
 # Configuration entries that may change between sittings of one run (they do not change any record).
 VOLATILE = ("resume", "threads", "output")
 
@@ -43,6 +53,13 @@ def _json(value):
     return json.loads(json.dumps(value, default=float))
 
 
+def checksum(entry: dict) -> str:
+    """The checksum of a log line's entry (everything but the checksum itself)."""
+    fields = {key: value for key, value in entry.items() if key != CHECKSUM}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=float, allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def _differences(old, new, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
@@ -59,7 +76,8 @@ def run_header(task: str, config: dict, data: dict, model: dict) -> dict:
 
 
 class RecordLog:
-    """Finished records of one run (or shard), on disk at `path` (None: in memory only, for library calls)."""
+    """Finished records of one run (or shard), on disk at `path` (None: in memory only, for library calls). The log
+    is locked while this object is open (`close()`, or use it as a context manager)."""
 
     def __init__(
         self, path: str | os.PathLike | None = None, header: dict | None = None, resume: bool = False, shard=(0, 1)
@@ -68,43 +86,102 @@ class RecordLog:
         self.shard = tuple(shard)
         self.header = _json(header or {})
         self._records: dict[str, tuple[int, dict]] = {}
+        self.damaged: list[str] = []  # "FILE:LINE: why" of each record line skipped on reading
+        self._lock = None
         if self.path is None:
             return
-        if self.path.exists() and self.path.stat().st_size:
-            if not resume:
-                raise FileExistsError(
-                    f"{self.path} holds records of an earlier run; pass --resume to continue it, "
-                    "or delete it (or choose another --output) to start over"
-                )
-            self._read()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"header": self.header})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(f"{self.path}.lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise RuntimeError(
+                f"{self.path} is being written by another run (its lock {self.path}.lock is held): wait for that run "
+                "to end or stop it before resuming; two runs on one log would compute the same items twice"
+            ) from None
+        try:
+            if self.path.exists() and self.path.stat().st_size:
+                if not resume:
+                    raise FileExistsError(
+                        f"{self.path} holds records of an earlier run; pass --resume to continue it, "
+                        "or delete it (or choose another --output) to start over"
+                    )
+                self._read()
+            else:
+                self._append({"header": self.header})
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the log's lock (records already added stay on disk)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RecordLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _entry(self, line: bytes) -> tuple[dict | None, str | None]:
+        """(entry, None) for a sound line, (None, why) for a damaged one."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return None, f"invalid UTF-8 at byte {err.start}"
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as err:
+            return None, f"not JSON ({err.msg}; a zeroed or cut line?)"
+        if not isinstance(entry, dict) or CHECKSUM not in entry:
+            return None, "no checksum (not a line this log writes)"
+        if entry[CHECKSUM] != checksum(entry):
+            return None, "checksum mismatch (the line was changed after it was written)"
+        return entry, None
 
     def _read(self) -> None:
         raw = self.path.read_bytes()
         complete = raw[: raw.rfind(b"\n") + 1]  # a line cut by a kill has no newline yet: drop it
-        lines = complete.decode("utf-8").splitlines()
-        if not lines or "header" not in json.loads(lines[0]):
-            raise ValueError(f"{self.path} is not a record log (no header line); delete it to start over")
-        recorded = json.loads(lines[0])["header"]
-        differences = _differences(recorded, self.header)
+        lines = complete.split(b"\n")[:-1]
+        header, why = self._entry(lines[0]) if lines else (None, "empty")
+        if header is None or not isinstance(header.get("header"), dict):
+            raise ValueError(
+                f"{self.path}:1: not the header of a record log ({why or 'no header'}); "
+                "delete the log (or choose another --output) to start over"
+            )
+        differences = _differences(header["header"], self.header)
         if differences:
             raise ValueError(
                 f"cannot resume {self.path}: the run's configuration differs from the one it was started with ("
                 + "; ".join(differences)
                 + "). Rerun with the recorded options, or choose another --output to start a new run"
             )
-        for line in lines[1:]:
-            entry = json.loads(line)
-            self._records[entry["key"]] = (entry["index"], entry["record"])
+        for number, line in enumerate(lines[1:], start=2):
+            entry, why = self._entry(line)
+            if entry is not None and not (
+                isinstance(entry.get("key"), str)
+                and isinstance(entry.get("index"), int)
+                and isinstance(entry.get("record"), dict)
+            ):
+                entry, why = None, "not a record (needs a string key, an integer index and a record object)"
+            if entry is None:
+                self.damaged.append(f"{self.path}:{number}: {why}")
+                warnings.warn(f"{self.path}:{number}: {why}; skipped, its item will be computed again", stacklevel=3)
+            elif entry["key"] not in self._records:
+                self._records[entry["key"]] = (entry["index"], entry["record"])
         if len(complete) != len(raw):
+            warnings.warn(
+                f"{self.path}:{len(lines) + 1}: cut off by a stopped run (no line end); removed", stacklevel=3
+            )
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(complete))
 
     def _append(self, entry: dict) -> None:
         if self.path is None:
             return
+        entry = {**entry, CHECKSUM: checksum(entry)}
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, default=float) + "\n")
             handle.flush()
@@ -114,6 +191,12 @@ class RecordLog:
         """Indices of `count` items that belong to this shard."""
         index, shards = self.shard
         return list(range(index, count, shards))
+
+    def todo(self, keys: Sequence[str]) -> list[int]:
+        """Indices (into `keys`) of this shard's items without a record yet."""
+        if len(set(keys)) != len(keys):
+            raise ValueError("item keys must be unique (duplicate example ids in the data?)")
+        return [i for i in self.mine(len(keys)) if keys[i] not in self._records]
 
     def pending(self, keys: Sequence[str], desc: str, unit: str) -> Iterator[int]:
         """Indices (into `keys`) of this shard's items without a record yet, with a progress bar over the shard."""

@@ -96,7 +96,7 @@ class QuestionChain:
                 compute_slots(self.model, self.pool, write, call)
                 self.counts["computed"] += 1
             else:
-                self.pool.commit(slots, call)
+                self.pool.commit(slots, call, token_ids=write.ids)
                 self.counts["shared"] += 1
             self.history.append(write.key)
 
@@ -110,5 +110,5 @@ def compute_slots(model, pool: LazyPool, write: Write, call: int | None = None) 
     """New slots of `write` with the model's memory set to `pool`'s state; commits them to `pool`."""
     model.set_memory_state(pool.materialize(), validate=False)
     slots = model.new_memory_slots(write.ids.to(model.device))
-    pool.commit(slots, call)
+    pool.commit(slots, call, token_ids=write.ids)
     return slots

@@ -24,7 +24,7 @@ from transformers import GenerationConfig
 
 from ..modeling import MemoryState
 from .data import SOURCE_FIELD, EvalData
-from .metrics import mean, score_answer
+from .metrics import mean, rate_summary, score_answer
 from .prompts import Prompter
 from .records import RecordLog
 from .replay import QuestionChain, ReferenceChain, Write, chunk_writes
@@ -138,6 +138,7 @@ def run_retention(
         "metrics": aggregate(records, grid, styles, cfg.num_memory_tokens, slots_per_update),
         "records": records,
         "protocol": {
+            "name": "per-question",
             "grid": grid,
             "context_tokens": context_tokens,
             "prefill_contexts": prefill,
@@ -192,8 +193,8 @@ def _run_question(
         style: p.question(example["question"], example["context"], reserve=reserve)
         for style, p in setup.prompters.items()
     }
-    record["no_memory"] = _ask(model, tokenizer, questions, False, setup.decoding, example["answers"])
-    record["passage_only"] = _ask(model, tokenizer, passage, False, setup.decoding, example["answers"])
+    record["no_memory"] = ask(model, tokenizer, questions, False, setup.decoding, example["answers"])
+    record["passage_only"] = ask(model, tokenizer, passage, False, setup.decoding, example["answers"])
     for context in prefill:
         chain.write(setup.writes_of(context))
     updates_before = chain.pool.injections
@@ -211,7 +212,7 @@ def _run_question(
             continue
         chain.load()
         record["updates_after_related"][str(k)] = chain.pool.injections - updates_before
-        record["memory"][str(k)] = _ask(model, tokenizer, questions, True, setup.decoding, example["answers"])
+        record["memory"][str(k)] = ask(model, tokenizer, questions, True, setup.decoding, example["answers"])
         record["same_text"][str(k)] = {style: None for style in setup.prompters}
         if setup.in_context_max_k is None or k <= setup.in_context_max_k:
             text = "\n\n".join([lead, *(c.text for c in unrelated[:k])])
@@ -220,36 +221,49 @@ def _run_question(
                 # Once the passage is cut away completely the prompt no longer holds it: not run (None).
                 if prompt.truncated_tokens < passage_end:
                     generation = same_text[style].answer(prompt.ids)
-                    record["same_text"][str(k)][style] = _scores(prompt, generation, example["answers"])
+                    record["same_text"][str(k)][style] = scores_of(prompt, generation, example["answers"])
     record["chunks"] = chain.counts
     record["same_text_reused_tokens"] = sum(prompts.reused for prompts in same_text.values())
     return record
 
 
-def _ask(model, tokenizer, prompts: dict, use_memory: bool, decoding, answers) -> dict:
-    """Scores per style of the greedy answers to `prompts` ({style: Prompt}, generated as one batch). Reading the
-    memory of a model that reports what it retrieved (`model.last_retrieval`, one list of injection ids per batch
-    row), the retrieved ids are kept per style (`retrieved`: recall@k against the record's `passage_injections`)."""
-    if not prompts:
-        return {}
-    generations = generate(model, tokenizer, [prompt.ids for prompt in prompts.values()], use_memory, decoding)
-    scores = {
-        style: _scores(prompt, text, answers)
-        for (style, prompt), text in zip(prompts.items(), generations, strict=True)
-    }
+def ask(model, tokenizer, prompts: dict, use_memory: bool, decoding, answers) -> dict:
+    """Scores per style of the greedy answers to `prompts` ({style: Prompt}, generated as one batch)."""
+    return ask_batch(model, tokenizer, [(prompts, answers)], use_memory, decoding)[0] if prompts else {}
+
+
+def ask_batch(model, tokenizer, rows: Sequence[tuple[dict, Sequence[str]]], use_memory: bool, decoding) -> list[dict]:
+    """For each (prompts {style: Prompt}, answers) of `rows`, the scores per style of the greedy answers; all prompts
+    are generated as one batch (the memory, when read, is one prefix shared by every row). Reading the memory of a
+    model that reports what it retrieved (`model.last_retrieval`, one list of injection ids per batch row), the
+    retrieved ids are kept per style (`retrieved`: recall@k against the record's `passage_injections`)."""
+    flat = [(index, style, prompt) for index, (prompts, _) in enumerate(rows) for style, prompt in prompts.items()]
+    if not flat:
+        return [{} for _ in rows]
+    generations = generate(model, tokenizer, [prompt.ids for _, _, prompt in flat], use_memory, decoding)
     retrieval = getattr(model, "last_retrieval", None) if use_memory else None
-    if retrieval is not None:
-        for row, style in enumerate(prompts):
+    found = [{} for _ in rows]
+    for row, ((index, style, prompt), text) in enumerate(zip(flat, generations, strict=True)):
+        found[index][style] = scores_of(prompt, text, rows[index][1])
+        if retrieval is not None:
             ids = retrieval[row] if row < len(retrieval) else None
-            scores[style]["retrieved"] = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-    return scores
+            found[index][style]["retrieved"] = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return found
 
 
-def _scores(prompt, generation: str, answers) -> dict:
+def scores_of(prompt, generation: str, answers) -> dict:
     scores = score_answer(generation, answers)
     if prompt.truncated_tokens:
         scores["truncated_tokens"] = prompt.truncated_tokens
     return scores
+
+
+def score_summary(scores: Sequence[dict]) -> dict:
+    """n, exact hit, F1 and EM of answers, each with its 95% interval (Wilson for the rates, bootstrap for F1)."""
+    summary = {"n": len(scores)}
+    for name in ("exact_hit", "f1", "exact_match"):
+        summary.update(rate_summary([s[name] for s in scores], name))
+    return summary
 
 
 def aggregate(
@@ -270,10 +284,7 @@ def aggregate(
                 },
             }
             for condition, scores in rows.items():
-                curves[condition][k] = {
-                    "n": len(scores),
-                    **{name: mean(s[name] for s in scores) for name in ("exact_hit", "f1", "exact_match")},
-                }
+                curves[condition][k] = score_summary(scores)
         baseline = curves["no_memory"][str(grid[0])]["exact_hit"]
         meets = [k for k in grid if curves["memory"][str(k)]["exact_hit"] <= baseline]
         metrics[style] = {
@@ -287,7 +298,8 @@ def aggregate(
 
 
 def metrics_of(document: dict) -> dict:
-    """The metrics of a results document recomputed from its records (merging shards)."""
+    """The metrics of a per-question results document recomputed from its records (merging shards; a stream run's
+    are `stream.metrics_of`)."""
     protocol, memory = document["protocol"], document["model"]["memory"]
     records = document["records"]
     return {

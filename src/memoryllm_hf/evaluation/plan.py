@@ -1,0 +1,108 @@
+"""The full evaluation plan as one script: every run of the README's tables at its full dev size, each read mode.
+
+    python -m memoryllm_hf.evaluation.plan --list
+    python -m memoryllm_hf.evaluation.plan --device cuda --dtype bfloat16            # all runs, one after another
+    python -m memoryllm_hf.evaluation.plan --device cuda --dtype bfloat16 --only retention-nq-pool editing-zsre-pool
+    python -m memoryllm_hf.evaluation.plan --dry-run                                  # print the commands
+
+Each run writes `OUT_DIR/NAME.json` (+ `.records.jsonl`, PNG) with `memoryllm-hf eval`; a run whose log exists is
+continued with `--resume` (so the script can be started again after any stop), a run whose results file exists is
+skipped. `--cap N` caps every size (examples, stream contexts, integrity updates) for a smoke run (the tests run
+the whole plan this way on the tiny model and the CPU). Then `python -m memoryllm_hf.evaluation.report --readme
+README.md` regenerates the README's tables from the results files.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+READ_MODES = ("pool", "retrieve")
+
+# name -> arguments of `memoryllm-hf eval` (the read mode, device, dtype, output are added per run)
+RUNS = {
+    "retention-squad": ["retention", "--dataset", "squad", "--limit", "400", "--protocol", "stream",
+                        "--checkpoint-every", "8", "--prompt-style", "chat"],
+    "retention-nq": ["retention", "--dataset", "nq", "--limit", "400", "--protocol", "stream",
+                     "--checkpoint-every", "8", "--prompt-style", "chat"],
+    "editing-counterfact": ["editing", "--dataset", "counterfact", "--limit", "2000", "--sequential",
+                            "--prompt-style", "chat"],
+    "editing-zsre": ["editing", "--dataset", "zsre", "--limit", "700", "--sequential", "--prompt-style", "chat"],
+    "longcontext-hotpotqa": ["longcontext", "--dataset", "hotpotqa", "--limit", "300", "--prompt-style", "chat"],
+    "integrity-smollm2": ["integrity", "--dataset", "both", "--updates", "10000", "--probe-every", "50",
+                          "--record-every", "100", "--prompt-style", "chat"],
+}  # fmt: skip
+# Runs whose results do not depend on how the memory is read (no reads of a real model): once, not per read mode.
+ONCE = {"integrity-tiny-1m": ["integrity", "--tiny", "--updates", "1000000", "--record-every", "1000"]}
+CAPPED = ("--limit", "--updates", "--stream-contexts")
+
+
+def plan(read_modes=READ_MODES) -> dict[str, list[str]]:
+    """Every run of the plan: name -> `memoryllm-hf eval` arguments."""
+    runs = {f"{name}-{mode}": [*args, "--read-mode", mode] for name, args in RUNS.items() for mode in read_modes}
+    return {**runs, **ONCE}
+
+
+def capped(args: list[str], cap: int) -> list[str]:
+    """`args` with every size at most `cap` (a stream limited to `cap` contexts beyond the prefill)."""
+    args = list(args)
+    for flag in CAPPED:
+        if flag in args:
+            index = args.index(flag) + 1
+            args[index] = str(min(int(args[index]), cap))
+    if args[0] == "retention" and "--stream-contexts" not in args:
+        args += ["--stream-contexts", str(cap + 8), "--checkpoint-every", "2"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these (see --list)")
+    parser.add_argument("--list", action="store_true", help="print the runs' names and arguments")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--out-dir", default="docs/results", help="where the results files go")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--model", default="default", help="the model under evaluation (default: SmolLM2)")
+    parser.add_argument("--data", help="folder of the evaluation data")
+    parser.add_argument("--read-modes", nargs="+", default=list(READ_MODES), help="read modes to run")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
+    parser.add_argument("--cap", type=int, help="cap every size at N (smoke runs)")
+    args = parser.parse_args(argv)
+    runs = plan(args.read_modes)
+    unknown = sorted(set(args.only or []) - set(runs))
+    if unknown:
+        parser.error(f"unknown runs {unknown}; --list shows them")
+    from .cli import main as evaluate
+
+    for name, run in runs.items():
+        if args.only and name not in args.only:
+            continue
+        if args.list:
+            print(f"{name}: memoryllm-hf eval {' '.join(run)}")
+            continue
+        output = Path(args.out_dir) / f"{name}.json"
+        if output.exists():
+            print(f"{name}: {output} exists, skipped")
+            continue
+        command = capped(run, args.cap) if args.cap else list(run)
+        command += ["--model", "tiny" if "--tiny" in run else args.model, "--dtype", args.dtype]
+        command += ["--threads", str(args.threads), "--output", str(output)]
+        command += ["--device", args.device] if args.device else []
+        command += ["--data", args.data] if args.data else []
+        if "--tiny" not in run:
+            command += [part for pair in args.set or [] for part in ("--set", pair)]
+        if output.with_name(output.stem + ".records.jsonl").exists():
+            command.append("--resume")
+        print(f"{name}: memoryllm-hf eval {' '.join(command)}", flush=True)
+        if args.dry_run:
+            continue
+        started = time.perf_counter()
+        evaluate(["eval", *command])
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

