@@ -394,12 +394,20 @@ def stage_segments(staging: str, old: str | None, target: str, state) -> None:
             fresh.clear()
 
     for source, run in segment_runs(store):
-        if source is not None and os.path.dirname(os.path.realpath(source)) == old_directory:
+        same_folder = source is not None and os.path.dirname(os.path.realpath(source)) == old_directory
+        if same_folder and segment_fingerprint(source) == state.fingerprint:
             flush()
             link_tree(source, os.path.join(directory, os.path.basename(source)))
         else:
             fresh.extend(run)
     flush()
+
+
+def segment_fingerprint(path: str) -> str | None:
+    """The model fingerprint a segment file records (a spilled block's records none: it is rewritten, with the
+    model's, when saved or pushed, since a store that names no model is refused at load)."""
+    with safe_open(path, "pt") as handle:
+        return (handle.metadata() or {}).get("fingerprint")
 
 
 class SpillDirectory:
@@ -782,10 +790,10 @@ POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=True, hub_key="
 STORE_PART = MemoryPart("long-term store", LONG_TERM_FILE, _store_file, in_index=False, hub_key="long_term_sha256")
 # The journal (a folder of records, see `memory_journal`): a full save writes none (the pool and store files hold
 # everything), so it is dropped from the folder; records are appended by `append_journal_record`.
-JOURNAL_PART = MemoryPart("journal", JOURNAL_DIR, lambda state: None, in_index=False, hub_key=None)
+JOURNAL_PART = MemoryPart("journal", JOURNAL_DIR, lambda state, head: None, in_index=False, hub_key=None)
 # A disk-backed store (`long_term_memory_storage="disk"`): a folder of segment files, staged by `stage_segments`.
 SEGMENTS_PART = MemoryPart(
-    "long-term segments", SEGMENTS_DIR, lambda state: None, in_index=False, hub_key="segments", stage=stage_segments
+    "long-term segments", SEGMENTS_DIR, lambda state, head: None, in_index=False, hub_key="segments", stage=stage_segments
 )
 MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART, SEGMENTS_PART)
 # Every memory file a folder can hold.
@@ -1059,12 +1067,16 @@ def hub_segments(directory: str, store: LongTermStore, fingerprint: str | None) 
             loose.clear()
 
     for source, run in segment_runs(store):
-        if source is not None:
+        if source is not None and segment_fingerprint(source) == fingerprint:
             flush()
             target = os.path.join(directory, os.path.basename(source))
             if not os.path.exists(target):
                 link_tree(source, target)
             files.append(target)
+        elif source is not None:  # a spilled segment (no fingerprint): rewritten with the model's, same bounds
+            flush()
+            loose.extend(run)
+            flush()
         else:
             loose.extend(run)
     flush()

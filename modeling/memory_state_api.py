@@ -28,6 +28,7 @@ from .memory_journal import PendingUpdates, journal_has_room, replay_folder_jour
 from .memory_pool import is_sole_reference
 from .memory_state import MemoryState
 from .memory_store import LongTermStoreError, check_token_vocab
+from .memory_transition import next_state
 from .mplus_memory import MPlusMemory
 
 
@@ -291,6 +292,15 @@ class MemoryStateMixin:
         expected = self.memory_origin.expected_hash(folder, overwrite)
         save_model_folder(folder, lambda staging: save_weights(staging, state_dict), state, expected_hash=expected)
         self.memory_origin.record(folder, state.content_hash())
+
+    def state_after(
+        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
+        token_ids: torch.Tensor | None = None,
+    ) -> MemoryState:
+        """The state after committing new slots [L, k, d] written from `token_ids` (next_state; M+: mplus_model)."""
+        if self.is_mplus:
+            return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
+        return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     def record_injections(self, entries: list[JournalEntry]) -> None:
         """After `inject` / `commit_memory_slots` (memory lock held): `entries` led to the current pool; the next

@@ -35,7 +35,7 @@ from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
 from .memory_text import CallNumbers, injection_chunks
-from .memory_transition import check_finite_slots, next_state
+from .memory_transition import check_finite_slots
 from .memory_writer import new_memory_slots, write_layout
 from .mplus_model import MPlusMixin
 from .mplus_read import MPlusRetriever
@@ -250,7 +250,7 @@ class MemoryLlamaForCausalLM(
                         new = check_finite_slots(self.new_memory_slots(chunk))
                         drawn = None if generator is None else generator.get_state()
                         entries.append(JournalEntry(self.num_injections + 1, call, new, drawn, chunk))
-                        state = self._state_after(new, generator, self.spare_pool.take(self.memory), call, chunk)
+                        state = self.state_after(new, generator, self.spare_pool.take(self.memory), call, chunk)
                         replaced = self.memory
                         self.swap_memory_state(state)
                         del state
@@ -272,7 +272,7 @@ class MemoryLlamaForCausalLM(
         with self.memory_lock:
             before, new = self.live_memory_state(), check_finite_slots(slots.detach())
             drawn = None if generator is None else generator.get_state()  # (the journal replays the same draw)
-            self.swap_memory_state(self._state_after(new, generator, token_ids=input_ids))
+            self.swap_memory_state(self.state_after(new, generator, token_ids=input_ids))
             self.undo_history.record(before, self.memory, self.undo_depth, self.spare_pool, self.recycle_pools)
             self.record_injections([JournalEntry(self.num_injections, self.num_injections, new, drawn, input_ids)])
 
@@ -283,15 +283,6 @@ class MemoryLlamaForCausalLM(
     def new_memory_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """New memory [L, k, d] written by one context [1, n] (no commit; differentiable for training)."""
         return new_memory_slots(self, input_ids)
-
-    def _state_after(
-        self, new: torch.Tensor, generator: torch.Generator | None, out: torch.Tensor | None = None, call=None,
-        token_ids: torch.Tensor | None = None,
-    ) -> MemoryState:
-        """The state after committing new slots [L, k, d] written from `token_ids` (next_state; M+: mplus_model)."""
-        if self.is_mplus:
-            return self.mplus_state_after(self.live_memory_state(), new, generator, out, call)
-        return next_state(self.live_memory_state(), new, self.config, generator, out, call, token_ids=token_ids)
 
     # ------------------------------------------------------------------ persistence and construction
     def _apply(self, fn, *args, **kwargs):
