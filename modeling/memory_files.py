@@ -354,6 +354,11 @@ def read_segments(folder: str | os.PathLike, fingerprint: str | None) -> LongTer
     return tuple(store)
 
 
+def segment_store(store) -> bool:
+    """Whether `store` is a disk-backed store (some blocks memory-mapped from segment files; not an M+ memory)."""
+    return bool(store) and not isinstance(store, MPlusMemory) and any(block.source for block in store)
+
+
 def segment_runs(store: LongTermStore) -> list[tuple[str | None, list]]:
     """The blocks of `store` in runs: (the segment file a run is mapped from when the run is that whole file, else
     None; the run's blocks). Runs that are not whole files are written anew by a save."""
@@ -378,7 +383,7 @@ def stage_segments(staging: str, old: str | None, target: str, state) -> None:
     carried over (a hard link); every other run of blocks (held in RAM, in a temporary directory, or the surviving
     part of a segment whose oldest blocks left the store) is written as one new segment."""
     store = state.long_term
-    if not store or not any(block.source for block in store):
+    if not segment_store(store):
         return
     directory = os.path.join(staging, SEGMENTS_DIR)
     os.makedirs(directory, exist_ok=True)
@@ -443,7 +448,10 @@ class SpillDirectory:
 
 def place_store(store: LongTermStore, storage: str, spill: SpillDirectory) -> LongTermStore:
     """`store` as `long_term_memory_storage` keeps it: "disk": blocks held in RAM move to segment files in `spill`
-    (their slots become memory maps); "memory": memory-mapped blocks come into RAM."""
+    (their slots become memory maps); "memory": memory-mapped blocks come into RAM. (An M+ long-term memory is kept
+    as it is.)"""
+    if isinstance(store, MPlusMemory):
+        return store
     if storage == "disk":
         spill.spill(store)
         return store
@@ -1052,7 +1060,7 @@ def hub_segments(directory: str, store: LongTermStore, fingerprint: str | None) 
     from, new files for blocks held elsewhere; the blocks are not changed) and return `{name: {"sha256": the
     file's, "content_hash": its tensors'}}` (a memory-only push compares content hashes to skip segments the
     revision already holds)."""
-    if not store or not any(block.source for block in store):
+    if not segment_store(store):
         return {}
     os.makedirs(directory, exist_ok=True)
     loose: list = []

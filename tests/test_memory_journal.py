@@ -36,10 +36,16 @@ def journal_bounds(monkeypatch):
     monkeypatch.setattr(memory_journal, "MAX_JOURNAL_POOL_FRACTION", 1e6)
 
 
+def same_ids(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    return (x is None) == (y is None) and (x is None or (x.dtype == y.dtype and torch.equal(x, y)))
+
+
 def same_memory(a: MemoryState, b: MemoryState) -> bool:
-    """Pool, counters, generator and written_at bit for bit, and the same long-term blocks."""
+    """Pool, counters, generator and written_at bit for bit, and the same long-term blocks (slots, numbers and the
+    token ids they were written from)."""
     blocks = len(a.long_term) == len(b.long_term) and all(
         x.injection == y.injection and x.call == y.call and torch.equal(x.slots, y.slots)
+        and same_ids(x.token_ids, y.token_ids)
         for x, y in zip(a.long_term, b.long_term, strict=False)
     )
     return a.content_hash() == b.content_hash() and blocks
@@ -66,6 +72,8 @@ def test_a_save_after_injections_appends_one_record_that_replays_bit_exactly(sav
     model.save_memory(folder)
     assert records(folder) == [f"{1:010d}-{model.num_injections:010d}.safetensors"]
     assert (folder / MEMORY_FILE).stat().st_ino == pool_file.st_ino  # the pool file was not rewritten
+    # the store keeps the token ids of every block (lexical retrieval reads them): the record carries them
+    assert all(block.token_ids is not None for block in model.memory_state().long_term)
     record = next((folder / JOURNAL_DIR).iterdir()).stat().st_size
     new_slots = sum(block.num_slots for block in model.memory_state().long_term) or 5 * 6  # (4 + 1 updates of K)
     slot_bytes = new_slots * model.config.num_hidden_layers * model.config.hidden_size * 4

@@ -187,6 +187,24 @@ def test_save_and_load_keep_the_long_term_memory(model, tmp_path):
     assert again.long_term_memory.content_hash() == model.long_term_memory.content_hash()
 
 
+def test_save_memory_of_an_m_plus_model_is_a_full_save_never_a_journal_record(model, tmp_path):
+    """The journal records pool updates only; an M+ write also changes its long-term memory (merges, pending
+    slots), so every `save_memory` of an M+ model rewrites the memory files (and the folder holds no journal)."""
+    from memoryllm_hf.modeling.memory_files import JOURNAL_DIR, LONG_TERM_FILE
+
+    model.save_pretrained(tmp_path / "saved")
+    again = load(tmp_path / "saved")
+    store_file = (tmp_path / "saved" / LONG_TERM_FILE).stat()
+    again.inject(torch.randint(3, 256, (5,), generator=torch.Generator().manual_seed(9)),
+                 generator=torch.Generator().manual_seed(9))
+    again.save_memory(tmp_path / "saved")
+    assert not (tmp_path / "saved" / JOURNAL_DIR).exists()
+    assert (tmp_path / "saved" / LONG_TERM_FILE).stat().st_ino != store_file.st_ino  # rewritten
+    reloaded = load(tmp_path / "saved")
+    assert reloaded.long_term_memory.content_hash() == again.long_term_memory.content_hash()
+    assert reloaded.memory_state().content_hash() == again.memory_state().content_hash()
+
+
 def test_a_missing_or_damaged_long_term_memory_is_refused(model, tmp_path):
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
