@@ -297,8 +297,10 @@ def load_store(
         )
     store = store_from_tensors(tensors, source=path if mapped else None)
     check_store_file_metadata(path, metadata, store)
-    # (the file's tensors are the store's `store_to_tensors`: hashing them needs no copy of mapped slots)
-    digest = tensors_digest({name: tensors[name] for name in (*STORE_TENSORS, *TOKEN_TENSORS) if name in tensors})
+    if mapped:  # the file's tensors are the store's `store_to_tensors`: hashing them copies no mapped slots
+        digest = tensors_digest({name: tensors[name] for name in (*STORE_TENSORS, *TOKEN_TENSORS) if name in tensors})
+    else:
+        digest = store_content_hash(store)
     if metadata.get("content_hash") != digest:
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
     return store

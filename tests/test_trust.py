@@ -215,10 +215,20 @@ def test_inject_never_saves_over_a_missing_store(store_folder, capsys):
     assert MemoryState.load(store_folder / POOL_FILE).num_injections == injections
 
 
+def inject_and_compact(capsys, folder, text: str) -> None:
+    """Inject through the CLI (a journal record: the pool and store files stay as they were), then compact the
+    folder, so that its pool and store files are rewritten and hold the new memory."""
+    assert run_cli(capsys, "inject", folder, "--text", text)[0] == 0
+    assert (folder / "memory_journal").is_dir()
+    model = MemoryLlamaForCausalLM.from_pretrained(folder)
+    model.save_memory(folder, compact=True)
+    assert not (folder / "memory_journal").exists()
+
+
 def test_an_older_store_beside_a_newer_pool_is_refused(store_folder, tmp_path, capsys):
     older = tmp_path / "older"
     shutil.copytree(store_folder, older)
-    assert run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])[0] == 0
+    inject_and_compact(capsys, store_folder, SENTENCES[3])
     shutil.copy(older / STORE_FILE, store_folder / STORE_FILE)
     with pytest.raises(ValueError, match=STORE_FILE):
         MemoryLlamaForCausalLM.from_pretrained(store_folder)
@@ -229,7 +239,7 @@ def test_an_older_store_beside_a_newer_pool_is_refused(store_folder, tmp_path, c
 def test_a_newer_store_beside_an_older_pool_is_refused(store_folder, tmp_path, capsys):
     older = tmp_path / "older"
     shutil.copytree(store_folder, older)
-    assert run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])[0] == 0
+    inject_and_compact(capsys, store_folder, SENTENCES[3])
     shutil.copy(store_folder / STORE_FILE, older / STORE_FILE)
     with pytest.raises(ValueError, match=STORE_FILE):
         MemoryLlamaForCausalLM.from_pretrained(older)
@@ -281,7 +291,7 @@ def test_a_folder_saved_before_the_store_head_loads_as_it_did(store_folder):
 def test_a_store_saved_beside_another_pool_is_refused_even_without_the_pools_record(store_folder, tmp_path, capsys):
     older = tmp_path / "older"
     shutil.copytree(store_folder, older)
-    assert run_cli(capsys, "inject", store_folder, "--text", SENTENCES[3])[0] == 0
+    inject_and_compact(capsys, store_folder, SENTENCES[3])
     shutil.copy(older / STORE_FILE, store_folder / STORE_FILE)
     forge_pool_head(store_folder, head={})
     with pytest.raises(ValueError, match="pool of .* injections"):
