@@ -5,6 +5,7 @@ memory stays bounded on a store larger than a RAM budget."""
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, constants
 
+from memoryllm_hf import cli
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM, MemoryState, MemoryStateError, read_folder_memory
 from memoryllm_hf.modeling.memory_files import JOURNAL_DIR, LONG_TERM_FILE, SEGMENTS_DIR
@@ -281,3 +283,68 @@ def test_hub_carries_segments_and_a_memory_only_push_uploads_only_new_ones(hub, 
                         repo_id=repo)
     with pytest.raises(MemoryStateError, match="does not match"):
         loaded.load_memory_from_hub(repo)
+
+
+# ------------------------------------------------------------------ one memory: the pool file records the segments' head
+def _two_saves(tmp_path: Path, seed: int = 1) -> tuple[Path, Path]:
+    """A folder saved after 3 injections (copied to `older`) and again, compacted, after a 4th (`newer`)."""
+    model = tiny_model(**DISK)
+    for ids in texts(3, seed=seed):
+        model.inject(ids)
+    model.save_pretrained(tmp_path / "newer")
+    shutil.copytree(tmp_path / "newer", tmp_path / "older")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "newer")
+    loaded.inject(texts(1, seed=5)[0])
+    loaded.save_memory(tmp_path / "newer", compact=True)
+    assert segments(tmp_path / "newer") == [f"{1:010d}-{3:010d}.safetensors", f"{4:010d}-{4:010d}.safetensors"]
+    return tmp_path / "older", tmp_path / "newer"
+
+
+def _refused_on_every_load_path(folder: Path, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MemoryLlamaForCausalLM.from_pretrained(folder)
+    with pytest.raises(MemoryStateError, match=match):
+        read_folder_memory(folder, MemoryState)
+    code = cli.main(["stats", str(folder)])
+    assert code == 1
+
+
+@pytest.mark.parametrize("case", ["missing", "older", "newer", "replaced"])
+def test_a_segment_set_that_is_not_the_one_the_pool_file_records_is_refused(tmp_path, case):
+    older, newer = _two_saves(tmp_path)
+    if case == "missing":
+        shutil.rmtree(newer / SEGMENTS_DIR)
+        folder, match = newer, "records a long-term store of 4 injections"
+    elif case == "older":
+        shutil.rmtree(newer / SEGMENTS_DIR)
+        shutil.copytree(older / SEGMENTS_DIR, newer / SEGMENTS_DIR)
+        folder, match = newer, "an older store"
+    elif case == "newer":
+        shutil.rmtree(older / SEGMENTS_DIR)
+        shutil.copytree(newer / SEGMENTS_DIR, older / SEGMENTS_DIR)
+        folder, match = older, "a newer store"
+    else:  # the newest segment replaced by another memory's segment of the same injection (same model)
+        other = _two_saves(tmp_path / "other", seed=7)[1]
+        name = f"{4:010d}-{4:010d}.safetensors"
+        shutil.copy(other / SEGMENTS_DIR / name, newer / SEGMENTS_DIR / name)
+        folder, match = newer, "another store than the one"
+    _refused_on_every_load_path(folder, match)
+
+
+def test_a_journal_append_keeps_pool_head_and_segments_consistent_and_drop_store_works(tmp_path, capsys):
+    older, newer = _two_saves(tmp_path)
+    loaded = MemoryLlamaForCausalLM.from_pretrained(newer)
+    loaded.inject(texts(1, seed=8)[0])
+    loaded.save_memory(newer)  # a journal record: pool file and segments untouched, still one memory
+    assert (newer / JOURNAL_DIR).is_dir()
+    again = MemoryLlamaForCausalLM.from_pretrained(newer)
+    assert same_store(again.long_term_memory, loaded.long_term_memory)
+    assert again.memory_state().content_hash() == loaded.memory_state().content_hash()
+    # losing the segments is refused even with the journal there; drop-store keeps the pool (journal replayed)
+    shutil.rmtree(newer / SEGMENTS_DIR)
+    _refused_on_every_load_path(newer, "records a long-term store of 4 injections")
+    assert cli.main(["drop-store", str(newer)]) == 0
+    assert not (newer / JOURNAL_DIR).exists() and not (newer / SEGMENTS_DIR).exists()
+    dropped = MemoryLlamaForCausalLM.from_pretrained(newer)
+    assert dropped.long_term_memory == ()
+    assert torch.equal(dropped.memory, loaded.memory) and dropped.num_injections == loaded.num_injections
