@@ -19,6 +19,7 @@ from tiny_folder import save_tiny_folder
 from memoryllm_hf import cli, load
 from memoryllm_hf.client import read_server_file, running_server, server_file
 from memoryllm_hf.commands import load_folder
+from memoryllm_hf.folder import folder_memory
 from memoryllm_hf.greedy import reply
 from memoryllm_hf.modeling import MemoryState
 from memoryllm_hf.serve import MemoryServer
@@ -115,18 +116,18 @@ def test_http_endpoints(served):
     assert completion["choices"][0]["message"] == {"role": "assistant", "content": reply(model, tokenizer, messages, 5)}
     assert http(server.url, "GET", "/v1/models", token=token)[1]["data"][0]["id"] == folder.name
 
-    before = MemoryState.load(folder / "memory.safetensors")
+    before = folder_memory(folder)
     status, result = http(server.url, "POST", "/inject", {"text": MORE[0]}, token)
     assert status == 200 and result["num_injections"] == before.num_injections + result["updates"]
-    saved = MemoryState.load(folder / "memory.safetensors")  # on disk before the reply came
+    saved = folder_memory(folder)  # on disk before the reply came
     assert saved.content_hash() == result["content_hash"] != before.content_hash()
 
     assert http(server.url, "POST", "/snapshot", {"name": "one"}, token)[0] == 200
     assert (folder / "snapshots" / "one.safetensors").is_file()
     assert http(server.url, "POST", "/undo", {}, token)[1] == {"num_injections": before.num_injections}
-    assert MemoryState.load(folder / "memory.safetensors").content_hash() == before.content_hash()
+    assert folder_memory(folder).content_hash() == before.content_hash()
     assert http(server.url, "POST", "/restore", {"name": "one"}, token)[0] == 200
-    assert MemoryState.load(folder / "memory.safetensors").content_hash() == saved.content_hash()
+    assert folder_memory(folder).content_hash() == saved.content_hash()
     status, stats = http(server.url, "POST", "/stats", {}, token)
     assert status == 200 and f"injections    {saved.num_injections}" in stats["lines"]
 
@@ -147,7 +148,7 @@ def test_http_endpoints(served):
     for method, path, body, code, message in refusals:
         status, refused = http(server.url, method, path, body, token)
         assert (status, message in refused["error"]["message"]) == (code, True), (path, body, refused)
-    assert MemoryState.load(folder / "memory.safetensors").content_hash() == saved.content_hash()
+    assert folder_memory(folder).content_hash() == saved.content_hash()
 
 
 def test_cli_through_the_server_equals_in_process(served, tmp_path, capsys):
@@ -170,7 +171,7 @@ def test_cli_through_the_server_equals_in_process(served, tmp_path, capsys):
     assert server.server.service.model.num_injections > injections  # it went through the server
     served_out, alone_out = both("inject", "FOLDER", "--file", notes)
     assert served_out == alone_out
-    saved, saved_alone = (MemoryState.load(f / "memory.safetensors") for f in (folder, alone))
+    saved, saved_alone = (folder_memory(f) for f in (folder, alone))
     assert saved.content_hash() == saved_alone.content_hash() and len(saved.long_term) == len(saved_alone.long_term)
     served_out, alone_out = both("ask", "FOLDER", "Who is Pepper?", "--max-new-tokens", "12")
     assert served_out == alone_out
@@ -188,7 +189,7 @@ def test_cli_through_the_server_equals_in_process(served, tmp_path, capsys):
 
 def test_concurrent_clients_lose_no_update(served):
     folder, server = served
-    token, start = server.server.token, MemoryState.load(folder / "memory.safetensors").num_injections
+    token, start = server.server.token, folder_memory(folder).num_injections
     results, errors = [], []
 
     def client(number: int) -> None:
@@ -204,7 +205,7 @@ def test_concurrent_clients_lose_no_update(served):
     assert not errors and len(results) == 8
     totals = sorted(r["num_injections"] for r in results)
     assert len(set(totals)) == 8  # every inject saw the one before it
-    saved = MemoryState.load(folder / "memory.safetensors")
+    saved = folder_memory(folder)
     assert saved.num_injections == start + sum(r["updates"] for r in results) == totals[-1]
     assert saved.content_hash() == next(r["content_hash"] for r in results if r["num_injections"] == totals[-1])
 
@@ -245,7 +246,7 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
     # A pool of 50k slots makes each save write ~13 MB, so the kill can land inside it.
     folder = save_tiny_folder(tmp_path / "model", num_memory_tokens=50_000, inject_chunk_size=16)
     text = " ".join([NOTES] * 3)  # several updates
-    old = MemoryState.load(folder / "memory.safetensors")
+    old = folder_memory(folder)
     expected = copy(folder, tmp_path / "expected")
     model, tokenizer = load_folder(expected)
     new_hash = FolderService(expected, model, tokenizer).inject(text)["content_hash"]
@@ -258,8 +259,11 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
         request.start()
         deadline = time.monotonic() + 120
 
-        def saving() -> bool:  # a folder being staged, or the memory file being written
-            return bool(staging_entries(folder)) or file_version(folder / "memory.safetensors") != version
+        def saving() -> bool:  # a folder being staged, the memory file or a journal record being written
+            journal = folder / "memory_journal"
+            return bool(staging_entries(folder)) or file_version(folder / "memory.safetensors") != version or (
+                journal.is_dir() and bool(os.listdir(journal))
+            )
 
         while not saving() and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -269,7 +273,7 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
         process.kill()
         process.wait()
     request.join(timeout=60)
-    saved = MemoryState.load(folder / "memory.safetensors")  # fully checked: a torn file is refused
+    saved = folder_memory(folder)  # fully checked: a torn file is refused
     assert saved.content_hash() in (old.content_hash(), new_hash)
     assert server_file(folder).exists()  # left behind by the kill
     code, out, err = run_cli(capsys, "inject", folder, "--text", NOTES)
