@@ -51,7 +51,7 @@ def test_lazy_pool_matches_inject_with_many_commits_between_reads(rule):
         for write in _writes(twin, f"t{i}", ids):
             slots = twin.new_memory_slots(write.ids)
             twin.swap_memory_state(twin.state_after(slots, None, call=call, token_ids=write.ids))
-            pool.commit(slots, call, write.ids)
+            pool.commit(slots, call, token_ids=write.ids)
     _assert_same_state(pool.materialize(), naive)
 
 
