@@ -15,7 +15,7 @@ from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
 from .memory_lexical import text_scorer_defaults
-from .memory_placement import placement_defaults
+from .memory_placement import base_tokenizer, placement_defaults
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
 
@@ -157,7 +157,13 @@ def from_base(
         if mode == "retrieve" and "retrieval_scorer" not in memory_config:
             # BM25 over the stored words when the checkpoint has a tokenizer to read them with
             if tokenizer is None:
-                tokenizer = base_tokenizer(path_or_repo, source)
+                tokenizer = base_tokenizer(path_or_repo, {**load_kwargs, **source})
+            if tokenizer is None:  # (a weights-only folder: said at info level, loading stays quiet)
+                logger.info(
+                    f"from_base({path_or_repo}): no tokenizer, so retrieval scores blocks with the model's features "
+                    "(retrieval_scorer='model'); for BM25 over the stored words pass retrieval_scorer='bm25' and set "
+                    "model.retrieval_tokenizer"
+                )
             memory_config["retrieval_scorer"] = "bm25" if tokenizer is not None else "model"
         text_scorer_defaults(memory_config)
     placement_defaults(memory_config, tokenizer, path_or_repo, {**load_kwargs, **source})
@@ -179,22 +185,6 @@ def from_base(
     if tokenizer is not None:
         model.retrieval_tokenizer = tokenizer
     return model
-
-
-def base_tokenizer(path_or_repo, source: dict):
-    """The checkpoint's tokenizer, or None when it has none (a weights-only folder: said at info level, loading stays
-    quiet): `from_base` then scores retrieval with the model's own features."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path_or_repo, **{k: v for k, v in source.items() if v is not None})
-    except (OSError, ValueError, TypeError) as err:
-        logger.info(
-            f"from_base({path_or_repo}): no tokenizer ({type(err).__name__}), so retrieval scores blocks with the "
-            "model's features (retrieval_scorer='model'); for BM25 over the stored words pass retrieval_scorer='bm25' "
-            "and set model.retrieval_tokenizer"
-        )
-        return None
 
 
 def bos_from_base_model(model) -> None:

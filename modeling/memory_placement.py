@@ -72,13 +72,16 @@ def user_turn_marker(tokenizer) -> list[int] | None:
     return marker or None
 
 
-def base_tokenizer(path_or_repo, **options):
-    """The tokenizer saved with a base checkpoint (`AutoTokenizer` options: revision, gguf_file, token, ...), or None
-    when it has none that loads."""
+def base_tokenizer(path_or_repo, options: dict):
+    """The tokenizer saved with a base checkpoint (loaded with `options`' revision / gguf_file / token / cache_dir /
+    local_files_only; the others are ignored), or None when it has none that loads."""
     from transformers import AutoTokenizer
 
+    names = ("revision", "gguf_file", "token", "cache_dir", "local_files_only")
     try:
-        return AutoTokenizer.from_pretrained(path_or_repo, **{k: v for k, v in options.items() if v is not None})
+        return AutoTokenizer.from_pretrained(
+            path_or_repo, **{k: options[k] for k in names if options.get(k) is not None}
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -90,8 +93,7 @@ def placement_defaults(memory_config: dict, tokenizer, path_or_repo, options: di
     if memory_config.get("read_placement", "user_turn") != "user_turn" or "user_turn_marker" in memory_config:
         return
     if tokenizer is None:
-        names = ("revision", "gguf_file", "token", "cache_dir", "local_files_only")
-        tokenizer = base_tokenizer(path_or_repo, **{k: options[k] for k in names if k in options})
+        tokenizer = base_tokenizer(path_or_repo, options)
     marker = user_turn_marker(tokenizer)
     if marker is not None:
         memory_config.update(read_placement="user_turn", user_turn_marker=marker)

@@ -289,7 +289,9 @@ def retrieval_tokenizer(model):
         from transformers import AutoTokenizer
 
         try:
-            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+            # (no remote code: the tokenizer files name a stock class; asking would prompt a user who already trusted
+            # this checkpoint's model code)
+            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as err:
             raise ValueError(
                 f"retrieval_scorer={model.config.retrieval_scorer!r} decodes token ids to words and found no "
