@@ -13,7 +13,7 @@ from transformers.utils import logging
 from .configuration_memory_llama import MemoryLlamaConfig, config_field_names, refuse_unknown_settings
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
-from .memory_files import checkpoint_memory_file
+from .memory_files import RETRIEVAL_INDEX_FILE, checkpoint_file, checkpoint_memory_file, read_index_file
 from .memory_scoring import DEFAULT_SCORERS, RETRIEVAL_SCORERS, scorer_available, scorer_defaults
 from .memory_placement import base_tokenizer, placement_defaults
 from .memory_reader import read_long_term_file
@@ -72,6 +72,7 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
     model.config.check_memory_settings(on_this_machine=False)  # never save a config.json that does not load
     with model.memory_lock:  # one memory state: the buffers and the long-term store
         long_term, pool = model.long_term_memory, model.memory
+        index = model.reads["retrieve"].scoring.index_file(long_term)  # (saved beside the store)
         state_dict = dict(model.state_dict() if state_dict is None else state_dict)
     save_weights = parent_save_pretrained
     if not kwargs.get("is_main_process", True):
@@ -83,6 +84,7 @@ def save_pretrained(model, parent_save_pretrained, save_directory, args, state_d
         state_dict,
         long_term,
         overwrite_memory,
+        index,
     )
     with model.memory_lock:
         model.pending_updates.reset(pool)  # the folder holds this pool (later injections are journaled)
@@ -124,6 +126,9 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
         if drop_long_term_memory:  # (the journal's injections too; the next save is a full one, without the store)
             model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=()))
             model.pending_updates.let_go()
+        elif store is not None:  # the store's retrieval index, checked block by block when a scorer is created
+            index = read_index_file(checkpoint_file(source, kwargs, RETRIEVAL_INDEX_FILE))
+            model.reads["retrieve"].scoring.adopt(index, f"{source}/{RETRIEVAL_INDEX_FILE}", model.long_term_memory)
     model.config.check_memory_settings()  # fields given to from_pretrained skip the config's own checks
     check_scorer_installed(model.config, source)
     return (model, info) if want_info else model

@@ -119,8 +119,15 @@ def block_key(block) -> int:
     return int.from_bytes(digest.digest()[:8], "little", signed=True)
 
 
+def store_key(store) -> tuple:
+    """Which store this is, cheaply (stores are immutable tuples; an injection or eviction changes an end)."""
+    return (len(store), id(store[0]), id(store[-1])) if store else (0,)
+
+
 def check_index_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Raise ValueError unless (tensors, metadata) is a consistent, uncorrupted persisted retrieval index."""
+    if "error" in metadata:
+        raise ValueError(metadata["error"])
     if metadata.get("retrieval_index") != INDEX_FORMAT:
         raise ValueError(f"not a retrieval index (format {metadata.get('retrieval_index')!r})")
     if metadata.get("content_hash") != tensors_digest(dict(sorted(tensors.items()))):
@@ -143,6 +150,9 @@ class Scoring:
     def __init__(self):
         self.parts: dict = {}
         self.loaded = None  # (tensors, metadata, where) of a persisted index, checked
+        self.version = 0  # counts changes of the parts' indexes (new store synced, part created, index adopted)
+        self.synced = None  # (len, first and last block ids) of the store last synced
+        self.saved = (None, None)  # (key, `index_file` result) of the last index file built
 
     def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         """Scores [B, stored injections] (float32) of the configured scorer for a prompt batch."""
@@ -158,6 +168,8 @@ class Scoring:
             parts = [self.part(model, name, store) for name in scorer.parts]
             for part in parts:
                 part.sync(store)
+            if self.synced != store_key(store):
+                self.synced, self.version = store_key(store), self.version + 1
             for part in parts:
                 scores.append(part.score(model, store, prompts))
         device = (input_ids if input_ids is not None else inputs_embeds).device
@@ -169,13 +181,15 @@ class Scoring:
             if self.loaded is not None and part.persisted:
                 self.restore(part, name, store)
             self.parts[name] = part
+            self.version += 1
         return self.parts[name]
 
     # ------------------------------------------------------------------------------------ the persisted index
     def adopt(self, loaded, where: str, store=()) -> None:
-        """Take a persisted index loaded with the memory ((tensors, metadata), or None: none): checked now (a corrupted
-        one is dropped with a logged message), applied to the parts when they are created."""
+        """Take a persisted index loaded with the memory `store` ((tensors, metadata), or None: none): checked now (a
+        corrupted one is dropped with a logged message), applied to the parts when they are created."""
         self.loaded = None
+        self.version += 1
         if loaded is None:
             return
         tensors, metadata = loaded
@@ -215,6 +229,9 @@ class Scoring:
         parts = {name: part for name, part in self.parts.items() if part.persisted}
         if not parts:
             return None if self.loaded is None else self.loaded[:2]
+        key = (self.version, store_key(store))
+        if self.saved[0] == key:  # (any index built is right block by block: a cached one at worst covers less)
+            return self.saved[1]
         blocks = [block for block in store if all(part.has(block) for part in parts.values())]
         tensors = {BLOCK_KEYS: torch.tensor([block_key(block) for block in blocks], dtype=torch.int64)}
         for part in parts.values():
@@ -226,6 +243,7 @@ class Scoring:
             "blocks": str(len(blocks)),
             "content_hash": tensors_digest(tensors),
         }
+        self.saved = (key, (tensors, metadata))
         return tensors, metadata
 
     def clear(self) -> None:

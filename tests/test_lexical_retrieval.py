@@ -344,3 +344,154 @@ def test_from_base_picks_the_encoder_when_installed_and_a_config_naming_it_says_
         MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved")
     loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved", retrieval_scorer="bm25")
     assert loaded.config.retrieval_scorer == "bm25" and len(loaded.long_term_memory) == 1
+
+
+# ------------------------------------------------------------------------------------ the persisted index
+def _no_indexing(monkeypatch):
+    """Make any indexing of a block (decode + analyze, or encode) fail: what was persisted must be enough."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a block was indexed again")
+
+    monkeypatch.setattr(lexical.TextView, "block_text", refuse)
+
+
+def _questions(tokenizer):
+    """A left-padded batch of two questions (ids, mask)."""
+    rows = [chat_ids(tokenizer, q)[0] for q in ("where did the edwards surname come from",
+                                               "which river flows into the atlantic ocean")]
+    width = max(len(row) for row in rows)
+    ids = torch.stack([torch.nn.functional.pad(row, (width - len(row), 0)) for row in rows])
+    mask = torch.stack([torch.arange(width) >= width - len(row) for row in rows]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_loaded_folder_scores_with_its_persisted_index_and_equals_a_rebuilt_one(tmp_path, monkeypatch):
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)  # (indexes the store)
+    model.save_pretrained(tmp_path / "folder")
+    assert (tmp_path / "folder" / "retrieval_index.safetensors").is_file()
+    rebuilt = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    rebuilt.retrieval_tokenizer = tokenizer
+    rebuilt.reads["retrieve"].scoring.adopt(None, "test")  # (no index: built from the blocks)
+    fresh = rebuilt.retrieval_scores(**questions)
+    _no_indexing(monkeypatch)
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    loaded.retrieval_tokenizer = tokenizer
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    torch.testing.assert_close(fresh, expected, rtol=0, atol=0)
+    # a new injection is indexed on its own (the persisted entries still serve the others)
+    monkeypatch.undo()
+    loaded.inject("The edwards family kept a river boat.", tokenizer=tokenizer)
+    rebuilt.inject("The edwards family kept a river boat.", tokenizer=tokenizer)
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), rebuilt.retrieval_scores(**questions), rtol=0, atol=0)
+
+
+def test_a_stale_corrupted_or_foreign_index_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    import shutil
+
+    import logging
+
+    from transformers.testing_utils import CaptureLogger
+
+    from memoryllm_hf.modeling import memory_scoring
+
+    monkeypatch.setattr(memory_scoring.logger, "isEnabledFor", lambda level: True)  # (stale: said at info level)
+    tokenizer = tiny_tokenizer()
+    questions = _questions(tokenizer)
+    first, second = text_model(), text_model()
+    first.inject(PASSAGES[:3], tokenizer=tokenizer)
+    second.inject([PASSAGES[3], *PASSAGES[1:3]], tokenizer=tokenizer)  # same numbers, block 1 differs
+    for model, name in ((first, "first"), (second, "second")):
+        model.retrieval_scores(**questions)
+        model.save_pretrained(tmp_path / name)
+    expected = second.retrieval_scores(**questions)
+    index = tmp_path / "second" / "retrieval_index.safetensors"
+    cases = {
+        "stale": lambda: shutil.copy(tmp_path / "first" / "retrieval_index.safetensors", index),  # store changed
+        "corrupted": lambda: index.write_bytes(index.read_bytes()[:-7]),
+        "tampered": lambda: index.write_bytes(index.read_bytes().replace(b"atlant", b"pacifi")),
+    }
+    for case, damage in cases.items():
+        second.save_pretrained(tmp_path / "second")  # (a good index again)
+        damage()
+        with CaptureLogger(memory_scoring.logger) as logged:
+            loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "second")
+            loaded.retrieval_tokenizer = tokenizer
+            scores = loaded.retrieval_scores(**questions)
+        torch.testing.assert_close(scores, expected, rtol=0, atol=0, msg=case)
+        assert "index" in logged.out, case
+    # an index built with another tokenizer is not used
+    second.save_pretrained(tmp_path / "second")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "second")
+    other = tiny_tokenizer()
+    other.add_tokens(["zzzextra"])
+    loaded.retrieval_tokenizer = other
+    with CaptureLogger(memory_scoring.logger) as logged:
+        loaded.retrieval_scores(**questions)
+    assert "another tokenizer" in logged.out
+
+
+def test_the_index_round_trips_through_state_files_and_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)
+    state = model.memory_state()
+    assert state.retrieval_index is not None
+    state.save(tmp_path / "state.safetensors")
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token="local-test-token"):
+        model.push_to_hub("tester/indexed")
+        _no_indexing(monkeypatch)
+        pulled = AutoModelForCausalLM.from_pretrained("tester/indexed")
+        pulled.retrieval_tokenizer = tokenizer
+        torch.testing.assert_close(pulled.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    target = text_model()
+    target.load_memory_state(type(state).load(tmp_path / "state.safetensors"))
+    torch.testing.assert_close(target.retrieval_scores(**questions), expected, rtol=0, atol=0)
+
+
+class BagOfLetters:
+    """A stand-in sentence encoder (the real one is optional): unit letter counts; counts the texts it embeds."""
+
+    def __init__(self, *args):
+        import types
+
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="letters", hidden_size=26,
+                                                                        num_hidden_layers=0))
+        self.embedded = 0
+
+    def encode(self, texts):
+        self.embedded += len(texts)
+        vectors = torch.zeros(len(texts), 26)
+        for row, text in enumerate(texts):
+            for char in text.lower():
+                if "a" <= char <= "z":
+                    vectors[row, ord(char) - 97] += 1
+        return torch.nn.functional.normalize(vectors, dim=-1)
+
+
+def test_encoder_embeddings_are_persisted_and_score_like_fresh_ones(tmp_path, monkeypatch):
+    from memoryllm_hf.modeling import memory_dense
+
+    monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
+    model = text_model(retrieval_scorer="bm25+encoder")
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)
+    model.save_pretrained(tmp_path / "folder")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    loaded.retrieval_tokenizer = tokenizer
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    assert loaded.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == 2  # the two questions only
+    fresh = text_model(retrieval_scorer="bm25+encoder")
+    fresh.load_memory_state(dataclasses.replace(model.memory_state(), retrieval_index=None))
+    torch.testing.assert_close(fresh.retrieval_scores(**questions), expected)
+    assert fresh.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == len(PASSAGES) + 2
