@@ -26,6 +26,7 @@ what it does not cover is indexed as usual: never a wrong score, at worst the in
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 
@@ -102,7 +103,7 @@ class Prompts:
     attention_mask: torch.Tensor | None
     inputs_embeds: torch.Tensor | None
 
-    @property
+    @functools.cached_property
     def rows(self) -> list[list[int]]:
         ids, mask = self.input_ids, self.attention_mask
         masks = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
