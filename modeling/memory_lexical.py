@@ -317,10 +317,14 @@ def retrieval_tokenizer(model):
 
 
 def tokenizer_identity(tokenizer) -> str:
-    """What the words of a block depend on besides its token ids: the tokenizer's class and vocabulary (a digest)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
-    return f"{type(tokenizer).__name__}:{digest}"
+    """What the words of a block depend on besides its token ids: the tokenizer's class and a digest of its whole
+    definition (a fast tokenizer's serialized form: vocabulary, merges, decoder; else its vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = backend.to_str()
+    else:
+        content = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=False)
+    return f"{type(tokenizer).__name__}:{hashlib.sha256(content.encode()).hexdigest()[:16]}"
 
 
 class TextView:
