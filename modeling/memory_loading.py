@@ -14,10 +14,10 @@ from .configuration_memory_llama import MemoryLlamaConfig, config_field_names, r
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
 from .memory_files import RETRIEVAL_INDEX_FILE, checkpoint_file, checkpoint_memory_file, read_index_file
-from .memory_scoring import DEFAULT_SCORERS, RETRIEVAL_SCORERS, scorer_available, scorer_defaults
 from .memory_placement import base_tokenizer, placement_defaults
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
+from .memory_scoring import DEFAULT_SCORERS, RETRIEVAL_SCORERS, scorer_available, scorer_defaults
 
 logger = logging.get_logger(__name__)
 
