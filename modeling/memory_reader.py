@@ -27,9 +27,8 @@ from .memory_files import (
     read_segments,
     read_store_beside,
 )
-from .memory_lexical import TEXT_SCORERS, TextScorer
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
-from .memory_retrieval import block_features, pack_blocks, question_features, retrieval_key_layers, score_packed
+from .memory_scoring import Scoring
 from .memory_settings import store_device, store_dtype
 from .memory_store import (
     LongTermStoreError,
@@ -117,18 +116,16 @@ def stack_prefixes(rows: list[PrefixKV]) -> tuple[PrefixKV, torch.Tensor]:
 
 class RetrieveRead:
     """Prefix `[bos; the slots of the injections that score best against the row's prompt, in the order written]`,
-    per row. Caches, all under the one rule of `memory_cache` (kept per block, stale when the weights change):
-    each block's scorer features (`features`), the store's features packed for scoring (`packed`), and the
-    un-rotated keys/values of recently read blocks (`key_values`, bounded by `model.retrieval_kv_cache_slots`)."""
+    per row. The scores come from `scoring` (the configured scorer's parts and their per-block indexes,
+    `memory_scoring`); the un-rotated keys/values of recently read blocks are cached under the one rule of
+    `memory_cache` (`key_values`, kept per block, stale when the weights change, bounded by
+    `model.retrieval_kv_cache_slots`)."""
 
     def __init__(self):
-        self.features = DerivedCache()
-        self.packed = DerivedCache()
+        # the configured scorer's parts (memory_scoring): their indexes follow the store block by block
+        self.scoring = Scoring()
         self.key_values = DerivedCache(size=prefix_slots)
         self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
-        # the text scorer of `config.retrieval_scorer` ("bm25", "bm25+encoder"; memory_lexical) with its index, which
-        # follows the store block by block (it reads token ids, not weights: kept when the weights change)
-        self.text: TextScorer | None = None
 
     @staticmethod
     def check_config(config) -> None:
@@ -163,49 +160,9 @@ class RetrieveRead:
 
     @torch.no_grad()
     def scores(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
-        """Scores [B, stored injections] of every block of the store against each prompt row."""
-        cfg, layers = model.config, model.model.layers
-        if cfg.retrieval_scorer in TEXT_SCORERS:
-            return self.text_scores(model, input_ids, attention_mask)
-        with model.memory_lock:
-            store = model.long_term_memory
-            dtype, device = model.memory.dtype, model.memory.device
-            key_layers = retrieval_key_layers(cfg.num_hidden_layers, cfg.retrieval_key_layers)
-            weights = (key_layers, dtype, device) + key_value_weights_fingerprint(layers, None)
-
-            def features(block):
-                slots = block.slots.to(device=device, dtype=dtype)
-                return block_features(layers, slots, key_layers)
-
-            def packed():  # packed once per store (an immutable tuple: a new one after every injection)
-                return pack_blocks([self.features.get(b, weights, lambda b=b: features(b)) for b in store], device)
-
-            packed = self.packed.get(store, weights, packed, limit=1)
-        with model.adapters.use(READ):
-            hidden = model.model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                output_hidden_states=True,
-                use_cache=False,
-            ).hidden_states
-        if not store:
-            return hidden[0].new_zeros(hidden[0].shape[0], 0)
-        question = question_features(layers, hidden, attention_mask, key_layers)
-        return score_packed(question, packed, cfg.retrieval_weights)
-
-    def text_scores(self, model, input_ids, attention_mask) -> torch.Tensor:
-        """`scores` of a text scorer (`memory_lexical.TextScorer`): from the prompt's words, no forward pass."""
-        kind = model.config.retrieval_scorer
-        if input_ids is None:
-            raise ValueError(f"retrieval_scorer={kind!r} reads the prompt's words: pass input_ids (not only "
-                             "inputs_embeds), or set config.retrieval_scorer='model'")
-        masks = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        rows = [ids[mask].tolist() for ids, mask in zip(input_ids, masks, strict=True)]
-        with model.memory_lock:
-            if self.text is None or self.text.kind != kind:
-                self.text = TextScorer(retrieval_tokenizer(model), kind)
-            return self.text.score(model.long_term_memory, rows).to(input_ids.device)
+        """Scores [B, stored injections] of every block of the store against each prompt row (the scorer of
+        `config.retrieval_scorer`, `memory_scoring.RETRIEVAL_SCORERS`)."""
+        return self.scoring.scores(model, input_ids, attention_mask, inputs_embeds)
 
     def blocks(self, model, input_ids=None, attention_mask=None, inputs_embeds=None) -> list[list]:
         """The blocks each row reads; also kept as `last` (injection numbers per row)."""
@@ -278,26 +235,8 @@ class RetrieveRead:
         return seeded_cache(model.config, prefix_kv, rows, read_only, static, prefix_mask), full_mask
 
     def clear(self) -> None:
-        for cache in (self.features, self.packed, self.key_values):
-            cache.clear()
-
-
-def retrieval_tokenizer(model):
-    """The tokenizer the text scorers decode with: `model.retrieval_tokenizer` (set by `memoryllm_hf.load`, `from_base`
-    and `inject(text, tokenizer=...)`), else the one saved with the checkpoint."""
-    if model.retrieval_tokenizer is None:
-        from transformers import AutoTokenizer
-
-        try:
-            # (no remote code: the tokenizer files name a stock class; asking would prompt a user who already trusted
-            # this checkpoint's model code)
-            model.retrieval_tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=False)
-        except (OSError, ValueError, TypeError) as err:
-            raise ValueError(
-                f"retrieval_scorer={model.config.retrieval_scorer!r} decodes token ids to words and found no "
-                f"tokenizer ({type(err).__name__}: {err}); set model.retrieval_tokenizer = tokenizer"
-            ) from None
-    return model.retrieval_tokenizer
+        self.scoring.clear()
+        self.key_values.clear()
 
 
 def prefix_slots(kv: PrefixKV) -> int:

@@ -9,15 +9,20 @@ The scores are z-scored over the stored blocks (per question) and added with the
 `config.retrieval_weights` (default `SCORE_WEIGHTS`); `config.retrieval_threshold` on that fused score tells "this
 question's injection is stored" from "nothing relevant is".
 
-A scorer is one object in `SCORERS` (see `memory_scorers` for its interface: index a block, take a prompt batch's
-feature, score a row). A new scorer is one file with its class plus its line in `SCORERS`; its weight is a key of
-`config.retrieval_weights`.
+A feature scorer is one object in `SCORERS` (see `memory_scorers` for its interface: index a block, take a prompt
+batch's feature, score a row). A new one is one class plus its line in `SCORERS`; its weight is a key of
+`config.retrieval_weights`. Together they are the scorer part "model" (`ModelScorer`) of the one table of retrieval
+scorers, `memory_scoring.RETRIEVAL_SCORERS`: its features are computed only when that scorer is configured (or asked
+for), block by block, and kept per block in RAM (see the README for bytes per stored token).
 """
 
 from collections.abc import Sequence
 
 import torch
 
+from .memory_adapters import READ
+from .memory_cache import DerivedCache
+from .memory_prefix import key_value_weights_fingerprint
 from .memory_scorers import KeyScorer, LexicalScorer
 
 # Calibrated on SmolLM2-135M-Instruct ("input" rule) with the dev sets only (shared/data SQuAD and NQ, ~300 stored
@@ -149,3 +154,53 @@ def score_packed(question_feats: dict[str, torch.Tensor], packed: dict, weights:
                 score = score + weights[name] * _zscore(found)
         rows.append(score)
     return torch.stack(rows)
+
+
+class ModelScorer:
+    """Scorer part "model" (see `memory_scoring`): the z-scored fusion of `SCORERS` (layer-0 token match and attention
+    mass) from the model's own features. Each block's features are computed when it is first scored under the
+    current weights (`features`, kept per block: an injection costs its own block) and packed once per store
+    (`packed`); the prompt's features come from a memory-less forward pass. Nothing is persisted (the features
+    depend on the weights and adapters)."""
+
+    reads_words = False
+    persisted = ()
+
+    def __init__(self, model):
+        self.features = DerivedCache()
+        self.packed = DerivedCache()
+
+    def sync(self, store) -> None:  # (features are computed at scoring, under the weights that score)
+        pass
+
+    def score(self, model, store, prompts) -> torch.Tensor:
+        cfg, layers = model.config, model.model.layers
+        with model.memory_lock:
+            dtype, device = model.memory.dtype, model.memory.device
+            key_layers = retrieval_key_layers(cfg.num_hidden_layers, cfg.retrieval_key_layers)
+            weights = (key_layers, dtype, device) + key_value_weights_fingerprint(layers, None)
+
+            def features(block):
+                slots = block.slots.to(device=device, dtype=dtype)
+                return block_features(layers, slots, key_layers)
+
+            def packed():  # packed once per store (an immutable tuple: a new one after every injection)
+                return pack_blocks([self.features.get(b, weights, lambda b=b: features(b)) for b in store], device)
+
+            packed = self.packed.get(store, weights, packed, limit=1)
+        with model.adapters.use(READ):
+            hidden = model.model(
+                input_ids=prompts.input_ids,
+                inputs_embeds=prompts.inputs_embeds,
+                attention_mask=prompts.attention_mask,
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states
+        if not store:
+            return hidden[0].new_zeros(hidden[0].shape[0], 0)
+        question = question_features(layers, hidden, prompts.attention_mask, key_layers)
+        return score_packed(question, packed, cfg.retrieval_weights)
+
+    def clear(self) -> None:
+        self.features.clear()
+        self.packed.clear()

@@ -48,6 +48,9 @@ class MemoryState:
     fingerprint: str | None = None
     num_update_tokens: int | None = None
     long_term: LongTermStore | MPlusMemory = ()  # the block store, or an M+ model's long-term memory
+    # The retrieval index of the store's blocks ((tensors, metadata), `memory_scoring`; None: none): derived data,
+    # saved beside the store so a load need not index it again; checked block by block when used, never hashed.
+    retrieval_index: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for field in MEMORY_FIELDS:  # a field absent from an older file gets its fresh value

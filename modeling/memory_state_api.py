@@ -218,8 +218,10 @@ class MemoryStateMixin:
         `load_memory_state` restores it exactly, including which slots the next injection drops."""
         with self.memory_lock:
             state = self.live_memory_state().clone()
+            index = self.reads["retrieve"].scoring.index_file(state.long_term)  # (derived: saved beside the store)
         return dataclasses.replace(
-            state, fingerprint=self.memory_fingerprint(), num_update_tokens=self.config.num_update_tokens
+            state, fingerprint=self.memory_fingerprint(), num_update_tokens=self.config.num_update_tokens,
+            retrieval_index=index,
         )
 
     def load_memory_state(self, state: MemoryState, allow_other_model: bool = False) -> None:
@@ -229,6 +231,7 @@ class MemoryStateMixin:
         self.check_compatible(state, allow_other_model)
         with self.memory_lock:
             self.swap_memory_state(state.clone())
+            self.reads["retrieve"].scoring.adopt(state.retrieval_index, "the memory state", self.long_term_memory)
 
     def set_memory_state(self, state: MemoryState, validate: bool = True) -> None:
         """Make `state` the memory, as it is (no copy: the caller hands it over and must not edit its tensors). For
@@ -277,7 +280,9 @@ class MemoryStateMixin:
             )
 
     # ------------------------------------------------------------------ checkpoint folders
-    def save_memory_folder(self, folder, save_weights, state_dict: dict, long_term: tuple, overwrite: bool) -> None:
+    def save_memory_folder(
+        self, folder, save_weights, state_dict: dict, long_term: tuple, overwrite: bool, retrieval_index=None
+    ) -> None:
         """`save_pretrained`'s folder update: pops the memory buffers out of `state_dict` (taken under the memory
         lock) as this model's memory; crash-safe, locked, and refusing to overwrite a memory that another process
         saved since this model loaded it from that folder (unless `overwrite`). `save_weights(staging, state_dict)`
@@ -288,6 +293,7 @@ class MemoryStateMixin:
             fingerprint=self.memory_fingerprint(),
             num_update_tokens=self.config.num_update_tokens,
             long_term=long_term,
+            retrieval_index=retrieval_index,
         )
         expected = self.memory_origin.expected_hash(folder, overwrite)
         save_model_folder(folder, lambda staging: save_weights(staging, state_dict), state, expected_hash=expected)

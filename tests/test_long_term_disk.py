@@ -242,6 +242,32 @@ def test_resident_memory_stays_bounded_on_a_store_larger_than_a_ram_budget(tmp_p
     assert _rss_anon() - start < 40 << 20, f"{(_rss_anon() - start) >> 20} MiB resident for a {stored >> 20} MiB store"
 
 
+def test_a_text_scorer_keeps_no_model_features_and_little_ram_per_stored_token(tmp_path):
+    """The same 96 MiB disk-backed store scored with BM25 over its token ids: no model features are built (they
+    would be ~19 MiB here), and the index and token ids add a few bytes per stored token (budget: 8 MiB)."""
+    from memoryllm_hf.tiny import tiny_tokenizer
+
+    _fixed_malloc_threshold()
+    config = {**DISK, "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 12, "num_attention_heads": 4,
+              "num_memory_tokens": 128, "num_update_tokens": 128, "long_term_memory_tokens": 1 << 20,
+              "read_tokens": 256, "retrieval_scorer": "bm25"}
+    model = tiny_model(**config)
+    model.undo_depth = 0
+    model.retrieval_tokenizer = tiny_tokenizer()
+    count = (96 << 20) // (12 * 128 * 256 * 4)
+    generator = torch.Generator().manual_seed(0)
+    gc.collect()
+    start = _rss_anon()
+    for _ in range(count):
+        ids = torch.randint(4, 120, (128,), generator=generator)
+        model.commit_memory_slots(torch.randn(12, 128, 256, generator=generator), input_ids=ids)
+    model.retrieve(torch.randint(4, 120, (1, 12)))  # the BM25 index of every block, then one read
+    model(torch.randint(4, 120, (1, 12)))
+    gc.collect()
+    assert "model" not in model.reads["retrieve"].scoring.parts
+    assert _rss_anon() - start < 8 << 20, f"{(_rss_anon() - start) >> 20} MiB resident"
+
+
 # ------------------------------------------------------------------ the Hub
 @pytest.fixture
 def hub(tmp_path, monkeypatch):

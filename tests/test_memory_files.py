@@ -22,7 +22,14 @@ from memoryllm_hf.modeling import (
     torch_dtype,
 )
 from memoryllm_hf.modeling.memory_fields import MEMORY_BUFFERS
-from memoryllm_hf.modeling.memory_files import INDEX_FILE, LONG_TERM_FILE, MEMORY_FILE, hub_file_names, write_hub_files
+from memoryllm_hf.modeling.memory_files import (
+    INDEX_FILE,
+    LONG_TERM_FILE,
+    MEMORY_FILE,
+    RETRIEVAL_INDEX_FILE,
+    hub_file_names,
+    write_hub_files,
+)
 from memoryllm_hf.modeling.memory_state_api import MemoryOrigin, Snapshots, SparePool, UndoHistory
 from memoryllm_hf.modeling.memory_text import CallNumbers, split_ids
 from memoryllm_hf.tiny import tiny_model
@@ -106,12 +113,13 @@ def test_memory_parts_table_drives_the_hub_file_set(tmp_path):
     model = tiny_model(memory_update="input", fresh_pool="grow", long_term_memory_tokens=60)
     (tmp_path / "pool").mkdir()
     metadata = write_hub_files(str(tmp_path / "pool"), model.memory_state(), {})
-    assert hub_file_names(metadata) == ([MEMORY_FILE, "memory_state.json"], [LONG_TERM_FILE])
+    # (no retrieval index either: a push without one removes the remote's, see memory_scoring)
+    assert hub_file_names(metadata) == ([MEMORY_FILE, "memory_state.json"], [LONG_TERM_FILE, RETRIEVAL_INDEX_FILE])
     model.inject(ids(0))
     (tmp_path / "both").mkdir()
     metadata = write_hub_files(str(tmp_path / "both"), model.memory_state(), {})
     added, removed = hub_file_names(metadata)
-    assert added == [MEMORY_FILE, LONG_TERM_FILE, "memory_state.json"] and removed == []
+    assert added == [MEMORY_FILE, LONG_TERM_FILE, "memory_state.json"] and removed == [RETRIEVAL_INDEX_FILE]
     assert all((tmp_path / "both" / name).is_file() for name in added)
 
 
