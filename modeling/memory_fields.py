@@ -58,6 +58,7 @@ class MemoryField:
     fresh: Callable[[Geometry, torch.dtype, int], torch.Tensor]
     required: bool = True
     saved: bool = True
+    per_slot: bool = False
 
 
 def _pool_dtype(pool: torch.dtype) -> torch.dtype:
@@ -90,7 +91,7 @@ def _per_slot(geometry: Geometry) -> tuple[int, ...]:
 
 MEMORY_FIELDS: tuple[MemoryField, ...] = (
     # the pool [L, N, d]; filled slots sit at its end
-    MemoryField("memory", "memory", _pool_dtype, _pool_shape, _zeros(None, _pool_shape)),
+    MemoryField("memory", "memory", _pool_dtype, _pool_shape, _zeros(None, _pool_shape), per_slot=True),
     # how many slots (at the end of the pool) hold memories
     MemoryField("filled", "memory_filled", _fixed(torch.long), _scalar, _zeros(torch.long, _scalar)),
     # injections made so far
@@ -99,13 +100,15 @@ MEMORY_FIELDS: tuple[MemoryField, ...] = (
     MemoryField("rng_state", "memory_rng_state", _fixed(torch.uint8), _rng_shape, lambda g, p, s: seeded_rng_state(s)),
     # [L, N]: the injection (1, 2, ...) that wrote each slot; 0 = unknown (absent from older files)
     MemoryField(
-        "written_at", "memory_written_at", _fixed(torch.long), _per_slot, _zeros(torch.long, _per_slot), required=False
+        "written_at", "memory_written_at", _fixed(torch.long), _per_slot, _zeros(torch.long, _per_slot), required=False,
+        per_slot=True,
     ),
 )
 FIELD_NAMES = tuple(field.name for field in MEMORY_FIELDS)
 # Model buffers that make up a memory state (saved together in their own safetensors file).
 MEMORY_BUFFERS = tuple(field.buffer for field in MEMORY_FIELDS if field.saved)
 REQUIRED_BUFFERS = tuple(field.buffer for field in MEMORY_FIELDS if field.saved and field.required)
+SLOT_BUFFERS = tuple(field.buffer for field in MEMORY_FIELDS if field.saved and field.per_slot)
 
 
 def config_geometry(config) -> Geometry:

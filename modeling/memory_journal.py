@@ -29,6 +29,7 @@ from .memory_files import (
     journal_record_paths,
     read_folder_base,
     recorded_content_hash,
+    whole_pool_bytes,
 )
 from .memory_transition import replay
 
@@ -46,9 +47,8 @@ def journal_has_room(folder, record_bytes: int) -> bool:
     paths = [path for _, _, path in journal_record_paths(folder)]
     if len(paths) >= MAX_JOURNAL_RECORDS:
         return False
-    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
     held = sum(os.path.getsize(path) for path in paths)
-    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * os.path.getsize(pool)
+    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(os.path.join(os.fspath(folder), MEMORY_FILE))
 
 
 class PendingUpdates:
