@@ -21,7 +21,7 @@ from .memory_files import (
     stage_memory_files,
     state_file_groups,
 )
-from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory
+from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory, restore_previous
 from .memory_loading import check_settings
 from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
@@ -68,6 +68,7 @@ __all__ = [
     "model_owned_files",
     "next_state",
     "read_folder_memory",
+    "restore_previous",
     "folder_head",
     "save_memory_to_folder",
     "seeded_rng_state",

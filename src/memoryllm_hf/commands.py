@@ -1,4 +1,4 @@
-"""Core subcommands: demo, convert, inject, ask, chat, stats."""
+"""Core subcommands: demo, convert, inject, ask, chat, stats, drop-store, restore-previous."""
 
 import argparse
 
@@ -117,6 +117,20 @@ def _drop_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_previous(args: argparse.Namespace) -> int:
+    from .client import running_server
+    from .folder import folder_config, locked, restore_previous_memory
+
+    folder_config(args.folder)
+    if running_server(args.folder) is not None:
+        raise ValueError(f"a `memoryllm-hf serve` holds {args.folder}: stop it first (Ctrl-C), then restore")
+    with locked(args.folder):
+        state = restore_previous_memory(args.folder)
+    print(f"restored the previous memory of {args.folder} ({state.num_injections} injections, content hash "
+          f"{state.content_hash()[:16]}); the memory it replaced is kept in previous_memory/ (run again to undo)")
+    return 0
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -193,3 +207,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     drop.add_argument("folder", help="MemoryLlama folder")
     drop.set_defaults(func=_drop_store)
+
+    previous = subparsers.add_parser(
+        "restore-previous",
+        help="bring back the memory a folder held before its last full save (kept in FOLDER/previous_memory/)",
+    )
+    previous.add_argument("folder", help="MemoryLlama folder")
+    previous.set_defaults(func=_restore_previous)

@@ -19,6 +19,7 @@ from .modeling import (
     folder_lock,
     is_blank_text,
     read_folder_memory,
+    restore_previous,
     save_memory_to_folder,
 )
 
@@ -64,6 +65,14 @@ def drop_store(folder: str | Path) -> int | None:
         expected = folder_head(folder, MemoryState)  # (the journal's head, else the pool file's hash)
         save_memory_to_folder(folder, dataclasses.replace(pool, long_term=()), expected_hash=expected)
     return dropped
+
+
+def restore_previous_memory(folder: str | Path) -> MemoryState:
+    """Bring back the memory a folder held before its last full memory save (`save_pretrained`, a journal
+    compaction, `drop-store`), kept in FOLDER/previous_memory/ (one generation; the replaced memory is kept there in
+    its place, so restoring twice gives it back). Checked fully before anything changes; crash-safe (a folder swap).
+    Returns the restored memory."""
+    return restore_previous(folder, MemoryState)
 
 
 def check_folder(folder: str | Path) -> list[str]:
