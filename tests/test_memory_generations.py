@@ -208,3 +208,23 @@ def test_a_crash_at_any_step_of_a_restore_leaves_one_memory_or_the_other(tmp_pat
     other = first if same_memory(on_disk, second) else second
     assert same_memory(folder_memory(folder / PREVIOUS_DIR), other)  # nothing lost either way
     assert not list(atomic_io.iter_orphans(str(folder))) or step in ("exchange",)
+
+
+def test_stats_shows_the_journal_and_the_previous_memory(tmp_path, capsys, monkeypatch):
+    from tiny_folder import save_tiny_folder
+
+    folder = save_tiny_folder(tmp_path / "model", **STORE)
+    for text in ("Alice lives in Paris and works as a baker.", "The meeting moved to Thursday at 10 am."):
+        assert cli.main(["inject", str(folder), "--text", text]) == 0
+    capsys.readouterr()
+    assert cli.main(["stats", str(folder)]) == 0
+    out = capsys.readouterr().out
+    records = sorted(os.listdir(folder / JOURNAL_DIR))
+    held = sum((folder / JOURNAL_DIR / name).stat().st_size for name in records) / 2**20
+    assert f"journal       2 records (injections 1-{int(records[-1].split('-')[1].split('.')[0])}), {held:.4g} MiB" in out
+    assert "previous" not in out
+    model = MemoryLlamaForCausalLM.from_pretrained(folder)
+    model.save_pretrained(folder)  # a full save
+    assert cli.main(["stats", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "journal       empty" in out and "previous      the memory before the last full save" in out

@@ -121,6 +121,8 @@ def test_http_endpoints(served):
     assert status == 200 and result["num_injections"] == before.num_injections + result["updates"]
     saved = folder_memory(folder)  # on disk before the reply came
     assert saved.content_hash() == result["content_hash"] != before.content_hash()
+    lines = http(server.url, "POST", "/stats", {}, token)[1]["lines"]  # the journal, beside the store
+    assert any(line.startswith("journal       2 records (injections 1-") for line in lines)
 
     assert http(server.url, "POST", "/snapshot", {"name": "one"}, token)[0] == 200
     assert (folder / "snapshots" / "one.safetensors").is_file()
@@ -130,6 +132,8 @@ def test_http_endpoints(served):
     assert folder_memory(folder).content_hash() == saved.content_hash()
     status, stats = http(server.url, "POST", "/stats", {}, token)
     assert status == 200 and f"injections    {saved.num_injections}" in stats["lines"]
+    assert any(line.startswith("journal       empty") for line in stats["lines"])  # /restore saved in full
+    assert any(line.startswith("previous      the memory before the last full save") for line in stats["lines"])
 
     # refusals say what to send instead, and change nothing
     refusals = [

@@ -101,7 +101,7 @@ def _stats(args: argparse.Namespace) -> int:
     from .messages import stats_text
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
-    lines = memory_report(state, config) + check_folder(args.folder)
+    lines = memory_report(state, config, args.folder) + check_folder(args.folder)
     if args.png:
         plot_slot_norms(state, args.png)
     print(stats_text(args.folder, lines, args.png and png_path(args.png)))

@@ -176,8 +176,9 @@ def histogram_lines(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> list[st
     ]
 
 
-def memory_report(state: MemoryState, config: dict) -> list[str]:
-    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot ages and norms."""
+def memory_report(state: MemoryState, config: dict, folder: str | Path | None = None) -> list[str]:
+    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot ages and norms,
+    the long-term store, and (with `folder`) the folder's memory files: journal, previous memory."""
     L, N, d = state.memory.shape
     filled = state.num_filled_slots
     lines = [
@@ -205,7 +206,47 @@ def memory_report(state: MemoryState, config: dict) -> list[str]:
             f"slot norms    mean {float(norms.mean()):.4g}, min {float(norms.min()):.4g}, max {float(norms.max()):.4g}"
         )
         lines += ["slot norm histogram (all layers):"] + ["  " + line for line in histogram_lines(norms.flatten())]
-    return lines + store_report(state, config)
+    return lines + store_report(state, config) + ([] if folder is None else disk_report(folder))
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.4g} MiB"
+
+
+def _tree_bytes(path: Path, only_unshared: bool = False) -> int:
+    """Bytes of a file or folder tree (`only_unshared`: files with no other hard link, i.e. what it alone costs)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return sum(p.stat().st_size for p in files if not only_unshared or p.stat().st_nlink == 1)
+
+
+def disk_report(folder: str | Path) -> list[str]:
+    """Lines describing a folder's memory files: the pool and store files, the journal since the last full save
+    (records, bytes, when it compacts), the previous memory kept for `restore-previous` (what it alone costs)."""
+    from .modeling import memory_journal
+    from .modeling.memory_files import (
+        JOURNAL_DIR, LONG_TERM_FILE, MEMORY_FILE, PREVIOUS_DIR, SEGMENTS_DIR, journal_record_paths, whole_pool_bytes,
+    )
+
+    folder = Path(folder)
+    pool = folder / MEMORY_FILE
+    if not pool.is_file():
+        return []
+    store = _tree_bytes(folder / LONG_TERM_FILE) + _tree_bytes(folder / SEGMENTS_DIR)
+    lines = [f"files         pool {_mib(pool.stat().st_size)} (whole pool {_mib(whole_pool_bytes(str(pool)))}), "
+             f"store {_mib(store)}"]
+    records = journal_record_paths(folder)
+    bound = f"compacts past {memory_journal.MAX_JOURNAL_RECORDS} records or the whole pool's bytes"
+    if records:
+        held = sum(Path(path).stat().st_size for _, _, path in records)
+        lines.append(f"journal       {len(records)} record{'s' * (len(records) != 1)} (injections {records[0][0]}-"
+                     f"{records[-1][1]}), {_mib(held)} since the last full save ({JOURNAL_DIR}/; {bound})")
+    else:
+        lines.append(f"journal       empty: the last save was a full one ({bound})")
+    previous = folder / PREVIOUS_DIR
+    if previous.is_dir():
+        lines.append(f"previous      the memory before the last full save, in {PREVIOUS_DIR}/ "
+                     f"({_mib(_tree_bytes(previous, only_unshared=True))} of its own; `memoryllm-hf restore-previous`)")
+    return lines
 
 
 def store_report(state: MemoryState, config: dict) -> list[str]:

@@ -105,7 +105,7 @@ class FolderService:
         state = self.model.memory_state()
         if png:
             plot_slot_norms(state, png)
-        return memory_report(state, self.config) + check_folder(self.folder), png and str(png_path(png))
+        return memory_report(state, self.config, self.folder) + check_folder(self.folder), png and str(png_path(png))
 
     def snapshot(self, name: str) -> Path:
         return take_snapshot(self.model, self.folder, name)
