@@ -58,6 +58,19 @@ def journal_has_room(folder, record_bytes: int) -> bool:
     return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(os.path.join(os.fspath(folder), MEMORY_FILE))
 
 
+def journal_status(folder) -> dict:
+    """What a folder's journal holds: its record files (`records`: [(first, last, path)]), their `bytes`, and the
+    bounds past which the next save compacts (`max_records`; `max_bytes`: the journal's share of the whole pool)."""
+    records = journal_record_paths(folder)
+    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
+    return {
+        "records": records,
+        "bytes": sum(os.path.getsize(path) for _, _, path in records),
+        "max_records": MAX_JOURNAL_RECORDS,
+        "max_bytes": int(MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(pool)) if os.path.isfile(pool) else None,
+    }
+
+
 class PendingUpdates:
     """The injections made since the memory was loaded from or saved to its folder (`memory_files.JournalEntry`s),
     and the pool they led to: valid while that pool is still the model's (any other change of the memory, like an

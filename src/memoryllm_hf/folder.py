@@ -222,10 +222,7 @@ def _tree_bytes(path: Path, only_unshared: bool = False) -> int:
 def disk_report(folder: str | Path) -> list[str]:
     """Lines describing a folder's memory files: the pool and store files, the journal since the last full save
     (records, bytes, when it compacts), the previous memory kept for `restore-previous` (what it alone costs)."""
-    from .modeling import memory_journal
-    from .modeling.memory_files import (
-        JOURNAL_DIR, LONG_TERM_FILE, MEMORY_FILE, PREVIOUS_DIR, SEGMENTS_DIR, journal_record_paths, whole_pool_bytes,
-    )
+    from .modeling import LONG_TERM_FILE, MEMORY_FILE, PREVIOUS_DIR, SEGMENTS_DIR, journal_status, whole_pool_bytes
 
     folder = Path(folder)
     pool = folder / MEMORY_FILE
@@ -234,12 +231,12 @@ def disk_report(folder: str | Path) -> list[str]:
     store = _tree_bytes(folder / LONG_TERM_FILE) + _tree_bytes(folder / SEGMENTS_DIR)
     lines = [f"files         pool {_mib(pool.stat().st_size)} (whole pool {_mib(whole_pool_bytes(str(pool)))}), "
              f"store {_mib(store)}"]
-    records = journal_record_paths(folder)
-    bound = f"compacts past {memory_journal.MAX_JOURNAL_RECORDS} records or the whole pool's bytes"
+    journal = journal_status(folder)
+    records = journal["records"]
+    bound = f"compacts past {journal['max_records']} records or {_mib(journal['max_bytes'])}"
     if records:
-        held = sum(Path(path).stat().st_size for _, _, path in records)
         lines.append(f"journal       {len(records)} record{'s' * (len(records) != 1)} (injections {records[0][0]}-"
-                     f"{records[-1][1]}), {_mib(held)} since the last full save ({JOURNAL_DIR}/; {bound})")
+                     f"{records[-1][1]}), {_mib(journal['bytes'])} since the last full save ({bound})")
     else:
         lines.append(f"journal       empty: the last save was a full one ({bound})")
     previous = folder / PREVIOUS_DIR
