@@ -36,6 +36,7 @@ from .atomic_io import (
     atomic_write,
     link_tree,
     map_tensor_file,
+    plain_file_modes,
     read_tensor_file,
     tensors_digest,
     update_folder,
@@ -1024,6 +1025,7 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
         if old is not None:
             check_unchanged(old, expected_hash, type(state))
         save_weights(staging)
+        plain_file_modes(staging)  # (weights as transformers writes them: 0644 under the usual umask, like the rest)
         groups = state_file_groups(state)
         dropped = model_owned_files(old) | stage_memory_files(staging, staging, groups, state, old, folder)
         return dropped | stage_previous(staging, old)
