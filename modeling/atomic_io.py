@@ -266,14 +266,6 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once: setting it is process-wide, not something to do while other threads write
 
 
-def plain_file_modes(directory: str) -> None:
-    """Give the regular files directly in `directory` the mode a plain `open()` gives them (0666 less the umask):
-    a writer that goes through a private temp file (safetensors' `save_file` for the weights) leaves 0600."""
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, 0o666 & ~_UMASK)
-
-
 def iter_orphans(folder: str) -> Iterator[str]:
     """Temp entries in or beside `folder` (for tests and checks)."""
     folder = os.path.realpath(folder)

@@ -36,6 +36,13 @@ def seeded_rng_state(seed: int) -> torch.Tensor:
     return torch.Generator().manual_seed(seed).get_state()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN/inf. Its float32 sum is finite exactly when it does (NaN and inf
+    propagate through additions); only a sum that overflows needs the element-wise check (~20x slower)."""
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 RNG_STATE_BYTES = torch.Generator().get_state().numel()
 
 Geometry = tuple[int, int, int]  # (layers L, slots per layer N, hidden size d)

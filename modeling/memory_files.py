@@ -36,7 +36,6 @@ from .atomic_io import (
     atomic_write,
     link_tree,
     map_tensor_file,
-    plain_file_modes,
     read_tensor_file,
     tensors_digest,
     update_folder,
@@ -49,6 +48,7 @@ from .memory_fields import (
     SLOT_BUFFERS,
     MemoryChangedOnDiskError,
     MemoryStateError,
+    all_finite,
     dtype_name,
     torch_dtype,
 )
@@ -277,12 +277,14 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         long_term=long_term,
     )
     state.validate()
+    content_hash = None
     if described:
         try:
             recorded = json.loads(metadata.get("tensors", "null"))
         except ValueError:
             recorded = None
         actual = describe_state(state, head)
+        content_hash = actual["content_hash"]
         if recorded != actual["tensors"]:
             raise MemoryStateError(f"corrupted: its tensors {actual['tensors']} differ from its metadata {recorded}")
         wrong = {key: (numbers.get(key), actual[key]) for key in COUNTERS if numbers.get(key) != actual[key]}
@@ -293,7 +295,7 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     expected = metadata.get("content_hash")
     if described and expected is None:
         raise MemoryStateError("corrupted: its metadata has no content_hash")
-    if expected is not None and expected != state.content_hash():
+    if expected is not None and expected != (content_hash or state.content_hash()):
         raise MemoryStateError("corrupted: its content differs from the hash recorded when it was saved")
     return state
 
@@ -658,7 +660,7 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
         consistent = False
     if not consistent:
         raise _journal_error(path, "inconsistent injection numbers or shapes")
-    if not bool(torch.isfinite(slots).all()):
+    if not all_finite(slots):
         raise _journal_error(path, "holds NaN/inf slots")
     entries, drawn, ids = [], iter(generator), iter(token_ids.split(token_counts.clamp(min=0).tolist()))
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -1025,7 +1027,6 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
         if old is not None:
             check_unchanged(old, expected_hash, type(state))
         save_weights(staging)
-        plain_file_modes(staging)  # (weights as transformers writes them: 0644 under the usual umask, like the rest)
         groups = state_file_groups(state)
         dropped = model_owned_files(old) | stage_memory_files(staging, staging, groups, state, old, folder)
         return dropped | stage_previous(staging, old)

@@ -229,10 +229,3 @@ def test_stats_shows_the_journal_and_the_previous_memory(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert "journal       empty" in out and "previous      the memory before the last full save" in out
 
-
-def test_saved_files_get_the_mode_of_a_plain_open(tmp_path):
-    mask = os.umask(0o22)
-    os.umask(mask)
-    filling_model().save_pretrained(tmp_path / "model")
-    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir() if p.is_file()}
-    assert set(modes.values()) == {0o666 & ~mask}, modes  # the weights too (safetensors writes them 0600)
