@@ -229,3 +229,14 @@ def test_stats_shows_the_journal_and_the_previous_memory(tmp_path, capsys, monke
     out = capsys.readouterr().out
     assert "journal       empty" in out and "previous      the memory before the last full save" in out
 
+
+
+def test_the_finiteness_check_is_exact():
+    from memoryllm_hf.modeling.memory_fields import all_finite
+
+    big = torch.full((10,), 3e38)  # finite values whose sum overflows: the element-wise check decides
+    assert all_finite(big) and all_finite(torch.zeros(3, dtype=torch.bfloat16))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            assert not all_finite(torch.tensor([1.0, bad, 2.0], dtype=dtype))
+    assert not all_finite(torch.tensor([3e38, 3e38, float("nan")]))
