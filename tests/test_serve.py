@@ -283,3 +283,24 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
     code, out, err = run_cli(capsys, "inject", folder, "--text", NOTES)
     assert code == 0 and "removed the file of a stopped server" in err and not server_file(folder).exists()
     assert not staging_entries(folder)  # the next save cleaned up what the kill left
+
+
+def test_the_server_warms_up_before_the_first_question(retrieving_template, tmp_path, one_thread, monkeypatch):
+    """What the first read of a process computes once per store (every block's retrieval features, packed) is done
+    before the server says it is ready: its first question computes none."""
+    from memoryllm_hf.modeling import memory_reader
+
+    folder = copy(retrieving_template, tmp_path / "warm")
+    assert cli.main(["inject", str(folder), "--text", NOTES]) == 0
+    computed = []
+    real = memory_reader.block_features
+    monkeypatch.setattr(memory_reader, "block_features", lambda *a, **k: computed.append(1) or real(*a, **k))
+    server = ThreadServer(folder)
+    try:
+        assert computed, "the warm-up read computed the stored blocks' features"
+        computed.clear()
+        token = server.server.token
+        assert http(server.url, "POST", "/ask", {"question": "Where does Alice live?", "max_new_tokens": 2}, token)[0] == 200
+        assert computed == []
+    finally:
+        server.stop()
