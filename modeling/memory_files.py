@@ -4,9 +4,10 @@ and writers, and every format constant.
 * Single file (`MemoryState.save` / `.load`, snapshots, training checkpoints): the pool's tensors, and the long-term
   store's if any, in one safetensors file whose metadata (`describe_state`) records geometry, counters and hashes.
 * Checkpoint folder (`save_pretrained`, `memoryllm-hf inject`): weights as transformers writes them, plus one file per
-  memory part (`MEMORY_PARTS`: the pool in `memory.safetensors`, listed in the shard index so the pool buffers load
-  with the weights; the store in `long_term_memory.safetensors`, read by the model). Updates are folder swaps
-  (`atomic_io.update_folder`).
+  memory part (`MEMORY_PARTS`: the pool in `memory.safetensors`, named in the shard index's metadata and read by the
+  model's checked loader, holding only the filled slots of a pool filling up (`compact_pool`); the store in
+  `long_term_memory.safetensors`). Updates are folder swaps (`atomic_io.update_folder`); a full save keeps the memory
+  it replaces in `previous_memory/` (`stage_previous`, brought back by `memory_journal.restore_previous`).
 * Hub file set (`push_memory_to_hub`): the same part files plus `memory_state.json` (the pool file's metadata, the
   files' sha256 and versions), committed together.
 * Journal (`memory_journal/` in a checkpoint folder): saves that cost what changed. A memory save after injections
