@@ -19,9 +19,9 @@ Where the bytes are: `memory_files` (record format, `JOURNAL_DIR`, the journal p
 import dataclasses
 import os
 
+from .atomic_io import link_tree, update_folder
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_fields import MemoryStateError
-from .atomic_io import link_tree, update_folder
 from .memory_files import (
     INDEX_FILE,
     JOURNAL_DIR,
@@ -55,7 +55,8 @@ def journal_has_room(folder, record_bytes: int) -> bool:
     if len(paths) >= MAX_JOURNAL_RECORDS:
         return False
     held = sum(os.path.getsize(path) for path in paths)
-    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(os.path.join(os.fspath(folder), MEMORY_FILE))
+    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
+    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(pool)
 
 
 def journal_status(folder) -> dict:

@@ -221,7 +221,8 @@ def test_stats_shows_the_journal_and_the_previous_memory(tmp_path, capsys, monke
     out = capsys.readouterr().out
     records = sorted(os.listdir(folder / JOURNAL_DIR))
     held = sum((folder / JOURNAL_DIR / name).stat().st_size for name in records) / 2**20
-    assert f"journal       2 records (injections 1-{int(records[-1].split('-')[1].split('.')[0])}), {held:.4g} MiB" in out
+    last = int(records[-1].split("-")[1].split(".")[0])
+    assert f"journal       2 records (injections 1-{last}), {held:.4g} MiB" in out
     assert "previous" not in out
     model = MemoryLlamaForCausalLM.from_pretrained(folder)
     model.save_pretrained(folder)  # a full save

@@ -300,7 +300,8 @@ def test_the_server_warms_up_before_the_first_question(retrieving_template, tmp_
         assert computed, "the warm-up read computed the stored blocks' features"
         computed.clear()
         token = server.server.token
-        assert http(server.url, "POST", "/ask", {"question": "Where does Alice live?", "max_new_tokens": 2}, token)[0] == 200
+        question = {"question": "Where does Alice live?", "max_new_tokens": 2}
+        assert http(server.url, "POST", "/ask", question, token)[0] == 200
         assert computed == []
     finally:
         server.stop()
