@@ -15,13 +15,16 @@ from .memory_files import (
     LONG_TERM_FILE,
     MEMORY_FILE,
     MEMORY_PARTS,
+    PREVIOUS_DIR,
+    SEGMENTS_DIR,
     folder_head,
     model_owned_files,
     save_memory_to_folder,
     stage_memory_files,
     state_file_groups,
+    whole_pool_bytes,
 )
-from .memory_journal import MAX_JOURNAL_RECORDS, read_folder_memory
+from .memory_journal import MAX_JOURNAL_RECORDS, journal_status, read_folder_memory, restore_previous
 from .memory_loading import check_settings
 from .memory_placement import PLACEMENTS, user_turn_marker
 from .memory_reads import READS
@@ -48,6 +51,10 @@ __all__ = [
     "MEMORY_FILE",
     "MEMORY_PARTS",
     "MAX_JOURNAL_RECORDS",
+    "PREVIOUS_DIR",
+    "SEGMENTS_DIR",
+    "journal_status",
+    "whole_pool_bytes",
     "CallNumbers",
     "LazyPool",
     "MemoryBlock",
@@ -68,6 +75,7 @@ __all__ = [
     "model_owned_files",
     "next_state",
     "read_folder_memory",
+    "restore_previous",
     "folder_head",
     "save_memory_to_folder",
     "seeded_rng_state",

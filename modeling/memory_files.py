@@ -4,9 +4,10 @@ and writers, and every format constant.
 * Single file (`MemoryState.save` / `.load`, snapshots, training checkpoints): the pool's tensors, and the long-term
   store's if any, in one safetensors file whose metadata (`describe_state`) records geometry, counters and hashes.
 * Checkpoint folder (`save_pretrained`, `memoryllm-hf inject`): weights as transformers writes them, plus one file per
-  memory part (`MEMORY_PARTS`: the pool in `memory.safetensors`, listed in the shard index so the pool buffers load
-  with the weights; the store in `long_term_memory.safetensors`, read by the model). Updates are folder swaps
-  (`atomic_io.update_folder`).
+  memory part (`MEMORY_PARTS`: the pool in `memory.safetensors`, named in the shard index's metadata and read by the
+  model's checked loader, holding only the filled slots of a pool filling up (`compact_pool`); the store in
+  `long_term_memory.safetensors`). Updates are folder swaps (`atomic_io.update_folder`); a full save keeps the memory
+  it replaces in `previous_memory/` (`stage_previous`, brought back by `memory_journal.restore_previous`).
 * Hub file set (`push_memory_to_hub`): the same part files plus `memory_state.json` (the pool file's metadata, the
   files' sha256 and versions), committed together.
 * Journal (`memory_journal/` in a checkpoint folder): saves that cost what changed. A memory save after injections
@@ -45,9 +46,12 @@ from .memory_fields import (
     MEMORY_BUFFERS,
     REQUIRED_BUFFERS,
     RNG_STATE_BYTES,
+    SLOT_BUFFERS,
     MemoryChangedOnDiskError,
     MemoryStateError,
+    all_finite,
     dtype_name,
+    torch_dtype,
 )
 from .memory_store import (
     STORE_TENSORS,
@@ -70,6 +74,8 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_SHARD = "model-00001-of-00001.safetensors"
 JOURNAL_DIR = "memory_journal"
+# The memory a folder held before its last full memory save (`stage_previous`; `memory_journal.restore_previous`).
+PREVIOUS_DIR = "previous_memory"
 SEGMENTS_DIR = "long_term"  # a disk-backed store's segment files (memory-mapped)
 RETRIEVAL_INDEX_FILE = "retrieval_index.safetensors"  # the store's persisted retrieval index (memory_scoring)
 RETRIEVAL_INDEX_PREFIX = "retrieval_index/"  # its tensors inside a single-file memory state
@@ -86,6 +92,12 @@ DROP_STORE_HOW = (
 )
 # Metadata fields of a memory file (and of the Hub's memory_state.json) that must agree with its tensors.
 COUNTERS = ("num_hidden_layers", "num_memory_tokens", "hidden_size", "filled_slots", "injections")
+# A pool file whose metadata has `stored_slots: filled` holds only the filled slots of its per-slot tensors (the
+# empty ones, at the start of the pool, are zeros: `compact_pool`); older files hold the whole pool.
+POOL_STORED = "stored_slots"
+# A checkpoint's shard index does not list the pool file's tensors (their shapes are not the model's buffers'); its
+# metadata names the pool file instead (older indexes list the buffers in `memory.safetensors`).
+INDEX_POOL_KEY = "memory_file"
 
 TensorFile = tuple[dict[str, torch.Tensor], dict[str, str]]  # (tensors, metadata) of one safetensors file
 
@@ -120,11 +132,73 @@ def state_metadata(state, head: dict | None = None) -> dict[str, str]:
     return {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in describe_state(state, head).items()}
 
 
+def is_zero(tensor: torch.Tensor) -> bool:
+    """Whether every value is +0 (bit for bit: -0.0 and NaN are not)."""
+    if tensor.is_floating_point():
+        return not bool((tensor != 0).any() or torch.signbit(tensor).any())
+    return not bool(tensor.any())
+
+
+def compact_pool(state, head: dict | None = None) -> TensorFile:
+    """(tensors, metadata) of a pool file: a pool filling up (its empty slots all zeros, as `MemoryState.empty` and
+    the drop rule leave them) keeps only its filled slots (`POOL_STORED`); any other pool is kept whole, so that
+    `expand_pool` gives back the same tensors bit for bit."""
+    buffers, metadata = state.as_buffers(), state_metadata(state, head)
+    empty = state.num_slots - state.num_filled_slots
+    if empty and all(is_zero(buffers[name][:, :empty]) for name in SLOT_BUFFERS if name in buffers):
+        buffers = {name: t[:, empty:] if name in SLOT_BUFFERS else t for name, t in buffers.items()}
+        metadata[POOL_STORED] = "filled"
+    return buffers, metadata
+
+
+def whole_pool_bytes(path: str) -> int:
+    """The bytes of the whole pool a pool file holds (empty slots included, as its metadata records the tensors),
+    else (an older file) its size."""
+    with safe_open(path, "pt") as handle:
+        described = (handle.metadata() or {}).get("tensors")
+    try:
+        tensors = json.loads(described)
+        return sum(torch.Size(t["shape"]).numel() * torch_dtype(t["dtype"]).itemsize for t in tensors.values())
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return os.path.getsize(path)
+
+
+def recorded_geometry(path: str) -> tuple[int, ...] | None:
+    """(L, N, d) that a pool file's metadata records (None: not recorded, or not readable: the full read says why)."""
+    try:
+        with safe_open(path, "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    values = [metadata.get(key, "") for key in COUNTERS[:3]]
+    return tuple(int(value) for value in values) if all(value.isdigit() for value in values) else None
+
+
+def expand_pool(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The whole pool of a pool file's tensors: a `compact_pool` file's filled slots get their zero empty slots
+    back in front (the content hash, checked next, then proves them bit-exact); others are returned as they are."""
+    stored = metadata.get(POOL_STORED)
+    if stored is None:
+        return tensors
+    slots, filled = metadata.get("num_memory_tokens", ""), metadata.get("filled_slots", "")
+    if stored != "filled" or not slots.isdigit() or not filled.isdigit() or int(filled) > int(slots):
+        raise MemoryStateError(f"corrupted: {POOL_STORED}={stored!r}, num_memory_tokens={slots!r}, filled_slots="
+                               f"{filled!r} in its metadata")
+    expanded = dict(tensors)
+    for name in SLOT_BUFFERS:
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dim() < 2 or tensor.shape[1] != int(filled):
+            raise MemoryStateError(f"corrupted: {name} does not hold the {filled} filled slots its metadata records")
+        empty = tensor.new_zeros((tensor.shape[0], int(slots) - int(filled), *tensor.shape[2:]))
+        expanded[name] = torch.cat([empty, tensor], dim=1)
+    return expanded
+
+
 def write_state_file(path: str | os.PathLike, state) -> None:
     """One file holding the whole memory (pool and long-term store, each with its hash), written atomically."""
     state.validate()
     head = store_head(state.long_term)
-    metadata = state_metadata(state, head)
+    pool, metadata = compact_pool(state, head)
     if isinstance(state.long_term, MPlusMemory):
         metadata.update(long_term_hash=head["content_hash"], long_term_store=MPLUS_FORMAT)
         long_term = state.long_term.to_tensors()
@@ -136,7 +210,7 @@ def write_state_file(path: str | os.PathLike, state) -> None:
     if state.retrieval_index is not None and not isinstance(state.long_term, MPlusMemory):
         index = {RETRIEVAL_INDEX_PREFIX + name: tensor for name, tensor in state.retrieval_index[0].items()}
         metadata["retrieval_index"] = json.dumps(state.retrieval_index[1])
-    write_tensor_file(os.fspath(path), {**state.as_buffers(), **long_term, **index}, metadata)
+    write_tensor_file(os.fspath(path), {**pool, **long_term, **index}, metadata)
 
 
 def read_state_file(path: str | os.PathLike, state_class):
@@ -149,15 +223,29 @@ def read_state_file(path: str | os.PathLike, state_class):
     try:
         tensors, metadata = read_tensor_file(path)
     except (SafetensorError, OSError) as err:
-        raise MemoryStateError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
+        raise MemoryStateError(f"{path} is truncated or corrupted ({err}); {way_back(path)}") from err
     try:
         return decode_state_file(tensors, metadata, state_class)
     except MemoryStateError as err:
-        raise MemoryStateError(f"{path}: {err}") from None
+        raise MemoryStateError(f"{path}: {err}; {way_back(path)}") from None
+
+
+def way_back(path: str | None) -> str:
+    """What to do about the broken memory file `path` (or a broken memory of folder `path`): bring back the memory
+    kept in its folder's `PREVIOUS_DIR` when there is one, else restore from a backup."""
+    folder = None if path is None else path if os.path.isdir(path) else os.path.dirname(path)
+    if folder is not None and os.path.basename(folder) == SEGMENTS_DIR:  # a segment of a disk-backed store
+        folder = os.path.dirname(folder)
+    if folder is not None and os.path.isdir(os.path.join(folder, PREVIOUS_DIR)):
+        return (f"the memory saved before it is kept in {os.path.join(folder, PREVIOUS_DIR)}: bring it back with "
+                f"`memoryllm-hf restore-previous {folder}` (or memoryllm_hf.restore_previous_memory(folder)), or "
+                "restore the folder from a backup")
+    return "restore it from a backup"
 
 
 def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], state_class):
     """The checked `state_class` of a memory file's (tensors, metadata)."""
+    tensors = expand_pool(tensors, metadata)
     described = "memory_state" in metadata  # older files carry only {"format": "pt"}
     required = MEMORY_BUFFERS if described else REQUIRED_BUFFERS
     missing = [name for name in required if name not in tensors]
@@ -203,12 +291,14 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
             state.retrieval_index = (index, json.loads(metadata.get("retrieval_index", "")))
         except ValueError:
             state.retrieval_index = (index, {})
+    content_hash = None
     if described:
         try:
             recorded = json.loads(metadata.get("tensors", "null"))
         except ValueError:
             recorded = None
         actual = describe_state(state, head)
+        content_hash = actual["content_hash"]
         if recorded != actual["tensors"]:
             raise MemoryStateError(f"corrupted: its tensors {actual['tensors']} differ from its metadata {recorded}")
         wrong = {key: (numbers.get(key), actual[key]) for key in COUNTERS if numbers.get(key) != actual[key]}
@@ -219,7 +309,7 @@ def decode_state_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     expected = metadata.get("content_hash")
     if described and expected is None:
         raise MemoryStateError("corrupted: its metadata has no content_hash")
-    if expected is not None and expected != state.content_hash():
+    if expected is not None and expected != (content_hash or state.content_hash()):
         raise MemoryStateError("corrupted: its content differs from the hash recorded when it was saved")
     return state
 
@@ -269,7 +359,7 @@ def check_store_file_metadata(path: str, metadata: dict[str, str], store: LongTe
     wrong = {key: (metadata.get(key), value) for key, value in actual.items() if metadata.get(key) != str(value)}
     if wrong:
         raise LongTermStoreError(f"{path} is corrupted: its metadata and tensors disagree on {wrong} (metadata, "
-                                 "tensors); restore it from a backup")
+                                 f"tensors); {way_back(path)}")
 
 
 def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str | None = None) -> None:
@@ -290,7 +380,7 @@ def load_store(
     try:
         tensors, metadata = map_tensor_file(path) if mapped else read_tensor_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); restore it from a backup") from err
+        raise LongTermStoreError(f"{path} is truncated or corrupted ({err}); {way_back(path)}") from err
     if metadata.get("long_term_store") == MPLUS_FORMAT:  # an M+ model's long-term memory
         return decode_mplus_file(path, tensors, metadata, fingerprint)
     extra = sorted(set(tensors) - set(STORE_TENSORS) - set(TOKEN_TENSORS))
@@ -315,7 +405,8 @@ def load_store(
     else:
         digest = store_content_hash(store)
     if metadata.get("content_hash") != digest:
-        raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved")
+        raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved; "
+                                 f"{way_back(path)}")
     return store
 
 
@@ -583,7 +674,7 @@ def decode_journal_record(path: str, fingerprint: str | None = None) -> tuple[li
         consistent = False
     if not consistent:
         raise _journal_error(path, "inconsistent injection numbers or shapes")
-    if not bool(torch.isfinite(slots).all()):
+    if not all_finite(slots):
         raise _journal_error(path, "holds NaN/inf slots")
     entries, drawn, ids = [], iter(generator), iter(token_ids.split(token_counts.clamp(min=0).tolist()))
     for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -808,7 +899,7 @@ class MemoryPart:
 
 
 def _pool_file(state, head: dict) -> TensorFile:
-    return state.as_buffers(), state_metadata(state, head)
+    return compact_pool(state, head)
 
 
 def _store_file(state, head: dict) -> TensorFile | None:
@@ -824,7 +915,7 @@ def _index_file(state, head: dict) -> TensorFile | None:
     return state.retrieval_index if state.long_term and not isinstance(state.long_term, MPlusMemory) else None
 
 
-POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=True, hub_key="sha256")
+POOL_PART = MemoryPart("pool", MEMORY_FILE, _pool_file, in_index=False, hub_key="sha256")  # (see INDEX_POOL_KEY)
 STORE_PART = MemoryPart("long-term store", LONG_TERM_FILE, _store_file, in_index=False, hub_key="long_term_sha256")
 # The journal (a folder of records, see `memory_journal`): a full save writes none (the pool and store files hold
 # everything), so it is dropped from the folder; records are appended by `append_journal_record`.
@@ -908,8 +999,16 @@ def stage_memory_files(
     weight_map = {k: v for k, v in index["weight_map"].items() if k not in stored and v not in group_files}
     weight_map.update(stored)
     index["weight_map"] = dict(sorted(weight_map.items()))
-    write_index(os.path.join(staging, INDEX_FILE), index)
+    write_index(os.path.join(staging, INDEX_FILE), pool_index(index) if MEMORY_FILE in groups else index)
     return dropped
+
+
+def pool_index(index: dict) -> dict:
+    """A shard index that names the pool file in its metadata (`INDEX_POOL_KEY`) and lists no tensor in it (an
+    older index's entries for the pool file are dropped)."""
+    weight_map = {key: file for key, file in index.get("weight_map", {}).items() if file != MEMORY_FILE}
+    metadata = {**(index.get("metadata") or {}), INDEX_POOL_KEY: MEMORY_FILE}
+    return {**index, "metadata": metadata, "weight_map": weight_map}
 
 
 def write_index(path: str, index: dict) -> None:
@@ -946,7 +1045,8 @@ def save_memory_to_folder(folder: str | os.PathLike, state, expected_hash: str |
         if old is None:
             raise FileNotFoundError(f"{folder} does not exist; save the whole model with save_pretrained")
         check_unchanged(old, expected_hash, type(state))
-        return stage_memory_files(staging, old, state_file_groups(state), state, old, folder)
+        dropped = stage_memory_files(staging, old, state_file_groups(state), state, old, folder)
+        return dropped | stage_previous(staging, old)
 
     update_folder(folder, write)
 
@@ -961,9 +1061,25 @@ def save_model_folder(folder: str | os.PathLike, save_weights, state, expected_h
             check_unchanged(old, expected_hash, type(state))
         save_weights(staging)
         groups = state_file_groups(state)
-        return model_owned_files(old) | stage_memory_files(staging, staging, groups, state, old, folder)
+        dropped = model_owned_files(old) | stage_memory_files(staging, staging, groups, state, old, folder)
+        return dropped | stage_previous(staging, old)
 
     update_folder(folder, write)
+
+
+def stage_previous(staging: str, old: str | None) -> set[str]:
+    """Keep the memory that a full save replaces (the old folder's memory files: pool, store, journal, segments) in
+    `PREVIOUS_DIR` of the new folder being written in `staging` (hard links: the cost on disk is the old files that
+    the new memory no longer shares, about one pool and store file). One generation: the older one is dropped.
+    Returns the old entries this supersedes."""
+    if old is None or not os.path.isfile(os.path.join(old, MEMORY_FILE)):
+        return set()
+    previous = os.path.join(staging, PREVIOUS_DIR)
+    os.mkdir(previous)
+    for name in MEMORY_GROUP_FILES:
+        if os.path.lexists(os.path.join(old, name)):
+            link_tree(os.path.join(old, name), os.path.join(previous, name))
+    return {PREVIOUS_DIR}
 
 
 def read_folder_base(folder: str | os.PathLike, state_class, with_store: bool = True):
@@ -1030,7 +1146,17 @@ def checkpoint_memory_file(source, load_kwargs: dict) -> tuple[str | None, set[s
     fetch, folder = checkpoint_fetcher(source, load_kwargs)
     index = fetch(INDEX_FILE)
     if index is not None:
-        weight_map = read_json_object(index, INDEX_FILE).get("weight_map", {})
+        content = read_json_object(index, INDEX_FILE)
+        if (content.get("metadata") or {}).get(INDEX_POOL_KEY) == MEMORY_FILE:  # the pool file, not in the index
+            path = fetch(MEMORY_FILE)
+            if path is None:
+                raise MemoryStateError(
+                    f"{source}: {MEMORY_FILE} is missing (the index says the memory is there); restore it "
+                    f"({way_back(folder)}), or start with an empty memory by deleting the \"{INDEX_POOL_KEY}\" "
+                    f"entry of {INDEX_FILE}"
+                )
+            return path, set(MEMORY_BUFFERS), folder
+        weight_map = content.get("weight_map", {})
         keys, name = {key for key in MEMORY_BUFFERS if key in weight_map}, weight_map.get("memory")
     else:
         name = WEIGHTS_FILE

@@ -1,7 +1,7 @@
 """Hub API of MemoryLlama: push only the memory as one small commit, load a memory state by revision.
 
 A repo holds the weights once and the memory in its own files (the Hub layout of `memory_files`: `memory.safetensors`,
-listed in `model.safetensors.index.json`, the long-term store, `memory_state.json`). A memory update commits only
+named in `model.safetensors.index.json`, the long-term store, `memory_state.json`). A memory update commits only
 these files, so branches or commits of one repo can hold many memories of the same model.
 """
 
@@ -26,14 +26,17 @@ from transformers import PreTrainedTokenizerBase
 from .memory_fields import MEMORY_BUFFERS, MemoryStateError
 from .memory_files import (
     INDEX_FILE,
+    INDEX_POOL_KEY,
     MEMORY_FILE,
     MEMORY_STATE_FILE,
     SEGMENTS_DIR,
     WEIGHTS_FILE,
     hub_file_names,
+    pool_index,
     read_hub_files,
     read_json_object,
     write_hub_files,
+    write_index,
 )
 from .memory_state import MemoryState
 from .memory_store import LongTermStoreError
@@ -142,10 +145,13 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
                 f"{repo_id} does not exist on the Hub (or this token cannot see it): push the whole model once with "
                 "model.push_to_hub(repo_id), then push memories"
             ) from None
-        remote = check_remote_layout(repo_id, head, token, self.memory_fingerprint)
+        remote, index = check_remote_layout(repo_id, head, token, self.memory_fingerprint)
         with tempfile.TemporaryDirectory() as folder:
             metadata = self.write_memory_files(folder)
             added, absent = hub_file_names(metadata)
+            if index is not None:  # (an older layout: its index listed the pool's tensors)
+                write_index(os.path.join(folder, INDEX_FILE), index)
+                added.append(INDEX_FILE)
             # a disk-backed store: segments the revision already holds are not uploaded again, others removed
             ours, theirs = metadata.get("segments") or {}, remote.get("segments") or {}
             theirs = theirs if isinstance(theirs, dict) else {}
@@ -238,22 +244,25 @@ model.load_memory_from_hub("{repo_id}", revision="my-memory")   # or from_pretra
         return metadata
 
 
-def check_remote_layout(repo_id: str, revision: str, token, fingerprint) -> dict:
-    """Refuse a memory-only push into a repo whose index does not read the memory shard, or of another model (one
+def check_remote_layout(repo_id: str, revision: str, token, fingerprint) -> tuple[dict, dict | None]:
+    """Refuse a memory-only push into a repo whose index does not read the memory file, or of another model (one
     whose memory fingerprint differs from `fingerprint()`, the pushing model's, computed only when compared);
-    returns the revision's `memory_state.json` content ({} when it has none)."""
+    returns (the revision's `memory_state.json` content, {} when it has none; the index the push must upload with
+    the memory, None when the revision's is right: an older index lists the pool's tensors, see `pool_index`)."""
     index_path = _download(repo_id, INDEX_FILE, revision, token, None)
-    weight_map = {}
+    index = {}
     if index_path is not None:
-        weight_map = read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}").get("weight_map", {})
-    if any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
+        index = read_json_object(index_path, f"{repo_id}@{revision} {INDEX_FILE}")
+    weight_map, named = index.get("weight_map", {}), (index.get("metadata") or {}).get(INDEX_POOL_KEY) == MEMORY_FILE
+    upload = None if named else pool_index(index)
+    if not named and any(weight_map.get(name) != MEMORY_FILE for name in MEMORY_BUFFERS):
         raise ValueError(
             f"{repo_id}@{revision} does not keep the memory in its own {MEMORY_FILE} (per {INDEX_FILE}); "
             "push the whole model once with model.push_to_hub(repo_id), then push memories"
         )
     state_path = _download(repo_id, MEMORY_STATE_FILE, revision, token, None)
     if state_path is None:
-        return {}
+        return {}, upload
     content = read_json_object(state_path, f"{repo_id}@{revision} {MEMORY_STATE_FILE}")
     remote = content.get("fingerprint")
     if remote is not None and remote != fingerprint():
@@ -261,7 +270,7 @@ def check_remote_layout(repo_id: str, revision: str, token, fingerprint) -> dict
             f"{repo_id}@{revision} holds a different model (memory fingerprint {remote}, this model "
             f"{fingerprint()}); push this model to its own repo with push_to_hub"
         )
-    return content
+    return content, upload
 
 
 def pushed_weight_files(api: HfApi, repo_id: str, revision: str | None) -> set[str]:

@@ -19,16 +19,24 @@ Where the bytes are: `memory_files` (record format, `JOURNAL_DIR`, the journal p
 import dataclasses
 import os
 
+from .atomic_io import link_tree, update_folder
 from .configuration_memory_llama import MemoryLlamaConfig
 from .memory_fields import MemoryStateError
 from .memory_files import (
+    INDEX_FILE,
     JOURNAL_DIR,
     MEMORY_FILE,
+    MEMORY_GROUP_FILES,
+    PREVIOUS_DIR,
     decode_journal_record,
     journal_chain,
     journal_record_paths,
+    pool_index,
     read_folder_base,
+    read_index,
     recorded_content_hash,
+    whole_pool_bytes,
+    write_index,
 )
 from .memory_transition import replay
 
@@ -46,9 +54,22 @@ def journal_has_room(folder, record_bytes: int) -> bool:
     paths = [path for _, _, path in journal_record_paths(folder)]
     if len(paths) >= MAX_JOURNAL_RECORDS:
         return False
-    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
     held = sum(os.path.getsize(path) for path in paths)
-    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * os.path.getsize(pool)
+    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
+    return held + record_bytes <= MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(pool)
+
+
+def journal_status(folder) -> dict:
+    """What a folder's journal holds: its record files (`records`: [(first, last, path)]), their `bytes`, and the
+    bounds past which the next save compacts (`max_records`; `max_bytes`: the journal's share of the whole pool)."""
+    records = journal_record_paths(folder)
+    pool = os.path.join(os.fspath(folder), MEMORY_FILE)
+    return {
+        "records": records,
+        "bytes": sum(os.path.getsize(path) for _, _, path in records),
+        "max_records": MAX_JOURNAL_RECORDS,
+        "max_bytes": int(MAX_JOURNAL_POOL_FRACTION * whole_pool_bytes(pool)) if os.path.isfile(pool) else None,
+    }
 
 
 class PendingUpdates:
@@ -123,3 +144,34 @@ def read_folder_memory(folder, state_class, with_store: bool = True, config=None
             config = MemoryLlamaConfig.from_pretrained(os.fspath(folder))
         state = replay_folder_journal(folder, state, config)[0]
     return state if with_store else dataclasses.replace(state, long_term=())
+
+
+def restore_previous(folder, state_class):
+    """Make the memory a folder kept in `PREVIOUS_DIR` (the one its last full memory save replaced) its memory again,
+    after checking it fully, and keep the replaced memory there instead (restoring twice gives the memory back). A
+    folder swap under the folder lock: a crash leaves the one memory or the other. Returns the restored memory."""
+    folder = os.fspath(folder)
+    config = MemoryLlamaConfig.from_pretrained(folder)
+    restored = []
+
+    def write(staging: str, old: str | None) -> set[str]:
+        previous = None if old is None else os.path.join(old, PREVIOUS_DIR)
+        if previous is None or not os.path.isfile(os.path.join(previous, MEMORY_FILE)):
+            raise FileNotFoundError(
+                f"{folder} keeps no previous memory ({PREVIOUS_DIR}/ is made by a full save: save_pretrained, a "
+                "journal compaction); restore the folder from a backup"
+            )
+        restored.append(read_folder_memory(previous, state_class, config=config))  # refused if broken: no change
+        for name in os.listdir(previous):
+            link_tree(os.path.join(previous, name), os.path.join(staging, name))
+        os.mkdir(os.path.join(staging, PREVIOUS_DIR))
+        for name in MEMORY_GROUP_FILES:
+            if os.path.lexists(os.path.join(old, name)):
+                link_tree(os.path.join(old, name), os.path.join(staging, PREVIOUS_DIR, name))
+        index = read_index(old)
+        if index is not None:  # (the restored pool file is named in the index, whatever its layout)
+            write_index(os.path.join(staging, INDEX_FILE), pool_index(index))
+        return {*MEMORY_GROUP_FILES, PREVIOUS_DIR, INDEX_FILE}
+
+    update_folder(folder, write)
+    return restored[0]

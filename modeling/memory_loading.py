@@ -13,7 +13,13 @@ from transformers.utils import logging
 from .configuration_memory_llama import MemoryLlamaConfig, config_field_names, refuse_unknown_settings
 from .memory_adapters import READ, AdapterWeights
 from .memory_fields import MEMORY_BUFFERS
-from .memory_files import RETRIEVAL_INDEX_FILE, checkpoint_file, checkpoint_memory_file, read_index_file
+from .memory_files import (
+    RETRIEVAL_INDEX_FILE,
+    checkpoint_file,
+    checkpoint_memory_file,
+    read_index_file,
+    recorded_geometry,
+)
 from .memory_placement import base_tokenizer, placement_defaults
 from .memory_reader import read_long_term_file
 from .memory_reads import READS
@@ -108,11 +114,20 @@ def load_pretrained(cls, parent_from_pretrained, args: tuple, kwargs: dict, allo
             raise
         raise ValueError(MISMATCHED_SHAPES) from err
     reset_missing_adapters(model, info["missing_keys"])
-    if any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
+    source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    pool_file, keys, folder = checkpoint_memory_file(source, kwargs)
+    geometry = None if pool_file is None else recorded_geometry(pool_file)  # (a pool file the index does not list)
+    mismatched = geometry is not None and geometry != tuple(model.memory.shape)
+    if mismatched and not kwargs.get("ignore_mismatched_sizes"):
+        raise ValueError(
+            f"{pool_file} holds a pool of {geometry} (layers, slots, hidden size), the config's pool is "
+            f"{tuple(model.memory.shape)}: num_hidden_layers / num_memory_tokens / hidden_size in config.json "
+            "disagree with it; fix the config, or pass ignore_mismatched_sizes=True to start with an empty pool"
+        )
+    if mismatched or any(key.startswith("memory") for key, *_ in info["mismatched_keys"]):
         logger.warning("memory pool shape differs from the checkpoint: starting with an empty pool")
         model.reset_memory()
     else:
-        pool_file, keys, folder = checkpoint_memory_file(source, kwargs)
         model.adopt_checkpoint_memory(pool_file, keys, folder, allow_other_model)
         if drop_long_term_memory:
             logger.warning(f"{source}: the long-term store is dropped on purpose (drop_long_term_memory=True)")

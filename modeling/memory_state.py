@@ -16,6 +16,7 @@ from .memory_fields import (
     RNG_STATE_BYTES,
     MemoryChangedOnDiskError,
     MemoryStateError,
+    all_finite,
     config_geometry,
     fresh_tensors,
     seeded_rng_state,
@@ -154,7 +155,7 @@ class MemoryState:
                 f"rng_state must be a CPU generator state (uint8[{RNG_STATE_BYTES}]), "
                 f"got {rng.dtype} {tuple(rng.shape)}"
             )
-        if not bool(torch.isfinite(memory).all()):
+        if not all_finite(memory):
             bad = int((~torch.isfinite(memory)).sum())
             raise MemoryStateError(f"memory holds {bad} NaN/inf values; refusing to use it")
         try:

@@ -26,7 +26,7 @@ from .memory_files import (
 )
 from .memory_journal import PendingUpdates, journal_has_room, replay_folder_journal
 from .memory_pool import is_sole_reference
-from .memory_state import MemoryState
+from .memory_state import MemoryState, stored_content_hash
 from .memory_store import LongTermStoreError, check_token_vocab
 from .memory_transition import next_state
 from .mplus_memory import MPlusMemory
@@ -377,8 +377,8 @@ class MemoryStateMixin:
         except MemoryStateError as err:
             raise MemoryStateError(f"{memory_file}: {err}") from None
         self.swap_memory_state(state)
-        if folder is not None:
-            self.memory_origin.record(folder, state.content_hash())
+        if folder is not None:  # (the hash its metadata records, checked by the load: not computed again)
+            self.memory_origin.record(folder, stored_content_hash(memory_file))
 
     # ------------------------------------------------------------------ snapshots
     @property

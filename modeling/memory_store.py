@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from .atomic_io import tensors_digest
-from .memory_fields import torch_dtype
+from .memory_fields import all_finite, torch_dtype
 from .memory_settings import check_store_dtype
 
 # Names of the store's tensors in a safetensors file (all blocks concatenated along the slot axis).
@@ -190,7 +190,7 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
                 f"{block.call}, {injections} injections made): the store is corrupted"
             )
-        if slots.is_meta or not bool(torch.isfinite(slots).all()):
+        if slots.is_meta or not all_finite(slots):
             raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
         ids = block.token_ids
         if ids is not None and (

@@ -14,6 +14,7 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RevisionNotFoundError
+from safetensors import safe_open
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
 
@@ -409,3 +410,78 @@ def test_long_term_store_travels_with_pushes_and_revisions(hub):
     model.push_memory_to_hub(REPO, revision="b")
     assert "long_term_memory.safetensors" not in tree("b")
     assert AutoModelForCausalLM.from_pretrained(REPO, revision="b", read_mode="pool").long_term_memory == ()
+
+
+# ---------------------------------------------------------------- one commit per push; pool files of the filled slots
+def test_a_full_push_is_one_commit_holding_everything(hub):
+    api = HfApi()
+    model, tokenizer = model_with_memory(injections=2), tiny_tokenizer()
+    model.push_to_hub(REPO, tokenizer=tokenizer)
+    commits = api.list_repo_commits(REPO)
+    assert len(commits) == 2  # the repo's creation, then the push
+    files = set(tree("main"))
+    expected = {"config.json", "model.safetensors.index.json", "memory.safetensors", "memory_state.json",
+                "README.md", "tokenizer.json", "modeling_memory_llama.py"}
+    assert expected <= files and files - {".gitattributes"} == set(hub.files(REPO, commits[0].commit_id)) - {
+        ".gitattributes"}
+    model.inject(torch.arange(40, 52))
+    model.push_to_hub(REPO, tokenizer=tokenizer)  # again, into the existing repo: one more commit
+    model.push_to_hub(REPO, revision="other")  # and to a new branch: one commit on it
+    assert len(api.list_repo_commits(REPO)) == 3 and len(api.list_repo_commits(REPO, revision="other")) == 4
+
+
+def filling_model_with_memory(injections: int = 2):
+    """A model whose pool fills up from zeros (as from_base leaves it): its pool file holds the filled slots."""
+    model = tiny_model(memory_update="input", fresh_pool="grow")
+    model.reset_memory()
+    for i in range(injections):
+        model.inject(torch.arange(3 + 10 * i, 13 + 10 * i))
+    return model
+
+
+def test_pool_files_of_the_filled_slots_travel_through_the_hub_bit_for_bit(hub):
+    model = filling_model_with_memory()
+    model.push_to_hub(REPO)
+    with safe_open(hf_hub_path("memory.safetensors"), "pt") as handle:
+        stored = handle.get_slice("memory").get_shape()[1]
+    assert stored == model.num_filled_slots < model.config.num_memory_tokens
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO), model.memory_state())
+    model.inject(torch.arange(60, 70))
+    model.push_memory_to_hub(REPO, revision="later", create_branch=True)
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO, revision="later"), model.memory_state())
+    fresh = filling_model_with_memory(injections=0)
+    fresh.load_memory_from_hub(REPO, revision="later")
+    assert_same_memory(fresh, model.memory_state())
+
+
+def hf_hub_path(name: str, revision: str | None = None) -> str:
+    return HfApi().hf_hub_download(REPO, name, revision=revision)
+
+
+def test_a_memory_push_into_an_older_layout_also_uploads_the_index(hub, monkeypatch):
+    """Older pushes listed the pool's tensors in the index: a memory push there sends the new index with the memory
+    (transformers would otherwise read the smaller pool file as the whole pool)."""
+    from memoryllm_hf.modeling.memory_fields import MEMORY_BUFFERS
+
+    model = filling_model_with_memory()
+    model.push_to_hub(REPO)
+    index = json.loads(hub.files(REPO)["model.safetensors.index.json"])
+    index["metadata"].pop("memory_file")
+    index["weight_map"].update(dict.fromkeys(MEMORY_BUFFERS, "memory.safetensors"))
+    HfApi().upload_file(path_or_fileobj=json.dumps(index).encode(), path_in_repo="model.safetensors.index.json",
+                        repo_id=REPO)
+    model.inject(torch.arange(60, 70))
+    sent = []
+    real = HfApi.create_commit
+
+    def recording(self, repo_id, operations, *args, **kwargs):
+        sent.extend(op.path_in_repo for op in operations)
+        return real(self, repo_id, operations, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", recording)
+    model.push_memory_to_hub(REPO)
+    assert sorted(sent) == sorted({*MEMORY_FILES, "model.safetensors.index.json"})
+    assert_same_memory(AutoModelForCausalLM.from_pretrained(REPO), model.memory_state())
+    sent.clear()
+    model.push_memory_to_hub(REPO)  # the index is right now: only the memory again
+    assert sorted(sent) == sorted(MEMORY_FILES)

@@ -91,8 +91,11 @@ def test_saved_file_and_folder_index_list_exactly_the_table(tmp_path):
         "long_term_slots", "long_term_injection", "long_term_call", "long_term_token_ids", "long_term_token_counts"
     }
     model.save_pretrained(tmp_path / "folder")
-    weight_map = json.loads((tmp_path / "folder" / INDEX_FILE).read_text())["weight_map"]
-    assert {k for k, v in weight_map.items() if v == MEMORY_FILE} == set(MEMORY_BUFFERS)
+    index = json.loads((tmp_path / "folder" / INDEX_FILE).read_text())
+    # the pool file is named in the index's metadata, its tensors are not listed (they hold the filled slots only)
+    assert MEMORY_FILE not in index["weight_map"].values() and index["metadata"]["memory_file"] == MEMORY_FILE
+    with safe_open(tmp_path / "folder" / MEMORY_FILE, "pt") as handle:
+        assert set(handle.keys()) == set(MEMORY_BUFFERS)
     assert (tmp_path / "folder" / LONG_TERM_FILE).is_file()  # the store part: a file, not in the index
 
 

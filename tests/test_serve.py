@@ -121,6 +121,8 @@ def test_http_endpoints(served):
     assert status == 200 and result["num_injections"] == before.num_injections + result["updates"]
     saved = folder_memory(folder)  # on disk before the reply came
     assert saved.content_hash() == result["content_hash"] != before.content_hash()
+    lines = http(server.url, "POST", "/stats", {}, token)[1]["lines"]  # the journal, beside the store
+    assert any(line.startswith("journal       2 records (injections 1-") for line in lines)
 
     assert http(server.url, "POST", "/snapshot", {"name": "one"}, token)[0] == 200
     assert (folder / "snapshots" / "one.safetensors").is_file()
@@ -130,6 +132,8 @@ def test_http_endpoints(served):
     assert folder_memory(folder).content_hash() == saved.content_hash()
     status, stats = http(server.url, "POST", "/stats", {}, token)
     assert status == 200 and f"injections    {saved.num_injections}" in stats["lines"]
+    assert any(line.startswith("journal       empty") for line in stats["lines"])  # /restore saved in full
+    assert any(line.startswith("previous      the memory before the last full save") for line in stats["lines"])
 
     # refusals say what to send instead, and change nothing
     refusals = [
@@ -279,3 +283,25 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
     code, out, err = run_cli(capsys, "inject", folder, "--text", NOTES)
     assert code == 0 and "removed the file of a stopped server" in err and not server_file(folder).exists()
     assert not staging_entries(folder)  # the next save cleaned up what the kill left
+
+
+def test_the_server_warms_up_before_the_first_question(retrieving_template, tmp_path, one_thread, monkeypatch):
+    """What the first read of a process computes once per store (every block's retrieval features, packed) is done
+    before the server says it is ready: its first question computes none."""
+    from memoryllm_hf.modeling import memory_reader
+
+    folder = copy(retrieving_template, tmp_path / "warm")
+    assert cli.main(["inject", str(folder), "--text", NOTES]) == 0
+    computed = []
+    real = memory_reader.block_features
+    monkeypatch.setattr(memory_reader, "block_features", lambda *a, **k: computed.append(1) or real(*a, **k))
+    server = ThreadServer(folder)
+    try:
+        assert computed, "the warm-up read computed the stored blocks' features"
+        computed.clear()
+        token = server.server.token
+        question = {"question": "Where does Alice live?", "max_new_tokens": 2}
+        assert http(server.url, "POST", "/ask", question, token)[0] == 200
+        assert computed == []
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ _EXPORTS = {
     "MemoryStateError": ".modeling",
     "convert_official": ".convert",
     "load": ".loading",
+    "restore_previous_memory": ".folder",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

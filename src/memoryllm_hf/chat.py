@@ -173,7 +173,7 @@ class ChatSession:
         self.say(f"restored snapshot {name!r} ({self.model.num_injections} injections)")
 
     def stats(self, _: str) -> None:
-        self.say("\n".join(memory_report(self.model.memory_state(), folder_config(self.folder))))
+        self.say("\n".join(memory_report(self.model.memory_state(), folder_config(self.folder), self.folder)))
 
     def save(self, argument: str) -> None:
         if argument not in ("", "force"):

@@ -1,4 +1,4 @@
-"""Core subcommands: demo, convert, inject, ask, chat, stats."""
+"""Core subcommands: demo, convert, inject, ask, chat, stats, drop-store, restore-previous."""
 
 import argparse
 
@@ -101,7 +101,7 @@ def _stats(args: argparse.Namespace) -> int:
     from .messages import stats_text
 
     config, state = folder_config(args.folder), folder_memory(args.folder)
-    lines = memory_report(state, config) + check_folder(args.folder)
+    lines = memory_report(state, config, args.folder) + check_folder(args.folder)
     if args.png:
         plot_slot_norms(state, args.png)
     print(stats_text(args.folder, lines, args.png and png_path(args.png)))
@@ -114,6 +114,20 @@ def _drop_store(args: argparse.Namespace) -> int:
     dropped = drop_store(args.folder)
     what = "a missing or unreadable store" if dropped is None else f"{dropped} stored injections"
     print(f"dropped the long-term store of {args.folder} ({what}); the pool is kept, new injections are stored again")
+    return 0
+
+
+def _restore_previous(args: argparse.Namespace) -> int:
+    from .client import running_server
+    from .folder import folder_config, locked, restore_previous_memory
+
+    folder_config(args.folder)
+    if running_server(args.folder) is not None:
+        raise ValueError(f"a `memoryllm-hf serve` holds {args.folder}: stop it first (Ctrl-C), then restore")
+    with locked(args.folder):
+        state = restore_previous_memory(args.folder)
+    print(f"restored the previous memory of {args.folder} ({state.num_injections} injections, content hash "
+          f"{state.content_hash()[:16]}); the memory it replaced is kept in previous_memory/ (run again to undo)")
     return 0
 
 
@@ -193,3 +207,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     drop.add_argument("folder", help="MemoryLlama folder")
     drop.set_defaults(func=_drop_store)
+
+    previous = subparsers.add_parser(
+        "restore-previous",
+        help="bring back the memory a folder held before its last full save (kept in FOLDER/previous_memory/)",
+    )
+    previous.add_argument("folder", help="MemoryLlama folder")
+    previous.set_defaults(func=_restore_previous)

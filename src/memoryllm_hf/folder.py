@@ -19,6 +19,7 @@ from .modeling import (
     folder_lock,
     is_blank_text,
     read_folder_memory,
+    restore_previous,
     save_memory_to_folder,
 )
 
@@ -64,6 +65,14 @@ def drop_store(folder: str | Path) -> int | None:
         expected = folder_head(folder, MemoryState)  # (the journal's head, else the pool file's hash)
         save_memory_to_folder(folder, dataclasses.replace(pool, long_term=()), expected_hash=expected)
     return dropped
+
+
+def restore_previous_memory(folder: str | Path) -> MemoryState:
+    """Bring back the memory a folder held before its last full memory save (`save_pretrained`, a journal
+    compaction, `drop-store`), kept in FOLDER/previous_memory/ (one generation; the replaced memory is kept there in
+    its place, so restoring twice gives it back). Checked fully before anything changes; crash-safe (a folder swap).
+    Returns the restored memory."""
+    return restore_previous(folder, MemoryState)
 
 
 def check_folder(folder: str | Path) -> list[str]:
@@ -167,8 +176,9 @@ def histogram_lines(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> list[st
     ]
 
 
-def memory_report(state: MemoryState, config: dict) -> list[str]:
-    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot ages and norms."""
+def memory_report(state: MemoryState, config: dict, folder: str | Path | None = None) -> list[str]:
+    """Human-readable description of a memory: geometry, update rule, fill level, injections, slot ages and norms,
+    the long-term store, and (with `folder`) the folder's memory files: journal, previous memory."""
     L, N, d = state.memory.shape
     filled = state.num_filled_slots
     lines = [
@@ -196,7 +206,44 @@ def memory_report(state: MemoryState, config: dict) -> list[str]:
             f"slot norms    mean {float(norms.mean()):.4g}, min {float(norms.min()):.4g}, max {float(norms.max()):.4g}"
         )
         lines += ["slot norm histogram (all layers):"] + ["  " + line for line in histogram_lines(norms.flatten())]
-    return lines + store_report(state, config)
+    return lines + store_report(state, config) + ([] if folder is None else disk_report(folder))
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.4g} MiB"
+
+
+def _tree_bytes(path: Path, only_unshared: bool = False) -> int:
+    """Bytes of a file or folder tree (`only_unshared`: files with no other hard link, i.e. what it alone costs)."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+    return sum(p.stat().st_size for p in files if not only_unshared or p.stat().st_nlink == 1)
+
+
+def disk_report(folder: str | Path) -> list[str]:
+    """Lines describing a folder's memory files: the pool and store files, the journal since the last full save
+    (records, bytes, when it compacts), the previous memory kept for `restore-previous` (what it alone costs)."""
+    from .modeling import LONG_TERM_FILE, MEMORY_FILE, PREVIOUS_DIR, SEGMENTS_DIR, journal_status, whole_pool_bytes
+
+    folder = Path(folder)
+    pool = folder / MEMORY_FILE
+    if not pool.is_file():
+        return []
+    store = _tree_bytes(folder / LONG_TERM_FILE) + _tree_bytes(folder / SEGMENTS_DIR)
+    lines = [f"files         pool {_mib(pool.stat().st_size)} (whole pool {_mib(whole_pool_bytes(str(pool)))}), "
+             f"store {_mib(store)}"]
+    journal = journal_status(folder)
+    records = journal["records"]
+    bound = f"compacts past {journal['max_records']} records or {_mib(journal['max_bytes'])}"
+    if records:
+        lines.append(f"journal       {len(records)} record{'s' * (len(records) != 1)} (injections {records[0][0]}-"
+                     f"{records[-1][1]}), {_mib(journal['bytes'])} since the last full save ({bound})")
+    else:
+        lines.append(f"journal       empty: the last save was a full one ({bound})")
+    previous = folder / PREVIOUS_DIR
+    if previous.is_dir():
+        lines.append(f"previous      the memory before the last full save, in {PREVIOUS_DIR}/ "
+                     f"({_mib(_tree_bytes(previous, only_unshared=True))} of its own; `memoryllm-hf restore-previous`)")
+    return lines
 
 
 def store_report(state: MemoryState, config: dict) -> list[str]:

@@ -140,6 +140,9 @@ class MemoryServer:
         model, tokenizer = load_folder(self.folder, self.read_mode)
         self.service = FolderService(self.folder, model, tokenizer)
         self.log(f"loaded {self.folder} in {time.perf_counter() - start:.1f} s ({model.num_injections} injections)")
+        start = time.perf_counter()
+        self.service.warm_up()
+        self.log(f"ready for questions after a warm-up read of {time.perf_counter() - start:.1f} s")
 
     def _write_file(self, state: str) -> None:
         info = {"pid": os.getpid(), "port": self.port, "host": HOST, "token": self.token, "state": state}

@@ -71,6 +71,13 @@ class FolderService:
     def ask(self, question: str, max_new_tokens: int = 128, read_mode: str | None = None) -> str:
         return self.chat([{"role": "user", "content": question}], max_new_tokens, read_mode)
 
+    def warm_up(self) -> None:
+        """Read the memory once for a one-token answer that is thrown away, so that what the first read of a process
+        computes once per store (every stored block's retrieval features and their packing, a text scorer's index)
+        is done before the first question (a server calls it before it answers)."""
+        if self.model.memory_is_initialized or self.model.long_term_memory:
+            reply(self.model, self.tokenizer, [{"role": "user", "content": "Hello"}], max_new_tokens=1)
+
     def save(self) -> None:
         """Save the memory into the folder: the injections since the last save are appended to its journal (a full
         save after an undo or a restore; `model.save_memory`); refused when another process changed the folder's
@@ -105,7 +112,7 @@ class FolderService:
         state = self.model.memory_state()
         if png:
             plot_slot_norms(state, png)
-        return memory_report(state, self.config) + check_folder(self.folder), png and str(png_path(png))
+        return memory_report(state, self.config, self.folder) + check_folder(self.folder), png and str(png_path(png))
 
     def snapshot(self, name: str) -> Path:
         return take_snapshot(self.model, self.folder, name)

@@ -59,11 +59,6 @@ def _load_checkpoint(source: str, dtype, memory: dict, device=None):
             raise ValueError(f"{shape} cannot be changed on a saved model; convert it again instead")
         if device is not None and config.get("long_term_memory_device") is not None:
             memory.setdefault("long_term_memory_device", str(device))
-        if Path(source).is_dir():
-            from .folder import folder_memory
-
-            # a truncated, corrupt or mixed memory is refused before any weights are read
-            folder_memory(source, with_store=not memory.get("drop_long_term_memory"))
         model = MemoryLlamaForCausalLM.from_pretrained(source, **load, **memory)
     else:
         raise ValueError(
