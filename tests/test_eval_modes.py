@@ -103,3 +103,103 @@ def test_a_run_of_several_read_modes_equals_the_runs_of_each(
 
     text = report(tmp_path / "multi.json")
     assert "*pool read*" in text and "*retrieve read*" in text and "--read-modes pool retrieve" in text
+
+
+@pytest.mark.parametrize("stop", [3, 4])
+@pytest.mark.parametrize("task", ["retention", "editing", "longcontext", "integrity"])
+def test_a_run_of_several_modes_stopped_anywhere_resumes_to_the_unbroken_run(
+    data_dir, stream_folder, tmp_path, monkeypatch, task, stop  # noqa: F811
+):
+    """Stopped at the `stop`-th record (between two modes' records of one item, or between items), resumed: every
+    mode's records and metrics equal an unbroken run's."""
+    from memoryllm_hf.evaluation import records as records_module
+
+    argv = [*_task_argv(task, data_dir, stream_folder), "--read-modes", *MODES]
+    whole = _run(argv, tmp_path / "whole.json")
+    add, calls = records_module.RecordLog.add, []
+
+    def interrupted(log, key, index, record):
+        calls.append(key)
+        if len(calls) == stop:
+            raise KeyboardInterrupt
+        add(log, key, index, record)
+
+    monkeypatch.setattr(records_module.RecordLog, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(argv, tmp_path / "cut.json")
+    monkeypatch.setattr(records_module.RecordLog, "add", add)
+    assert {key.split("/")[0] for key in calls[:stop] if "/" in key} <= set(MODES)
+    resumed = _run([*argv, "--resume"], tmp_path / "cut.json")
+    assert _mode_records(resumed["by_read_mode"]) == _mode_records(whole["by_read_mode"])
+
+
+@pytest.mark.parametrize("task", ["retention", "editing"])
+def test_shards_of_a_run_of_several_modes_merge_to_the_whole_run(
+    data_dir, stream_folder, tmp_path, task  # noqa: F811
+):
+    from memoryllm_hf.evaluation.report import main as report_main
+
+    argv = [*_task_argv(task, data_dir, stream_folder), "--read-modes", *MODES]
+    whole = _run(argv, tmp_path / "whole.json")
+    for shard in range(2):
+        _run([*argv, "--shard", f"{shard}/2"], tmp_path / f"s{shard}.json")
+    shards = [str(tmp_path / f"s{shard}.json") for shard in (1, 0)]
+    assert report_main(["--merge", str(tmp_path / "merged.json"), *shards]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [s["shard"] for s in merged.pop("shards")] == [[0, 2], [1, 2]]
+    assert _mode_records(merged) == _mode_records(whole)  # (a shard's batches hold other rows: batch_rows differ)
+    assert [r["read_mode"] for r in merged["by_read_mode"]["retrieve"]["records"] if "memory" in r][:1] == ["retrieve"]
+    for mode in MODES:
+        assert (tmp_path / f"merged-{mode}.png").exists() == (task == "retention" or task == "editing")
+
+
+def test_a_log_written_before_read_modes_resumes_and_reports(data_dir, tmp_path):  # noqa: F811
+    """A single-mode log whose header has no `read_modes` entry (as every log before this option) resumes with
+    the same records, and its results file reports as before."""
+    from memoryllm_hf.evaluation.records import CHECKSUM, checksum
+    from memoryllm_hf.evaluation.report import report
+
+    argv = [*TASK_ARGS["editing"], "--data", str(data_dir), "--read-mode", "pool"]
+    whole = _run(argv, tmp_path / "whole.json")
+    log = tmp_path / "old.records.jsonl"
+    lines = (tmp_path / "whole.records.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["header"]["config"].pop("read_modes") is None
+    header[CHECKSUM] = checksum(header)
+    log.write_text("\n".join([json.dumps(header), *lines[1:3]]) + "\n")  # the header and two records
+    resumed = _run([*argv, "--resume"], tmp_path / "old.json")
+    assert "by_read_mode" not in resumed
+    assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
+    assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
+    assert "read)" in report(tmp_path / "old.json") and "*pool read*" not in report(tmp_path / "old.json")
+
+
+def test_switching_the_read_mode_between_reads_leaks_no_cache():
+    """One model, one memory: reads alternating between pool and retrieve give each mode's logits of a model that
+    only ever read with that mode (the read objects' caches do not leak into the other mode)."""
+    from memoryllm_hf.evaluation.modes import ReadModes
+    from memoryllm_hf.tiny import tiny_model
+
+    def model(read_mode):
+        found = tiny_model(seed=3, long_term_memory_tokens=256, read_mode=read_mode)
+        for text in range(6):
+            found.inject(torch.randint(4, 90, (40,), generator=torch.Generator().manual_seed(text)), progress=False)
+        return found
+
+    prompt = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(9))
+
+    def logits(found):
+        with torch.no_grad():
+            return found(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits
+
+    alone = {mode: logits(model(mode)) for mode in MODES}
+    assert not torch.equal(alone["pool"], alone["retrieve"])
+    shared = model("pool")
+    modes = ReadModes(shared, MODES)
+    for mode in [*MODES, *MODES[::-1], *MODES]:
+        with modes.reading(mode):
+            assert shared.config.read_mode == mode
+            torch.testing.assert_close(logits(shared), alone[mode], rtol=0, atol=1e-6)
+    assert shared.config.read_mode == "pool"
+    with pytest.raises(ValueError, match="read mode 'banana' cannot be served"):
+        ReadModes(shared, ["pool", "banana"])

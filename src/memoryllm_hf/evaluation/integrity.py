@@ -132,9 +132,8 @@ def run_integrity(
             for mode in modes.names:
                 with modes.reading(mode):
                     success = probe(model, tokenizer, prompter, example, probe_mode, pad_id, max_new_tokens)
-                count = counts[mode]
-                count["hits"], count["probes"] = count["hits"] + success, count["probes"] + 1
-                count["window_hits"], count["window_probes"] = count["window_hits"] + success, count["window_probes"] + 1
+                for name, value in (("hits", success), ("probes", 1), ("window_hits", success), ("window_probes", 1)):
+                    counts[mode][name] += value
         if step % record_every == 0 or step == updates:
             inject_seconds += window_seconds
             row = {

@@ -346,7 +346,8 @@ def merge(output: str | Path, shards: list[str | Path]) -> Path:
         modes = documents[0]["read_modes"]
         if any(doc.get("read_modes") != modes for doc in documents):
             raise ValueError("the shards come from different runs: their read modes differ")
-        parts = {mode: merge_shards([dict(sub_documents(doc))[mode] for doc in documents], metrics_of) for mode in modes}
+        views = [dict(sub_documents(doc)) for doc in documents]
+        parts = {mode: merge_shards([view[mode] for view in views], metrics_of) for mode in modes}
         merged = {key: value for key, value in parts[modes[0]].items() if key not in (*MODE_FIELDS, "read_mode")}
         merged["by_read_mode"] = {
             mode: {key: value for key, value in part.items() if key in MODE_FIELDS} for mode, part in parts.items()
