@@ -203,3 +203,20 @@ def test_switching_the_read_mode_between_reads_leaks_no_cache():
     assert shared.config.read_mode == "pool"
     with pytest.raises(ValueError, match="read mode 'banana' cannot be served"):
         ReadModes(shared, ["pool", "banana"])
+
+
+def test_a_retrieve_read_of_nothing_is_not_the_no_memory_answer():
+    """Why no shortcut is taken for prompts that read nothing (every injection below the retrieval threshold):
+    such a row still reads the memory's `[bos]` prefix, so its answer is not the base model's (no-memory) answer;
+    every mode's memory answers are computed."""
+    from memoryllm_hf.tiny import tiny_model
+
+    model = tiny_model(seed=3, long_term_memory_tokens=256, read_mode="retrieve", retrieval_threshold=1e9)
+    for text in range(3):
+        model.inject(torch.randint(4, 90, (40,), generator=torch.Generator().manual_seed(text)), progress=False)
+    prompt = torch.randint(4, 90, (1, 12), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        read = model(input_ids=prompt, attention_mask=torch.ones_like(prompt)).logits
+        assert model.last_retrieval == [[]] and model.config.add_bos_embedding
+        plain = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_memory=False).logits
+    assert not torch.allclose(read, plain, atol=1e-3)
