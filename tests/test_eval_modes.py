@@ -220,3 +220,16 @@ def test_a_retrieve_read_of_nothing_is_not_the_no_memory_answer():
         assert model.last_retrieval == [[]] and model.config.add_bos_embedding
         plain = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_memory=False).logits
     assert not torch.allclose(read, plain, atol=1e-3)
+
+
+def test_the_pool_read_does_not_depend_on_a_long_term_store_beside_it(data_dir, tmp_path):  # noqa: F811
+    """A run of several modes builds a model with a long-term store (for retrieve); its pool answers equal those of
+    a pool-only model without a store (the store is written beside the pool, not instead of it)."""
+    argv = [*TASK_ARGS["editing"], "--data", str(data_dir)]
+    alone = ["eval", *argv, "--model", "tiny", "--read-mode", "pool", "--output", str(tmp_path / "pool.json")]
+    assert main(alone) == 0
+    pool = json.loads((tmp_path / "pool.json").read_text())
+    assert pool["model"]["read"]["long_term_memory_tokens"] == 0
+    multi = _run([*argv, "--read-modes", *MODES], tmp_path / "multi.json")
+    for field in ("metrics", "records", "sequential"):
+        assert _mode_records(multi["by_read_mode"]["pool"][field]) == _mode_records(pool[field]), field
