@@ -233,3 +233,16 @@ def test_the_pool_read_does_not_depend_on_a_long_term_store_beside_it(data_dir, 
     multi = _run([*argv, "--read-modes", *MODES], tmp_path / "multi.json")
     for field in ("metrics", "records", "sequential"):
         assert _mode_records(multi["by_read_mode"]["pool"][field]) == _mode_records(pool[field]), field
+
+
+def test_read_mode_options_are_checked(data_dir, tmp_path):  # noqa: F811
+    out = str(tmp_path / "x.json")
+    base = ["eval", "retention", "--model", "tiny", "--data", str(data_dir), "--output", out]
+    with pytest.raises(ValueError, match="not both"):
+        main([*base, "--read-mode", "pool", "--read-modes", "pool", "retrieve"])
+    with pytest.raises(ValueError, match="per-question protocol once per --read-mode"):
+        main([*base, "--protocol", "per-question", "--read-modes", "pool", "retrieve"])
+    with pytest.raises(ValueError, match="read mode 'retrieve' cannot be served.*long_term_memory_tokens"):
+        main(["eval", *TASK_ARGS["longcontext"], "--data", str(data_dir), "--model", "tiny", "--output", out,
+              "--read-modes", "pool", "retrieve"])
+    assert not (tmp_path / "x.records.jsonl").exists()
