@@ -187,5 +187,10 @@ def test_the_cost_measurement_runs_on_the_tiny_model(tmp_path):
 
     examples = [{"id": i, "title": "T", "question": f"q {i}?", "answers": ["a"], "context": "c"} for i in range(4)]
     unrelated = [{"title": f"U{i}", "text": f"unrelated text {i} " * 3} for i in range(40)]
-    found = measure(tiny_model(), tiny_tokenizer(), EvalData("nq", examples, unrelated), contexts=2, batch=4, repeats=1)
-    assert found["ask_memory_batch4_s"] > 0 and found["batch_speedup_per_row"] > 0 and found["inject_s_per_context"] > 0
+    data = EvalData("nq", examples, unrelated)
+    model = tiny_model(long_term_memory_tokens=256)
+    found = measure(model, tiny_tokenizer(), data, contexts=2, batch=4, repeats=1, read_modes=["pool", "retrieve"])
+    assert found["inject_s_per_context"] > 0 and found["ask_no_memory_s"] > 0
+    for mode in ("pool", "retrieve"):  # each read mode timed on the one memory
+        assert found[mode]["ask_memory_batch4_s"] > 0 and found[mode]["batch_speedup_per_row"] > 0
+    assert model.config.read_mode == "pool"

@@ -810,28 +810,35 @@ def test_editing_with_retrieval_reads_records_whether_each_probe_read_the_edit(d
 
 
 def test_the_plan_runs_on_the_cpu_when_capped(data_dir, tmp_path, capsys):
-    """The full plan at a cap of 2 on the tiny model: every run of one read mode, one run of the other in bfloat16
-    (the GPU path's dtype) on the CPU; a second start skips finished runs; --dry-run lists every run of both modes."""
+    """The full plan at a cap of 2 on the tiny model: one run of one read mode in bfloat16 (the GPU path's dtype) on
+    the CPU, then every run once for both read modes; a second start skips finished runs; --dry-run lists every run
+    with all the default model's read modes."""
+    from memoryllm_hf.evaluation.plan import default_read_modes, plan
     from memoryllm_hf.evaluation.plan import main as plan_main
-    from memoryllm_hf.evaluation.plan import plan
 
     common = ["--model", "tiny", "--data", str(data_dir), "--cap", "2", "--out-dir", str(tmp_path)]
     common += ["--set", "long_term_memory_tokens=256", "--device", "cpu"]
-    retrieve = ["--read-modes", "retrieve", "--only", "longcontext-hotpotqa-retrieve", "--dtype", "bfloat16"]
+    retrieve = ["--read-modes", "retrieve", "--only", "longcontext-hotpotqa", "--dtype", "bfloat16"]
     assert plan_main([*common, *retrieve]) == 0
-    bf16 = json.loads((tmp_path / "longcontext-hotpotqa-retrieve.json").read_text())
+    bf16 = json.loads((tmp_path / "longcontext-hotpotqa.json").read_text())
     assert bf16["model"]["dtype"] == "bfloat16" and bf16["model"]["read"]["read_mode"] == "retrieve"
-    assert plan_main([*common, "--read-modes", "pool"]) == 0
-    pool = set(plan(["pool"]))
-    assert {"retention-nq-pool", "editing-counterfact-pool", "integrity-tiny-1m"} <= pool
-    assert {path.stem for path in tmp_path.glob("*.json")} == pool | {"longcontext-hotpotqa-retrieve"}
+    assert "by_read_mode" not in bf16
+    both = ["--read-modes", "pool", "retrieve"]
+    assert plan_main([*common, *both]) == 0
+    runs = set(plan(["pool", "retrieve"]))
+    assert {"retention-nq", "editing-counterfact", "integrity-smollm2", "integrity-tiny-1m"} <= runs
+    assert {path.stem for path in tmp_path.glob("*.json")} == runs
+    editing = json.loads((tmp_path / "editing-counterfact.json").read_text())
+    assert editing["read_modes"] == ["pool", "retrieve"] and set(editing["by_read_mode"]) == {"pool", "retrieve"}
     capsys.readouterr()
-    assert plan_main([*common, "--read-modes", "pool"]) == 0
-    assert capsys.readouterr().out.count("exists, skipped") == len(pool)
+    assert plan_main([*common, *both]) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == len(runs)
     assert plan_main([*common, "--out-dir", str(tmp_path / "new"), "--dry-run"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in listed] == list(plan())
-    assert all("--read-mode retrieve" in line for line in listed if line.startswith("retention-squad-retrieve"))
+    assert {"pool", "retrieve"} <= set(default_read_modes())
+    modes = " ".join(default_read_modes())
+    assert all(f"--read-modes {modes} " in line for line in listed if not line.startswith("integrity-tiny"))
 
 
 def test_the_readme_tables_are_the_report_of_the_result_files():

@@ -22,6 +22,16 @@ def _styles(args: argparse.Namespace) -> list[str]:
     return list(PROMPT_STYLES) if args.prompt_style == "both" else [args.prompt_style]
 
 
+def _read_modes(args: argparse.Namespace) -> None:
+    """`--read-modes A` alone is `--read-mode A`; several modes leave `read_mode` unset (the model serves them all)."""
+    modes = list(dict.fromkeys(args.read_modes or []))
+    if modes and args.read_mode is not None:
+        raise ValueError("give --read-mode MODE (one) or --read-modes MODE [MODE ...] (several), not both")
+    if len(modes) == 1:
+        args.read_mode, modes = modes[0], []
+    args.read_modes = modes or None
+
+
 def _setup(args: argparse.Namespace):
     import torch
 
@@ -43,7 +53,15 @@ def _setup(args: argparse.Namespace):
     overrides = parse_overrides(args.set or [])
     if args.read_mode is not None:
         overrides["read_mode"] = args.read_mode
-    return load_model(args.model, args.device, args.dtype, args.seed, overrides=overrides, **memory)
+    if args.read_modes and "read_mode" in overrides:
+        raise ValueError("--read-modes chooses the read modes; drop --set read_mode=...")
+    model, tokenizer, info = load_model(args.model, args.device, args.dtype, args.seed, overrides=overrides, **memory)
+    if args.read_modes:
+        from .modes import ReadModes
+
+        ReadModes(model, args.read_modes)  # every mode servable (else an error that says what to set)
+        info["read"] = {**info.get("read", {}), "read_modes": args.read_modes}
+    return model, tokenizer, info
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -75,9 +93,15 @@ def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result:
     output = _output(args, data_info.get("dataset"))
     write_json(output, document)
     print(f"results: {output}")
-    if plot is not None:
-        print(f"plot: {plot(document, output.with_suffix('.png'))}")
-    _print_summary(document)
+    from .modes import sub_documents
+
+    for mode, sub in sub_documents(document):
+        if plot is not None:
+            picture = output.with_suffix(".png") if mode is None else output.with_name(f"{output.stem}-{mode}.png")
+            print(f"plot: {plot(sub, picture)}")
+        if mode is not None:
+            print(f"read mode {mode}:")
+        _print_summary(sub)
     return 0
 
 
@@ -98,6 +122,11 @@ def _print_summary(document: dict) -> None:
 def _retention(args: argparse.Namespace) -> int:
     from .plots import plot_retention
 
+    if args.protocol != "stream" and args.read_modes and len(set(args.read_modes)) > 1:
+        raise ValueError(
+            "--read-modes (several) is served by the stream protocol; run the per-question protocol once per "
+            "--read-mode"
+        )
     model, tokenizer, info = _setup(args)
     data = load_data(args.data, args.dataset, args.limit)
     common = {
@@ -126,6 +155,7 @@ def _retention(args: argparse.Namespace) -> int:
             max_distance=args.max_distance,
             same_text_max_contexts=args.same_text_max_contexts,
             batch_size=args.batch_size,
+            read_modes=args.read_modes,
             **common,
         )
     else:
@@ -161,6 +191,7 @@ def _editing(args: argparse.Namespace) -> int:
         args.window,
         sequential_probe_every=args.sequential_probe_every,
         log=_log(args, info, data.info()),
+        read_modes=args.read_modes,
     )
     result.update(prompt_styles=_styles(args), decoding={"scoring": "teacher-forced target log-probabilities"})
     return _finish(args, info, data.info(), result, plot_sequential_editing if args.sequential else None)
@@ -180,6 +211,7 @@ def _longcontext(args: argparse.Namespace) -> int:
         args.window,
         args.seed,
         log=_log(args, info, data.info()),
+        read_modes=args.read_modes,
     )
     return _finish(args, info, data.info(), {"prompt_styles": _styles(args), **result})
 
@@ -215,6 +247,7 @@ def _integrity(args: argparse.Namespace) -> int:
         args.probe_every,
         args.max_new_tokens or 16,
         log=_log(args, info, data_info),
+        read_modes=args.read_modes,
     )
     result.update(prompt_styles=[style] if examples else [])
     return _finish(args, info, data_info, result, plot_integrity)
@@ -254,6 +287,13 @@ def _common(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument(
         "--read-mode",
         help="the model's read_mode config field (e.g. pool | retrieve); an error for a model without that field",
+    )
+    parser.add_argument(
+        "--read-modes",
+        nargs="+",
+        metavar="MODE",
+        help="several read modes in one run (names of the model's READS): the memory is written once and every mode "
+        "reads it in turn; the conditions without memory are asked once (results per mode)",
     )
     parser.add_argument(
         "--set",
@@ -345,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
+        _read_modes(args)
         return int(args.func(args) or 0)
     finally:
         if getattr(args, "log", None) is not None:

@@ -13,7 +13,9 @@ pool, then probes every edit and its neighbourhood: success against the number o
 Both read modes (`--read-mode pool|retrieve`) run the same protocol; with retrieval reads the model's settings
 (`retrieval_threshold`, margin, neighbours, read budget) are in force as configured, and every memory probe records
 whether its prompt read the edit's own injections (`read_edit`; rates `*_read_edit` in the summaries) and whether it
-read nothing at all (`read_nothing`: all below the threshold).
+read nothing at all (`read_nothing`: all below the threshold). Several read modes in one run (`read_modes`, see
+`modes`): each edit is injected once, the no-edit and in-context probes are made once, and every mode probes the
+memory in turn (one record per mode and edit, equal to a run of that mode alone).
 """
 
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import EvalData
 from .metrics import bootstrap_interval, harmonic_mean, interval, mean
+from .modes import ReadModes
 from .prompts import Prompter
 from .records import RecordLog, interleave
 from .runner import Timer, continuation_scores, example_seed, with_drop_seed
@@ -136,9 +139,11 @@ def run_editing(
     age_buckets: int = 10,
     sequential_probe_every: int = 1,
     log: RecordLog | None = None,
+    read_modes: Sequence[str] | None = None,
 ) -> dict:
     """Individual edits (three conditions) and, with `sequential`, all edits in one pool. Records are kept in
-    `log` as they finish (its shard's records only; the sequential probes are split between shards too)."""
+    `log` as they finish (its shard's records only; the sequential probes are split between shards too).
+    `read_modes`: several read modes served by one run (see `modes`)."""
     kind = PROMPT_KIND[data.dataset]
     log = log or RecordLog()
     window = window or model.config.max_position_embeddings
@@ -147,8 +152,10 @@ def run_editing(
     model.reset_memory(seed)
     empty = model.memory_state()
     timer = Timer()
+    modes = ReadModes(model, read_modes)
     keys = [f"edit:{record['case_id']}" for record in data.examples]
-    for index in log.pending(keys, desc=f"editing {data.dataset}", unit="edit"):
+    mode_keys = {mode: modes.keys(mode, keys) for mode in modes.names}
+    for index in modes.pending(log, keys, f"editing {data.dataset}", "edit"):
         record, record_timer = data.examples[index], Timer()
         model.set_memory_state(with_drop_seed(empty, example_seed(seed, str(record["case_id"]))))
         before = model.num_injections
@@ -165,20 +172,46 @@ def run_editing(
             "in_context": {},
         }
         statement = f"New fact: {record['edit_text']}"
+        earlier = modes.shared(log, keys[index])  # (a resumed edit: the conditions without memory are done)
         for style, prompter in prompters.items():
-            row["no_edit"][style] = probe_record(model, prompter, record, kind, False, None, pad_id)
-            row["memory"][style] = probe_record(model, prompter, record, kind, True, None, pad_id, injections)
-            row["in_context"][style] = probe_record(model, prompter, record, kind, False, statement, pad_id)
-        row["wall_time_s"] = record_timer.seconds()
-        log.add(keys[index], index, row)
-    result = {"records": log.records(keys), "individual_wall_time_s": timer.seconds()}
+            for condition, context in (("no_edit", None), ("in_context", statement)):
+                row[condition][style] = (
+                    earlier[condition][style]
+                    if earlier is not None
+                    else probe_record(model, prompter, record, kind, False, context, pad_id)
+                )
+        for mode in modes.missing(log, keys[index]):
+            with modes.reading(mode):
+                memory = {
+                    style: probe_record(model, prompter, record, kind, True, None, pad_id, injections)
+                    for style, prompter in prompters.items()
+                }
+            entry = modes.tag(mode, {**row, "memory": memory, "wall_time_s": record_timer.seconds()})
+            log.add(mode_keys[mode][index], index, entry)
+    individual_seconds = timer.seconds()
+    found = {}
     if sequential:
-        result["sequential"] = run_sequential(
-            model, tokenizer, data.examples, prompters, kind, empty, pad_id, age_buckets, sequential_probe_every, log
+        found = run_sequential(
+            model,
+            tokenizer,
+            data.examples,
+            prompters,
+            kind,
+            empty,
+            pad_id,
+            age_buckets,
+            sequential_probe_every,
+            log,
+            modes,
         )
-    result.update(metrics_of({**result, "prompt_styles": list(styles)}))
-    result["wall_time_s"] = timer.seconds()
-    return result
+
+    def fields(mode) -> dict:
+        result = {"records": log.records(mode_keys[mode])}
+        if sequential:
+            result["sequential"] = found[mode]
+        return {**result, **metrics_of({**result, "prompt_styles": list(styles)})}
+
+    return {**modes.fields(fields), "individual_wall_time_s": individual_seconds, "wall_time_s": timer.seconds()}
 
 
 def run_sequential(
@@ -192,16 +225,20 @@ def run_sequential(
     age_buckets: int,
     probe_every: int = 1,
     log: RecordLog | None = None,
+    modes: ReadModes | None = None,
 ) -> dict:
     """Inject every edit in order into one pool, then probe every `probe_every`-th edit counted from the newest
-    (age 0); success by age (edits injected after the probed one), oldest bucket first. (A resumed or sharded run
-    injects all edits again, then probes the ones its shard has no record of.)"""
+    (age 0), in each read mode of `modes`; success by age (edits injected after the probed one), oldest bucket
+    first. (A resumed or sharded run injects all edits again, then probes the ones its shard has no record of.)
+    Returns {mode: the sequential fields of the results}."""
     log = log or RecordLog()
+    modes = modes or ReadModes(model)
     timer = Timer()
     count = len(examples)
     probed = [(i, count - 1 - i) for i in range(count) if (count - 1 - i) % probe_every == 0]
     keys = [f"sequential:{examples[index]['case_id']}" for index, _ in probed]
-    todo = log.pending(keys, desc="sequential probes", unit="edit")
+    mode_keys = {mode: modes.keys(mode, keys) for mode in modes.names}
+    todo = modes.pending(log, keys, "sequential probes", "edit")
     first = next(todo, None)
     model.set_memory_state(empty)
     injections = []  # per edit, the injection numbers that wrote it
@@ -213,17 +250,25 @@ def run_sequential(
     inject_seconds = timer.seconds()
     for position in ([first] if first is not None else []) + list(todo):
         index, age = probed[position]
-        row = {"case_id": examples[index]["case_id"], "age": age}
-        for style, prompter in prompters.items():
-            row[style] = probe_record(model, prompter, examples[index], kind, True, None, pad_id, injections[index])
-        log.add(keys[position], position, row)
+        for mode in modes.missing(log, keys[position]):
+            row = {"case_id": examples[index]["case_id"], "age": age}
+            with modes.reading(mode):
+                for style, prompter in prompters.items():
+                    row[style] = probe_record(
+                        model, prompter, examples[index], kind, True, None, pad_id, injections[index]
+                    )
+            log.add(mode_keys[mode][position], position, modes.tag(mode, row))
+    wall_time = timer.seconds()
     return {
-        "records": log.records(keys),
-        "probe_every": probe_every,
-        "age_buckets": age_buckets,
-        "num_filled_slots": model.num_filled_slots,
-        "inject_seconds": inject_seconds,
-        "wall_time_s": timer.seconds(),
+        mode: {
+            "records": log.records(mode_keys[mode]),
+            "probe_every": probe_every,
+            "age_buckets": age_buckets,
+            "num_filled_slots": model.num_filled_slots,
+            "inject_seconds": inject_seconds,
+            "wall_time_s": wall_time,
+        }
+        for mode in modes.names
     }
 
 

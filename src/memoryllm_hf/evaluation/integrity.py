@@ -8,7 +8,8 @@ over the prompt plus each gold answer; success when every answer token is the ar
 for "generate" on SQuAD). Tiny mode (no QA): random token chunks into a random tiny model, memory statistics only.
 
 Rows are recorded every `record_every` injections: running and window accuracy, slot-norm statistics, the count of
-non-finite values in the pool, and seconds per update.
+non-finite values in the pool, and seconds per update. Several read modes in one run (`read_modes`, see `modes`):
+one chain of injections, every mode probes in turn and keeps its own running accuracy (one row per mode).
 """
 
 import math
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..modeling import MemoryState
 from .metrics import exact_hit, first_line, wilson_interval
+from .modes import ReadModes
 from .prompts import Prompter
 from .records import RecordLog
 from .runner import Timer, continuation_scores, generate, greedy_config
@@ -81,12 +83,15 @@ def run_integrity(
     max_new_tokens: int = 16,
     chunk_tokens: int | None = None,
     log: RecordLog | None = None,
+    read_modes: Sequence[str] | None = None,
 ) -> dict:
     """`updates` injections of QA contexts (with probes) or, with `examples=None`, of random token chunks.
 
     Each row is kept in `log` as it is recorded, with the memory at that point beside it (only the latest one is
-    kept): a resumed run loads it and continues after the last row, with the same records as an unbroken run."""
+    kept): a resumed run loads it and continues after the last row all modes have, with the same records as an
+    unbroken run."""
     log = log or RecordLog()
+    modes = ReadModes(model, read_modes)
     model.reset_memory(seed)
     generator = torch.Generator().manual_seed(seed)
     chunk_tokens = chunk_tokens or model.config.inject_chunk_size
@@ -95,14 +100,19 @@ def run_integrity(
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     stream = shuffled_forever(examples, seed) if examples else None
     keys = [f"row:{step}" for step in row_steps(updates, record_every)]
-    rows = [row for row in map(log.get, keys) if row is not None]
+    found = {mode: [log.get(modes.key(mode, key)) for key in keys] for mode in modes.names}
+    # rows every mode has (a run stopped between the modes' rows of one step resumes before that step)
+    complete = min(next((i for i, row in enumerate(found[m]) if row is None), len(keys)) for m in modes.names)
+    rows = {mode: found[mode][:complete] for mode in modes.names}
     window_updates, window_seconds, inject_seconds = 0, 0.0, 0.0
-    hits = probes = window_hits = window_probes = 0
+    counts = {mode: {"hits": 0, "probes": 0, "window_hits": 0, "window_probes": 0} for mode in modes.names}
     done = 0
-    if rows:  # resume after the last recorded row
-        last = rows[-1]
-        done, hits, probes = last["injections"], last.get("hits", 0), last.get("probes", 0)
-        inject_seconds = last["inject_seconds"]
+    if complete:  # resume after the last row every mode recorded
+        for mode in modes.names:
+            last = rows[mode][-1]
+            counts[mode].update(hits=last.get("hits", 0), probes=last.get("probes", 0))
+        last = rows[modes.names[0]][-1]
+        done, inject_seconds = last["injections"], last["inject_seconds"]
         model.load_memory_state(MemoryState.load(checkpoint_path(log, done)))
         for _ in range(done):  # the stream / random chunks continue where the run stopped
             next(stream) if stream is not None else torch.randint(0, vocab, (chunk_tokens,), generator=generator)
@@ -119,9 +129,11 @@ def run_integrity(
         window_seconds += time.perf_counter() - start
 
         if stream is not None and step % probe_every == 0:
-            success = probe(model, tokenizer, prompter, example, probe_mode, pad_id, max_new_tokens)
-            hits, probes = hits + success, probes + 1
-            window_hits, window_probes = window_hits + success, window_probes + 1
+            for mode in modes.names:
+                with modes.reading(mode):
+                    success = probe(model, tokenizer, prompter, example, probe_mode, pad_id, max_new_tokens)
+                for name, value in (("hits", success), ("probes", 1), ("window_hits", success), ("window_probes", 1)):
+                    counts[mode][name] += value
         if step % record_every == 0 or step == updates:
             inject_seconds += window_seconds
             row = {
@@ -131,20 +143,30 @@ def run_integrity(
                 "seconds_per_update": window_seconds / max(window_updates, 1),
                 "inject_seconds": inject_seconds,
             }
-            if stream is not None:
-                row.update(
-                    probes=probes,
-                    hits=hits,
-                    running_accuracy=hits / max(probes, 1),
-                    window_accuracy=window_hits / max(window_probes, 1),
-                )
-            _keep_row(model, log, row, len(rows), rows[-1]["injections"] if rows else None)
-            rows.append(row)
-            window_hits = window_probes = window_updates = 0
+            found = {}
+            for mode in modes.names:
+                count = counts[mode]
+                found[mode] = modes.tag(mode, row)
+                if stream is not None:
+                    found[mode].update(
+                        probes=count["probes"],
+                        hits=count["hits"],
+                        running_accuracy=count["hits"] / max(count["probes"], 1),
+                        window_accuracy=count["window_hits"] / max(count["window_probes"], 1),
+                    )
+                count["window_hits"] = count["window_probes"] = 0
+            previous = rows[modes.names[0]][-1]["injections"] if rows[modes.names[0]] else None
+            _keep_row(model, log, modes, found, len(rows[modes.names[0]]), previous)
+            for mode in modes.names:
+                rows[mode].append(found[mode])
+            window_updates = 0
             window_seconds = 0.0
+
+    def fields(mode) -> dict:
+        return {"rows": rows[mode], **metrics_of({"rows": rows[mode]})}
+
     return {
-        "rows": rows,
-        **metrics_of({"rows": rows}),
+        **modes.fields(fields),
         "probe": {"mode": probe_mode, "every": probe_every, "style": style, "max_new_tokens": max_new_tokens}
         if stream is not None
         else None,
@@ -152,13 +174,17 @@ def run_integrity(
     }
 
 
-def _keep_row(model, log: RecordLog, row: dict, index: int, previous: int | None) -> None:
-    """Memory checkpoint first, then the row (a row in the log always has its checkpoint), then the previous
-    checkpoint goes."""
-    path = checkpoint_path(log, row["injections"])
+def _keep_row(model, log: RecordLog, modes: ReadModes, rows: dict, index: int, previous: int | None) -> None:
+    """Memory checkpoint first, then the rows of every mode (a row in the log always has its checkpoint), then the
+    previous checkpoint goes."""
+    step = rows[modes.names[0]]["injections"]
+    path = checkpoint_path(log, step)
     if path is not None:
         model.memory_state().save(path)
-    log.add(f"row:{row['injections']}", index, row)
+    for mode, row in rows.items():
+        key = modes.key(mode, f"row:{step}")
+        if log.get(key) is None:  # (a run resumed before a step some modes had recorded)
+            log.add(key, index, row)
     if path is not None and previous is not None:
         checkpoint_path(log, previous).unlink(missing_ok=True)
 

@@ -1,9 +1,12 @@
-"""The full evaluation plan as one script: every run of the README's tables at its full dev size, each read mode.
+"""The full evaluation plan as one script: every run of the README's tables at its full dev size, all read modes.
 
     python -m memoryllm_hf.evaluation.plan --list
     python -m memoryllm_hf.evaluation.plan --device cuda --dtype bfloat16            # all runs, one after another
-    python -m memoryllm_hf.evaluation.plan --device cuda --dtype bfloat16 --only retention-nq-pool editing-zsre-pool
+    python -m memoryllm_hf.evaluation.plan --device cuda --dtype bfloat16 --only retention-nq editing-zsre
     python -m memoryllm_hf.evaluation.plan --dry-run                                  # print the commands
+
+Each task runs once for all the default model's read modes (`--read-modes`: the memory is written once, every mode
+reads it in turn, the conditions without memory are asked once; one results file with a table per read mode).
 
 Each run writes `OUT_DIR/NAME.json` (+ `.records.jsonl`, PNG) with `memoryllm-hf eval`; a run whose log exists is
 continued with `--resume` (so the script can be started again after any stop), a run whose results file exists is
@@ -17,9 +20,18 @@ import sys
 import time
 from pathlib import Path
 
-READ_MODES = ("pool", "retrieve")
+# Read modes (names of the model's table `READS`) that need a trained checkpoint the default model is not.
+TRAINED_READS = ("mplus",)
 
-# name -> arguments of `memoryllm-hf eval` (the read mode, device, dtype, output are added per run)
+
+def default_read_modes() -> list[str]:
+    """The default model's read modes: every entry of `READS` but those that need a trained checkpoint."""
+    from ..modeling import READS
+
+    return [name for name in READS if name not in TRAINED_READS]
+
+
+# name -> arguments of `memoryllm-hf eval` (the read modes, device, dtype, output are added per run)
 RUNS = {
     "retention-squad": ["retention", "--dataset", "squad", "--limit", "400", "--protocol", "stream",
                         "--checkpoint-every", "8", "--prompt-style", "chat"],
@@ -37,9 +49,11 @@ ONCE = {"integrity-tiny-1m": ["integrity", "--tiny", "--updates", "1000000", "--
 CAPPED = ("--limit", "--updates", "--stream-contexts")
 
 
-def plan(read_modes=READ_MODES) -> dict[str, list[str]]:
-    """Every run of the plan: name -> `memoryllm-hf eval` arguments."""
-    runs = {f"{name}-{mode}": [*args, "--read-mode", mode] for name, args in RUNS.items() for mode in read_modes}
+def plan(read_modes=None) -> dict[str, list[str]]:
+    """Every run of the plan: name -> `memoryllm-hf eval` arguments (each run serves all `read_modes`, default: the
+    default model's)."""
+    read_modes = list(read_modes or default_read_modes())
+    runs = {name: [*args, "--read-modes", *read_modes] for name, args in RUNS.items()}
     return {**runs, **ONCE}
 
 
@@ -66,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--model", default="default", help="the model under evaluation (default: SmolLM2)")
     parser.add_argument("--data", help="folder of the evaluation data")
-    parser.add_argument("--read-modes", nargs="+", default=list(READ_MODES), help="read modes to run")
+    parser.add_argument("--read-modes", nargs="+", help="read modes every run serves (default: the model's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
     parser.add_argument("--cap", type=int, help="cap every size at N (smoke runs)")
     args = parser.parse_args(argv)

@@ -198,13 +198,18 @@ class RecordLog:
             raise ValueError("item keys must be unique (duplicate example ids in the data?)")
         return [i for i in self.mine(len(keys)) if keys[i] not in self._records]
 
-    def pending(self, keys: Sequence[str], desc: str, unit: str) -> Iterator[int]:
-        """Indices (into `keys`) of this shard's items without a record yet, with a progress bar over the shard."""
+    def pending(
+        self, keys: Sequence[str], desc: str, unit: str, more: Sequence[Sequence[str]] = ()
+    ) -> Iterator[int]:
+        """Indices (into `keys`) of this shard's items without a record yet, with a progress bar over the shard.
+        `more`: further key lists of the same items (one per read mode): an item is pending until all its keys have
+        a record."""
         if len(set(keys)) != len(keys):
             raise ValueError(f"{desc}: item keys must be unique (duplicate example ids in the data?)")
+        lists = [keys, *more]
         mine = self.mine(len(keys))
-        done = sum(keys[i] in self._records for i in mine)
-        todo = [i for i in mine if keys[i] not in self._records]
+        todo = [i for i in mine if any(found[i] not in self._records for found in lists)]
+        done = len(mine) - len(todo)
         bar = tqdm(todo, desc=desc, unit=unit, total=len(mine), initial=done)
         yield from bar
 

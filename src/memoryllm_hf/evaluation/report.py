@@ -9,6 +9,7 @@ Each file becomes a heading (task, dataset, examples, model, memory, wall time),
 (rebuilt from the recorded configuration) and its table. `--merge` first joins the results of all shards of one
 run (`--shard i/n`) into OUT.json (records in example order, metrics recomputed, PNG beside it) and reports that.
 `--recompute` rewrites each file's metrics from its records (e.g. to add the 95% intervals to an older file).
+A results file of several read modes (`--read-modes`) gets one table per read mode, under one heading and command.
 `--readme FILE` regenerates every block of FILE between `<!-- report: PATH ... -->` and `<!-- /report -->` from the
 result files it names (paths relative to FILE's folder); `--check` only says whether the blocks are up to date
 (exit 1 if not), which the tests run on the repository's README.
@@ -38,6 +39,8 @@ def command(config: dict, output: str | None = None) -> str:
             parts.append(f"{flag} {value[0]}/{value[1]}")
         elif key == "set":
             parts += [f"{flag} {pair}" for pair in value]
+        elif key == "read_modes":
+            parts.append(f"{flag} {' '.join(value)}")
         elif isinstance(value, list):
             parts.append(f"{flag} {','.join(str(v) for v in value)}")
         else:
@@ -197,10 +200,14 @@ TABLES: dict[str, Callable[[dict], str]] = {
 
 def report(path: str | Path, root: str | Path | None = None) -> str:
     """Heading, command and table of one results file (`path` relative to `root`, if given, and named so)."""
+    from .modes import sub_documents
+
     result = json.loads((Path(root) / path if root is not None else Path(path)).read_text())
     model, data = result["model"], result["data"]
     memory = model["memory"]
     read = model.get("read", {}).get("read_mode")
+    if result.get("read_modes"):
+        read = " / ".join(result["read_modes"])
     examples = data.get("num_examples", sum(part["num_examples"] for part in data.get("parts", [])))
     heading = (
         f"**{result['task']}** · {data['dataset'] or 'random tokens'} · {examples} examples · model `{model['spec']}` "
@@ -208,7 +215,12 @@ def report(path: str | Path, root: str | Path | None = None) -> str:
         f"{memory['memory_update']} rule{f', {read} read' if read else ''}) · {_duration(result['wall_time_s'])} · "
         f"`{Path(path).name}`"
     )
-    return f"{heading}\n\n```\n{command(result['config'], str(path))}\n```\n\n{TABLES[result['task']](result)}\n"
+    tables = [
+        TABLES[result["task"]](sub) if mode is None else f"*{mode} read*\n\n{TABLES[result['task']](sub)}"
+        for mode, sub in sub_documents(result)
+    ]
+    body = "\n\n".join(tables)
+    return f"{heading}\n\n```\n{command(result['config'], str(path))}\n```\n\n{body}\n"
 
 
 def agreement(stream: dict, per_question: dict, style: str = "chat") -> dict:
@@ -278,18 +290,26 @@ def _task_module(task: str, document: dict | None = None):
 def recompute(path: str | Path) -> Path:
     """Rewrite a results file's metrics from its records (and redraw its PNG if it has one)."""
     from . import integrity
+    from .modes import recompute_modes, sub_documents
     from .plots import PLOTS
     from .runner import write_json
 
     document = json.loads(Path(path).read_text())
     task = document["task"]
     module = integrity if task == "integrity" else _task_module(task, document)
-    document.update(module.metrics_of(document))
+    document.update(recompute_modes(document, module.metrics_of))
     write_json(path, document)
-    picture = Path(path).with_suffix(".png")
-    if picture.exists() and task in PLOTS:
-        PLOTS[task](document, picture)
+    for mode, sub in sub_documents(document):
+        picture = _picture(path, mode)
+        if picture.exists() and task in PLOTS:
+            PLOTS[task](sub, picture)
     return Path(path)
+
+
+def _picture(path: str | Path, mode: str | None) -> Path:
+    """The PNG beside a results file (one per read mode in a file of several)."""
+    path = Path(path)
+    return path.with_suffix(".png") if mode is None else path.with_name(f"{path.stem}-{mode}.png")
 
 
 BLOCK = re.compile(r"(<!-- report: (?P<files>[^>]*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.DOTALL)
@@ -314,18 +334,32 @@ def readme(path: str | Path, check: bool = False) -> bool:
 
 def merge(output: str | Path, shards: list[str | Path]) -> Path:
     """Join the results files of all shards of one run into `output` (and its PNG)."""
+    from .modes import MODE_FIELDS, is_multi, sub_documents
     from .plots import PLOTS
     from .records import merge_shards
     from .runner import write_json
 
     documents = [json.loads(Path(path).read_text()) for path in shards]
     task = documents[0]["task"] if documents else None
-    merged = merge_shards(documents, _task_module(task, documents[0] if documents else None).metrics_of)
+    metrics_of = _task_module(task, documents[0] if documents else None).metrics_of
+    if documents and is_multi(documents[0]):  # each read mode's records merged on their own
+        modes = documents[0]["read_modes"]
+        if any(doc.get("read_modes") != modes for doc in documents):
+            raise ValueError("the shards come from different runs: their read modes differ")
+        views = [dict(sub_documents(doc)) for doc in documents]
+        parts = {mode: merge_shards([view[mode] for view in views], metrics_of) for mode in modes}
+        merged = {key: value for key, value in parts[modes[0]].items() if key not in (*MODE_FIELDS, "read_mode")}
+        merged["by_read_mode"] = {
+            mode: {key: value for key, value in part.items() if key in MODE_FIELDS} for mode, part in parts.items()
+        }
+    else:
+        merged = merge_shards(documents, metrics_of)
     merged["config"]["output"] = str(output)
     write_json(output, merged)
     plot = PLOTS.get(task)
-    if plot is not None and (task != "editing" or merged.get("sequential")):
-        plot(merged, Path(output).with_suffix(".png"))
+    for mode, sub in sub_documents(merged):
+        if plot is not None and (task != "editing" or sub.get("sequential")):
+            plot(sub, _picture(output, mode))
     return Path(output)
 
 

@@ -26,6 +26,10 @@ chaining (tested).
 Resuming: the stream is injected again from the start (the same writes, the same drops) and only the asks without a
 record are made; the stream stops after the last checkpoint that has asks left. Sharding splits the records (the
 once-per-question records and the asks of every checkpoint) round robin; every shard injects the whole stream.
+
+Several read modes in one run (`read_modes`, see `modes`): the stream is injected once; at every checkpoint each
+mode asks its batches in turn; the once-per-question records (no memory, passage only) are shared by the modes and
+the same-text answer of an ask is made once and kept in every mode's record of that ask.
 """
 
 import math
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .data import SOURCE_FIELD, EvalData
 from .metrics import rate_summary
+from .modes import ReadModes
 from .prompts import Prompter
 from .records import RecordLog
 from .retention import ask_batch, prefill_count, score_summary, scores_of, unrelated_contexts
@@ -122,6 +127,7 @@ def run_retention_stream(
     seed: int = 0,
     drop_seed: int | None = None,
     log: RecordLog | None = None,
+    read_modes: Sequence[str] | None = None,
 ) -> dict:
     """Run the stream protocol on `data` (the records of `log`'s shard that it lacks); returns the results fields.
     `same_text_max_contexts` < 0 turns the same-text condition off; `drop_seed` (default: derived from the seed and
@@ -141,11 +147,14 @@ def run_retention_stream(
     points = checkpoints(prefill, len(contexts), checkpoint_every)
     schedule = ask_schedule(placements, points, max_distance)
     ids = [str(example["id"]) for example in examples]
-    keys = [f"once:{i}" for i in ids] + [
-        f"c{k}:{ids[q]}" for k in points for q in range(len(examples)) if k in schedule[q]
-    ]
+    modes = ReadModes(model, read_modes)
+    asked = [f"c{k}:{ids[q]}" for k in points for q in range(len(examples)) if k in schedule[q]]
+    keys = [f"once:{i}" for i in ids] + asked
+    # once records are every mode's; an ask has one record per mode
+    mode_keys = {mode: keys[: len(ids)] + modes.keys(mode, asked) for mode in modes.names}
     slot = {key: index for index, key in enumerate(keys)}
-    todo = set(log.todo(keys))
+    missing = {mode: {keys[i] for i in log.todo(mode_keys[mode])} for mode in modes.names}
+    todo = {slot[key] for found in missing.values() for key in found}
     prompters = {style: Prompter(tokenizer, style, window) for style in styles}
     decoding = greedy_config(tokenizer, max_new_tokens)
     reserve = decoding.max_new_tokens
@@ -196,37 +205,55 @@ def run_retention_stream(
                 log.add(key, slot[key], record)
         asks = [q for q in range(len(examples)) if f"c{k}:{ids[q]}" in slot and slot[f"c{k}:{ids[q]}"] in todo]
         for start in range(0, len(asks), batch_size):
-            batch, started = asks[start : start + batch_size], Timer()
-            rows = [
-                (
-                    {s: p.question(examples[q]["question"], reserve=reserve) for s, p in prompters.items()},
-                    examples[q]["answers"],
-                )
-                for q in batch
-            ]
-            answers = ask_batch(model, tokenizer, rows, True, decoding)
-            seconds = started.seconds()
-            ask_seconds += seconds
-            for q, memory in zip(batch, answers, strict=True):
-                record = _ask_record(model, examples[q], k, placements[q], passage[q], state["tokens"], memory)
-                record["batch_rows"], record["batch_seconds"] = len(batch), seconds
-                if same_text_max_contexts is None or 0 <= k - placements[q]["position"] <= same_text_max_contexts:
+            batch = asks[start : start + batch_size]
+            answers: dict = {}
+            for mode in modes.names:
+                rows = [q for q in batch if f"c{k}:{ids[q]}" in missing[mode]]
+                if not rows:
+                    continue
+                started = Timer()
+                questions = [
+                    (
+                        {s: p.question(examples[q]["question"], reserve=reserve) for s, p in prompters.items()},
+                        examples[q]["answers"],
+                    )
+                    for q in rows
+                ]
+                with modes.reading(mode):
+                    found = ask_batch(model, tokenizer, questions, True, decoding)
+                seconds = started.seconds()
+                ask_seconds += seconds
+                for q, memory in zip(rows, found, strict=True):
+                    answers.setdefault(q, {})[mode] = (memory, len(rows), seconds)
+            for q in batch:
+                key = f"c{k}:{ids[q]}"
+                earlier = modes.shared(log, key)
+                same = {style: None for style in prompters}
+                if earlier is not None:  # (a resumed ask: the same text is done)
+                    same = earlier["same_text"]
+                elif same_text_max_contexts is None or 0 <= k - placements[q]["position"] <= same_text_max_contexts:
                     started = Timer()
-                    record["same_text"] = _same_text(
+                    same = _same_text(
                         tokenizer, examples[q], items, passage[q]["item"], prompters, same_text, reserve, window
                     )
                     ask_seconds += started.seconds()
-                key = f"c{k}:{ids[q]}"
-                log.add(key, slot[key], record)
+                for mode, (memory, rows, seconds) in answers[q].items():
+                    record = _ask_record(model, examples[q], k, placements[q], passage[q], state["tokens"], memory)
+                    record["batch_rows"], record["batch_seconds"] = rows, seconds
+                    record["same_text"] = same
+                    log.add(modes.key(mode, key), slot[key], modes.tag(mode, record))
         if k < min(end, len(contexts)):
             inject(contexts[k].text, contexts[k].ids)
             bar.update(1)
     bar.close()
-    records = log.records(keys)
     slots_per_update = min(cfg.num_update_tokens, cfg.inject_chunk_size)
+
+    def fields(mode) -> dict:
+        records = log.records(mode_keys[mode])
+        return {"metrics": aggregate_stream(records, styles), "records": records}
+
     return {
-        "metrics": aggregate_stream(records, styles),
-        "records": records,
+        **modes.fields(fields),
         "protocol": {
             "name": "stream",
             "context_tokens": context_tokens,
