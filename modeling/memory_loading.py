@@ -16,7 +16,7 @@ from .memory_fields import MEMORY_BUFFERS
 from .memory_files import checkpoint_memory_file
 from .memory_lexical import text_scorer_defaults
 from .memory_placement import base_tokenizer, placement_defaults
-from .memory_reader import read_long_term_file
+from .memory_reader import RetrieveRead, read_long_term_file
 from .memory_reads import READS
 
 logger = logging.get_logger(__name__)
@@ -154,7 +154,7 @@ def from_base(
         mode = memory_config.setdefault("read_mode", "retrieve")
         if mode in READS:
             READS[mode].from_base_defaults(memory_config, base_config)
-        if mode == "retrieve" and "retrieval_scorer" not in memory_config:
+        if issubclass(READS.get(mode, object), RetrieveRead) and "retrieval_scorer" not in memory_config:
             # BM25 over the stored words when the checkpoint has a tokenizer to read them with
             if tokenizer is None:
                 tokenizer = base_tokenizer(path_or_repo, {**load_kwargs, **source})

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .memory_placement import check_token_mask, placed_generate_masks, placed_read, read_split
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
+from .memory_text_read import TextRead
 from .mplus_read import MPlusRead
 
 logger = logging.get_logger(__name__)
@@ -37,6 +38,7 @@ READS = {
     "pool": PoolRead,
     "retrieve": RetrieveRead,
     "mplus": MPlusRead,
+    "text": TextRead,
 }
 
 

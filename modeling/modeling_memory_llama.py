@@ -30,7 +30,7 @@ from .memory_journal import PendingUpdates
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
-from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
+from .memory_prefix import cache_prefix_length, continued_read, is_fresh_cache, positions_from_mask
 from .memory_reads import READS, MemoryReadMixin
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
@@ -156,7 +156,7 @@ class MemoryLlamaForCausalLM(
         (training: a fresh, differentiable injection)."""
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        fresh = cache is None or cache.get_seq_length() == 0
+        fresh = is_fresh_cache(cache)
         drop_cache = False
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]
