@@ -5,7 +5,7 @@ A long-term block keeps the token ids its slots were written from (`MemoryBlock.
 exactly the blocks the retrieval read chooses for a row (same scorer, budget, relevance cut, neighbours; `blocks`)
 and reads their token ids instead: the blocks in the order written, the chunks of one text joined as they were cut,
 `SEPARATOR` (the tokenizer's ids of it; nothing when no tokenizer is known) between blocks that are not consecutive
-chunks of one text. The model's own layers (no memory, the adapters as they are) encode them into per-layer
+chunks of one text and after the last (a blank line between the passage and the user's words). The model's own layers (no memory, the adapters as they are) encode them into per-layer
 keys/values, in the context of the row's header when the read is placed in the user turn (`read_placement=
 "user_turn"`: the template's tokens before the user's content), so that the prompt then reads exactly what it would
 read with the passage written at the start of its user message; a plain-text row (no header: the prefix read) reads
@@ -25,13 +25,15 @@ from .memory_placement import header_lengths, read_split, shift_keys
 from .memory_prefix import PrefixKV, execution_device, module_fingerprint
 from .memory_reader import RetrieveRead, prefix_slots, retrieval_tokenizer, stack_prefixes
 
-# What is read between the blocks of two texts (or two chunks of one text that are not consecutive).
+# What is read between the blocks of two texts (or two chunks of one text that are not consecutive) and after the
+# last block, before the user's words.
 SEPARATOR = "\n\n"
 
 
 def passage_ids(blocks: list, separator: list[int]) -> list[int]:
     """The token ids one row reads: `blocks` (in the order written) joined, `separator` between blocks that are not
-    consecutive chunks of one text. Refuses a block stored without its token ids."""
+    consecutive chunks of one text and after the last ([] when there are no blocks). Refuses a block stored without
+    its token ids."""
     ids: list[int] = []
     previous = None
     for block in blocks:
@@ -45,7 +47,7 @@ def passage_ids(blocks: list, separator: list[int]) -> list[int]:
             ids += separator
         ids += block.token_ids.tolist()
         previous = block
-    return ids
+    return ids + separator if blocks else ids
 
 
 class TextRead(RetrieveRead):
@@ -84,7 +86,7 @@ class TextRead(RetrieveRead):
 
     def longest_prefix(self, model, slots=None) -> int:
         """Positions the prefix of the next read may take at most (known before any scoring): the placeholders of a
-        placed read, the most tokens blocks fitting `read_tokens` slots can hold, and a separator between each two."""
+        placed read, the most tokens blocks fitting `read_tokens` slots can hold, and a separator after each."""
         cfg, store = model.config, model.long_term_memory
         if not store:
             return int(cfg.add_bos_embedding)
@@ -92,7 +94,7 @@ class TextRead(RetrieveRead):
         ratio = max(count / block.num_slots for count, block in zip(counts, store, strict=True))
         tokens = min(sum(counts), math.floor(cfg.read_tokens * ratio))
         blocks = min(len(store), cfg.read_tokens // min(block.num_slots for block in store))
-        return int(cfg.add_bos_embedding) + tokens + len(self.separator_ids(model)) * max(blocks - 1, 0)
+        return int(cfg.add_bos_embedding) + tokens + len(self.separator_ids(model)) * blocks
 
     @torch.no_grad()
     def prefix(self, model, input_ids, inputs_embeds, attention_mask) -> tuple[PrefixKV, torch.Tensor]:

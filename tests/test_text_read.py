@@ -47,11 +47,12 @@ def logits(model, rows, **kwargs) -> torch.Tensor:
 @pytest.mark.parametrize("system", [None, "Be brief."], ids=["no-system", "system"])
 def test_reads_like_the_passage_at_the_start_of_the_user_turn(tok, marker, system):
     """A 3-layer model whose store holds two texts (one of three chunks): the prompt's logits equal those of the same
-    prompt with both texts, joined by the separator, written at the start of the user's message."""
+    prompt with both texts, each followed by the separator (a blank line), written at the start of the user's
+    message."""
     model = text_model(marker)
     model.inject([PARIS, ROME], tokenizer=tok)
     assert len(model.long_term_memory) == 4
-    passage = PARIS + "\n\n" + ROME  # the separator between texts; a text's chunks are joined as they were cut
+    passage = PARIS + "\n\n" + ROME + "\n\n"  # a text's chunks are joined as they were cut
     ids = chat_ids(tok, "Where?", system=system)
     inside = chat_ids(tok, passage + "Where?", system=system)
     split, n = int(marker_split(torch.tensor([ids]), None, marker)[0]), len(ids_of(tok, passage))
@@ -70,7 +71,7 @@ def test_a_plain_text_prompt_reads_the_passage_before_it(tok, marker):
     for placement in ("user_turn", "prefix"):
         model = text_model(marker, read_placement=placement)
         model.inject(PARIS, tokenizer=tok)
-        passage = ids_of(tok, PARIS)
+        passage = ids_of(tok, PARIS + "\n\n")
         reference = logits(model, [passage + plain], use_memory=False)[0, len(passage) :]
         assert (logits(model, [plain])[0] - reference).abs().max() <= 1e-5
 
@@ -78,7 +79,7 @@ def test_a_plain_text_prompt_reads_the_passage_before_it(tok, marker):
 def test_a_chat_prompt_with_prefix_placement_reads_the_passage_before_the_template(tok, marker):
     model = text_model(marker, read_placement="prefix")
     model.inject(PARIS, tokenizer=tok)
-    ids, passage = chat_ids(tok, "Where?"), ids_of(tok, PARIS)
+    ids, passage = chat_ids(tok, "Where?"), ids_of(tok, PARIS + "\n\n")
     reference = logits(model, [passage + ids], use_memory=False)[0, len(passage) :]
     assert (logits(model, [ids])[0] - reference).abs().max() <= 1e-5
 
