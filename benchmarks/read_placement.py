@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "data": {name: d.info() for name, d in data.items()},
         "store": store or "a fresh memory per question, holding only its passage",
         "prompt": "chat: one user turn `{passage}\\n\\n{instruction}\\nQuestion: {q}` (passage) or `{instruction}\\n"
-                  "Question: {q}` (memory; text read: the stored passage + \"\\n\\n\" read after the header); system prompt = the "
-                  "template's default",
+                  "Question: {q}` (memory; the text read reads the stored passage + \"\\n\\n\" after the header); "
+                  "system prompt = the template's default",
         "metrics": summarise(records),
         "wall_time_s_this_session": round(time.perf_counter() - start, 1),
         "records": records,

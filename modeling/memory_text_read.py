@@ -5,11 +5,12 @@ A long-term block keeps the token ids its slots were written from (`MemoryBlock.
 exactly the blocks the retrieval read chooses for a row (same scorer, budget, relevance cut, neighbours; `blocks`)
 and reads their token ids instead: the blocks in the order written, the chunks of one text joined as they were cut,
 `SEPARATOR` (the tokenizer's ids of it; nothing when no tokenizer is known) between blocks that are not consecutive
-chunks of one text and after the last (a blank line between the passage and the user's words). The model's own layers (no memory, the adapters as they are) encode them into per-layer
-keys/values, in the context of the row's header when the read is placed in the user turn (`read_placement=
-"user_turn"`: the template's tokens before the user's content), so that the prompt then reads exactly what it would
-read with the passage written at the start of its user message; a plain-text row (no header: the prefix read) reads
-what it would read with the passage written before it. A row whose relevance cut chooses nothing reads nothing.
+chunks of one text and after the last (a blank line between the passage and the user's words). The model's own
+layers (no memory, the adapters as they are) encode them into per-layer keys/values, in the context of the row's
+header when the read is placed in the user turn (`read_placement="user_turn"`: the template's tokens before the
+user's content), so that the prompt then reads exactly what it would read with the passage written at the start of
+its user message; a plain-text row (no header: the prefix read) reads what it would read with the passage written
+before it. A row whose relevance cut chooses nothing reads nothing.
 
 The prefix contract of `memory_reads` holds: each row's real columns at positions 0.. (a placed row's first
 `add_bos_embedding` columns are placeholders the placement hides), left-padded, with a mask of the real columns.
@@ -127,7 +128,7 @@ class TextRead(RetrieveRead):
         cfg, layers = model.config, model.model.layers
         hidden = int(cfg.add_bos_embedding) if header else 0
         if ids:
-            device = model.model.embed_tokens.weight.device
+            device = execution_device(model.model.embed_tokens)
             cache = DynamicCache(config=cfg)
             model.model(input_ids=torch.tensor([header + ids], device=device), cache=cache, use_cache=True)
             start = len(header)
@@ -140,8 +141,9 @@ class TextRead(RetrieveRead):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         out = []
         for index, layer in enumerate(layers):
-            pad = torch.zeros(1, cfg.num_key_value_heads, hidden, head_dim, dtype=model.dtype,
-                              device=execution_device(layer) if kv is None else kv[index][0].device)
+            like = None if kv is None else kv[index][0]
+            pad = torch.zeros(1, cfg.num_key_value_heads, hidden, head_dim, dtype=model.dtype if like is None else
+                              like.dtype, device=execution_device(layer) if like is None else like.device)
             if kv is None:
                 out.append((pad, pad))
             else:

@@ -3,12 +3,12 @@ as the passage written at the start of the user's message (or before a plain-tex
 
 import pytest
 import torch
+from test_read_placement import chat_ids, left_padded
 
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_lexical import MARGINS, THRESHOLDS
 from memoryllm_hf.modeling.memory_placement import marker_split, user_turn_marker
 from memoryllm_hf.tiny import tiny_model, tiny_tokenizer
-from test_read_placement import chat_ids, left_padded
 
 PARIS = "Paris is the capital of France and a nice city."  # 48 characters: three chunks of 16
 ROME = "Rome is old."
@@ -28,8 +28,8 @@ def marker(tok):
 def text_model(marker, layers: int = 3, **overrides):
     settings = dict(
         num_hidden_layers=layers, memory_update="input", fresh_pool="grow", num_update_tokens=16,
-        long_term_memory_tokens=256, read_tokens=64, retrieval_neighbors=2, read_mode="text", read_placement="user_turn",
-        user_turn_marker=marker,
+        long_term_memory_tokens=256, read_tokens=64, retrieval_neighbors=2, read_mode="text",
+        read_placement="user_turn", user_turn_marker=marker,
     )
     return tiny_model(**{**settings, **overrides})
 
@@ -198,7 +198,8 @@ def test_pipeline(tok, marker):
     expected = model.generate(ids, max_new_tokens=6, do_sample=False)
     generator = pipeline("text-generation", model=model, tokenizer=tok)
     reply = generator([{"role": "user", "content": "Where?"}], max_new_tokens=6, do_sample=False)
-    assert reply[0]["generated_text"][-1]["content"] == tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    answer = tok.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
+    assert reply[0]["generated_text"][-1]["content"] == answer
 
 
 # ---------------------------------------------------------------------- save / load, from_base, command line
