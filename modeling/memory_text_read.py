@@ -29,6 +29,7 @@ from .memory_reader import RetrieveRead, prefix_slots, retrieval_tokenizer, stac
 # What is read between the blocks of two texts (or two chunks of one text that are not consecutive) and after the
 # last block, before the user's words.
 SEPARATOR = "\n\n"
+SEPARATOR_WORD = "The"  # (a word the separator is tokenized before)
 
 
 def passage_ids(blocks: list, separator: list[int]) -> list[int]:
@@ -49,6 +50,17 @@ def passage_ids(blocks: list, separator: list[int]) -> list[int]:
         ids += block.token_ids.tolist()
         previous = block
     return ids + separator if blocks else ids
+
+
+def separator_ids(tokenizer) -> list[int]:
+    """`SEPARATOR`'s token ids as `tokenizer` writes them before a word (a byte-level BPE writes a blank line before a
+    word as two newline tokens, and one at the end of a text as one), so a read passage is tokenized as it would be
+    in the prompt; the ids of `SEPARATOR` alone when the word's ids do not follow them unchanged."""
+    ids = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    word, between = ids(SEPARATOR_WORD), ids(SEPARATOR + SEPARATOR_WORD)
+    if len(between) > len(word) and between[-len(word) :] == word:
+        return between[: -len(word)]
+    return ids(SEPARATOR)
 
 
 class TextRead(RetrieveRead):
@@ -81,8 +93,7 @@ class TextRead(RetrieveRead):
                     tokenizer = retrieval_tokenizer(model)
                 except ValueError:
                     tokenizer = None
-            ids = [] if tokenizer is None else list(tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"])
-            self.separator = (model.retrieval_tokenizer, ids)
+            self.separator = (model.retrieval_tokenizer, [] if tokenizer is None else separator_ids(tokenizer))
         return self.separator[1]
 
     def longest_prefix(self, model, slots=None) -> int:

@@ -260,3 +260,21 @@ def test_longest_prefix_bounds_what_is_read(tok, marker):
         out = model(torch.tensor([ids_of(tok, "Where?")]))
     read = out.cache.get_seq_length() - len(ids_of(tok, "Where?"))
     assert 0 < read <= bound
+
+
+def test_the_separator_is_tokenized_as_it_is_before_a_word():
+    """A byte-level BPE writes a blank line at the end of a text as one token and before a word as two (SmolLM2:
+    "ĊĊ" vs "Ċ", "Ċ"): the read uses the ids a passage followed by the user's words has in the prompt."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from memoryllm_hf.modeling.memory_text_read import separator_ids
+
+    vocab = {"Ċ": 0, "ĊĊ": 1, "T": 2, "h": 3, "e": 4, "Th": 5, "The": 6, "x": 7}
+    backend = Tokenizer(models.BPE(vocab, [("Ċ", "Ċ"), ("T", "h"), ("Th", "e")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe = PreTrainedTokenizerFast(tokenizer_object=backend)
+    assert bpe("\n\n", add_special_tokens=False)["input_ids"] == [1]
+    assert bpe("x\n\nThe", add_special_tokens=False)["input_ids"] == [7, 0, 0, 6]
+    assert separator_ids(bpe) == [0, 0]
+    assert separator_ids(tiny_tokenizer()) == ids_of(tiny_tokenizer(), "\n\n")
