@@ -70,7 +70,7 @@ def summarise(records: list[dict]) -> dict:
         for condition in [c for c in MEMORY_CONDITIONS if c in table]:
             table[condition]["vs_passage"] = round(table[condition]["exact_hit"] / passage, 3) if passage else None
             table[condition]["vs_passage_paired"] = paired(rows, condition, "passage")
-        if "memory_text" in table:
+        if "memory_text" in table and "memory_user_turn" in table:
             table["memory_text"]["vs_memory_user_turn_paired"] = paired(rows, "memory_text", "memory_user_turn")
         table["passage_read"] = round(sum(r["passage_read"] for r in rows) / len(rows), 4)
         out[dataset] = table
@@ -157,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the memory conditions to run (the passage condition always runs)")
     parser.add_argument("--store-unrelated", type=int, default=None, metavar="M",
                         help="one memory for all questions: their passages plus M unrelated dev paragraphs")
+    parser.add_argument("--no-relevance-cut", action="store_true",
+                        help="read the best blocks whatever their scores (retrieval_threshold and _margin None)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report", action="store_true", help="write the results of the records so far, run nothing")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = load("default")
+    if args.no_relevance_cut:
+        model.config.retrieval_threshold = model.config.retrieval_margin = None
     if model.config.read_placement != "user_turn":
         raise SystemExit("the default model should read in the user turn (from_base with a chat template)")
     data = {name: load_data(args.data, name, args.limit) for name in DATASETS}
