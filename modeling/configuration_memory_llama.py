@@ -55,7 +55,8 @@ class MemoryLlamaConfig(LlamaConfig):
         long_term_memory_device: device of the store; None = the CPU (the pool stays on the model's device).
         read_mode: a read of `memory_reads.READS`: `"pool"` (official: every layer attends to `[bos; pool]`) or
             `"retrieve"`: every layer attends to `[bos; the slots of the injections that score best against the
-            prompt, in the order written]` (needs the long-term store).
+            prompt, in the order written]` (needs the long-term store), or `"text"`: the token ids of the blocks
+            `"retrieve"` chooses, encoded by the model after the row's header (`memory_text_read`).
         long_term_memory_storage: `"memory"`: the stored slots are held in RAM (one store file in a folder);
             `"disk"`: they are memory-mapped from segment files (`long_term/` in a folder; a temporary directory,
             removed with the model, until it is saved), so a store larger than RAM works and a read loads only the

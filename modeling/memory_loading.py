@@ -21,7 +21,7 @@ from .memory_files import (
     recorded_geometry,
 )
 from .memory_placement import base_tokenizer, placement_defaults
-from .memory_reader import read_long_term_file
+from .memory_reader import RetrieveRead, read_long_term_file
 from .memory_reads import READS
 from .memory_scoring import DEFAULT_SCORERS, RETRIEVAL_SCORERS, scorer_available, scorer_defaults
 
@@ -165,7 +165,8 @@ def default_scorer(path_or_repo) -> str:
 def check_scorer_installed(config, source) -> None:
     """Refuse a loaded config whose retrieval scorer cannot run here (its encoder is not installed), saying what to
     install; the memory on disk is untouched."""
-    if config.read_mode == "retrieve" and not scorer_available(config.retrieval_scorer):
+    reads_scores = issubclass(READS.get(config.read_mode, object), RetrieveRead)  # ("retrieve", "text")
+    if reads_scores and not scorer_available(config.retrieval_scorer):
         others = [name for name in RETRIEVAL_SCORERS if scorer_available(name) and name != "model"]
         raise ImportError(
             f"{source or 'this model'} scores retrieval with retrieval_scorer={config.retrieval_scorer!r}, whose "
@@ -200,7 +201,7 @@ def from_base(
         mode = memory_config.setdefault("read_mode", "retrieve")
         if mode in READS:
             READS[mode].from_base_defaults(memory_config, base_config)
-        if mode == "retrieve" and "retrieval_scorer" not in memory_config:
+        if issubclass(READS.get(mode, object), RetrieveRead) and "retrieval_scorer" not in memory_config:
             # BM25 over the stored words when the checkpoint has a tokenizer to read them with
             if tokenizer is None:
                 tokenizer = base_tokenizer(path_or_repo, {**load_kwargs, **source})

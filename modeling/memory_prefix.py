@@ -136,6 +136,12 @@ def cache_prefix_mask(cache, rows: int) -> torch.Tensor | None:
     return mask
 
 
+def is_fresh_cache(cache) -> bool:
+    """Whether a forward over `cache` starts a new read: no cache, or an empty one no read has seeded (a read that
+    chose nothing seeds an empty prefix, which the forward continues instead of reading again)."""
+    return cache is None or (cache.get_seq_length() == 0 and not hasattr(cache, PREFIX_LENGTH_ATTRIBUTE))
+
+
 def cache_prefix_length(cache) -> int:
     """Memory positions at the start of `cache` (0 for a cache not made by `seeded_cache`, or None)."""
     return getattr(cache, PREFIX_LENGTH_ATTRIBUTE, 0) if cache is not None else 0

@@ -220,7 +220,7 @@ class RetrieveRead:
         mask = batch.attention_mask
         if mask is not None and (mask.dim() != 2 or mask.shape[1] != batch.length):
             raise ValueError(
-                f"with read_mode='retrieve' the attention_mask covers the tokens only: expected [batch, "
+                f"with read_mode={model.config.read_mode!r} the attention_mask covers the tokens only: expected [batch, "
                 f"{batch.length}], got {tuple(mask.shape)}"
             )
         prefix_kv, prefix_mask = self.prefix(model, batch.input_ids, batch.inputs_embeds, mask)

@@ -29,6 +29,7 @@ from transformers.utils import logging
 from .memory_placement import check_token_mask, placed_generate_masks, placed_read, read_split
 from .memory_pool_read import PoolRead
 from .memory_reader import RetrieveRead
+from .memory_text_read import TextRead
 from .mplus_read import MPlusRead
 
 logger = logging.get_logger(__name__)
@@ -37,7 +38,18 @@ READS = {
     "pool": PoolRead,
     "retrieve": RetrieveRead,
     "mplus": MPlusRead,
+    "text": TextRead,
 }
+
+
+def build_reads() -> dict:
+    """One object per read mode of `READS` (a model's `reads`, created in its `__init__`); the reads that choose
+    blocks by retrieval scores (`RetrieveRead` and its subclasses) share one scoring, i.e. one index of the store."""
+    reads = {name: read() for name, read in READS.items()}
+    retrieval = [read for read in reads.values() if isinstance(read, RetrieveRead)]
+    for read in retrieval[1:]:
+        read.scoring = retrieval[0].scoring
+    return reads
 
 
 @dataclasses.dataclass

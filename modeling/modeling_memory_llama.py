@@ -30,8 +30,8 @@ from .memory_journal import PendingUpdates
 from .memory_loading import bos_from_base_model, from_base, load_pretrained, save_pretrained
 from .memory_placement import placed_prefill
 from .memory_pool import is_sole_reference
-from .memory_prefix import cache_prefix_length, continued_read, positions_from_mask
-from .memory_reads import READS, MemoryReadMixin
+from .memory_prefix import cache_prefix_length, continued_read, is_fresh_cache, positions_from_mask
+from .memory_reads import MemoryReadMixin, build_reads
 from .memory_state import MemoryState
 from .memory_state_api import MemoryLock, MemoryOrigin, MemoryStateMixin, Snapshots, SparePool, UndoHistory
 from .memory_text import CallNumbers, injection_chunks
@@ -65,7 +65,7 @@ class MemoryLlamaForCausalLM(
         for field in MEMORY_FIELDS:  # the memory state's tensors (memory_fields), saved in their own file
             self.register_buffer(field.buffer, fresh[field.name], persistent=field.saved)
         self.adapters = MemoryAdapters(self.model.layers, config.lora_config, config.add_decoder_lora)
-        self.reads = {name: read() for name, read in READS.items()}  # each read mode with its caches
+        self.reads = build_reads()  # each read mode of READS with its caches (retrieval reads share one index)
         self.retriever = MPlusRetriever(config) if config.retriever_size else None  # M+ (mplus_model)
         self._long_term = self.empty_long_term_memory()  # the store (memory_store) or M+ memory (mplus_memory)
         self.memory_lock = MemoryLock()
@@ -156,7 +156,7 @@ class MemoryLlamaForCausalLM(
         (training: a fresh, differentiable injection)."""
         if "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
-        fresh = cache is None or cache.get_seq_length() == 0
+        fresh = is_fresh_cache(cache)
         drop_cache = False
         tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = tokens.shape[:2]

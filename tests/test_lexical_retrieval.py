@@ -390,6 +390,23 @@ def test_a_loaded_folder_scores_with_its_persisted_index_and_equals_a_rebuilt_on
     torch.testing.assert_close(loaded.retrieval_scores(**questions), rebuilt.retrieval_scores(**questions), rtol=0, atol=0)
 
 
+def test_the_text_read_shares_the_persisted_index_of_a_loaded_folder(tmp_path, monkeypatch):
+    """read_mode="text" chooses blocks with the same scoring as "retrieve": a loaded folder's saved index serves it
+    (no block indexed again) and both reads choose the same blocks."""
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    questions = _questions(tokenizer)
+    expected = model.retrieve(**questions)
+    model.save_pretrained(tmp_path / "folder")
+    _no_indexing(monkeypatch)
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder", read_mode="text")
+    loaded.retrieval_tokenizer = tokenizer
+    loaded(**questions)  # a text read: scores the store through the shared, persisted index
+    assert loaded.last_retrieval == expected
+    assert loaded.reads["text"].scoring is loaded.reads["retrieve"].scoring
+
+
 def test_a_stale_corrupted_or_foreign_index_is_detected_and_rebuilt(tmp_path, monkeypatch):
     import shutil
 

@@ -6,8 +6,8 @@ Every line carries a checksum (`sha256`: the first 16 hex digits of the SHA-256 
 it). A run that is killed loses at most the record in progress (a half-written last line is cut off on resume);
 a damaged record line anywhere else (zeroed or cut bytes, invalid UTF-8, valid JSON that is no record, a `null`
 record, an edited value that no longer matches its checksum) is named by file and line in a warning and skipped: its
-item has no record and is computed again (the line stays in the file for inspection; a later valid line of the same
-item is the one used). A damaged header is refused. A lock file (`OUTPUT.records.jsonl.lock`, `filelock`) is held
+item has no record and is computed again (the line stays in the file for inspection; the last valid line of an item
+is the one used, also when an item is recorded again, e.g. with more results). A damaged header is refused. A lock file (`OUTPUT.records.jsonl.lock`, `filelock`) is held
 while a run writes its log, so a second run or resume of the same log is refused instead of computing items twice.
 `--resume` reads the log, refuses it when the run's configuration differs (saying what differs) and continues with
 the records still missing. `--shard i/n` runs the items i, i + n, i + 2n, ... of the task (round robin, so shards
@@ -169,7 +169,7 @@ class RecordLog:
             if entry is None:
                 self.damaged.append(f"{self.path}:{number}: {why}")
                 warnings.warn(f"{self.path}:{number}: {why}; skipped, its item will be computed again", stacklevel=3)
-            elif entry["key"] not in self._records:
+            else:  # (an item recorded again, e.g. with conditions added since: its last line is the one used)
                 self._records[entry["key"]] = (entry["index"], entry["record"])
         if len(complete) != len(raw):
             warnings.warn(
