@@ -12,8 +12,9 @@ The stream, in order (`build_stream`; one `inject` per item, token ids):
    HotpotQA paragraphs (titles no question has); never a text equal to a question's passage, each text once;
 3. filler where the dev data runs out (`filler_texts`): the prose of the Python standard library's documentation
    as installed with the interpreter: the `pydoc_data.topics` help texts (the language reference topics of
-   `help()`), then module, class and function docstrings of the standard library's `.py` files (sorted by path,
-   tests excluded, >= 12 words), grouped into contexts the same way, until the target of stored tokens.
+   `help()`), then module, class and function docstrings of the standard library's `.py` files, then of the
+   installed packages' (`purelib`: transformers, torch, ...; each sorted by path, tests excluded, >= 12 words),
+   grouped into contexts the same way, until the target of stored tokens.
 
 Checkpoints (stored tokens >= 10k, 30k, 100k, 300k, 600k, 1M, and the first point with >= 1,000 injections): for
 each scorer available ("bm25", "model", and "bm25+encoder" when the encoder package is installed) and each dataset,
@@ -124,20 +125,21 @@ def filler_texts():
 
     for name in sorted(pydoc_data.topics.topics):
         yield {"text": pydoc_data.topics.topics[name].strip(), "source": f"pydoc:{name}"}
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.rglob("*.py")):
-        relative = path.relative_to(stdlib)
-        if any(part in FILLER_SKIP or part.startswith("test_") for part in relative.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc.split()) >= FILLER_MIN_WORDS:
-                    yield {"text": doc, "source": f"stdlib:{relative}"}
+    paths = sysconfig.get_paths()
+    for label, folder in (("stdlib", Path(paths["stdlib"])), ("packages", Path(paths["purelib"]))):
+        for path in sorted(folder.rglob("*.py")):
+            relative = path.relative_to(folder)
+            if any(part in FILLER_SKIP or part.startswith("test_") for part in relative.parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc.split()) >= FILLER_MIN_WORDS:
+                        yield {"text": doc, "source": f"{label}:{relative}"}
 
 
 def build_stream(tokenizer, data_dir: Path, target_tokens: int, context_tokens: int, filler=filler_texts) -> list[Item]:
@@ -156,17 +158,32 @@ def build_stream(tokenizer, data_dir: Path, target_tokens: int, context_tokens: 
     items += [Item("unrelated", c.ids) for c in unrelated_contexts(unrelated, tokenizer, "source", context_tokens)]
     missing = target_tokens - sum(len(item.ids) for item in items)
     if missing > 0:
-        seen, chosen, count = set(passages) | {t["text"] for t in unrelated}, [], 0
-        for text in filler():
+        items += [Item("filler", ids) for ids in filler_contexts(tokenizer, filler(), missing, context_tokens,
+                                                                   set(passages) | {t["text"] for t in unrelated})]
+    return items
+
+
+def filler_contexts(tokenizer, texts, tokens: int, context_tokens: int, seen: set) -> list[list[int]]:
+    """Contexts (token ids) of the filler `texts` (not in `seen`, each once), grouped as the harness groups
+    unrelated texts, holding at least `tokens` tokens in all (fewer only when the texts run out). A text's tokens
+    past a context's end are dropped by the grouping, so texts are taken until the contexts themselves suffice."""
+    chosen, count, goal, contexts = [], 0, tokens + 2 * context_tokens, []
+    while True:
+        exhausted = True
+        for text in texts:
             if text["text"] in seen:
                 continue
             seen.add(text["text"])
             chosen.append(text)
             count += len(tokenizer(text["text"] + "\n\n", add_special_tokens=False)["input_ids"])
-            if count >= missing + 2 * context_tokens:
+            if count >= goal:
+                exhausted = False
                 break
-        items += [Item("filler", c.ids) for c in unrelated_contexts(chosen, tokenizer, "source", context_tokens)]
-    return items
+        contexts = [c.ids for c in unrelated_contexts(chosen, tokenizer, "source", context_tokens)]
+        have = sum(map(len, contexts))
+        if have >= tokens or exhausted:
+            return contexts
+        goal = count + 2 * (tokens - have) + context_tokens
 
 
 def stream_fingerprint(items: list[Item]) -> str:
@@ -359,6 +376,9 @@ def build(args) -> int:
     cfg, chunk = model.config, model.config.inject_chunk_size
     items = build_stream(tokenizer, Path(args.data), args.target_tokens, args.context_tokens)
     run = f"{Path(args.folder).name}-{stream_fingerprint(items)}"
+    kinds = {kind: sum(item.kind == kind for item in items) for kind in ("passage", "unrelated", "filler")}
+    print(f"stream {run}: {len(items)} items {kinds}, {sum(len(item.ids) for item in items)} tokens",
+          file=sys.stderr, flush=True)
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {}
     if progress and progress.get("stream") != stream_fingerprint(items):
         raise SystemExit(f"{progress_path} was written for another stream ({progress.get('stream')}): use another "
