@@ -390,7 +390,8 @@ def build(args) -> int:
         raise SystemExit(f"{folder} holds {model.num_injections} injections, not the end of any stream item: not a "
                          "folder of this build")
     position = ends.index(model.num_injections)
-    seconds = {key: progress.get(f"{key}_seconds", 0.0) for key in ("inject", "save", "eval")}
+    # wall seconds injecting, saving, measuring; CPU seconds of this process injecting (the machine may be shared)
+    seconds = {key: progress.get(f"{key}_seconds", 0.0) for key in ("inject", "inject_cpu", "save", "eval")}
     if progress.get("injections") != model.num_injections:  # killed after a save, before its progress line
         progress = {}
     done = {label for record in load_records(args.records, run) for label in record["labels"]}
@@ -431,7 +432,8 @@ def build(args) -> int:
                                                               for t in (*model.parameters(), *model.buffers()))},
             "disk": {"store_folder": disk_bytes(folder), "free": shutil.disk_usage(root).free,
                      "spill": disk_bytes(Path(model.store_spill.path)) if model.store_spill.path else 0},
-            "build": {**seconds, "stored_tokens_per_inject_hour": stored / max(seconds["inject"], 1e-9) * 3600},
+            "build": {**seconds, "stored_tokens_per_inject_hour": stored / max(seconds["inject"], 1e-9) * 3600,
+                      "stored_tokens_per_inject_cpu_hour": stored / max(seconds["inject_cpu"], 1e-9) * 3600},
             "settings": {k: getattr(cfg, k) for k in ("num_memory_tokens", "num_update_tokens", "inject_chunk_size",
                                                       "read_tokens", "retrieval_neighbors", "retrieval_threshold",
                                                       "retrieval_margin", "retrieval_scorer", "long_term_memory_tokens",
@@ -474,9 +476,10 @@ def build(args) -> int:
                   "again to resume", file=sys.stderr)
             status = EXIT_DISK
             break
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         made = model.inject(items[position].ids, progress=False)
         seconds["inject"] += time.perf_counter() - start
+        seconds["inject_cpu"] += time.process_time() - cpu
         if made != updates_of(items[position], chunk):
             raise RuntimeError(f"item {position} made {made} updates, {updates_of(items[position], chunk)} expected")
         position += 1
