@@ -180,3 +180,25 @@ def test_records_and_report(data, tmp_path):
                          "--answers", str(tmp_path / "none.jsonl")]) == 0
     assert len(json.loads(summary.read_text())["rows"]) == len(rows)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_answers_per_read_mode_and_baseline_resumable(data, tmp_path):
+    root = tmp_path / "store"
+    assert million.main([*BUILD, "--data", str(data), "--folder", str(root), "--records", str(tmp_path / "r.jsonl"),
+                         "--scorers", "bm25", "--checkpoints"]) == 0
+    output = tmp_path / "answers.jsonl"
+    args = ["answers", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
+            str(root / million.COPY_DIR), "--read-modes", "retrieve", "pool", "--questions", "2",
+            "--max-new-tokens", "2", "--output", str(output)]
+    assert million.main(args) == 0
+    rows = million.load_records(output)
+    # 2 SQuAD + 2 NQ questions, each with both read modes and the passage in the user turn (no memory)
+    assert sorted((r["dataset"], r["index"], r["condition"]) for r in rows) == sorted(
+        (name, i, c) for name in ("squad", "nq") for i in range(2) for c in ("retrieve", "pool", "passage_in_user_turn"))
+    assert all({"answer", "exact_hit", "f1"} <= set(r) for r in rows)
+    assert million.main(args) == 0 and len(million.load_records(output)) == len(rows)  # nothing asked twice
+    summary = million.answer_summary(rows)
+    assert summary["pool"]["nq"]["exact_hit"]["n"] == 2
+    with pytest.raises(SystemExit, match="not one of this model's"):
+        million.main([*args[:-1], str(tmp_path / "other.jsonl"), "--read-modes", "nonexistent"])
