@@ -136,7 +136,7 @@ def filler_texts():
             except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError, OSError):
                 continue
             for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                     doc = ast.get_docstring(node)
                     if doc and len(doc.split()) >= FILLER_MIN_WORDS:
                         yield {"text": doc, "source": f"{label}:{relative}"}
@@ -574,7 +574,7 @@ def report(args) -> int:
                         row[f"{scorer}/{name}/{metric}"] = values[metric]
         rows.append(row)
     summary = {"run": records[-1]["run"], "settings": records[-1]["settings"], "meta": records[-1]["meta"],
-               "build": records[-1]["build"], "rows": rows}
+               "build": records[-1]["build"], "throughput": throughput(records), "rows": rows}
     if args.answers and args.answers.exists():
         summary["answers"] = answer_summary(load_records(args.answers))
     args.summary.parent.mkdir(parents=True, exist_ok=True)
@@ -582,6 +582,21 @@ def report(args) -> int:
     plot(records, args.plot)
     print(f"wrote {args.summary} and {args.plot}")
     return 0
+
+
+def throughput(records: list[dict]) -> list[dict]:
+    """Stored tokens per hour of injecting between consecutive checkpoints: wall clock, and CPU time of the build
+    process (where both records counted it)."""
+    out = []
+    for before, after in zip(records, records[1:], strict=False):
+        tokens = after["stored_tokens"] - before["stored_tokens"]
+        wall = after["build"]["inject"] - before["build"]["inject"]
+        counted = "inject_cpu" in before["build"]  # (CPU time is recorded from the first resume with this code on)
+        cpu = after["build"].get("inject_cpu", 0.0) - before["build"].get("inject_cpu", 0.0)
+        out.append({"from_tokens": before["stored_tokens"], "to_tokens": after["stored_tokens"],
+                    "tokens_per_wall_hour": tokens / wall * 3600 if wall > 0 else None,
+                    "tokens_per_cpu_hour": tokens / cpu * 3600 if cpu > 0 and counted else None})
+    return out
 
 
 def plot(records: list[dict], path: Path) -> None:

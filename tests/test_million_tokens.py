@@ -70,7 +70,7 @@ class CharTokenizer:
 
 def test_stream_passages_first_deduplicated_and_no_question_text_unrelated(data):
     tokenizer = CharTokenizer()
-    filler = [{"text": "filler prose number %d." % i, "source": "test"} for i in range(100)]
+    filler = [{"text": f"filler prose number {i}.", "source": "test"} for i in range(100)]
     items = million.build_stream(tokenizer, data, 600, 30, filler=lambda: iter(filler))
     kinds = [item.kind for item in items]
     # passages, then unrelated dev text, then filler; each kind in one run
@@ -194,8 +194,9 @@ def test_answers_per_read_mode_and_baseline_resumable(data, tmp_path):
     assert million.main(args) == 0
     rows = million.load_records(output)
     # 2 SQuAD + 2 NQ questions, each with both read modes and the passage in the user turn (no memory)
+    conditions = ("retrieve", "pool", "passage_in_user_turn")
     assert sorted((r["dataset"], r["index"], r["condition"]) for r in rows) == sorted(
-        (name, i, c) for name in ("squad", "nq") for i in range(2) for c in ("retrieve", "pool", "passage_in_user_turn"))
+        (name, i, c) for name in ("squad", "nq") for i in range(2) for c in conditions)
     assert all({"answer", "exact_hit", "f1"} <= set(r) for r in rows)
     assert million.main(args) == 0 and len(million.load_records(output)) == len(rows)  # nothing asked twice
     summary = million.answer_summary(rows)
