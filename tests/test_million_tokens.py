@@ -22,12 +22,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-@pytest.fixture
-def data(tmp_path) -> Path:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
     """SQuAD: 3 questions (two share a passage) of articles A and B; NQ: 2 questions of titles T1, T2; unrelated
     texts that must be left out say "LEAVE" (a question's article or title, or a question's passage)."""
-    folder = tmp_path / "data"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("data")
     write_jsonl(folder / "squad_qa.jsonl", [
         {"question": "what do owls eat?", "context": SHARED, "answers": ["mice"], "article": "A"},
         {"question": "where do owls sleep?", "context": SHARED, "answers": ["trees"], "article": "A"},
@@ -146,12 +145,19 @@ def test_killed_build_resumes_to_the_same_store_and_records(data, tmp_path, monk
     assert [comparable(r) for r in a] == [comparable(r) for r in b]
 
 
-@pytest.mark.filterwarnings("ignore")
-def test_records_and_report(data, tmp_path):
-    records = tmp_path / "records.jsonl"
-    args = [*BUILD, "--data", str(data), "--folder", str(tmp_path / "store"), "--records", str(records),
+@pytest.fixture(scope="module")
+def built(data, tmp_path_factory) -> Path:
+    """A tiny build straight through (both scorers): its folder root, with the records in `records.jsonl`."""
+    root = tmp_path_factory.mktemp("built")
+    args = [*BUILD, "--data", str(data), "--folder", str(root / "store"), "--records", str(root / "records.jsonl"),
             "--scorers", "bm25", "model"]
     assert million.main(args) == 0
+    return root
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_records_and_report(built, tmp_path):
+    records = built / "records.jsonl"
     rows = million.load_records(records)
     assert rows and all(json.loads(line) for line in records.read_text().splitlines())
     for record in rows:
@@ -173,23 +179,21 @@ def test_records_and_report(data, tmp_path):
         assert record["disk"]["store_folder"] > 0
     assert rows[0]["stored_tokens"] >= 100 and rows[-1]["stored_tokens"] >= 200
     # the tiny model stores K = 6 of every 16 tokens: the stream runs out before 700 stored tokens
-    progress = json.loads((tmp_path / "store" / million.PROGRESS_FILE).read_text())
+    progress = json.loads((built / "store" / million.PROGRESS_FILE).read_text())
     assert progress["position"] == progress["items"] and progress["stored_tokens"] >= 200
     summary, plot = tmp_path / "summary.json", tmp_path / "plot.png"
     assert million.main(["report", "--records", str(records), "--summary", str(summary), "--plot", str(plot),
                          "--answers", str(tmp_path / "none.jsonl")]) == 0
-    assert len(json.loads(summary.read_text())["rows"]) == len(rows)
+    written = json.loads(summary.read_text())
+    assert len(written["rows"]) == len(rows) and len(written["throughput"]) == len(rows) - 1
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_answers_per_read_mode_and_baseline_resumable(data, tmp_path):
-    root = tmp_path / "store"
-    assert million.main([*BUILD, "--data", str(data), "--folder", str(root), "--records", str(tmp_path / "r.jsonl"),
-                         "--scorers", "bm25", "--checkpoints"]) == 0
+def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     output = tmp_path / "answers.jsonl"
     args = ["answers", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
-            str(root / million.COPY_DIR), "--read-modes", "retrieve", "pool", "--questions", "2",
+            str(built / "store" / million.COPY_DIR), "--read-modes", "retrieve", "pool", "--questions", "2",
             "--max-new-tokens", "2", "--output", str(output)]
     assert million.main(args) == 0
     rows = million.load_records(output)
