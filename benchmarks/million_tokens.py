@@ -515,22 +515,23 @@ def answers(args) -> int:
     todo = [(name, i, c) for i in range(args.questions) for name in questions for c in conditions
             if i < len(questions[name]) and (name, i, c) not in done]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    kept = model.config.read_mode
+    kept = {field: getattr(model.config, field) for field in READ_FIELDS}
     for name, index, condition in tqdm(todo, desc="answers", unit="q"):
         row = questions[name][index]
         if condition == "passage_in_user_turn":
             prompt, memory = prompter.question(row["question"], context=row["context"]).ids, False
         else:
-            if condition not in model.reads:
-                raise SystemExit(f"read mode {condition!r} is not one of this model's: {sorted(model.reads)}")
-            model.config.read_mode, memory = condition, True
+            for field, value in read_settings(model, condition).items():
+                setattr(model.config, field, value)
+            memory = True
             prompt = prompter.question(row["question"]).ids
         generation = generate(model, tokenizer, [prompt], memory, decoding)[0]
-        model.config.read_mode = kept
+        for field, value in kept.items():
+            setattr(model.config, field, value)
         scores = score_answer(generation, row["answers"])
         record = {"dataset": name, "index": index, "condition": condition, "question": row["question"],
                   "answers": row["answers"], **scores,
-                  "read": model.last_retrieval[0] if memory and condition == "retrieve" else None}
+                  "read": model.last_retrieval[0] if memory and isinstance(model.last_retrieval, list) else None}
         with open(args.output, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     summary = answer_summary(load_records(args.output))
@@ -538,11 +539,31 @@ def answers(args) -> int:
     return 0
 
 
+READ_FIELDS = ("read_mode", "retrieval_scorer", "retrieval_threshold", "retrieval_margin")
+
+
+def read_settings(model, condition: str) -> dict:
+    """The config fields of a condition "MODE" (the folder's scorer) or "MODE@SCORER" (a scorer of the model's
+    scorer table with its calibrated cuts, e.g. "text@bm25+encoder")."""
+    from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
+
+    mode, _, scorer = condition.partition("@")
+    if mode not in model.reads:
+        raise SystemExit(f"read mode {mode!r} is not one of this model's: {sorted(model.reads)}")
+    if not scorer:
+        return {"read_mode": mode}
+    if scorer not in RETRIEVAL_SCORERS:
+        raise SystemExit(f"scorer {scorer!r} is not one of {sorted(RETRIEVAL_SCORERS)}")
+    entry = RETRIEVAL_SCORERS[scorer]
+    return {"read_mode": mode, "retrieval_scorer": scorer, "retrieval_threshold": entry.threshold,
+            "retrieval_margin": entry.margin}
+
+
 def answer_summary(records: list[dict]) -> dict:
     out = {}
     for record in records:
         out.setdefault(record["condition"], {}).setdefault(record["dataset"], []).append(record)
-    return {
+    summary = {
         condition: {
             name: {"exact_hit": rate(int(sum(r["exact_hit"] for r in rows)), len(rows)),
                    "f1": sum(r["f1"] for r in rows) / len(rows)}
@@ -550,6 +571,17 @@ def answer_summary(records: list[dict]) -> dict:
         }
         for condition, by_data in out.items()
     }
+    baseline = out.get("passage_in_user_turn", {})
+    for condition, by_data in out.items():  # on the questions both conditions answered
+        for name, rows in by_data.items():
+            base = {r["index"]: r["exact_hit"] for r in baseline.get(name, [])}
+            paired = [(r["exact_hit"], base[r["index"]]) for r in rows if r["index"] in base]
+            hits = sum(b for _, b in paired)
+            if condition != "passage_in_user_turn" and hits:
+                summary[condition][name]["vs_passage"] = {
+                    "n": len(paired), "ratio": sum(a for a, _ in paired) / hits,
+                    "gains": sum(1 for a, b in paired if a and not b), "losses": sum(1 for a, b in paired if b and not a)}
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -657,7 +689,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--records", type=Path, default=RECORDS)
     a = commands.add_parser("answers", parents=[common], help="answer accuracy on the 1,000-injection copy")
     a.add_argument("--folder", required=True, type=Path, help="the copy (FOLDER/copy-1000)")
-    a.add_argument("--read-modes", nargs="+", default=["retrieve"])
+    a.add_argument("--read-modes", nargs="+", default=["retrieve"],
+                   help='read modes by name, each optionally with a scorer: "text@bm25+encoder"')
     a.add_argument("--questions", type=int, default=200, help="per dataset")
     a.add_argument("--max-new-tokens", type=int, default=24)
     a.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.answers.jsonl"))

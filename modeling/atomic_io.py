@@ -66,6 +66,15 @@ def remove_orphans(directory: str, stem: str = "") -> None:
                     os.remove(path)
 
 
+def remove_folder_orphans(folder: str | os.PathLike) -> None:
+    """Remove what killed writers left of `folder`'s saves: temp entries beside it (`.<name>.tmp-*`, e.g. a staging
+    folder) and inside it. The caller holds the folder lock."""
+    folder = os.path.realpath(os.fspath(folder))
+    parent, name = os.path.split(folder)
+    remove_orphans(parent, f".{name}")
+    remove_orphans(folder)
+
+
 def _fsync_directory(directory: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -229,8 +238,7 @@ def update_folder(folder: str | os.PathLike, write: Callable[[str, str | None], 
         raise NotADirectoryError(f"{folder} exists and is not a folder")
     with folder_lock(folder):
         _recover(folder)
-        remove_orphans(parent, f".{name}")
-        remove_orphans(folder)
+        remove_folder_orphans(folder)
         old = folder if os.path.isdir(folder) else None
         staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}{_tmp_prefix('save')}")
         try:

@@ -38,6 +38,8 @@ from .atomic_io import (
     link_tree,
     map_tensor_file,
     read_tensor_file,
+    remove_folder_orphans,
+    remove_orphans,
     tensors_digest,
     update_folder,
     write_tensor_file,
@@ -750,8 +752,11 @@ def folder_head(folder: str | os.PathLike, state_class) -> str | None:
 
 def append_journal_record(folder: str | os.PathLike, record: TensorFile) -> None:
     """Write a record (`encode_journal_record`) into the folder's journal, atomically (fsynced temp file, rename,
-    fsynced directory). The caller holds the folder lock and checked that the record's parent is the head."""
+    fsynced directory). The caller holds the folder lock and checked that the record's parent is the head. What killed
+    writers left beside and inside the folder is removed first (an append must not leave a full save's orphans)."""
     directory = os.path.join(os.fspath(folder), JOURNAL_DIR)
+    remove_folder_orphans(folder)
+    remove_orphans(directory)
     os.makedirs(directory, exist_ok=True)
     tensors, metadata = record
     name = journal_record_name(int(metadata["first"]), int(metadata["last"]))

@@ -159,7 +159,7 @@ def test_killed_save_pretrained_leaves_a_loadable_folder(tmp_path):
 def test_killed_cli_inject_leaves_a_loadable_folder(folder, tmp_path):
     kill_savers(folder, tmp_path, _cli_loop, _fork, kills=20, max_delay=0.8, check=_check_cli_folder)
     assert cli.main(["inject", str(folder), "--text", SHORT]) == 0
-    assert no_orphans(folder)
+    assert no_orphans(folder), f"left behind: {list(iter_orphans(str(folder)))}"
 
 
 @pytest.mark.slow
