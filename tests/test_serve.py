@@ -288,13 +288,13 @@ def test_kill_during_an_inject_loses_nothing(tmp_path, capsys):
 def test_the_server_warms_up_before_the_first_question(retrieving_template, tmp_path, one_thread, monkeypatch):
     """What the first read of a process computes once per store (every block's retrieval features, packed) is done
     before the server says it is ready: its first question computes none."""
-    from memoryllm_hf.modeling import memory_reader
+    from memoryllm_hf.modeling import memory_retrieval
 
     folder = copy(retrieving_template, tmp_path / "warm")
     assert cli.main(["inject", str(folder), "--text", NOTES]) == 0
     computed = []
-    real = memory_reader.block_features
-    monkeypatch.setattr(memory_reader, "block_features", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = memory_retrieval.block_features  # (the "model" scorer's features; the template scores with it)
+    monkeypatch.setattr(memory_retrieval, "block_features", lambda *a, **k: computed.append(1) or real(*a, **k))
     server = ThreadServer(folder)
     try:
         assert computed, "the warm-up read computed the stored blocks' features"
