@@ -135,6 +135,22 @@ def test_plain_text_prompts_read_the_prefix_unchanged(tok, marker):
 
 
 # ---------------------------------------------------------------------- generate paths
+
+
+@torch.no_grad()
+def step_by_step_greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens of a forward loop over the model's cache (one row), to compare with `generate`."""
+    step = model(ids)
+    tokens = [int(step.logits[0, -1].argmax())]
+    cache, seen = step.cache, ids
+    for _ in range(new_tokens - 1):
+        seen = torch.cat([seen, torch.tensor([[tokens[-1]]])], 1)
+        step = model(seen[:, -1:], cache=cache, attention_mask=torch.ones_like(seen))
+        cache = step.cache
+        tokens.append(int(step.logits[0, -1].argmax()))
+    return tokens
+
+
 @pytest.mark.parametrize("read", [None, RETRIEVE], ids=["pool", "retrieve"])
 def test_generate_equals_step_by_step_forward(tok, marker, read):
     """Greedy `generate` = a forward loop over the cache (positions and masks after the prefill)."""
@@ -143,15 +159,7 @@ def test_generate_equals_step_by_step_forward(tok, marker, read):
     ids = torch.tensor([chat_ids(tok, "Where?", system="Be brief.")])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        step = model(ids)
-        tokens = [int(step.logits[0, -1].argmax())]
-        cache, seen = step.cache, ids
-        for _ in range(5):
-            seen = torch.cat([seen, torch.tensor([[tokens[-1]]])], 1)
-            step = model(seen[:, -1:], cache=cache, attention_mask=torch.ones_like(seen))
-            cache = step.cache
-            tokens.append(int(step.logits[0, -1].argmax()))
-    assert out[0, ids.shape[1] :].tolist() == tokens
+    assert out[0, ids.shape[1] :].tolist() == step_by_step_greedy(model, ids, 6)
 
 
 def test_static_cache_beams_and_continued_cache(tok, marker):

@@ -3,7 +3,7 @@ as the passage written at the start of the user's message (or before a plain-tex
 
 import pytest
 import torch
-from test_read_placement import chat_ids, left_padded
+from test_read_placement import chat_ids, left_padded, step_by_step_greedy
 
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM
 from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
@@ -163,15 +163,7 @@ def test_generate_equals_step_by_step_forward(tok, marker):
     ids = torch.tensor([chat_ids(tok, "Where?", system="Be brief.")])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        step = model(ids)
-        tokens = [int(step.logits[0, -1].argmax())]
-        cache, seen = step.cache, ids
-        for _ in range(5):
-            seen = torch.cat([seen, torch.tensor([[tokens[-1]]])], 1)
-            step = model(seen[:, -1:], cache=cache, attention_mask=torch.ones_like(seen))
-            cache = step.cache
-            tokens.append(int(step.logits[0, -1].argmax()))
-    assert out[0, ids.shape[1] :].tolist() == tokens
+    assert out[0, ids.shape[1] :].tolist() == step_by_step_greedy(model, ids, 6)
 
 
 def test_static_cache_and_beams(tok, marker):
