@@ -19,6 +19,7 @@ for), block by block, and kept per block in RAM (see the README for bytes per st
 from collections.abc import Sequence
 
 import torch
+from transformers.masking_utils import create_causal_mask
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
@@ -71,6 +72,25 @@ def block_features(
         raise ValueError(f"slots must be [num_layers={len(layers)}, k, hidden], got {tuple(slots.shape)}")
     with torch.no_grad():
         return {s.feature: s.index(layers, slots, key_layers).to(FEATURE_DTYPE) for s in SCORERS.values()}
+
+
+@torch.no_grad()
+def layer_inputs(decoder, input_ids, inputs_embeds, attention_mask, last: int) -> list[torch.Tensor | None]:
+    """The inputs of the decoder's layers 0..`last` for a prompt batch ([B, T, d] each; None for the layers after),
+    as `output_hidden_states=True` gives them, from transformers' own parts (embedding, causal mask, rotary
+    embedding, decoder layers) run only as deep as `last`: scoring a prompt costs the layers it reads, not a full
+    pass. `decoder`: the model's `LlamaModel` (`model.model`)."""
+    embeds = decoder.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    mask = create_causal_mask(
+        config=decoder.config, inputs_embeds=embeds, attention_mask=attention_mask, cache=None, position_ids=position_ids
+    )
+    rotary = decoder.rotary_emb(embeds, position_ids=position_ids)
+    states: list[torch.Tensor | None] = [embeds]
+    for layer in decoder.layers[:last]:
+        states.append(layer(states[-1], attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
+                            cache=None, use_cache=False))
+    return states + [None] * (len(decoder.layers) - last)
 
 
 def question_features(
@@ -189,13 +209,8 @@ class ModelScorer:
 
             packed = self.packed.get(store, weights, packed, limit=1)
         with model.adapters.use(READ):
-            hidden = model.model(
-                input_ids=prompts.input_ids,
-                inputs_embeds=prompts.inputs_embeds,
-                attention_mask=prompts.attention_mask,
-                output_hidden_states=True,
-                use_cache=False,
-            ).hidden_states
+            hidden = layer_inputs(model.model, prompts.input_ids, prompts.inputs_embeds, prompts.attention_mask,
+                                  max(key_layers))
         if not store:
             return hidden[0].new_zeros(hidden[0].shape[0], 0)
         question = question_features(layers, hidden, prompts.attention_mask, key_layers)

@@ -169,3 +169,38 @@ def test_smollm2_recall_at_4_on_dev_questions(smollm2):
         hits += any(owners[i] == index for i in top)
     model.reset_memory()
     assert hits / len(rows) >= 0.8
+
+
+def test_scoring_a_prompt_runs_only_the_layers_it_reads(texts):
+    """The "model" scorer reads the inputs of layer 0 and of its key layers: a prompt runs through the layers before
+    the deepest key layer only (not a full pass), and those inputs equal `output_hidden_states` of a full pass."""
+    from memoryllm_hf.tiny import tiny_model
+
+    model = tiny_model(memory_update="input", fresh_pool="grow", read_mode="retrieve", long_term_memory_tokens=64,
+                       retrieval_scorer="model", retrieval_key_layers=[1])
+    for ids in texts[:3]:
+        model.inject(torch.tensor([ids]))
+    rows = [texts[0], texts[1][:3]]
+    length = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        full = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    inputs = retrieval.layer_inputs(model.model, ids, None, mask, 1)
+    assert inputs[2] is None and len(inputs) == len(full)
+    for layer in (0, 1):
+        torch.testing.assert_close(inputs[layer][mask.bool()], full[layer][mask.bool()], rtol=0, atol=1e-6)
+    calls = [0] * len(model.model.layers)
+    hooks = [layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        scores = model.retrieval_scores(ids, attention_mask=mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [1, 0]  # layer 0 only: the key layer's input is layer 0's output
+    packed = retrieval.pack_blocks(
+        [retrieval.block_features(model.model.layers, block.slots, (1,)) for block in model.long_term_memory], "cpu")
+    expected = retrieval.score_packed(retrieval.question_features(model.model.layers, full, mask, (1,)), packed,
+                                      model.config.retrieval_weights)
+    torch.testing.assert_close(scores, expected)
