@@ -498,6 +498,7 @@ def test_encoder_embeddings_are_persisted_and_score_like_fresh_ones(tmp_path, mo
     from memoryllm_hf.modeling import memory_dense
 
     monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
+    monkeypatch.setattr(memory_dense, "encoder_installed", lambda: True)  # (the stand-in: installed or not here)
     model = text_model(retrieval_scorer="bm25+encoder")
     tokenizer = model.retrieval_tokenizer
     model.inject(PASSAGES, tokenizer=tokenizer)
