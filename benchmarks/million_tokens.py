@@ -199,6 +199,14 @@ def updates_of(item: Item, chunk: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
+def item_ends(items: list[Item], chunk: int) -> list[int]:
+    """Injections stored after each prefix of the stream: [0, after item 0, after items 0-1, ...]."""
+    ends = [0]
+    for item in items:
+        ends.append(ends[-1] + updates_of(item, chunk))
+    return ends
+
+
 def process_memory() -> dict[str, int]:
     """Resident memory of this process in bytes (Linux /proc; empty elsewhere)."""
     fields = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmHWM": "peak_rss"}
@@ -383,9 +391,7 @@ def build(args) -> int:
     if progress and progress.get("stream") != stream_fingerprint(items):
         raise SystemExit(f"{progress_path} was written for another stream ({progress.get('stream')}): use another "
                          "--folder, or the same data, target and context size as the run being resumed")
-    ends = [0]
-    for item in items:
-        ends.append(ends[-1] + updates_of(item, chunk))
+    ends = item_ends(items, chunk)
     if model.num_injections not in ends:
         raise SystemExit(f"{folder} holds {model.num_injections} injections, not the end of any stream item: not a "
                          "folder of this build")
@@ -584,6 +590,54 @@ def answer_summary(records: list[dict]) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------------------------------------------- recall
+def stream_position(model, items_of) -> tuple[list[Item], int]:
+    """The stream a saved folder was built from and the item it reached: the stream without filler first (a
+    folder still in the dev data's passages and unrelated texts does not depend on the installed packages), else
+    with it."""
+    chunk = model.config.inject_chunk_size
+    for filler in (lambda: iter(()), filler_texts):
+        items = items_of(filler)
+        ends = item_ends(items, chunk)
+        if model.num_injections in ends:
+            return items, ends.index(model.num_injections)
+    raise SystemExit(f"the folder holds {model.num_injections} injections, not the end of any item of this stream: "
+                     "not a folder of this build (or built with other --data / --context-tokens)")
+
+
+def recall_only(args) -> int:
+    """Recall of the scorers on a saved folder of the build (e.g. the 1,000-injection copy), measured as the
+    build's checkpoints measure it; one record per run, appended to --output."""
+    torch.set_num_threads(args.threads)
+    tokenizer = base_tokenizer(args)
+    model, _ = load(str(args.folder))
+    model.retrieval_tokenizer = tokenizer
+    items, position = stream_position(
+        model, lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens, args.context_tokens,
+                                           filler=filler))
+    prompter = Prompter(tokenizer, args.style, model.config.max_position_embeddings)
+    questions = question_rows(Path(args.data))
+    owned = own_injections(items, model.config.inject_chunk_size, position)
+    if args.questions:
+        owned = {key: value for key, value in owned.items() if key[1] < args.questions}
+    prompts = {key: prompter.question(questions[key[0]][key[1]]["question"]).ids for key in owned}
+    scorers = args.scorers or available_scorers()
+    record = {"folder": str(args.folder), "stored_tokens": store_num_slots(model.long_term_memory),
+              "stored_injections": len(model.long_term_memory), "position": position,
+              "questions_stored": {name: sum(key[0] == name for key in owned) for name in questions},
+              "recall": recall(model, prompts, owned, scorers),
+              "memory": process_memory(),
+              "meta": {"threads": torch.get_num_threads(), "torch": torch.__version__, "style": args.style,
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    print(json.dumps({scorer: {name: {metric: value["rate"] for metric, value in by.items()}
+                               for name, by in result.items() if isinstance(by, dict) and "recall@1" in by}
+                      for scorer, result in record["recall"].items()}, indent=1))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def report(args) -> int:
     """The summary JSON and the plot (recall and read time against stored tokens, log x) from the records."""
@@ -694,6 +748,13 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--questions", type=int, default=200, help="per dataset")
     a.add_argument("--max-new-tokens", type=int, default=24)
     a.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.answers.jsonl"))
+    c = commands.add_parser("recall", parents=[common], help="recall of the scorers on a saved folder of the build")
+    c.add_argument("--folder", required=True, type=Path, help="a folder of the build (FOLDER/copy-1000)")
+    c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")
+    c.add_argument("--questions", type=int, default=0, help="only the first this many per dataset (0: all stored)")
+    c.add_argument("--target-tokens", type=int, default=1_000_000)
+    c.add_argument("--context-tokens", type=int, default=512)
+    c.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.recall.jsonl"))
     r = commands.add_parser("report", help="summary JSON and plot from the records")
     r.add_argument("--records", type=Path, default=RECORDS)
     r.add_argument("--run", help="only this run's records (default: all)")
@@ -705,7 +766,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return {"build": build, "answers": answers, "report": report}[args.command](args)
+    return {"build": build, "answers": answers, "recall": recall_only, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,34 @@ def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     assert summary["pool"]["nq"]["exact_hit"]["n"] == 2
     with pytest.raises(SystemExit, match="not one of this model's"):
         million.main([*args[:-1], str(tmp_path / "other.jsonl"), "--read-modes", "nonexistent"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_recall_of_a_saved_folder_equals_the_builds_checkpoint(data, built, tmp_path):
+    """`recall` on the copy (built with the tiny stream's target) measures what the build measured when it made it."""
+    output = tmp_path / "recall.jsonl"
+    args = ["recall", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
+            str(built / "store" / million.COPY_DIR), "--scorers", "bm25", "model", "--target-tokens", "700",
+            "--context-tokens", "48", "--output", str(output)]
+    assert million.main(args) == 0
+    [record] = million.load_records(output)
+    [at_copy] = [r for r in million.load_records(built / "records.jsonl") if r["labels"] == ["injections>=20"]]
+    assert record["position"] == at_copy["position"] and record["stored_tokens"] == at_copy["stored_tokens"]
+    assert record["questions_stored"] == at_copy["questions_stored"]
+    assert comparable({**record, "run": "x-y"})["recall"] == comparable(at_copy)["recall"]
+    # the whole store (past the dev data: the stream with filler) is found at the item the build reached
+    whole = [*args[:-1], str(tmp_path / "whole.jsonl")]
+    whole[whole.index("--folder") + 1] = str(built / "store" / million.STORE_DIR)
+    assert million.main(whole) == 0
+    progress = json.loads((built / "store" / million.PROGRESS_FILE).read_text())
+    assert million.load_records(tmp_path / "whole.jsonl")[0]["position"] == progress["position"]
+
+
+def test_recall_refuses_a_folder_of_another_stream(data, built, tmp_path, monkeypatch):
+    real = million.build_stream
+    monkeypatch.setattr(million, "build_stream", lambda *a, **k: real(*a, **k)[:1])  # another, shorter stream
+    with pytest.raises(SystemExit, match="not the end of any item"):
+        million.main(["recall", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
+                      str(built / "store" / million.COPY_DIR), "--scorers", "bm25", "--output",
+                      str(tmp_path / "r.jsonl")])
+    assert not (tmp_path / "r.jsonl").exists()
