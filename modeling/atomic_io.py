@@ -105,13 +105,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of named tensors (names, dtypes, shapes and bytes, in order): the content hash of every memory file."""
-    digest = hashlib.sha256()
+def tensor_bytes(tensor: torch.Tensor):
+    """The bytes of a tensor in row-major order (a view when it is contiguous on the CPU)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor], digest=None) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in order): the content hash of every memory file.
+    `digest`: a sha256 already fed what comes before them."""
+    digest = hashlib.sha256() if digest is None else digest
     for name, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 

@@ -10,10 +10,11 @@ snapshots, undo) share their tensors.
 """
 
 import dataclasses
+import hashlib
 
 import torch
 
-from .atomic_io import tensors_digest
+from .atomic_io import tensor_bytes, tensors_digest
 from .memory_fields import all_finite, torch_dtype
 from .memory_settings import check_store_dtype
 
@@ -38,6 +39,10 @@ class MemoryBlock:
     token_ids: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     # The segment file the slots are memory-mapped from (a disk-backed store), None: the slots are in RAM.
     source: str | None = dataclasses.field(default=None, repr=False)
+    # Whether `validate_store` found the memory-mapped slots finite: a block mapped from a segment file is checked
+    # once, so saving a store larger than RAM does not read every block again (a later change of the mapped bytes
+    # fails the segment's hash at the next load); blocks in RAM are checked every time.
+    checked_finite: bool = dataclasses.field(default=False, init=False, repr=False)
 
     @property
     def num_slots(self) -> int:
@@ -97,14 +102,17 @@ def store_append(store: LongTermStore, block: MemoryBlock, max_slots: int) -> Lo
     return store_bound((*store, block), max_slots)
 
 
-def store_to_tensors(store: LongTermStore) -> dict[str, torch.Tensor]:
-    """Flat tensors for a file: slots [L, S, d] and, per slot, its injection and call numbers [S] (CPU)."""
+def store_to_tensors(store: LongTermStore, with_slots: bool = True) -> dict[str, torch.Tensor]:
+    """Flat tensors for a file: slots [L, S, d] and, per slot, its injection and call numbers [S] (CPU);
+    `with_slots=False`: all but the slots (what `store_content_hash` hashes after streaming them)."""
     if not store:
         return {}
-    slots = torch.cat([block.slots.detach().cpu() for block in store], dim=1).contiguous()
     injection = torch.cat([torch.full((b.num_slots,), b.injection, dtype=torch.long) for b in store])
     call = torch.cat([torch.full((b.num_slots,), b.call, dtype=torch.long) for b in store])
-    tensors = dict(zip(STORE_TENSORS, (slots, injection, call), strict=True))
+    tensors = dict(zip(STORE_TENSORS[1:], (injection, call), strict=True))
+    if with_slots:
+        slots = torch.cat([block.slots.detach().cpu() for block in store], dim=1).contiguous()
+        tensors = {STORE_TENSORS[0]: slots, **tensors}
     if any(block.token_ids is not None for block in store):
         ids = [block.token_ids.reshape(-1).to("cpu", torch.int32) for block in store if block.token_ids is not None]
         counts = [-1 if block.token_ids is None else block.token_ids.numel() for block in store]
@@ -190,8 +198,9 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
                 f"{block.call}, {injections} injections made): the store is corrupted"
             )
-        if slots.is_meta or not all_finite(slots):
+        if slots.is_meta or not (block.checked_finite or all_finite(slots)):
             raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
+        block.checked_finite = block.source is not None
         ids = block.token_ids
         if ids is not None and (
             ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool
@@ -216,5 +225,16 @@ def check_token_vocab(store: LongTermStore, vocab_size: int) -> None:
 
 
 def store_content_hash(store: LongTermStore) -> str:
-    """sha256 of the store's tensors (names, dtypes, shapes, bytes)."""
-    return tensors_digest(store_to_tensors(store))
+    """sha256 of the store's tensors (names, dtypes, shapes, bytes): `tensors_digest(store_to_tensors(store))`,
+    streamed block by block in the same byte order (layer by layer), so a store larger than RAM (memory-mapped
+    blocks) is hashed without a copy of its slots."""
+    if not store or len({block.slots.dtype for block in store}) != 1:  # (mixed dtypes: the concatenation promotes)
+        return tensors_digest(store_to_tensors(store))
+    L, _, d = store[0].slots.shape
+    digest = hashlib.sha256()
+    digest.update(f"{STORE_TENSORS[0]}:{store[0].slots.dtype}:{(L, store_num_slots(store), d)};".encode())
+    for layer in range(L):
+        for block in store:
+            digest.update(tensor_bytes(block.slots[layer]))
+    small = {name: tensor for name, tensor in store_to_tensors(store, with_slots=False).items()}
+    return tensors_digest(small, digest)

@@ -242,6 +242,40 @@ def test_resident_memory_stays_bounded_on_a_store_larger_than_a_ram_budget(tmp_p
     assert _rss_anon() - start < 40 << 20, f"{(_rss_anon() - start) >> 20} MiB resident for a {stored >> 20} MiB store"
 
 
+def test_a_save_of_a_disk_backed_store_copies_and_checks_only_its_new_blocks(tmp_path, monkeypatch):
+    """A save hashes the store streamed from its files and checks the finiteness of a mapped block once: no copy of
+    the whole store in RAM (a store of a million tokens is larger than RAM), no second read of every block."""
+    from memoryllm_hf.modeling import memory_store
+
+    model = tiny_model(**{**DISK, "long_term_memory_tokens": 1000})
+    for ids in texts(12):
+        model.inject(ids)
+    model.save_pretrained(tmp_path / "m")
+    real_tensors, real_finite, concatenated, checked = memory_store.store_to_tensors, memory_store.all_finite, [], []
+
+    def store_to_tensors(store, with_slots=True):
+        if with_slots:
+            concatenated.append(len(store))
+        return real_tensors(store) if with_slots else real_tensors(store, with_slots=False)
+
+    def all_finite(tensor):
+        checked.append(tensor)
+        return real_finite(tensor)
+
+    monkeypatch.setattr(memory_store, "store_to_tensors", store_to_tensors)
+    monkeypatch.setattr(memory_store, "all_finite", all_finite)
+    monkeypatch.setattr("memoryllm_hf.modeling.memory_files.store_to_tensors", store_to_tensors)
+    for ids in texts(2, seed=5):
+        model.inject(ids)
+    model.save_memory(tmp_path / "m", compact=True)  # a full save (no journal record)
+    assert len(model.long_term_memory) == 14
+    assert concatenated and max(concatenated) <= 2, concatenated  # only the new blocks' segment
+    assert len(checked) <= 2 * 2, len(checked)  # the new blocks (at commit and at save), not the 12 mapped ones
+    monkeypatch.undo()
+    reloaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert same_store(reloaded.long_term_memory, model.long_term_memory)
+
+
 def test_a_text_scorer_keeps_no_model_features_and_little_ram_per_stored_token(tmp_path):
     """The same 96 MiB disk-backed store scored with BM25 over its token ids: no model features are built (they
     would be ~19 MiB here), and the index and token ids add a few bytes per stored token (budget: 8 MiB)."""

@@ -415,3 +415,29 @@ def test_scorer_calibration_comes_from_the_config():
         tiny_config(retrieval_weights={"bm25": 1.0})
     with pytest.raises(ValueError, match="retrieval_key_layers"):
         tiny_config(retrieval_key_layers=[2])
+
+
+def test_store_hash_streams_the_blocks_and_equals_the_file_tensors_hash(monkeypatch):
+    """The store's content hash is the hash of its file tensors (`store_to_tensors`), computed without concatenating
+    the slots (a disk-backed store may be larger than RAM)."""
+    from memoryllm_hf.modeling.atomic_io import tensors_digest
+    from memoryllm_hf.modeling import memory_store
+
+    torch.manual_seed(0)
+    store = tuple(
+        MemoryBlock(injection=i, call=max(1, i - 1), slots=torch.randn(3, k, 8).to(torch.bfloat16),
+                    token_ids=None if i == 2 else torch.arange(i, i + 5, dtype=torch.int32))
+        for i, k in zip(range(1, 5), (2, 5, 1, 3), strict=True)
+    )
+    expected = tensors_digest(memory_store.store_to_tensors(store))
+    real = memory_store.store_to_tensors
+
+    def without_slots(store, with_slots=True):
+        assert not with_slots, "the slots were concatenated"
+        return real(store, with_slots)
+
+    monkeypatch.setattr(memory_store, "store_to_tensors", without_slots)
+    assert memory_store.store_content_hash(store) == expected
+    changed = (*store[:2], MemoryBlock(3, 2, store[2].slots.clone(), store[2].token_ids), store[3])
+    changed[2].slots[1, 0, 3] += 1
+    assert memory_store.store_content_hash(changed) != expected
