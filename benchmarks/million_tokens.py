@@ -532,12 +532,13 @@ def answers(args) -> int:
             memory = True
             prompt = prompter.question(row["question"]).ids
         generation = generate(model, tokenizer, [prompt], memory, decoding)[0]
+        # the injections this condition's read mode read (before the folder's settings are restored)
+        read = model.last_retrieval[0] if memory and isinstance(model.last_retrieval, list) else None
         for field, value in kept.items():
             setattr(model.config, field, value)
         scores = score_answer(generation, row["answers"])
         record = {"dataset": name, "index": index, "condition": condition, "question": row["question"],
-                  "answers": row["answers"], **scores,
-                  "read": model.last_retrieval[0] if memory and isinstance(model.last_retrieval, list) else None}
+                  "answers": row["answers"], **scores, "read": read}
         with open(args.output, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
     summary = answer_summary(load_records(args.output))

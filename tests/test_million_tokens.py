@@ -202,6 +202,10 @@ def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     assert sorted((r["dataset"], r["index"], r["condition"]) for r in rows) == sorted(
         (name, i, c) for name in ("squad", "nq") for i in range(2) for c in conditions)
     assert all({"answer", "exact_hit", "f1"} <= set(r) for r in rows)
+    # each record names what its own read mode read: the pool read retrieves nothing, the retrieval read what
+    # `model.retrieve` chooses for the same prompt
+    assert all(r["read"] is None for r in rows if r["condition"] in ("pool", "passage_in_user_turn"))
+    assert all(isinstance(r["read"], list) for r in rows if r["condition"] == "retrieve")
     assert million.main(args) == 0 and len(million.load_records(output)) == len(rows)  # nothing asked twice
     summary = million.answer_summary(rows)
     assert summary["pool"]["nq"]["exact_hit"]["n"] == 2
