@@ -60,6 +60,7 @@ from .memory_store import (
     TOKEN_TENSORS,
     LongTermStore,
     LongTermStoreError,
+    check_block_finite,
     store_content_hash,
     store_from_tensors,
     store_in_ram,
@@ -409,6 +410,12 @@ def load_store(
     if metadata.get("content_hash") != digest:
         raise LongTermStoreError(f"{path} is corrupted: its content differs from the hash recorded when it was saved; "
                                  f"{way_back(path)}")
+    if mapped:  # while the file's pages are fresh from hashing (a store larger than RAM is then read once, not twice)
+        try:
+            for block in store:
+                check_block_finite(block)
+        except LongTermStoreError as err:
+            raise LongTermStoreError(f"{path}: {err}; {way_back(path)}") from None
     return store
 
 

@@ -180,6 +180,14 @@ def store_token_ids(tensors: dict[str, torch.Tensor], blocks: int) -> list[torch
     return out
 
 
+def check_block_finite(block: MemoryBlock) -> None:
+    """Raise LongTermStoreError when the block's slots hold NaN/inf (or no data); a memory-mapped block is checked
+    once (`MemoryBlock.checked_finite`)."""
+    if block.slots.is_meta or not (block.checked_finite or all_finite(block.slots)):
+        raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
+    block.checked_finite = block.source is not None
+
+
 def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, injections: int) -> None:
     """Raise LongTermStoreError unless the blocks fit a pool of this shape after `injections` injections: shapes,
     increasing injection numbers (each at most `injections`), calls that start at or before their injection, all
@@ -198,9 +206,7 @@ def validate_store(store: LongTermStore, num_layers: int, hidden_size: int, inje
                 f"long-term block numbers are inconsistent (injection {block.injection} after {previous}, call "
                 f"{block.call}, {injections} injections made): the store is corrupted"
             )
-        if slots.is_meta or not (block.checked_finite or all_finite(slots)):
-            raise LongTermStoreError(f"long-term block of injection {block.injection} holds NaN/inf (or no data)")
-        block.checked_finite = block.source is not None
+        check_block_finite(block)
         ids = block.token_ids
         if ids is not None and (
             ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool
