@@ -145,7 +145,7 @@ def _drop_times(value):
         return {
             k: _drop_times(v)
             for k, v in value.items()
-            if k not in ("created", "output", "batch_rows") and not k.endswith(("wall_time_s", "_seconds"))
+            if k not in ("created", "output", "batch_rows") and not k.endswith(("wall_time_s", "cpu_time_s", "_seconds"))
         }
     if isinstance(value, list):
         return [_drop_times(v) for v in value]

@@ -113,7 +113,7 @@ def _drop_times(value):
         return {
             k: _drop_times(v)
             for k, v in value.items()
-            if k not in ("created", "output", "seconds_per_update") and not k.endswith(("wall_time_s", "_seconds"))
+            if k not in ("created", "output", "seconds_per_update") and not k.endswith(("wall_time_s", "cpu_time_s", "_seconds"))
         }
     if isinstance(value, list):
         return [_drop_times(v) for v in value]
@@ -629,6 +629,9 @@ def test_killed_run_resumes_to_the_same_records(tmp_path):
     assert len(_log_lines(log)) == 1 + 8  # each record once, the cut line gone
     whole = _run_argv(argv, tmp_path / "whole.json")
     resumed = json.loads(killed.read_text())
+    # timed over both sittings (the killed one's records carry what it had spent), the unbroken run in one
+    assert resumed["sittings"] == 2 and whole["sittings"] == 1
+    assert resumed["wall_time_s"] > resumed["sitting_wall_time_s"] > 0 and resumed["cpu_time_s"] > 0
     assert _drop_times(resumed["records"]) == _drop_times(whole["records"])
     assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
 
@@ -741,6 +744,35 @@ def _edited_header(line: bytes) -> bytes:
     return json.dumps(entry).encode()
 
 
+def test_a_resumed_log_counts_the_cost_of_every_sitting(tmp_path, monkeypatch):
+    """Each record line carries the run's wall and CPU seconds so far; a resumed run adds this sitting's to the last
+    line's (what a sitting spent after its last record is not counted); a damaged last line does not count."""
+    from memoryllm_hf.evaluation import records
+
+    clock = {"wall": 100.0, "cpu": 10.0}
+    monkeypatch.setattr(records.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(records.time, "process_time", lambda: clock["cpu"])
+    path = tmp_path / "run.records.jsonl"
+    with records.RecordLog(path, {"task": "t"}) as log:
+        clock.update(wall=110.0, cpu=14.0)
+        log.add("a", 0, {"x": 1})
+        clock.update(wall=130.0, cpu=20.0)
+        log.add("b", 1, {"x": 2})
+        clock.update(wall=900.0, cpu=90.0)  # (stopped before its next record: not counted)
+    assert records.log_spent(path) == {"records": 2, "wall_s": 30.0, "cpu_s": 10.0, "sittings": 1}
+    clock.update(wall=5000.0, cpu=500.0)
+    with records.RecordLog(path, {"task": "t"}, resume=True) as log:
+        clock.update(wall=5040.0, cpu=505.0)
+        log.add("c", 2, {"x": 3})
+        assert log.spent() == {"wall_s": 70.0, "cpu_s": 15.0, "sittings": 2}
+    assert records.log_spent(path) == {"records": 3, "wall_s": 70.0, "cpu_s": 15.0, "sittings": 2}
+    lines = path.read_bytes().split(b"\n")
+    lines[-2] = lines[-2].replace(b'"x": 3', b'"x": 4')  # the last record line damaged: its cost is not taken
+    path.write_bytes(b"\n".join(lines))
+    assert records.log_spent(path)["wall_s"] == 30.0
+    assert records.log_spent(tmp_path / "none.records.jsonl") is None
+
+
 def test_two_resumes_of_one_log_are_refused(tmp_path):
     """While one run holds the log, a second start or resume is refused; after it closes, resuming works."""
     import subprocess
@@ -833,6 +865,15 @@ def test_the_plan_runs_on_the_cpu_when_capped(data_dir, tmp_path, capsys):
     capsys.readouterr()
     assert plan_main([*common, *both]) == 0
     assert capsys.readouterr().out.count("exists, skipped") == len(runs)
+    assert plan_main([*common, "--cost"]) == 0  # each run's cost over its sittings, and the plan's total
+    cost = capsys.readouterr().out.splitlines()
+    assert len(cost) == len(runs) + 1 and all("finished" in line and "CPU h" in line for line in cost[:-1])
+    from memoryllm_hf.evaluation.records import log_spent
+
+    spent = [log_spent(tmp_path / f"{name}.records.jsonl") for name in runs]
+    assert all(one["cpu_s"] > 0 and one["sittings"] == 1 for one in spent)
+    assert cost[-1] == f"total: {sum(one['cpu_s'] for one in spent) / 3600:.2f} CPU h recorded (records written " \
+        "before costs were recorded are not counted)"
     assert plan_main([*common, "--out-dir", str(tmp_path / "new"), "--dry-run"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in listed] == list(plan())

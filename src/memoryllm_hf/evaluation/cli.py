@@ -89,6 +89,10 @@ def _finish(args: argparse.Namespace, model_info: dict, data_info: dict, result:
     from .runner import result_document, write_json
 
     result.setdefault("wall_time_s", args.timer.seconds())
+    if getattr(args, "log", None) is not None:  # the whole run, over the sittings of a resumed one
+        spent = args.log.spent()
+        result.update(sitting_wall_time_s=result["wall_time_s"], wall_time_s=spent["wall_s"],
+                      cpu_time_s=spent["cpu_s"], sittings=spent["sittings"])
     document = result_document(args.task, _config(args), model_info, data_info, args.seed, **result)
     output = _output(args, data_info.get("dataset"))
     write_json(output, document)

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-modes", nargs="+", help="read modes every run serves (default: the model's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
     parser.add_argument("--cap", type=int, help="cap every size at N (smoke runs)")
+    parser.add_argument("--cost", action="store_true", help="print what each run has spent so far (wall and CPU "
+                        "hours over all its sittings, from its record log) and the plan's total; run nothing")
     args = parser.parse_args(argv)
     runs = plan(args.read_modes)
     unknown = sorted(set(args.only or []) - set(runs))
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown runs {unknown}; --list shows them")
     from .cli import main as evaluate
 
+    if args.cost:
+        return print_cost(runs, Path(args.out_dir), args.only)
     for name, run in runs.items():
         if args.only and name not in args.only:
             continue
@@ -115,6 +119,28 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         evaluate(["eval", *command])
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+    return 0
+
+
+def print_cost(runs: dict, out_dir: Path, only=None) -> int:
+    """One line per run: finished or not, records, sittings, wall and CPU hours so far; then the total CPU hours."""
+    from .records import log_path, log_spent
+
+    total = 0.0
+    for name in runs:
+        if only and name not in only:
+            continue
+        output = out_dir / f"{name}.json"
+        spent = log_spent(log_path(output))
+        state = "finished" if output.exists() else "not started" if spent is None else "in progress"
+        if spent is None or spent["cpu_s"] is None:
+            extra = "" if spent is None else f", {spent['records']} records (no cost recorded)"
+            print(f"{name}: {state}{extra}")
+            continue
+        total += spent["cpu_s"]
+        print(f"{name}: {state}, {spent['records']} records, {spent['sittings']} sittings, "
+              f"{spent['wall_s'] / 3600:.2f} h wall, {spent['cpu_s'] / 3600:.2f} CPU h")
+    print(f"total: {total / 3600:.2f} CPU h recorded (records written before costs were recorded are not counted)")
     return 0
 
 

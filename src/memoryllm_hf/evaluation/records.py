@@ -13,11 +13,17 @@ while a run writes its log, so a second run or resume of the same log is refused
 the records still missing. `--shard i/n` runs the items i, i + n, i + 2n, ... of the task (round robin, so shards
 get similar mixes); `python -m memoryllm_hf.evaluation.report --merge OUT SHARD.json ...` interleaves the shards'
 records back into example order and recomputes the metrics (`merge_shards`).
+
+A run that spans several sittings (stopped, resumed in another session) is timed as a whole: every record line also
+carries `spent`, the run's wall and CPU seconds so far (the last line's `spent` of earlier sittings plus this
+sitting's), so `RecordLog.spent()` gives the run's total cost and its number of sittings; what an earlier sitting
+spent after its last record (the record it was computing when stopped) is not counted.
 """
 
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -75,6 +81,39 @@ def run_header(task: str, config: dict, data: dict, model: dict) -> dict:
     return _json({"task": task, "config": config, "data": data, "model": model})
 
 
+def read_entry(line: bytes) -> tuple[dict | None, str | None]:
+    """(entry, None) for a sound line of a record log, (None, why) for a damaged one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, f"invalid UTF-8 at byte {err.start}"
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, f"not JSON ({err.msg}; a zeroed or cut line?)"
+    if not isinstance(entry, dict) or CHECKSUM not in entry:
+        return None, "no checksum (not a line this log writes)"
+    if entry[CHECKSUM] != checksum(entry):
+        return None, "checksum mismatch (the line was changed after it was written)"
+    return entry, None
+
+
+def log_spent(path: str | os.PathLike) -> dict | None:
+    """The cost a record log says its run has spent so far (the last sound record line's `spent`: wall and CPU
+    seconds, sittings) and its record count, read without taking the log's lock (a running run keeps writing it);
+    None when there is no such log."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    spent, records = None, 0
+    for line in path.read_bytes().split(b"\n")[1:]:
+        entry, _ = read_entry(line) if line else (None, None)
+        if entry is not None and "record" in entry:
+            records += 1
+            spent = entry.get("spent", spent)
+    return {"records": records, **(spent or {"wall_s": None, "cpu_s": None, "sittings": None})}
+
+
 class RecordLog:
     """Finished records of one run (or shard), on disk at `path` (None: in memory only, for library calls). The log
     is locked while this object is open (`close()`, or use it as a context manager)."""
@@ -87,6 +126,9 @@ class RecordLog:
         self.header = _json(header or {})
         self._records: dict[str, tuple[int, dict]] = {}
         self.damaged: list[str] = []  # "FILE:LINE: why" of each record line skipped on reading
+        # cost of the earlier sittings (the last record line's `spent`) and where this sitting's clocks started
+        self.earlier = {"wall_s": 0.0, "cpu_s": 0.0, "sittings": 0}
+        self.started = (time.perf_counter(), time.process_time())
         self._lock = None
         if self.path is None:
             return
@@ -125,27 +167,11 @@ class RecordLog:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _entry(self, line: bytes) -> tuple[dict | None, str | None]:
-        """(entry, None) for a sound line, (None, why) for a damaged one."""
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return None, f"invalid UTF-8 at byte {err.start}"
-        try:
-            entry = json.loads(text)
-        except json.JSONDecodeError as err:
-            return None, f"not JSON ({err.msg}; a zeroed or cut line?)"
-        if not isinstance(entry, dict) or CHECKSUM not in entry:
-            return None, "no checksum (not a line this log writes)"
-        if entry[CHECKSUM] != checksum(entry):
-            return None, "checksum mismatch (the line was changed after it was written)"
-        return entry, None
-
     def _read(self) -> None:
         raw = self.path.read_bytes()
         complete = raw[: raw.rfind(b"\n") + 1]  # a line cut by a kill has no newline yet: drop it
         lines = complete.split(b"\n")[:-1]
-        header, why = self._entry(lines[0]) if lines else (None, "empty")
+        header, why = read_entry(lines[0]) if lines else (None, "empty")
         if header is None or not isinstance(header.get("header"), dict):
             raise ValueError(
                 f"{self.path}:1: not the header of a record log ({why or 'no header'}); "
@@ -159,7 +185,7 @@ class RecordLog:
                 + "). Rerun with the recorded options, or choose another --output to start a new run"
             )
         for number, line in enumerate(lines[1:], start=2):
-            entry, why = self._entry(line)
+            entry, why = read_entry(line)
             if entry is not None and not (
                 isinstance(entry.get("key"), str)
                 and isinstance(entry.get("index"), int)
@@ -171,6 +197,8 @@ class RecordLog:
                 warnings.warn(f"{self.path}:{number}: {why}; skipped, its item will be computed again", stacklevel=3)
             else:  # (an item recorded again, e.g. with conditions added since: its last line is the one used)
                 self._records[entry["key"]] = (entry["index"], entry["record"])
+                if isinstance(entry.get("spent"), dict):
+                    self.earlier = {key: entry["spent"].get(key, 0) for key in self.earlier}
         if len(complete) != len(raw):
             warnings.warn(
                 f"{self.path}:{len(lines) + 1}: cut off by a stopped run (no line end); removed", stacklevel=3
@@ -213,10 +241,17 @@ class RecordLog:
         bar = tqdm(todo, desc=desc, unit=unit, total=len(mine), initial=done)
         yield from bar
 
+    def spent(self) -> dict:
+        """The run's cost so far over all its sittings: wall and CPU seconds (this process's CPU time: all its
+        threads) and the number of sittings (this one included)."""
+        wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
+        return {"wall_s": round(self.earlier["wall_s"] + wall, 3), "cpu_s": round(self.earlier["cpu_s"] + cpu, 3),
+                "sittings": self.earlier["sittings"] + 1}
+
     def add(self, key: str, index: int, record: dict) -> None:
-        """Keep a finished record (on disk first)."""
+        """Keep a finished record (on disk first), with the run's cost so far."""
         record = _json(record)
-        self._append({"key": key, "index": index, "record": record})
+        self._append({"key": key, "index": index, "record": record, "spent": self.spent()})
         self._records[key] = (index, record)
 
     def get(self, key: str) -> dict | None:

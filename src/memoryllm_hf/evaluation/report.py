@@ -209,10 +209,14 @@ def report(path: str | Path, root: str | Path | None = None) -> str:
     if result.get("read_modes"):
         read = " / ".join(result["read_modes"])
     examples = data.get("num_examples", sum(part["num_examples"] for part in data.get("parts", [])))
+    cost = ""
+    if result.get("cpu_time_s") is not None:  # (runs timed over all their sittings)
+        sittings = result.get("sittings", 1)
+        cost = f" ({result['cpu_time_s'] / 3600:.2f} CPU h{f', {sittings} sittings' if sittings > 1 else ''})"
     heading = (
         f"**{result['task']}** · {data['dataset'] or 'random tokens'} · {examples} examples · model `{model['spec']}` "
         f"({model['dtype']}, N = {memory['num_memory_tokens']}, K = {memory['num_update_tokens']}, "
-        f"{memory['memory_update']} rule{f', {read} read' if read else ''}) · {_duration(result['wall_time_s'])} · "
+        f"{memory['memory_update']} rule{f', {read} read' if read else ''}) · {_duration(result['wall_time_s'])}{cost} · "
         f"`{Path(path).name}`"
     )
     tables = [
