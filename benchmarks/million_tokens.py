@@ -694,7 +694,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     tokens = [r["stored_tokens"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for scorer in records[-1]["recall"]:
+    for scorer in dict.fromkeys(scorer for record in records for scorer in record["recall"]):  # (every scorer run)
         for name, marker in (("squad", "o"), ("nq", "s")):
             points = [(t, r["recall"][scorer][name]["recall@4"]["rate"]) for t, r in zip(tokens, records, strict=True)
                       if name in r["recall"].get(scorer, {})]
