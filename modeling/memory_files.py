@@ -88,8 +88,9 @@ RETRIEVAL_INDEX_PREFIX = "retrieval_index/"  # its tensors inside a single-file 
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
-# One memory: the pool file records the head of the store saved with it (`store_head`), the store file the pool's
-# injection count, so a lost, replaced, older or newer store is refused on every load path (`read_store_beside`).
+# One memory: the pool file records the head of the store saved with it (`store_head`; a disk-backed store's is a
+# chain over its blocks' digests, `folder_store_head`), the store file the pool's injection count, so a lost,
+# replaced, older or newer store is refused on every load path (`read_store_beside`).
 STORE_HEAD = "long_term_head"
 POOL_INJECTIONS = "pool_injections"
 DROP_STORE_HOW = (
