@@ -56,12 +56,15 @@ from .memory_fields import (
     torch_dtype,
 )
 from .memory_store import (
+    CHAIN_FORMAT,
     STORE_TENSORS,
     TOKEN_TENSORS,
     LongTermStore,
     LongTermStoreError,
     check_block_finite,
+    store_chain_hash,
     store_content_hash,
+    store_file_digest,
     store_from_tensors,
     store_in_ram,
     store_num_slots,
@@ -85,8 +88,9 @@ RETRIEVAL_INDEX_PREFIX = "retrieval_index/"  # its tensors inside a single-file 
 STATE_FORMAT = "memoryllm-hf/memory-state/1"
 JOURNAL_FORMAT = "memoryllm-hf/memory-journal/1"
 STORE_FORMAT = "memoryllm-hf/long-term-store/1"
-# One memory: the pool file records the head of the store saved with it (`store_head`), the store file the pool's
-# injection count, so a lost, replaced, older or newer store is refused on every load path (`read_store_beside`).
+# One memory: the pool file records the head of the store saved with it (`store_head`; a disk-backed store's is a
+# chain over its blocks' digests, `folder_store_head`), the store file the pool's injection count, so a lost,
+# replaced, older or newer store is refused on every load path (`read_store_beside`).
 STORE_HEAD = "long_term_head"
 POOL_INJECTIONS = "pool_injections"
 DROP_STORE_HOW = (
@@ -373,12 +377,15 @@ def save_store(path: str | os.PathLike, store: LongTermStore, fingerprint: str |
 
 
 def load_store(
-    path: str | os.PathLike, fingerprint: str | None = None, pool_injections: int | None = None, mapped: bool = False
+    path: str | os.PathLike, fingerprint: str | None = None, pool_injections: int | None = None, mapped: bool = False,
+    written_from: LongTermStore | None = None,
 ) -> LongTermStore:
     """Read a file written by `save_store` (or a segment of a disk-backed store); refuses a truncated or corrupted
     file, a hash mismatch, (when `fingerprint` is given) another model's store or one that records no model, and
     (when `pool_injections` is given and the file records its pool's) a store saved beside another pool than the one
-    of `pool_injections`. `mapped=True`: the blocks' slots stay memory-mapped from the file (`MemoryBlock.source`)."""
+    of `pool_injections`. `mapped=True`: the blocks' slots stay memory-mapped from the file (`MemoryBlock.source`),
+    each block digested (`block_digest`) while the file is hashed, except where `written_from` (the blocks the file
+    was just written from) knows the digest."""
     path = os.fspath(path)
     try:
         tensors, metadata = map_tensor_file(path) if mapped else read_tensor_file(path)
@@ -403,8 +410,11 @@ def load_store(
         )
     store = store_from_tensors(tensors, source=path if mapped else None)
     check_store_file_metadata(path, metadata, store)
-    if mapped:  # the file's tensors are the store's `store_to_tensors`: hashing them copies no mapped slots
-        digest = tensors_digest({name: tensors[name] for name in (*STORE_TENSORS, *TOKEN_TENSORS) if name in tensors})
+    if mapped:  # the file's tensors hashed as they are (no copy of mapped slots), each block digested in the same
+        if written_from is not None and len(written_from) == len(store):  # pass (a folder's chained head then
+            for block, source in zip(store, written_from, strict=True):  # reads nothing); a digest known from the
+                block.digest = source.digest  # blocks written holds once the file's hash does
+        digest = store_file_digest(tensors, store)
     else:
         digest = store_content_hash(store)
     if metadata.get("content_hash") != digest:
@@ -437,9 +447,9 @@ def write_segment(directory: str, store: LongTermStore, fingerprint: str | None,
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(tensors, tmp, metadata={"format": "pt", **metadata})
         os.replace(tmp, path)
-    mapped = load_store(path, mapped=True)
+    mapped = load_store(path, mapped=True, written_from=store)
     for block, view in zip(store, mapped, strict=True):
-        block.slots, block.source = view.slots, path
+        block.slots, block.source, block.digest = view.slots, path, view.digest
     return path
 
 
@@ -771,10 +781,14 @@ def append_journal_record(folder: str | os.PathLike, record: TensorFile) -> None
 
 
 # ---------------------------------------------------------------------------------------------- one memory
-def store_head(store: LongTermStore, content_hash: str | None = None) -> dict:
+# The key of a store head that records a chain hash (`store_chain_hash`) instead of the content hash.
+CHAIN_HEAD = "chain_format"
+
+
+def store_head(store: LongTermStore, content_hash: str | None = None, chained: bool = False) -> dict:
     """What a pool file records of the long-term store saved with it: its newest injection, size and content hash
-    (`content_hash`: when already known; `{"injections": 0}` for no store; an M+ long-term memory: its kind, slots
-    per layer and content hash)."""
+    (`content_hash`: when already known; `chained`: its chain hash instead, `store_chain_hash`, with `CHAIN_HEAD`;
+    `{"injections": 0}` for no store; an M+ long-term memory: its kind, slots per layer and content hash)."""
     if isinstance(store, MPlusMemory):
         return {
             "kind": MPLUS_FORMAT,
@@ -783,12 +797,17 @@ def store_head(store: LongTermStore, content_hash: str | None = None) -> dict:
         }
     if not store:
         return {"injections": 0}
-    return {
-        "newest_injection": store[-1].injection,
-        "injections": len(store),
-        "slots": store_num_slots(store),
-        "content_hash": store_content_hash(store) if content_hash is None else content_hash,
-    }
+    head = {"newest_injection": store[-1].injection, "injections": len(store), "slots": store_num_slots(store)}
+    if chained:
+        return {**head, CHAIN_HEAD: CHAIN_FORMAT, "chain_hash": store_chain_hash(store)}
+    return {**head, "content_hash": store_content_hash(store) if content_hash is None else content_hash}
+
+
+def folder_store_head(store: LongTermStore) -> dict:
+    """The head a folder's (or a Hub file set's) pool file records of the store saved beside it: a disk-backed
+    store's (segment files) is chained, so a save hashes only the blocks that are new and a load only reads each
+    segment once (`load_store`); a store saved as one file keeps its content hash."""
+    return store_head(store, chained=segment_store(store))
 
 
 def recorded_head(metadata: Mapping) -> dict | None:
@@ -811,8 +830,18 @@ def check_store_head(
 ) -> None:
     """Raise MemoryStateError unless `store` is the long-term store the pool file recorded (`head`; `actual`: the
     store's own head, when already known); `where` names the place of the files, `missing` says what happened to a
-    store file that is not there."""
-    if head is None or head == (store_head(store) if actual is None else actual):
+    store file that is not there. The store's head is computed the way `head` records it (chained or not)."""
+    if head is None:
+        return
+    chained = CHAIN_HEAD in head
+    if chained and head[CHAIN_HEAD] != CHAIN_FORMAT:
+        raise MemoryStateError(
+            f"{where}: {MEMORY_FILE} records its long-term store's head as {head[CHAIN_HEAD]!r}, which this version "
+            f"does not know ({CHAIN_FORMAT!r}): load it with the memoryllm-hf version that saved it, or a newer one"
+        )
+    if actual is None or (CHAIN_HEAD in actual) != chained:
+        actual = store_head(store, chained=chained)
+    if head == actual:
         return
     recorded = head.get("injections", 0)
     if not store:
@@ -896,7 +925,7 @@ class MemoryPart:
     """One file of a memory beside the weights (in a checkpoint folder and a Hub file set).
 
     `encode(state, head)`: the file's (tensors, metadata), None when the state has nothing for it (`head`: the
-    store's `store_head`, computed once for all parts); `in_index`: its tensors
+    store's `folder_store_head`, computed once for all parts); `in_index`: its tensors
     are model buffers listed in the shard index (transformers loads them with the weights); `hub_key`: the field of
     `memory_state.json` recording the file's sha256 (None: not part of the Hub file set).
     """
@@ -949,7 +978,7 @@ HUB_PARTS = tuple(part for part in MEMORY_PARTS if part.hub_key is not None)
 
 def state_file_groups(state, head: dict | None = None) -> dict[str, TensorFile]:
     """The files this memory is saved in beside the weights: `{file name: (tensors, metadata)}`."""
-    head = store_head(state.long_term) if head is None else head
+    head = folder_store_head(state.long_term) if head is None else head
     groups = {}
     for part in MEMORY_PARTS:
         encoded = part.encode(state, head)
@@ -1212,7 +1241,7 @@ def write_hub_files(folder: str, state, extra: Mapping) -> dict:
     """Write the memory's part files (refusing a broken memory) and `memory_state.json` (the pool file's metadata,
     `extra`, and each file's sha256) into `folder`; returns that metadata."""
     state.validate()
-    head = store_head(state.long_term)
+    head = folder_store_head(state.long_term)
     metadata = {**describe_state(state, head), **extra}
     for file_name, (tensors, file_metadata) in state_file_groups(state, head).items():
         write_tensor_file(os.path.join(folder, file_name), tensors, file_metadata)

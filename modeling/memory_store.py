@@ -24,6 +24,8 @@ STORE_TENSORS = ("long_term_slots", "long_term_injection", "long_term_call")
 # each block in store order (-1: none kept, e.g. a store saved before token ids were kept). Absent when no block
 # has token ids.
 TOKEN_TENSORS = ("long_term_token_ids", "long_term_token_counts")
+# The format tag of a store's chain hash (`store_chain_hash`: the head a disk-backed store's folder records).
+CHAIN_FORMAT = "memoryllm-hf/store-chain/1"
 
 
 @dataclasses.dataclass(eq=False)
@@ -43,6 +45,9 @@ class MemoryBlock:
     # once, so saving a store larger than RAM does not read every block again (a later change of the mapped bytes
     # fails the segment's hash at the next load); blocks in RAM are checked every time.
     checked_finite: bool = dataclasses.field(default=False, init=False, repr=False)
+    # sha256 of the block's own tensors (`block_digest`), computed once: the chain hash of a disk-backed store
+    # (`store_chain_hash`) then costs only its new blocks. `dataclasses.replace` gives a block without it.
+    digest: str | None = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def num_slots(self) -> int:
@@ -237,10 +242,64 @@ def store_content_hash(store: LongTermStore) -> str:
     if not store or len({block.slots.dtype for block in store}) != 1:  # (mixed dtypes: the concatenation promotes)
         return tensors_digest(store_to_tensors(store))
     L, _, d = store[0].slots.shape
-    digest = hashlib.sha256()
-    digest.update(f"{STORE_TENSORS[0]}:{store[0].slots.dtype}:{(L, store_num_slots(store), d)};".encode())
-    for layer in range(L):
-        for block in store:
-            digest.update(tensor_bytes(block.slots[layer]))
-    small = {name: tensor for name, tensor in store_to_tensors(store, with_slots=False).items()}
-    return tensors_digest(small, digest)
+    digest = hashlib.sha256(f"{STORE_TENSORS[0]}:{store[0].slots.dtype}:{(L, store_num_slots(store), d)};".encode())
+    hash_blocks(store, digest, digest_blocks=False)
+    return tensors_digest(store_to_tensors(store, with_slots=False), digest)
+
+
+def hash_blocks(store: LongTermStore, flat=None, digest_blocks: bool = True) -> None:
+    """One pass over the blocks' slots [L, k, d], layer by layer and block by block (the byte order of the slots
+    `store_to_tensors(store)` concatenates): every byte goes to `flat` (a sha256 already fed what comes before, or
+    None) and, with `digest_blocks`, to the own sha256 of each block without a `digest`, which then gets it
+    (`block_digest`). Without `flat` only those blocks are read."""
+    pending = {}
+    if digest_blocks:
+        for index, block in enumerate(store):
+            if block.digest is None:
+                header = f"{STORE_TENSORS[0]}:{block.slots.dtype}:{tuple(block.slots.shape)};"
+                pending[index] = hashlib.sha256(header.encode())
+    read = range(len(store)) if flat is not None else list(pending)
+    for layer in range(max((store[index].slots.shape[0] for index in read), default=0)):
+        for index in read:
+            if layer < store[index].slots.shape[0]:
+                data = tensor_bytes(store[index].slots[layer])
+                if flat is not None:
+                    flat.update(data)
+                if index in pending:
+                    pending[index].update(data)
+    for index, digest in pending.items():
+        block = store[index]
+        block.digest = tensors_digest(store_to_tensors((block,), with_slots=False), digest)
+
+
+def block_digest(block: MemoryBlock) -> str:
+    """sha256 of the block's own tensors, `tensors_digest(store_to_tensors((block,)))` (its slots, injection and
+    call numbers, token ids), computed once and kept on the block (`MemoryBlock.digest`)."""
+    if block.digest is None:
+        hash_blocks((block,))
+    return block.digest
+
+
+def store_chain_hash(store: LongTermStore) -> str:
+    """The chain hash of a store: sha256 over `CHAIN_FORMAT` and its blocks' digests (`block_digest`), oldest
+    first. Any change of a block's slots, numbers or token ids, and any block added, dropped or moved, changes it;
+    it costs a read of the blocks not digested yet only (a save of a disk-backed store hashes its new blocks; a
+    load digests each segment's blocks while checking the segment's hash, `store_file_digest`)."""
+    hash_blocks(store)
+    digest = hashlib.sha256(CHAIN_FORMAT.encode())
+    for block in store:
+        digest.update(f";{block.digest}".encode())
+    return digest.hexdigest()
+
+
+def store_file_digest(tensors: dict[str, torch.Tensor], store: LongTermStore) -> str:
+    """`tensors_digest` of a store file's tensors (`STORE_TENSORS`, `TOKEN_TENSORS`; `store`: the blocks
+    `store_from_tensors` made of them, views of its slots), in one pass over the slots that also gives every block
+    its digest (`block_digest`): a memory-mapped file is read once for both."""
+    names = [name for name in (*STORE_TENSORS, *TOKEN_TENSORS) if name in tensors]
+    if STORE_TENSORS[0] not in tensors or not store:
+        return tensors_digest({name: tensors[name] for name in names})
+    slots = tensors[STORE_TENSORS[0]]
+    digest = hashlib.sha256(f"{STORE_TENSORS[0]}:{slots.dtype}:{tuple(slots.shape)};".encode())
+    hash_blocks(store, digest)
+    return tensors_digest({name: tensors[name] for name in names[1:]}, digest)

@@ -3,7 +3,9 @@ an in-RAM store's, folders and the Hub carry the segments (a memory-only push up
 model's segments live in a temporary directory removed with the model, broken segments are refused, and resident
 memory stays bounded on a store larger than a RAM budget."""
 
+import dataclasses
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -13,11 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, constants
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from memoryllm_hf import cli
 from memoryllm_hf.hub import hub_endpoint
 from memoryllm_hf.modeling import MemoryLlamaForCausalLM, MemoryState, MemoryStateError, read_folder_memory
 from memoryllm_hf.modeling.memory_files import JOURNAL_DIR, LONG_TERM_FILE, SEGMENTS_DIR
+from memoryllm_hf.modeling.memory_store import store_chain_hash
 from memoryllm_hf.testing import LocalHub
 from memoryllm_hf.tiny import tiny_model
 
@@ -293,6 +298,196 @@ def test_a_save_of_a_disk_backed_store_copies_and_checks_only_its_new_blocks(tmp
     reloaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "m")  # (a load checks each block once)
     assert same_store(reloaded.long_term_memory, model.long_term_memory)
     assert len(checked) == 14 and len({tensor.data_ptr() for tensor in checked}) == 14
+
+
+class _HashedBytes:
+    """Records where the bytes every sha256 is fed (numpy views, as `atomic_io.tensor_bytes` gives them) live, to
+    count how often a block's slots are hashed: `within(block)` is the number of its bytes fed."""
+
+    def __init__(self, monkeypatch):
+        import hashlib
+
+        import numpy as np
+
+        real, fed = hashlib.sha256, []
+
+        class Counting:
+            def __init__(self, data=b"", **kwargs):
+                self.inner = real(**kwargs)
+                self.update(data)
+
+            def update(self, data):
+                if isinstance(data, np.ndarray):
+                    fed.append((data.ctypes.data, data.nbytes))
+                self.inner.update(data)
+
+            def hexdigest(self):
+                return self.inner.hexdigest()
+
+            def digest(self):
+                return self.inner.digest()
+
+        self.fed = fed
+        monkeypatch.setattr(hashlib, "sha256", Counting)
+
+    def within(self, block, fed: list | None = None) -> int:
+        rows = [(row.data_ptr(), row.numel() * row.element_size()) for row in block.slots]
+        fed = self.fed if fed is None else fed
+        return sum(max(0, min(p + n, a + m) - max(p, a)) for p, n in fed for a, m in rows)
+
+
+def test_a_second_save_of_a_disk_backed_store_hashes_only_its_new_blocks(tmp_path, monkeypatch):
+    """The pool file of a disk-backed store records a chain over the blocks' digests, each computed once: a save
+    after 2 injections into a store of 12 mapped blocks reads none of their bytes to hash them (a full-store hash
+    takes ~30 s at 16 GB)."""
+    from memoryllm_hf.modeling import memory_store
+
+    model = tiny_model(**{**DISK, "long_term_memory_tokens": 1000})
+    for ids in texts(12):
+        model.inject(ids)
+    model.save_pretrained(tmp_path / "m")
+    old = model.long_term_memory
+    assert all(block.source and block.digest for block in old)
+    for ids in texts(2, seed=5):
+        model.inject(ids)
+    new = model.long_term_memory[12:]
+    assert all(block.digest for block in new)  # each new block digested when it was written to its spill file
+    real, digested = memory_store.hash_blocks, []
+
+    def hash_blocks(store, flat=None, digest_blocks=True):
+        digested.extend(block.injection for block in store if digest_blocks and block.digest is None)
+        return real(store, flat, digest_blocks)
+
+    monkeypatch.setattr(memory_store, "hash_blocks", hash_blocks)
+    hashed = _HashedBytes(monkeypatch)
+    model.save_memory(tmp_path / "m", compact=True)  # a full save (no journal record)
+    assert len(model.long_term_memory) == 14 and model.long_term_memory[12:] == new
+    assert sum(hashed.within(block) for block in old) == 0  # no byte of the 12 stored blocks hashed again
+    assert digested == []  # the head: a chain over digests already known
+    monkeypatch.undo()
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "m")
+    assert same_store(loaded.long_term_memory, model.long_term_memory)
+
+
+def test_a_load_hashes_each_block_once_for_its_segment_and_once_for_its_digest(tmp_path, monkeypatch):
+    """Loading a disk-backed folder checks each segment's hash and digests its blocks in the same pass: the
+    store's head (the chain over the digests) costs no further read of the store."""
+    from memoryllm_hf.modeling import memory_files
+
+    model = tiny_model(**{**DISK, "long_term_memory_tokens": 1000})
+    model.save_pretrained(tmp_path / "m")
+    for index, ids in enumerate(texts(14)):
+        model.inject(ids)
+        if index % 5 == 4:
+            model.save_memory(tmp_path / "m", compact=True)
+    model.save_memory(tmp_path / "m", compact=True)
+    assert len(segments(tmp_path / "m")) == 3
+    with safe_open(str(tmp_path / "m" / "memory.safetensors"), "pt") as handle:
+        head = json.loads(handle.metadata()["long_term_head"])
+    assert "content_hash" not in head and head["chain_hash"] == store_chain_hash(model.long_term_memory)
+    real_check, checks = memory_files.check_store_head, []
+
+    def check_store_head(head, store, *args, **kwargs):  # what the head check hashes
+        start = len(hashed.fed)
+        real_check(head, store, *args, **kwargs)
+        checks.append((bool(head) and "chain_hash" in head, hashed.fed[start:]))
+
+    monkeypatch.setattr(memory_files, "check_store_head", check_store_head)
+    for load in (lambda: MemoryLlamaForCausalLM.from_pretrained(tmp_path / "m").long_term_memory,
+                 lambda: read_folder_memory(tmp_path / "m", MemoryState).long_term):
+        hashed = _HashedBytes(monkeypatch)
+        checks.clear()
+        store = load()
+        assert same_store(store, model.long_term_memory) and len(store) == 14
+        assert checks and all(chained for chained, _ in checks)  # the chained head was checked, reading nothing:
+        assert sum(hashed.within(block, fed) for _, fed in checks for block in store) == 0
+        for block in store:  # each block's bytes hashed twice (its segment's hash, its digest) while checking it
+            assert hashed.within(block) == 2 * block.slots.numel() * block.slots.element_size(), block.injection
+
+
+def test_the_chain_hash_changes_with_any_block_and_with_their_order():
+    """`store_chain_hash`: a block's digest is the hash of its own tensors (cached; a replaced block has none);
+    changing one block's slots, token ids, injection or call number, or moving, dropping or adding a block, changes
+    the chain hash."""
+    from memoryllm_hf.modeling.atomic_io import tensors_digest
+    from memoryllm_hf.modeling.memory_store import MemoryBlock, block_digest, store_to_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    store = tuple(
+        MemoryBlock(i, i - i % 2 if i > 1 else 1, torch.randn(2, 3, 4, generator=generator),
+                    token_ids=torch.randint(4, 100, (5,), generator=generator, dtype=torch.int32))
+        for i in range(1, 6)
+    )
+    for block in store:
+        assert block.digest is None and block_digest(block) == tensors_digest(store_to_tensors((block,)))
+    base = store_chain_hash(store)
+    assert store_chain_hash(store) == base and dataclasses.replace(store[0]).digest is None
+
+    def changed(index, **fields):
+        return (*store[:index], dataclasses.replace(store[index], **fields), *store[index + 1:])
+
+    slots = store[2].slots.clone()
+    slots[1, 2, 3] += 1e-3
+    ids = store[2].token_ids.clone()
+    ids[0] += 1
+    variants = {
+        "slots": changed(2, slots=slots),
+        "token ids": changed(2, token_ids=ids),
+        "no token ids": changed(2, token_ids=None),
+        "injection": changed(4, injection=7),
+        "call": changed(3, call=3),
+        "moved": (store[1], store[0], *store[2:]),
+        "dropped first": store[1:],
+        "dropped middle": (*store[:2], *store[3:]),
+        "dropped last": store[:-1],
+        "added": (*store, MemoryBlock(6, 6, torch.randn(2, 1, 4, generator=generator))),
+    }
+    hashes = {name: store_chain_hash(variant) for name, variant in variants.items()}
+    assert base not in hashes.values() and len(set(hashes.values())) == len(hashes), hashes
+
+
+def test_a_folder_saved_with_the_flat_store_head_still_loads_and_is_still_checked(tmp_path, monkeypatch):
+    """Folders saved before chain hashes record the store's content hash: they load (checked in that scheme), a
+    segment of another memory in them is refused, and their next save records the chain. A memory file of a
+    disk-backed store (one file) keeps the content hash; a head of an unknown chain format is refused."""
+    from memoryllm_hf.modeling import memory_files
+
+    with monkeypatch.context() as old_way:
+        old_way.setattr(memory_files, "folder_store_head", lambda store: memory_files.store_head(store))
+        older, newer = _two_saves(tmp_path)
+        other = _two_saves(tmp_path / "other", seed=7)[1]
+    for folder in (older, newer):
+        with safe_open(str(folder / "memory.safetensors"), "pt") as handle:
+            head = json.loads(handle.metadata()["long_term_head"])
+        assert "chain_hash" not in head and head["content_hash"]
+    loaded = MemoryLlamaForCausalLM.from_pretrained(newer)
+    assert len(loaded.long_term_memory) == 4
+    assert same_store(read_folder_memory(newer, MemoryState).long_term, loaded.long_term_memory)
+    name = f"{4:010d}-{4:010d}.safetensors"
+    shutil.copy(newer / SEGMENTS_DIR / name, tmp_path / "kept")
+    shutil.copy(other / SEGMENTS_DIR / name, newer / SEGMENTS_DIR / name)
+    _refused_on_every_load_path(newer, "another store than the one")
+    shutil.copy(tmp_path / "kept", newer / SEGMENTS_DIR / name)
+    loaded.inject(texts(1, seed=8)[0])
+    loaded.save_memory(newer, compact=True)
+    with safe_open(str(newer / "memory.safetensors"), "pt") as handle:
+        head = json.loads(handle.metadata()["long_term_head"])
+    assert "content_hash" not in head and head["chain_hash"] == store_chain_hash(loaded.long_term_memory)
+    assert same_store(MemoryLlamaForCausalLM.from_pretrained(newer).long_term_memory, loaded.long_term_memory)
+    # one file holding a disk-backed store records its content hash, as every store file does
+    loaded.memory_state().save(tmp_path / "state.safetensors")
+    with safe_open(str(tmp_path / "state.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["long_term_head"])["content_hash"] == metadata["long_term_hash"]
+    assert same_store(MemoryState.load(tmp_path / "state.safetensors").long_term, loaded.long_term_memory)
+    # a head of a chain format this version does not know
+    pool = newer / "memory.safetensors"
+    with safe_open(str(pool), "pt") as handle:
+        metadata, tensors = dict(handle.metadata()), {key: handle.get_tensor(key) for key in handle.keys()}
+    metadata["long_term_head"] = json.dumps({**head, "chain_format": "memoryllm-hf/store-chain/99"})
+    pool.unlink()
+    save_file(tensors, str(pool), metadata=metadata)
+    _refused_on_every_load_path(newer, "does not know")
 
 
 def test_a_text_scorer_keeps_no_model_features_and_little_ram_per_stored_token(tmp_path):
