@@ -138,7 +138,8 @@ def print_cost(runs: dict, out_dir: Path, only=None) -> int:
             print(f"{name}: {state}{extra}")
             continue
         total += spent["cpu_s"]
-        print(f"{name}: {state}, {spent['records']} records, {spent['sittings']} sittings, "
+        sittings = f"{spent['sittings']} sitting{'s' if spent['sittings'] != 1 else ''}"
+        print(f"{name}: {state}, {spent['records']} records, {sittings}, "
               f"{spent['wall_s'] / 3600:.2f} h wall, {spent['cpu_s'] / 3600:.2f} CPU h")
     print(f"total: {total / 3600:.2f} CPU h recorded (records written before costs were recorded are not counted)")
     return 0
