@@ -707,8 +707,15 @@ def plot(records: list[dict], path: Path) -> None:
     right.plot(tokens, [r["timing"]["retrieve_s"] for r in records], "o-", label="retrieval read")
     right.plot(tokens, [r["timing"]["pool_s"] for r in records], "s-", label="pool read (N = 4,096)")
     right.set_ylabel("seconds per question (median)")
-    right.set_title("One question as the store grows")
-    right.legend(fontsize=8)
+    right.set_title("One question as the store grows (times vary with load)")
+    ratio = right.twinx()  # (measured side by side in one process: the comparison the load does not move)
+    ratio.plot(tokens, [r["timing"]["retrieve_over_pool"] for r in records], "^--", color="grey",
+               label="retrieval / pool (right axis)")
+    ratio.set_ylim(0, max(1.05, max(r["timing"]["retrieve_over_pool"] for r in records) * 1.1))
+    ratio.set_ylabel("retrieval read / pool read")
+    lines = right.get_legend_handles_labels()
+    more = ratio.get_legend_handles_labels()
+    right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
     for axis in (left, right):
         axis.set_xscale("log")
         axis.set_xlabel("stored tokens")
