@@ -110,12 +110,17 @@ def tensor_bytes(tensor: torch.Tensor):
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+def tensor_header(name: str, dtype, shape) -> bytes:
+    """What `tensors_digest` hashes before a tensor's bytes: its name, dtype and shape."""
+    return f"{name}:{dtype}:{tuple(shape)};".encode()
+
+
 def tensors_digest(tensors: Mapping[str, torch.Tensor], digest=None) -> str:
     """sha256 of named tensors (names, dtypes, shapes and bytes, in order): the content hash of every memory file.
     `digest`: a sha256 already fed what comes before them."""
     digest = hashlib.sha256() if digest is None else digest
     for name, tensor in tensors.items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor_header(name, tensor.dtype, tensor.shape))
         digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 

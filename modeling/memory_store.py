@@ -14,7 +14,7 @@ import hashlib
 
 import torch
 
-from .atomic_io import tensor_bytes, tensors_digest
+from .atomic_io import tensor_bytes, tensor_header, tensors_digest
 from .memory_fields import all_finite, torch_dtype
 from .memory_settings import check_store_dtype
 
@@ -242,7 +242,7 @@ def store_content_hash(store: LongTermStore) -> str:
     if not store or len({block.slots.dtype for block in store}) != 1:  # (mixed dtypes: the concatenation promotes)
         return tensors_digest(store_to_tensors(store))
     L, _, d = store[0].slots.shape
-    digest = hashlib.sha256(f"{STORE_TENSORS[0]}:{store[0].slots.dtype}:{(L, store_num_slots(store), d)};".encode())
+    digest = hashlib.sha256(tensor_header(STORE_TENSORS[0], store[0].slots.dtype, (L, store_num_slots(store), d)))
     hash_blocks(store, digest, digest_blocks=False)
     return tensors_digest(store_to_tensors(store, with_slots=False), digest)
 
@@ -256,8 +256,7 @@ def hash_blocks(store: LongTermStore, flat=None, digest_blocks: bool = True) -> 
     if digest_blocks:
         for index, block in enumerate(store):
             if block.digest is None:
-                header = f"{STORE_TENSORS[0]}:{block.slots.dtype}:{tuple(block.slots.shape)};"
-                pending[index] = hashlib.sha256(header.encode())
+                pending[index] = hashlib.sha256(tensor_header(STORE_TENSORS[0], block.slots.dtype, block.slots.shape))
     read = range(len(store)) if flat is not None else list(pending)
     for layer in range(max((store[index].slots.shape[0] for index in read), default=0)):
         for index in read:
@@ -300,6 +299,6 @@ def store_file_digest(tensors: dict[str, torch.Tensor], store: LongTermStore) ->
     if STORE_TENSORS[0] not in tensors or not store:
         return tensors_digest({name: tensors[name] for name in names})
     slots = tensors[STORE_TENSORS[0]]
-    digest = hashlib.sha256(f"{STORE_TENSORS[0]}:{slots.dtype}:{tuple(slots.shape)};".encode())
+    digest = hashlib.sha256(tensor_header(STORE_TENSORS[0], slots.dtype, slots.shape))
     hash_blocks(store, digest)
     return tensors_digest({name: tensors[name] for name in names[1:]}, digest)

@@ -189,12 +189,17 @@ def test_records_and_report(built, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def on_the_copy(command: str, data: Path, built: Path, *extra: str) -> list[str]:
+    """Arguments of a subcommand run on the tiny build's 20-injection copy (`built`)."""
+    return [command, "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
+            str(built / "store" / million.COPY_DIR), *extra]
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     output = tmp_path / "answers.jsonl"
-    args = ["answers", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
-            str(built / "store" / million.COPY_DIR), "--read-modes", "retrieve", "pool", "--questions", "2",
-            "--max-new-tokens", "2", "--output", str(output)]
+    args = on_the_copy("answers", data, built, "--read-modes", "retrieve", "pool", "--questions", "2",
+                       "--max-new-tokens", "2", "--output", str(output))
     assert million.main(args) == 0
     rows = million.load_records(output)
     # 2 SQuAD + 2 NQ questions, each with both read modes and the passage in the user turn (no memory)
@@ -217,9 +222,8 @@ def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
 def test_recall_of_a_saved_folder_equals_the_builds_checkpoint(data, built, tmp_path):
     """`recall` on the copy (built with the tiny stream's target) measures what the build measured when it made it."""
     output = tmp_path / "recall.jsonl"
-    args = ["recall", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
-            str(built / "store" / million.COPY_DIR), "--scorers", "bm25", "model", "--target-tokens", "700",
-            "--context-tokens", "48", "--output", str(output)]
+    args = on_the_copy("recall", data, built, "--scorers", "bm25", "model", "--target-tokens", "700",
+                       "--context-tokens", "48", "--output", str(output))
     assert million.main(args) == 0
     [record] = million.load_records(output)
     [at_copy] = [r for r in million.load_records(built / "records.jsonl") if r["labels"] == ["injections>=20"]]
@@ -238,7 +242,5 @@ def test_recall_refuses_a_folder_of_another_stream(data, built, tmp_path, monkey
     real = million.build_stream
     monkeypatch.setattr(million, "build_stream", lambda *a, **k: real(*a, **k)[:1])  # another, shorter stream
     with pytest.raises(SystemExit, match="not the end of any item"):
-        million.main(["recall", "--model", "tiny", "--style", "plain", "--data", str(data), "--folder",
-                      str(built / "store" / million.COPY_DIR), "--scorers", "bm25", "--output",
-                      str(tmp_path / "r.jsonl")])
+        million.main(on_the_copy("recall", data, built, "--scorers", "bm25", "--output", str(tmp_path / "r.jsonl")))
     assert not (tmp_path / "r.jsonl").exists()
