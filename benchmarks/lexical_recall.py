@@ -32,7 +32,8 @@ OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_tr
 # The grid of read settings compared (thresholds and margins on each scorer's own scale).
 # the calibrated cuts of the scorer table (memory_scoring)
 THRESHOLDS = {name: scorer.threshold for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
-CANDIDATE_THRESHOLDS = {"bm25": (0.05, 0.1, 0.15), "encoder only": (0.35, 0.4, 0.45), "bm25+encoder": (0.4, 0.45, 0.5)}
+CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "encoder only": (0.35, 0.4, 0.45),
+                        "bm25+encoder": (0.5, 0.55, 0.6, 0.65)}
 CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
                      "bm25+encoder": (None, 0.05, 0.1, 0.2)}
 
@@ -117,9 +118,10 @@ def main() -> None:
             blocks.append((owner, lexical.block_terms(analyzer, tokenizer.decode, part)))
     analyse_s = time.perf_counter() - start
 
-    def query(question: str) -> list[str]:
+    def query(question: str) -> list[list[str]]:
+        """The terms of each of the question's queries (`user_queries`, as the scorer part scores them)."""
         ids = prompter.question(question).ids
-        return analyzer.terms(lexical.user_text(tokenizer.decode(ids), markers))
+        return [analyzer.terms(q) for q in lexical.user_queries(lexical.user_text(tokenizer.decode(ids), markers))]
 
     queries = [query(r["question"]) for r in asked]
     negatives = [query(r["question"]) for r in unasked]
@@ -133,7 +135,7 @@ def main() -> None:
     # scorer(question, terms, index, blocks) -> scores of those blocks; question >= 0: an asked question, -1 - j:
     # unrelated question j
     def bm25(question, terms, index, keys):
-        return index.scores(terms, keys)[1]
+        return torch.stack([index.scores(query, keys)[1] for query in terms]).amax(0)
 
     scorers = {"bm25": bm25}
     if args.encoder:
@@ -144,13 +146,16 @@ def main() -> None:
         embedded = torch.cat([encoder.encode(block_text[i : i + 64]) for i in tqdm(range(0, len(block_text), 64),
                                                                                     desc="encoder", unit="batch")])
         def user_words(row):
-            return lexical.user_text(tokenizer.decode(prompter.question(row["question"]).ids), markers)
+            return lexical.user_queries(
+                lexical.user_text(tokenizer.decode(prompter.question(row["question"]).ids), markers)
+            )
 
-        q_emb, n_emb = encoder.encode([user_words(r) for r in asked]), encoder.encode([user_words(r) for r in unasked])
+        q_emb = [encoder.encode(user_words(r)) for r in tqdm(asked, desc="encoder questions", unit="q")]
+        n_emb = [encoder.encode(user_words(r)) for r in unasked]
 
-        def cosine(question, terms, index, keys):
-            query = q_emb[question] if question >= 0 else n_emb[-1 - question]
-            return (embedded[keys] @ query).double()
+        def cosine(question, terms, index, keys):  # (the best of the question's queries, as the scorer part)
+            queries = q_emb[question] if question >= 0 else n_emb[-1 - question]
+            return (embedded[keys] @ queries.T).amax(1).double()
 
         def fused(question, terms, index, keys):
             return bm25(question, terms, index, keys) + cosine(question, terms, index, keys)

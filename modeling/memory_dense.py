@@ -75,7 +75,8 @@ class SentenceEncoder:
 
 class EncoderScorer:
     """Scorer part "encoder" (see `memory_scoring`): the cosine of the all-MiniLM-L6-v2 embeddings of a block's text
-    and of the user's words. Each block is embedded once, when it is indexed (`sync`); the embeddings are persisted
+    and of the user's words (the best over `user_queries`: the words whole and each sentence). Each block is
+    embedded once, when it is indexed (`sync`); the embeddings are persisted
     with the store (`to_tensors` / `restore`), so a loaded folder embeds only its prompts."""
 
     reads_words = True
@@ -109,7 +110,11 @@ class EncoderScorer:
             return torch.zeros(len(prompts.rows), 0, dtype=torch.float64)
         if self.stacked[0] is not store:  # stacked once per store (a new tuple after every injection)
             self.stacked = (store, torch.stack([self.embeddings[block] for block in store]))
-        return (self.encoder.encode(self.text.user_texts(prompts.rows)) @ self.stacked[1].T).double()
+        queries = self.text.user_queries(prompts.rows)
+        rows = torch.tensor([row for row, texts in enumerate(queries) for _ in texts])
+        cosine = (self.encoder.encode([text for texts in queries for text in texts]) @ self.stacked[1].T).double()
+        best = cosine.new_full((len(queries), len(store)), -torch.inf)
+        return best.scatter_reduce_(0, rows[:, None].expand_as(cosine), cosine, "amax")  # each row's best query
 
     def to_tensors(self, store: Sequence) -> dict[str, torch.Tensor]:
         vectors = [self.embeddings[block] for block in store]

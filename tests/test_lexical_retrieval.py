@@ -165,6 +165,54 @@ def test_a_lower_case_question_finds_a_capitalised_passage():
     assert model.retrieve(chat_ids(tokenizer, "which river flows into the atlantic ocean"))[0] == [4]
 
 
+def test_a_prompt_is_scored_whole_and_sentence_by_sentence():
+    assert lexical.user_queries("Who wrote Hamlet?") == ["Who wrote Hamlet?"]
+    assert lexical.user_queries("Answer briefly.\nQuestion: who wrote Hamlet? Be exact!") == [
+        "Answer briefly.\nQuestion: who wrote Hamlet? Be exact!", "Answer briefly.", "Question: who wrote Hamlet?",
+        "Be exact!"]
+    assert lexical.user_queries("Hamlet.\n\n...\nHamlet.") == ["Hamlet.\n\n...\nHamlet."]  # (one piece with words)
+
+
+def test_an_instruction_beside_the_question_does_not_dilute_its_match():
+    """A block's BM25 relevance is its best over the user's sentences: an instruction sentence in the same user turn
+    leaves the question's score as it is alone (scored whole, its unmatched words diluted the match)."""
+    model = text_model()
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    tokenizer.chat_template = CHATML  # (a user message may hold line breaks: the tiny template ends it at one)
+    question = "where did the edwards surname come from"
+    alone = model.retrieval_scores(chat_ids(tokenizer, question))
+    instructed = chat_ids(tokenizer, f"Reply with a short phrase, never a full sentence, quoting nothing.\n{question}")
+    torch.testing.assert_close(model.retrieval_scores(instructed), alone, rtol=0, atol=0)
+    assert model.retrieve(instructed)[0] == [1]
+    part = model.reads["retrieve"].scoring.parts["bm25"]
+    whole = lexical.user_text(tokenizer.decode(instructed[0]), part.text.markers)
+    assert part.index.scores(part.analyzer.terms(whole), [model.long_term_memory[0]])[1] < alone[0, 0].item() / 2
+
+
+def test_the_encoder_scores_each_block_by_its_best_sentence_of_the_prompt(monkeypatch):
+    from memoryllm_hf.modeling import memory_dense
+
+    monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
+    model = text_model(retrieval_scorer="bm25+encoder")
+    tokenizer = model.retrieval_tokenizer
+    model.inject(PASSAGES, tokenizer=tokenizer)
+    tokenizer.chat_template = CHATML
+    questions = ["where did the edwards surname come from", "Be brief.\nwhich river flows into the atlantic ocean"]
+    rows = [chat_ids(tokenizer, q)[0] for q in questions]
+    width = max(len(row) for row in rows)
+    ids = torch.stack([torch.nn.functional.pad(row, (width - len(row), 0)) for row in rows])
+    mask = torch.stack([torch.arange(width) >= width - len(row) for row in rows]).long()
+    model.retrieval_scores(input_ids=ids, attention_mask=mask)
+    part = model.reads["retrieve"].scoring.parts["encoder"]
+    store = model.long_term_memory
+    blocks = BagOfLetters().encode([part.text.block_text(block) for block in store])
+    expected = torch.stack([(BagOfLetters().encode(lexical.user_queries(q)) @ blocks.T).amax(0) for q in questions])
+    prompts = scoring.Prompts(ids, mask, None)
+    torch.testing.assert_close(part.score(model, store, prompts).float(), expected)
+    assert len(lexical.user_queries(questions[1])) == 3  # (the second row is scored as three queries)
+
+
 def test_unrelated_prompts_read_nothing_from_one_block_and_from_a_thousand():
     tokenizer = tiny_tokenizer()
     rng = random.Random(0)
