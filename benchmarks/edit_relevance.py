@@ -21,11 +21,12 @@ from benchmarks.lexical_recall import read_jsonl, wilson
 from memoryllm_hf.evaluation.data import default_data_dir
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_lexical as lexical
-from memoryllm_hf.modeling.memory_dense import encoder_installed
+from memoryllm_hf.modeling.memory_dense import encoder_installed, sentence_pieces
 from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
 
 KINDS = ("prompt", "paraphrase", "neighbourhood")
-CANDIDATES = {"bm25": (0.1, 0.15, 0.2), "bm25+encoder": (0.5, 0.55, 0.6, 0.65, 0.7)}
+CANDIDATES = {"bm25": (0.1, 0.15, 0.2), "bm25+encoder": (0.5, 0.55, 0.6, 0.65, 0.7),
+              "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2, 1.3)}
 
 
 def prompts_of(case: dict) -> dict[str, str]:
@@ -53,18 +54,22 @@ def main() -> None:
         from memoryllm_hf.modeling.memory_dense import SentenceEncoder
 
         encoder = SentenceEncoder()
-    scores = {name: {kind: [] for kind in KINDS} for name in ("bm25", "bm25+encoder") if name == "bm25" or encoder}
+    scores = {name: {kind: [] for kind in KINDS} for name in CANDIDATES if name == "bm25" or encoder}
     for case in tqdm(cases, desc="edits", unit="edit"):
         index = lexical.LexicalIndex()
         index.add(0, analyzer.terms(case["edit_text"]))
         edit = encoder.encode([case["edit_text"]])[0] if encoder else None
+        pieces = encoder.encode(sentence_pieces(case["edit_text"])) if encoder else None
         for kind, text in prompts_of(case).items():
             ids, _ = prompter.completion(text, "", "sentence")
             queries = lexical.user_queries(lexical.user_text(tokenizer.decode(ids), markers))
             relevance = max(float(index.scores(analyzer.terms(q), [0])[1][0]) for q in queries)
             scores["bm25"][kind].append(relevance)
             if encoder:
-                scores["bm25+encoder"][kind].append(relevance + float((encoder.encode(queries) @ edit).max()))
+                cosine = float((encoder.encode(queries) @ edit).max())
+                scores["bm25+encoder"][kind].append(relevance + cosine)
+                best = float((encoder.encode(queries) @ pieces.T).max())
+                scores["bm25+encoder+sentences"][kind].append(relevance + cosine + best)
     results = {}
     for name, by_kind in scores.items():
         cuts = sorted({RETRIEVAL_SCORERS[name].threshold, *CANDIDATES[name]})

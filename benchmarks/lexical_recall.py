@@ -33,9 +33,9 @@ OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_tr
 # the calibrated cuts of the scorer table (memory_scoring)
 THRESHOLDS = {name: scorer.threshold for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
 CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "encoder only": (0.35, 0.4, 0.45),
-                        "bm25+encoder": (0.5, 0.55, 0.6, 0.65)}
+                        "bm25+encoder": (0.5, 0.55, 0.6, 0.65), "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2)}
 CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
-                     "bm25+encoder": (None, 0.05, 0.1, 0.2)}
+                     "bm25+encoder": (None, 0.05, 0.1, 0.2), "bm25+encoder+sentences": (None, 0.05, 0.1, 0.2)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -160,7 +160,28 @@ def main() -> None:
         def fused(question, terms, index, keys):
             return bm25(question, terms, index, keys) + cosine(question, terms, index, keys)
 
-        scorers.update({"encoder only": cosine, "bm25+encoder": fused})
+        # the "sentences" part: each block's sentence pieces, the best piece counts
+        from memoryllm_hf.modeling.memory_dense import sentence_pieces
+
+        pieces = [sentence_pieces(text) for text in block_text]
+        piece_owner = torch.repeat_interleave(torch.arange(len(pieces)), torch.tensor([len(p) for p in pieces]))
+        flat = [piece for texts in pieces for piece in texts]
+        piece_emb = torch.cat([encoder.encode(flat[i : i + 64]) for i in tqdm(range(0, len(flat), 64),
+                                                                              desc="sentences", unit="batch")])
+
+        def best_sentence(question, terms, index, keys):
+            queries = q_emb[question] if question >= 0 else n_emb[-1 - question]
+            keys_t = torch.tensor(keys)
+            chosen = torch.isin(piece_owner, keys_t)
+            cos = (piece_emb[chosen] @ queries.T).amax(1).double()
+            where = {key: n for n, key in enumerate(keys)}
+            slot = torch.tensor([where[int(o)] for o in piece_owner[chosen]], dtype=torch.long)
+            return torch.full((len(keys),), -1.0, dtype=torch.float64).scatter_reduce(0, slot, cos, "amax")
+
+        def fused3(question, terms, index, keys):
+            return fused(question, terms, index, keys) + best_sentence(question, terms, index, keys)
+
+        scorers.update({"encoder only": cosine, "bm25+encoder": fused, "bm25+encoder+sentences": fused3})
     ranks = {name: [] for name in scorers}
     full_scores = {name: [] for name in scorers}
     start = time.perf_counter()

@@ -34,14 +34,14 @@ import torch
 from transformers.utils import logging
 
 from .atomic_io import tensors_digest
-from .memory_dense import EncoderScorer
-from .memory_lexical import ENCODER_THRESHOLD, RELEVANCE_THRESHOLD, Bm25Scorer
+from .memory_dense import EncoderScorer, SentencesScorer
+from .memory_lexical import ENCODER_THRESHOLD, RELEVANCE_THRESHOLD, SENTENCES_THRESHOLD, Bm25Scorer
 from .memory_retrieval import ModelScorer
 
 logger = logging.get_logger(__name__)
 
 # The scorer parts by name.
-PARTS = {"model": ModelScorer, "bm25": Bm25Scorer, "encoder": EncoderScorer}
+PARTS = {"model": ModelScorer, "bm25": Bm25Scorer, "encoder": EncoderScorer, "sentences": SentencesScorer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,7 @@ RETRIEVAL_SCORERS = {
     "model": Scorer(("model",)),
     "bm25": Scorer(("bm25",), RELEVANCE_THRESHOLD, 0.05),
     "bm25+encoder": Scorer(("bm25", "encoder"), ENCODER_THRESHOLD, 0.1),
+    "bm25+encoder+sentences": Scorer(("bm25", "encoder", "sentences"), SENTENCES_THRESHOLD, 0.1),
 }
 # `from_base`'s choice, best first (dev sets, 300 stored texts: bm25+encoder recall@1 0.87 SQuAD / 0.93 NQ against
 # bm25's 0.75 / 0.77): the first whose needs are met (`scorer_available`).
@@ -72,10 +73,11 @@ BLOCK_KEYS = "block_keys"
 
 
 def scorer_available(name: str) -> bool:
-    """Whether scorer `name` can run here (the encoder part needs the all-MiniLM-L6-v2 weights installed)."""
+    """Whether scorer `name` can run here (the encoder parts need the all-MiniLM-L6-v2 weights installed)."""
     from .memory_dense import encoder_installed
 
-    return "encoder" not in RETRIEVAL_SCORERS[name].parts or encoder_installed()
+    needs_encoder = {"encoder", "sentences"} & set(RETRIEVAL_SCORERS[name].parts)
+    return not needs_encoder or encoder_installed()
 
 
 def scorer_defaults(memory_config: dict) -> None:

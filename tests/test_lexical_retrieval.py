@@ -542,22 +542,63 @@ class BagOfLetters:
         return torch.nn.functional.normalize(vectors, dim=-1)
 
 
-def test_encoder_embeddings_are_persisted_and_score_like_fresh_ones(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scorer", ["bm25+encoder", "bm25+encoder+sentences"])
+def test_encoder_embeddings_are_persisted_and_score_like_fresh_ones(scorer, tmp_path, monkeypatch):
     from memoryllm_hf.modeling import memory_dense
 
     monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
     monkeypatch.setattr(memory_dense, "encoder_installed", lambda: True)  # (the stand-in: installed or not here)
-    model = text_model(retrieval_scorer="bm25+encoder")
+    model = text_model(retrieval_scorer=scorer)
     tokenizer = model.retrieval_tokenizer
-    model.inject(PASSAGES, tokenizer=tokenizer)
+    model.inject([*PASSAGES, "Two sentences here. A second one follows."], tokenizer=tokenizer)
     questions = _questions(tokenizer)
     expected = model.retrieval_scores(**questions)
     model.save_pretrained(tmp_path / "folder")
     loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "folder")
     loaded.retrieval_tokenizer = tokenizer
     torch.testing.assert_close(loaded.retrieval_scores(**questions), expected, rtol=0, atol=0)
-    assert loaded.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == 2  # the two questions only
-    fresh = text_model(retrieval_scorer="bm25+encoder")
+    encoder_parts = [name for name in ("encoder", "sentences") if name in scoring.RETRIEVAL_SCORERS[scorer].parts]
+    # the parts share one encoder, which embedded the two questions (once per part) and nothing stored
+    assert {id(loaded.reads["retrieve"].scoring.parts[name].encoder) for name in encoder_parts} == {
+        id(memory_dense.shared_encoder(loaded))}
+    assert memory_dense.shared_encoder(loaded).embedded == 2 * len(encoder_parts)
+    fresh = text_model(retrieval_scorer=scorer)
     fresh.load_memory_state(dataclasses.replace(model.memory_state(), retrieval_index=None))
     torch.testing.assert_close(fresh.retrieval_scores(**questions), expected)
-    assert fresh.reads["retrieve"].scoring.parts["encoder"].encoder.embedded == len(PASSAGES) + 2
+    # every block indexed again: 5 texts (the encoder), their sentence pieces (the last text: 2 sentences + the pair)
+    stored = len(PASSAGES) + 1 + (len(PASSAGES) + 3 if "sentences" in encoder_parts else 0)
+    assert memory_dense.shared_encoder(fresh).embedded == stored + 2 * len(encoder_parts)
+
+
+def test_the_sentences_part_scores_a_block_by_its_best_sentence_or_pair(monkeypatch):
+    from memoryllm_hf.modeling import memory_dense
+
+    assert memory_dense.sentence_pieces("Edwards is a surname. It arose in Wales! Why? It did.") == [
+        "Edwards is a surname.", "It arose in Wales!", "Edwards is a surname. It arose in Wales!"]
+    assert memory_dense.sentence_pieces("one sentence only") == ["one sentence only"]
+    monkeypatch.setattr(memory_dense, "SentenceEncoder", BagOfLetters)
+    model = text_model(retrieval_scorer="bm25+encoder+sentences")
+    tokenizer = model.retrieval_tokenizer
+    texts = ["Zebras graze quietly. Quartz jewels glimmer brightly in caves.", *PASSAGES]
+    model.inject(texts, tokenizer=tokenizer)
+    tokenizer.chat_template = CHATML
+    question = "Which jewels glimmer in caves?\nAnswer briefly please."
+    ids = chat_ids(tokenizer, question)
+    part = model.reads["retrieve"].scoring.part(model, "sentences", model.long_term_memory)
+    part.sync(model.long_term_memory)
+    got = part.score(model, model.long_term_memory, scoring.Prompts(ids, None, None))
+    letters = BagOfLetters()
+    queries = letters.encode(lexical.user_queries(question))
+    expected = torch.stack([(letters.encode(memory_dense.sentence_pieces(part.text.block_text(block))) @ queries.T)
+                            .max() for block in model.long_term_memory]).double()
+    torch.testing.assert_close(got[0], expected)
+    whole = torch.stack([(letters.encode([part.text.block_text(block)]) @ queries.T).max()
+                         for block in model.long_term_memory]).double()
+    assert got[0, 0] > whole[0]  # the first text's best sentence matches better than the text as a whole
+    # the fused score is the parts' sum
+    parts = [model.reads["retrieve"].scoring.part(model, name, model.long_term_memory) for name in
+             ("bm25", "encoder", "sentences")]
+    for other in parts:
+        other.sync(model.long_term_memory)
+    total = sum(other.score(model, model.long_term_memory, scoring.Prompts(ids, None, None)) for other in parts)
+    torch.testing.assert_close(model.retrieval_scores(ids), total.float())
