@@ -90,8 +90,8 @@ def shared_encoder(model) -> SentenceEncoder:
 class EncoderScorer:
     """Scorer part "encoder" (see `memory_scoring`): the cosine of the all-MiniLM-L6-v2 embeddings of a block's text
     and of the user's words (the best over `user_queries`: the words whole and each sentence). Each block is
-    embedded once, when it is indexed (`sync`); the embeddings are persisted
-    with the store (`to_tensors` / `restore`), so a loaded folder embeds only its prompts."""
+    embedded once, when it is indexed (`sync`); the embeddings are persisted with the store (`to_tensors` /
+    `restore`), so a loaded folder embeds only its prompts."""
 
     reads_words = True
     persisted = ("encoder_embeddings",)
