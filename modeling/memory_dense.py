@@ -94,6 +94,7 @@ class EncoderScorer:
     `restore`), so a loaded folder embeds only its prompts."""
 
     reads_words = True
+    needs_encoder = True
     persisted = ("encoder_embeddings",)
 
     def __init__(self, model, encoder: SentenceEncoder | None = None):
@@ -113,8 +114,20 @@ class EncoderScorer:
             del self.embeddings[block]
         new = [block for block in store if block not in self.embeddings]
         if new:
-            vectors = self.encoder.encode([self.text.block_text(block) for block in new])
-            self.embeddings.update(zip(new, vectors, strict=True))
+            self.embeddings.update(zip(new, self.embed(new), strict=True))
+
+    def embed(self, blocks: Sequence) -> Sequence[torch.Tensor]:
+        """What `sync` keeps of each new block: the embedding of its text [dim]."""
+        return self.encoder.encode([self.text.block_text(block) for block in blocks])
+
+    def best_query(self, prompts, vectors: torch.Tensor) -> torch.Tensor:
+        """[B, n] (float64): each prompt row's best cosine over its `user_queries` against `vectors` [n, dim]
+        (all rows' queries embedded in one batch)."""
+        queries = self.text.user_queries(prompts.rows)
+        rows = torch.tensor([row for row, texts in enumerate(queries) for _ in texts])
+        cosine = (self.encoder.encode([text for texts in queries for text in texts]) @ vectors.T).double()
+        best = cosine.new_full((len(queries), len(vectors)), -torch.inf)
+        return best.scatter_reduce_(0, rows[:, None].expand_as(cosine), cosine, "amax")
 
     def has(self, block) -> bool:
         return block in self.embeddings
@@ -124,11 +137,7 @@ class EncoderScorer:
             return torch.zeros(len(prompts.rows), 0, dtype=torch.float64)
         if self.stacked[0] is not store:  # stacked once per store (a new tuple after every injection)
             self.stacked = (store, torch.stack([self.embeddings[block] for block in store]))
-        queries = self.text.user_queries(prompts.rows)
-        rows = torch.tensor([row for row, texts in enumerate(queries) for _ in texts])
-        cosine = (self.encoder.encode([text for texts in queries for text in texts]) @ self.stacked[1].T).double()
-        best = cosine.new_full((len(queries), len(store)), -torch.inf)
-        return best.scatter_reduce_(0, rows[:, None].expand_as(cosine), cosine, "amax")  # each row's best query
+        return self.best_query(prompts, self.stacked[1])
 
     def to_tensors(self, store: Sequence) -> dict[str, torch.Tensor]:
         vectors = [self.embeddings[block] for block in store]
@@ -165,16 +174,11 @@ class SentencesScorer(EncoderScorer):
     def identity(self) -> str:
         return "sentences;" + super().identity
 
-    def sync(self, store: Sequence) -> None:
-        present = set(store)
-        for block in [key for key in self.embeddings if key not in present]:
-            del self.embeddings[block]
-        new = [block for block in store if block not in self.embeddings]
-        if new:
-            pieces = [sentence_pieces(self.text.block_text(block)) for block in new]
-            vectors = self.encoder.encode([piece for texts in pieces for piece in texts]).split(
-                [len(texts) for texts in pieces])
-            self.embeddings.update(zip(new, vectors, strict=True))
+    def embed(self, blocks: Sequence) -> Sequence[torch.Tensor]:
+        """What `sync` keeps of each new block: the embeddings of its `sentence_pieces` [pieces, dim]."""
+        pieces = [sentence_pieces(self.text.block_text(block)) for block in blocks]
+        vectors = self.encoder.encode([piece for texts in pieces for piece in texts])
+        return vectors.split([len(texts) for texts in pieces])
 
     def score(self, model, store: Sequence, prompts) -> torch.Tensor:
         if not store:
@@ -184,12 +188,9 @@ class SentencesScorer(EncoderScorer):
             owner = torch.repeat_interleave(torch.arange(len(store)), torch.tensor([len(v) for v in vectors]))
             self.stacked = (store, (torch.cat(vectors), owner))
         pieces, owner = self.stacked[1]
-        queries = self.text.user_queries(prompts.rows)
-        best = torch.full((len(queries), len(store)), -torch.inf, dtype=torch.float64)
-        for row, texts in enumerate(queries):
-            cosine = (self.encoder.encode(texts) @ pieces.T).amax(0).double()  # each piece's best query
-            best[row].scatter_reduce_(0, owner, cosine, "amax")
-        return best
+        per_piece = self.best_query(prompts, pieces)  # [B, pieces]
+        best = per_piece.new_full((len(per_piece), len(store)), -torch.inf)
+        return best.scatter_reduce_(1, owner.expand_as(per_piece), per_piece, "amax")  # each block's best piece
 
     def to_tensors(self, store: Sequence) -> dict[str, torch.Tensor]:
         vectors = [self.embeddings[block] for block in store]

@@ -393,6 +393,7 @@ class Bm25Scorer:
     """
 
     reads_words = True
+    needs_encoder = False
     persisted = ("bm25_vocab", "bm25_terms", "bm25_tf", "bm25_sizes", "bm25_lengths")
 
     def __init__(self, model):

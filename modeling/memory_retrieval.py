@@ -184,6 +184,7 @@ class ModelScorer:
     depend on the weights and adapters)."""
 
     reads_words = False
+    needs_encoder = False
     persisted = ()
 
     def __init__(self, model):

@@ -10,7 +10,8 @@ A scorer *part* is one class with one interface (`PARTS`, one line each):
 - `score(model, store, prompts)`: scores [B, len(store)] of the store's blocks for a prompt batch (`Prompts`);
 - optionally persisted: `persisted` (its tensor names; empty: nothing), `identity` (what its index depends on
   besides the blocks: tokenizer, analyzer, encoder), `to_tensors(blocks)` / `restore(tensors, entries)`.
-  `reads_words`: it reads the prompt's token ids (not only `inputs_embeds`).
+  `reads_words`: it reads the prompt's token ids (not only `inputs_embeds`); `needs_encoder`: it needs the
+  sentence encoder's weights installed (`scorer_available`).
 
 A *scorer* (`RETRIEVAL_SCORERS`, one line each; its name is a value of `config.retrieval_scorer`) is a tuple of
 parts whose scores are added (`fuse`), with the calibrated absolute cut `threshold` (a score at which a block counts
@@ -76,7 +77,7 @@ def scorer_available(name: str) -> bool:
     """Whether scorer `name` can run here (the encoder parts need the all-MiniLM-L6-v2 weights installed)."""
     from .memory_dense import encoder_installed
 
-    needs_encoder = {"encoder", "sentences"} & set(RETRIEVAL_SCORERS[name].parts)
+    needs_encoder = any(PARTS[part].needs_encoder for part in RETRIEVAL_SCORERS[name].parts)
     return not needs_encoder or encoder_installed()
 
 
