@@ -40,6 +40,7 @@ Commands (one thread):
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -252,6 +253,26 @@ def available_scorers() -> list[str]:
     return scorers
 
 
+def reranked(model, scores: torch.Tensor, prompt: list[int], own: torch.Tensor, weight: float) -> tuple[list[int], bool]:
+    """(the blocks the read chooses with the rerank of `memory_check` at `weight`, whether the own passage is the
+    best reranked candidate) for one question."""
+    cfg, store, check = model.config, model.long_term_memory, model.reads["retrieve"].check
+    select = functools.partial(select_injections, sizes=[block.num_slots for block in store],
+                               calls=[block.call for block in store], budget=cfg.read_tokens,
+                               threshold=cfg.retrieval_threshold)
+    kept = cfg.retrieval_likelihood_weight
+    cfg.retrieval_likelihood_weight = weight
+    try:
+        rescored, skip = check.rescore(model, store, scores, prompt, select)
+        chosen = select(rescored, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin, skip=skip,
+                        threshold=None)
+    finally:
+        cfg.retrieval_likelihood_weight = kept
+    candidates = [i for i in range(len(store)) if i not in skip]
+    best = max(candidates, key=lambda i: (float(rescored[i]), i), default=None)
+    return chosen, best is not None and bool(own[best])
+
+
 def own_injections(items: list[Item], chunk: int, position: int) -> dict[tuple[str, int], set[int]]:
     """Injection numbers of each stored question's passage (items before `position`)."""
     out, done = {}, 0
@@ -264,9 +285,10 @@ def own_injections(items: list[Item], chunk: int, position: int) -> dict[tuple[s
 
 
 @torch.no_grad()
-def recall(model, prompts: dict, owned: dict, scorers: list[str]) -> dict:
+def recall(model, prompts: dict, owned: dict, scorers: list[str], likelihood_weight: float | None = None) -> dict:
     """Per scorer and dataset: recall@1, recall@4 of the own passage among all blocks and how often the read chose
-    it; seconds of scoring per question."""
+    it; seconds of scoring per question. With `likelihood_weight` (the rerank of `memory_check`), recall@1 is the
+    own passage first among the reranked candidates, and the read is the read with the rerank in force."""
     read, cfg, store = model.reads["retrieve"], model.config, model.long_term_memory
     sizes, calls = [block.num_slots for block in store], [block.call for block in store]
     injections = torch.tensor([block.injection for block in store])
@@ -282,11 +304,15 @@ def recall(model, prompts: dict, owned: dict, scorers: list[str]) -> dict:
                 seconds.append(time.perf_counter() - start)
                 own = torch.isin(injections, torch.tensor(sorted(owned[key])))
                 rank = int(own[row.argsort(descending=True, stable=True)].nonzero()[0, 0])
-                chosen = select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold,
-                                           cfg.retrieval_neighbors, cfg.retrieval_margin)
+                first = rank < 1
+                if likelihood_weight is None:
+                    chosen = select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold,
+                                               cfg.retrieval_neighbors, cfg.retrieval_margin)
+                else:
+                    chosen, first = reranked(model, row, prompts[key], own, likelihood_weight)
                 hits = counts.setdefault(key[0], [0, 0, 0, 0])
                 hits[0] += 1
-                hits[1] += rank < 1
+                hits[1] += first
                 hits[2] += rank < 4
                 hits[3] += any(bool(own[i]) for i in chosen)
             results[scorer] = {
@@ -626,7 +652,8 @@ def recall_only(args) -> int:
     record = {"folder": str(args.folder), "stored_tokens": store_num_slots(model.long_term_memory),
               "stored_injections": len(model.long_term_memory), "position": position,
               "questions_stored": {name: sum(key[0] == name for key in owned) for name in questions},
-              "recall": recall(model, prompts, owned, scorers),
+              "recall": recall(model, prompts, owned, scorers, args.likelihood_weight),
+              "likelihood_weight": args.likelihood_weight,
               "memory": process_memory(),
               "meta": {"threads": torch.get_num_threads(), "torch": torch.__version__, "style": args.style,
                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
@@ -763,6 +790,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target-tokens", type=int, default=1_000_000)
     c.add_argument("--context-tokens", type=int, default=512)
     c.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.recall.jsonl"))
+    c.add_argument("--likelihood-weight", type=float, help="rerank the candidates (retrieval_likelihood_weight)")
     r = commands.add_parser("report", help="summary JSON and plot from the records")
     r.add_argument("--records", type=Path, default=RECORDS)
     r.add_argument("--run", help="only this run's records (default: all)")

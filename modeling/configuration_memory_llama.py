@@ -67,6 +67,11 @@ class MemoryLlamaConfig(LlamaConfig):
             same text as a retrieved update, budget permitting (a long text is injected as several updates).
         retrieval_margin: with `"retrieve"`, injections scoring more than this below the best one are not read
             (None: fill `read_tokens`); a small model answers worse with unrelated passages beside the right one.
+        retrieval_likelihood_weight: with `"retrieve"` and `"text"`, the blocks the selection would take are ordered
+            by their score + this x the nats their text makes the user's words more likely to the model
+            (`memory_check`, a rerank; None: off). Needs the tokenizer and input_ids.
+        retrieval_likelihood_gain: with `"retrieve"` and `"text"`, a block the selection would take is read only when
+            its text makes the user's words at least this many nats more likely (`memory_check`; None: no veto).
         retrieval_scorer: with `"retrieve"`, how blocks are scored (a scorer of `memory_scoring.RETRIEVAL_SCORERS`):
             `"model"` (the model's own features:
             layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
@@ -117,6 +122,8 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_threshold: float | None = None
     retrieval_neighbors: int = 0
     retrieval_margin: float | None = None
+    retrieval_likelihood_weight: float | None = None
+    retrieval_likelihood_gain: float | None = None
     retrieval_scorer: str = "model"
     retrieval_weights: dict | None = None
     retrieval_key_layers: list | None = None

@@ -353,6 +353,23 @@ def tokenizer_identity(tokenizer) -> str:
     return f"{type(tokenizer).__name__}:{hashlib.sha256(content.encode()).hexdigest()[:16]}"
 
 
+# What is read between the blocks of two texts (or two chunks of one text that are not consecutive) and after the
+# last block, before the user's words.
+SEPARATOR = "\n\n"
+SEPARATOR_WORD = "The"  # (a word the separator is tokenized before)
+
+
+def separator_ids(tokenizer) -> list[int]:
+    """`SEPARATOR`'s token ids as `tokenizer` writes them before a word (a byte-level BPE writes a blank line before a
+    word as two newline tokens, and one at the end of a text as one), so a read passage is tokenized as it would be
+    in the prompt; the ids of `SEPARATOR` alone when the word's ids do not follow them unchanged."""
+    ids = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    word, between = ids(SEPARATOR_WORD), ids(SEPARATOR + SEPARATOR_WORD)
+    if len(between) > len(word) and between[-len(word) :] == word:
+        return between[: -len(word)]
+    return ids(SEPARATOR)
+
+
 class TextView:
     """The words the text scorers read: a stored block's text (its token ids decoded with the model's tokenizer)
     and a prompt row's user words (`user_text`)."""

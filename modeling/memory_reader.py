@@ -7,12 +7,14 @@ cache (`stack_prefixes`): a row's padding columns are masked out, so a batch rea
 `RetrieveRead` is the read mode (the model's public retrieval API is `memory_reads.MemoryReadMixin`).
 """
 
+import functools
 import os
 
 import torch
 
 from .memory_adapters import READ
 from .memory_cache import DerivedCache
+from .memory_check import LikelihoodCheck
 from .memory_fields import MemoryStateError
 from .memory_files import (
     LONG_TERM_FILE,
@@ -28,7 +30,7 @@ from .memory_files import (
     read_store_beside,
 )
 from .memory_prefix import PrefixKV, key_value_weights_fingerprint, rotate_prefix_keys, seeded_cache, slot_key_values
-from .memory_scoring import Scoring
+from .memory_scoring import Prompts, Scoring
 from .memory_settings import store_device, store_dtype
 from .memory_store import (
     LongTermStoreError,
@@ -48,6 +50,7 @@ def select_injections(
     threshold: float | None = None,
     neighbors: int = 0,
     margin: float | None = None,
+    skip: frozenset[int] | set[int] = frozenset(),
 ) -> list[int]:
     """Indices (ascending, i.e. in the order written) of the blocks one row reads.
 
@@ -55,12 +58,13 @@ def select_injections(
     than `margin` below the best block, is not taken for its own score. With `neighbors` > 0, after each taken block
     the `neighbors` blocks before and after it that belong to the same text (`calls`: the first update of the text)
     are taken too, nearest first, while they fit (a long text is several blocks). Ties are broken by recency (the
-    newer block first), so the choice is deterministic.
+    newer block first), so the choice is deterministic. A block in `skip` (one the likelihood check refused) is never
+    taken for its own score, and the margin counts from the best block not in it.
     """
     count = len(sizes)
     if scores.shape != (count,):
         raise ValueError(f"need one score per block: {tuple(scores.shape)} scores for {count} blocks")
-    order = sorted(range(count), key=lambda i: (-float(scores[i]), -i))
+    order = sorted((i for i in range(count) if i not in skip), key=lambda i: (-float(scores[i]), -i))
     chosen: set[int] = set()
     used = 0
 
@@ -71,7 +75,7 @@ def select_injections(
             used += sizes[index]
 
     floor = threshold
-    if margin is not None and count:
+    if margin is not None and order:
         best = float(scores[order[0]]) - margin
         floor = best if floor is None else max(floor, best)
     for index in order:
@@ -124,6 +128,7 @@ class RetrieveRead:
     def __init__(self):
         # the configured scorer's parts (memory_scoring): their indexes follow the store block by block
         self.scoring = Scoring()
+        self.check = LikelihoodCheck()  # memory_check: with config.retrieval_likelihood_gain / _weight set
         self.key_values = DerivedCache(size=prefix_slots)
         self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
 
@@ -171,13 +176,17 @@ class RetrieveRead:
             scores = self.scores(model, input_ids, attention_mask, inputs_embeds)
         cfg = model.config
         sizes, calls = [block.num_slots for block in store], [block.call for block in store]
-        chosen = [
-            select_injections(
-                row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold, cfg.retrieval_neighbors,
-                cfg.retrieval_margin,
-            )
-            for row in scores.float().cpu()
-        ]
+        select = functools.partial(select_injections, sizes=sizes, calls=calls, budget=cfg.read_tokens,
+                                   threshold=cfg.retrieval_threshold)
+        rows = scores.float().cpu()
+        if not self.check.configured(cfg):
+            chosen = [select(row, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin) for row in rows]
+        else:
+            if input_ids is None:
+                raise ValueError("the likelihood check (retrieval_likelihood_gain / retrieval_likelihood_weight) reads "
+                                 "the prompt's words: pass input_ids (not only inputs_embeds), or set both to None")
+            words = Prompts(input_ids, attention_mask, None).rows
+            chosen = [self.check.choose(model, store, row, ids, select) for row, ids in zip(rows, words, strict=True)]
         self.last = [[store[i].injection for i in row] for row in chosen]
         return [[store[i] for i in row] for row in chosen]
 
@@ -236,6 +245,7 @@ class RetrieveRead:
 
     def clear(self) -> None:
         self.scoring.clear()
+        self.check.clear()
         self.key_values.clear()
 
 

@@ -79,7 +79,8 @@ def check_memory_settings(config, reads: Mapping, on_this_machine: bool = False)
             f"{config.read_tokens} slots of a store of long_term_memory_tokens={tokens}), "
             f"got {config.retrieval_neighbors!r}"
         )
-    for name in ("retrieval_threshold", "retrieval_margin"):
+    for name in ("retrieval_threshold", "retrieval_margin", "retrieval_likelihood_gain",
+                 "retrieval_likelihood_weight"):
         value = getattr(config, name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value)):

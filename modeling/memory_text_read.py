@@ -4,11 +4,11 @@ A long-term block keeps the token ids its slots were written from (`MemoryBlock.
 (`memory_reader.RetrieveRead`) reads the blocks' latent slots, which lose part of what the text said; this read takes
 exactly the blocks the retrieval read chooses for a row (same scorer, budget, relevance cut, neighbours; `blocks`)
 and reads their token ids instead: the blocks in the order written, the chunks of one text joined as they were cut,
-`SEPARATOR` (the tokenizer's ids of it; nothing when no tokenizer is known) between blocks that are not consecutive
-chunks of one text and after the last (a blank line between the passage and the user's words). The model's own
-layers (no memory, the adapters as they are) encode them into per-layer keys/values, in the context of the row's
-header when the read is placed in the user turn (`read_placement="user_turn"`: the template's tokens before the
-user's content), so that the prompt then reads exactly what it would read with the passage written at the start of
+`memory_lexical.SEPARATOR` (the tokenizer's ids of it; nothing when no tokenizer is known) between blocks that are
+not consecutive chunks of one text and after the last (a blank line between the passage and the user's words). The
+model's own layers (no memory, the adapters as they are) encode them into per-layer keys/values, in the context of
+the row's header when the read is placed in the user turn (`read_placement="user_turn"`: the template's tokens before
+the user's content), so that the prompt then reads exactly what it would read with the passage written at the start of
 its user message; a plain-text row (no header: the prefix read) reads what it would read with the passage written
 before it. A row whose relevance cut chooses nothing reads nothing.
 
@@ -24,14 +24,8 @@ from transformers.cache_utils import DynamicCache
 from .memory_cache import DerivedCache
 from .memory_placement import header_lengths, read_split, shift_keys
 from .memory_prefix import PrefixKV, execution_device, module_fingerprint
-from .memory_lexical import retrieval_tokenizer
+from .memory_lexical import retrieval_tokenizer, separator_ids
 from .memory_reader import RetrieveRead, prefix_slots, stack_prefixes
-
-# What is read between the blocks of two texts (or two chunks of one text that are not consecutive) and after the
-# last block, before the user's words.
-SEPARATOR = "\n\n"
-SEPARATOR_WORD = "The"  # (a word the separator is tokenized before)
-
 
 def passage_ids(blocks: list, separator: list[int]) -> list[int]:
     """The token ids one row reads: `blocks` (in the order written) joined, `separator` between blocks that are not
@@ -51,17 +45,6 @@ def passage_ids(blocks: list, separator: list[int]) -> list[int]:
         ids += block.token_ids.tolist()
         previous = block
     return ids + separator if blocks else ids
-
-
-def separator_ids(tokenizer) -> list[int]:
-    """`SEPARATOR`'s token ids as `tokenizer` writes them before a word (a byte-level BPE writes a blank line before a
-    word as two newline tokens, and one at the end of a text as one), so a read passage is tokenized as it would be
-    in the prompt; the ids of `SEPARATOR` alone when the word's ids do not follow them unchanged."""
-    ids = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    word, between = ids(SEPARATOR_WORD), ids(SEPARATOR + SEPARATOR_WORD)
-    if len(between) > len(word) and between[-len(word) :] == word:
-        return between[: -len(word)]
-    return ids(SEPARATOR)
 
 
 class TextRead(RetrieveRead):

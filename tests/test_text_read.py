@@ -264,7 +264,7 @@ def test_the_separator_is_tokenized_as_it_is_before_a_word():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from memoryllm_hf.modeling.memory_text_read import separator_ids
+    from memoryllm_hf.modeling.memory_lexical import separator_ids
 
     vocab = {"Ċ": 0, "ĊĊ": 1, "T": 2, "h": 3, "e": 4, "Th": 5, "The": 6, "x": 7}
     backend = Tokenizer(models.BPE(vocab, [("Ċ", "Ċ"), ("T", "h"), ("Th", "e")]))

@@ -9,7 +9,8 @@ from ..loading import config_fields, load
 MEMORY_FLAGS = ("num_memory_tokens", "num_update_tokens", "memory_update", "fresh_pool")
 # How the model reads its memory, recorded where its config has these fields.
 READ_FIELDS = ("read_mode", "long_term_memory_tokens", "long_term_memory_dtype", "read_tokens", "retrieval_threshold",
-               "retrieval_margin", "retrieval_neighbors", "read_placement")
+               "retrieval_margin", "retrieval_likelihood_weight", "retrieval_likelihood_gain",
+               "retrieval_neighbors", "read_placement")
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -1,0 +1,115 @@
+"""The likelihood check (`config.retrieval_likelihood_gain`, `modeling/memory_check.py`) on the dev sets: which
+prompts read a lone stored text with the default relevance cut alone, and with the check at candidate gains.
+
+The default SmolLM2 (`from_base` defaults: the scorer and its cut as installed), one fresh memory per case holding
+one text:
+- CounterFact: the edit (`edit_text`), asked its prompt, a paraphrase and a neighbourhood prompt (the same relation
+  about another subject: reading the edit there is what costs specificity), chat prompts as the evaluation reads
+  them (`Prompter.completion`, kind "sentence");
+- SQuAD / NQ: the question's own passage, and another question's passage (unrelated), chat prompts (`Prompter`).
+A prompt "reads" the text when the retrieval read chooses one of its blocks for its own score (the cut) and, with
+the check, when the best gain among those blocks reaches the candidate value (a lone text's blocks all fit the read
+budget, so this is what the read with the check chooses). Shares with n and Wilson 95% intervals.
+
+Run (about 10 minutes on one thread):
+  python -m benchmarks.likelihood_check --limit 200 --json docs/results/likelihood_check.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.lexical_recall import read_jsonl, wilson
+from memoryllm_hf.evaluation.data import default_data_dir
+from memoryllm_hf.evaluation.prompts import Prompter
+from memoryllm_hf.loading import load
+
+GAINS = (None, 6.0, 8.0, 10.0, 12.0, 15.0)
+
+
+def case_reads(model, prompter, text: str, prompts: dict[str, list[int]], empty) -> dict[str, dict]:
+    """Per prompt: whether the cut reads the lone stored `text`, and the best gain of its blocks."""
+    model.set_memory_state(empty)
+    model.inject(text, tokenizer=prompter.tokenizer)
+    cfg, read = model.config, model.reads["retrieve"]
+    kept = cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors
+    # the blocks the cut takes for their own score, without the check
+    cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors = None, None, 0
+    try:
+        out = {}
+        for kind, ids in prompts.items():
+            taken = set(model.retrieve(torch.tensor([ids]))[0])
+            store = list(model.long_term_memory)
+            scores = read.scores(model, torch.tensor([ids]))[0].float()
+            best = int(scores.argmax())
+            gains = read.check.gains(model, ids, store)
+            taken_gains = [gain for block, gain in zip(store, gains, strict=True) if block.injection in taken]
+            out[kind] = {"cut": bool(taken), "gain": max(taken_gains, default=float("-inf")),
+                         "score": float(scores[best]), "gain_of_best": gains[best]}
+    finally:
+        cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors = kept
+    return out
+
+
+def shares(cases: list[dict], kinds) -> dict:
+    table = {}
+    for gain in GAINS:
+        row = {}
+        for kind in kinds:
+            passed = sum(c[kind]["cut"] and (gain is None or c[kind]["gain"] >= gain) for c in cases)
+            row[kind] = {"read": round(passed / len(cases), 4), "ci95": wilson(passed, len(cases)), "n": len(cases)}
+        table["cut only" if gain is None else f"cut + gain {gain}"] = row
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--records", type=Path, help="one JSON line per case (default: beside --json)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model, tokenizer = load("default")
+    prompter = Prompter(tokenizer, "chat", model.config.max_position_embeddings)
+    empty = model.memory_state()
+    records = args.records or (args.json.with_suffix(".records.jsonl") if args.json else None)
+    results, rows = {"settings": {"retrieval_scorer": model.config.retrieval_scorer,
+                                  "retrieval_threshold": model.config.retrieval_threshold,
+                                  "retrieval_margin": model.config.retrieval_margin, "limit": args.limit}}, []
+    with torch.no_grad():
+        cases = read_jsonl(args.data_dir / "counterfact.jsonl")[: args.limit]
+        found = []
+        for case in tqdm(cases, desc="counterfact", unit="edit"):
+            prompts = {"prompt": case["prompt"], "paraphrase": case["paraphrase_prompts"][0],
+                       "neighbourhood": case["neighborhood_prompts"][0]["prompt"]}
+            prompts = {kind: prompter.completion(text, "", "sentence")[0] for kind, text in prompts.items()}
+            found.append(case_reads(model, prompter, case["edit_text"], prompts, empty))
+            rows.append({"set": "counterfact", "case_id": case["case_id"], **found[-1]})
+        results["counterfact"] = shares(found, ("prompt", "paraphrase", "neighbourhood"))
+        for name in ("squad", "nq"):
+            questions = read_jsonl(args.data_dir / f"{name}_qa.jsonl")[: args.limit]
+            found = []
+            for index, row in enumerate(tqdm(questions, desc=name, unit="question")):
+                ids = prompter.question(row["question"]).ids
+                other = next(q for q in questions[index + 1:] + questions[:index] if q["context"] != row["context"])
+                own = case_reads(model, prompter, row["context"], {"own": ids}, empty)
+                unrelated = case_reads(model, prompter, other["context"], {"unrelated": ids}, empty)
+                found.append({**own, **unrelated})
+                rows.append({"set": name, "id": row["id"], **found[-1]})
+            results[name] = shares(found, ("own", "unrelated"))
+    model.set_memory_state(empty)
+    for name in ("counterfact", "squad", "nq"):
+        for label, row in results[name].items():
+            print(f"{name:12s} {label:15s}", "  ".join(f"{k} {v['read']:.3f} {v['ci95']}" for k, v in row.items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    if records:
+        records.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    main()
