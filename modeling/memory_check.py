@@ -14,9 +14,9 @@ their sentences, so an instruction beside the question does not dilute it). A pa
 predicts its rare words (a name, a title: many nats each); one sharing only the phrasing predicts common words (a
 few).
 
-Two uses, each a config field (None: off), sharing one forward per row over its candidates: the blocks the selection
-would take for their own score without the margin (those above `retrieval_threshold` that fit `read_tokens`, best
-first; `choose`):
+Two uses, each a config field (None: off), sharing one forward per row over its candidates: the best
+`CHECK_CANDIDATES` blocks the selection would take for their own score without the margin (above
+`retrieval_threshold`, fitting `read_tokens`; `choose`):
 - `retrieval_likelihood_weight` (rerank): a candidate's score becomes its scorer score + weight x gain, and the read
   then chooses among the candidates by it (margin and neighbours as usual). The scorers rank a store's blocks in
   milliseconds; the model then orders the few best by how well each explains the question (as UPR, Sachan et al.
@@ -36,6 +36,11 @@ import torch
 
 from .memory_lexical import TextView, retrieval_tokenizer, separator_ids, user_queries
 from .memory_prefix import execution_device
+
+# Candidates per prompt row at most: the best blocks the selection would take (one forward reads them all, so the
+# check costs about what reading this many blocks as text costs). On the dev sets the own passage is among the best 4
+# of 1,000 stored injections for 0.975 (SQuAD) / 0.9675 (NQ) of questions.
+CHECK_CANDIDATES: int = 4
 
 
 
@@ -113,7 +118,8 @@ class LikelihoodCheck:
         `select(scores, neighbors=, margin=, ...)`: `memory_reader.select_injections` with the read's budget and
         threshold)."""
         cfg = model.config
-        candidates = select(scores, neighbors=0, margin=None)
+        candidates = sorted(select(scores, neighbors=0, margin=None), key=lambda i: (-float(scores[i]), -i))
+        candidates = candidates[:CHECK_CANDIDATES]
         gains = self.gains(model, row, [store[i] for i in candidates])
         skip = set(range(len(store))) - set(candidates)
         scores = scores.clone()

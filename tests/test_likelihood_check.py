@@ -4,26 +4,14 @@ read only when its text makes the user's words more likely to the model."""
 import pytest
 import torch
 from test_read_placement import chat_ids, left_padded
-from test_text_read import LEXICAL, PARIS, ROME, ids_of, logits, text_model
+from test_text_read import LEXICAL, PARIS, ROME, ids_of, logits, marker, text_model, tok  # noqa: F401 (fixtures)
 
 from memoryllm_hf.modeling import memory_check
-from memoryllm_hf.modeling.memory_check import LikelihoodCheck, piece_tokens, word_gains
+from memoryllm_hf.modeling.memory_check import CHECK_CANDIDATES, LikelihoodCheck, piece_tokens, word_gains
 from memoryllm_hf.modeling.memory_lexical import user_queries
 from memoryllm_hf.tiny import tiny_tokenizer
 
 CATS = "Cats purr when they are happy."
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def marker(tok):
-    from memoryllm_hf.modeling.memory_placement import user_turn_marker
-
-    return user_turn_marker(tok)
 
 
 class FixedGains(LikelihoodCheck):
@@ -114,15 +102,16 @@ def test_the_rerank_orders_the_candidates_by_score_plus_weighted_gain(tok, marke
         model.config.retrieval_likelihood_weight = 0.0
 
 
-def test_only_the_candidates_that_fit_the_budget_are_checked(tok, marker):
+@pytest.mark.parametrize("budget", [32, 64, 128])
+def test_only_the_best_candidates_that_fit_the_budget_are_checked(tok, marker, budget):
     texts = [f"Rome fact number {i} is old." for i in range(20)]
-    model = text_model(marker, long_term_memory_tokens=1024, read_tokens=64, retrieval_neighbors=0,
+    model = text_model(marker, long_term_memory_tokens=1024, read_tokens=budget, retrieval_neighbors=0,
                        retrieval_likelihood_gain=10.0, retrieval_scorer="bm25", retrieval_threshold=0.0)
     model.inject(texts, tokenizer=tok)
     check = model.reads["text"].check = FixedGains(tok, {}, default=0.0)
     logits(model, [chat_ids(tok, "Is Rome old?")])
     assert model.last_retrieval == [[]]
-    assert len(check.checked) == 1 and len(check.checked[0]) == 64 // 16
+    assert len(check.checked) == 1 and len(check.checked[0]) == min(budget // 16, CHECK_CANDIDATES)
 
 
 def test_batches_equal_rows_with_the_check(tok, marker):
