@@ -253,9 +253,9 @@ def available_scorers() -> list[str]:
     return scorers
 
 
-def reranked(model, scores: torch.Tensor, prompt: list[int], own: torch.Tensor, weight: float) -> tuple[list[int], bool]:
-    """(the blocks the read chooses with the rerank of `memory_check` at `weight`, whether the own passage is the
-    best reranked candidate) for one question."""
+def reranked(model, scores: torch.Tensor, prompt: list[int], weight: float) -> tuple[list[int], int | None]:
+    """(the blocks the read chooses with the rerank of `memory_check` at `weight`, the best reranked candidate or None
+    when there is none) for one question."""
     cfg, store, check = model.config, model.long_term_memory, model.reads["retrieve"].check
     select = functools.partial(select_injections, sizes=[block.num_slots for block in store],
                                calls=[block.call for block in store], budget=cfg.read_tokens,
@@ -269,8 +269,7 @@ def reranked(model, scores: torch.Tensor, prompt: list[int], own: torch.Tensor, 
     finally:
         cfg.retrieval_likelihood_weight = kept
     candidates = [i for i in range(len(store)) if i not in skip]
-    best = max(candidates, key=lambda i: (float(rescored[i]), i), default=None)
-    return chosen, best is not None and bool(own[best])
+    return chosen, max(candidates, key=lambda i: (float(rescored[i]), i), default=None)
 
 
 def own_injections(items: list[Item], chunk: int, position: int) -> dict[tuple[str, int], set[int]]:
@@ -309,7 +308,8 @@ def recall(model, prompts: dict, owned: dict, scorers: list[str], likelihood_wei
                     chosen = select_injections(row, sizes, calls, cfg.read_tokens, cfg.retrieval_threshold,
                                                cfg.retrieval_neighbors, cfg.retrieval_margin)
                 else:
-                    chosen, first = reranked(model, row, prompts[key], own, likelihood_weight)
+                    chosen, best = reranked(model, row, prompts[key], likelihood_weight)
+                    first = first if best is None else bool(own[best])  # (no candidate: the scorer's order)
                 hits = counts.setdefault(key[0], [0, 0, 0, 0])
                 hits[0] += 1
                 hits[1] += first
@@ -543,7 +543,9 @@ def answers(args) -> int:
     decoding = greedy_config(tokenizer, args.max_new_tokens)
     questions = question_rows(Path(args.data))
     done = {(r["dataset"], r["index"], r["condition"]) for r in load_records(args.output)}
-    conditions = [*args.read_modes, "passage_in_user_turn"]
+    weight = args.likelihood_weight
+    conditions = [*(mode if weight is None else f"{mode}+rerank{weight:g}" for mode in args.read_modes),
+                  "passage_in_user_turn"]
     todo = [(name, i, c) for i in range(args.questions) for name in questions for c in conditions
             if i < len(questions[name]) and (name, i, c) not in done]
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -553,8 +555,9 @@ def answers(args) -> int:
         if condition == "passage_in_user_turn":
             prompt, memory = prompter.question(row["question"], context=row["context"]).ids, False
         else:
-            for field, value in read_settings(model, condition).items():
+            for field, value in read_settings(model, condition.partition("+rerank")[0]).items():
                 setattr(model.config, field, value)
+            model.config.retrieval_likelihood_weight = weight
             memory = True
             prompt = prompter.question(row["question"]).ids
         generation = generate(model, tokenizer, [prompt], memory, decoding)[0]
@@ -572,7 +575,8 @@ def answers(args) -> int:
     return 0
 
 
-READ_FIELDS = ("read_mode", "retrieval_scorer", "retrieval_threshold", "retrieval_margin")
+READ_FIELDS = ("read_mode", "retrieval_scorer", "retrieval_threshold", "retrieval_margin",
+               "retrieval_likelihood_weight")
 
 
 def read_settings(model, condition: str) -> dict:
@@ -783,6 +787,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--questions", type=int, default=200, help="per dataset")
     a.add_argument("--max-new-tokens", type=int, default=24)
     a.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.answers.jsonl"))
+    a.add_argument("--likelihood-weight", type=float, help="read with the rerank (retrieval_likelihood_weight); "
+                   "conditions are recorded as MODE+rerankW")
     c = commands.add_parser("recall", parents=[common], help="recall of the scorers on a saved folder of the build")
     c.add_argument("--folder", required=True, type=Path, help="a folder of the build (FOLDER/copy-1000)")
     c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")

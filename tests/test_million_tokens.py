@@ -216,6 +216,10 @@ def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     assert summary["pool"]["nq"]["exact_hit"]["n"] == 2
     with pytest.raises(SystemExit, match="not one of this model's"):
         million.main([*args[:-1], str(tmp_path / "other.jsonl"), "--read-modes", "nonexistent"])
+    rerank = [*args[:-1], str(tmp_path / "rerank.jsonl"), "--read-modes", "text", "--likelihood-weight", "0.05"]
+    assert million.main(rerank) == 0
+    assert {r["condition"] for r in million.load_records(tmp_path / "rerank.jsonl")} == {
+        "text+rerank0.05", "passage_in_user_turn"}
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -230,6 +234,15 @@ def test_recall_of_a_saved_folder_equals_the_builds_checkpoint(data, built, tmp_
     assert record["position"] == at_copy["position"] and record["stored_tokens"] == at_copy["stored_tokens"]
     assert record["questions_stored"] == at_copy["questions_stored"]
     assert comparable({**record, "run": "x-y"})["recall"] == comparable(at_copy)["recall"]
+    # the rerank of the likelihood check at weight 0 keeps the scorer's order; at any weight it is recorded
+    for weight in ("0", "0.05"):
+        reranked = tmp_path / f"rerank-{weight}.jsonl"
+        assert million.main([*args[:-1], str(reranked), "--scorers", "bm25", "--likelihood-weight", weight]) == 0
+        [with_check] = million.load_records(reranked)
+        assert with_check["likelihood_weight"] == float(weight)
+        if weight == "0":
+            same = [comparable({**r, "run": "x-y"})["recall"]["bm25"] for r in (with_check, record)]
+            assert same[0] == same[1]
     # the whole store (past the dev data: the stream with filler) is found at the item the build reached
     whole = [*args[:-1], str(tmp_path / "whole.jsonl")]
     whole[whole.index("--folder") + 1] = str(built / "store" / million.STORE_DIR)
