@@ -286,15 +286,18 @@ def own_injections(items: list[Item], chunk: int, position: int) -> dict[tuple[s
 @torch.no_grad()
 def recall(model, prompts: dict, owned: dict, scorers: list[str], likelihood_weight: float | None = None) -> dict:
     """Per scorer and dataset: recall@1, recall@4 of the own passage among all blocks and how often the read chose
-    it; seconds of scoring per question. With `likelihood_weight` (the rerank of `memory_check`), recall@1 is the
-    own passage first among the reranked candidates, and the read is the read with the rerank in force."""
+    it (with the scorer's calibrated cut and margin, `read_settings`: none for "model"; until 2026-12-07 the read
+    kept the folder's, bm25's cut 0.1 and margin 0.05, whatever the scorer); seconds of scoring per question. With
+    `likelihood_weight` (the rerank of `memory_check`), recall@1 is the own passage first among the reranked
+    candidates, and the read is the read with the rerank in force."""
     read, cfg, store = model.reads["retrieve"], model.config, model.long_term_memory
     sizes, calls = [block.num_slots for block in store], [block.call for block in store]
     injections = torch.tensor([block.injection for block in store])
-    results, kept = {}, cfg.retrieval_scorer
+    results, kept = {}, {field: getattr(cfg, field) for field in READ_FIELDS}
     try:
         for scorer in scorers:
-            cfg.retrieval_scorer = scorer
+            for field, value in read_settings(model, f"retrieve@{scorer}").items():
+                setattr(cfg, field, value)
             counts, seconds = {}, []
             for key in tqdm(sorted(owned), desc=f"recall ({scorer})", unit="q", leave=False):
                 ids = torch.tensor([prompts[key]])
@@ -324,7 +327,8 @@ def recall(model, prompts: dict, owned: dict, scorers: list[str], likelihood_wei
                 results[scorer]["memory_with_features"] = process_memory()
                 read.clear()
     finally:
-        cfg.retrieval_scorer = kept
+        for field, value in kept.items():
+            setattr(cfg, field, value)
     return results
 
 
