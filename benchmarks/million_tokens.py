@@ -264,8 +264,7 @@ def reranked(model, scores: torch.Tensor, prompt: list[int], weight: float) -> t
     cfg.retrieval_likelihood_weight = weight
     try:
         rescored, skip = check.rescore(model, store, scores, prompt, select)
-        chosen = select(rescored, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin, skip=skip,
-                        threshold=None)
+        chosen = check.select_rescored(model, rescored, skip, select)
     finally:
         cfg.retrieval_likelihood_weight = kept
     candidates = [i for i in range(len(store)) if i not in skip]

@@ -135,7 +135,11 @@ class LikelihoodCheck:
     def choose(self, model, store: Sequence, scores: torch.Tensor, row: Sequence[int], select) -> list[int]:
         """Indices of the blocks one row reads with the check in force (see `rescore`): the margin and neighbours as
         usual, among the candidates, on their new scores."""
-        scores, skip = self.rescore(model, store, scores, row, select)
+        return self.select_rescored(model, *self.rescore(model, store, scores, row, select), select)
+
+    @staticmethod
+    def select_rescored(model, scores: torch.Tensor, skip: set[int], select) -> list[int]:
+        """The blocks read given `rescore`'s result: the margin and neighbours as usual, the cut already applied."""
         cfg = model.config
         return select(scores, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin, skip=skip,
                       threshold=None)
