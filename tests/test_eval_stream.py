@@ -243,3 +243,59 @@ def test_agreement_of_the_protocols_for_one_question():
     assert all(cells["n"] == 1 and cells["same_answer"] == 1.0 for cells in table.values())
     assert all(cells["stream"] == cells["per_question"] for cells in table.values())
     assert "per-question exact hit" in agreement_table(table)
+
+
+def test_doubling_asks_at_the_first_checkpoint_past_each_power_of_two():
+    """Counted by hand: checkpoints every 3 contexts from 2 (and the end, 40); a question is asked at the first
+    checkpoint at or past 0, 1, 2, 4, 8, ... contexts since its passage, within its clean window."""
+    from memoryllm_hf.evaluation.stream import ask_schedule, checkpoints
+
+    points = checkpoints(2, 40, 3)
+    places = [
+        {"position": 2, "clean_until": 41},
+        {"position": 6, "clean_until": 20},
+        {"position": 39, "clean_until": 41},
+    ]
+    every = ask_schedule(places, points, None)
+    doubling = ask_schedule(places, points, None, "doubling")
+    assert doubling == [[2, 5, 8, 11, 20, 35], [8, 11, 14], [40]]
+    assert every[1] == [8, 11, 14, 17, 20] and all(set(d) <= set(e) for d, e in zip(doubling, every, strict=True))
+    assert ask_schedule(places, points, 10, "doubling")[0] == [2, 5, 8, 11]
+    with pytest.raises(ValueError, match="ask-spacing"):
+        ask_schedule(places, points, None, "often")
+
+
+@torch.no_grad()
+def test_same_text_asks_of_one_checkpoint_share_the_cut_stream(monkeypatch):
+    """Questions of different lengths, a stream longer than the window: the same-text prompts of one checkpoint keep
+    the same stream text (cut as for the longest question), so each runs only its question on the kept cache."""
+    from memoryllm_hf.evaluation import stream as stream_module
+    from memoryllm_hf.evaluation.runner import ExtendingPrompts
+
+    data = _data(10)
+    for i, example in enumerate(data.examples):
+        example["question"] = f"What is key {i}?" + " Say it" * (2 * i)
+    calls, answer = [], ExtendingPrompts.answer
+
+    def spied(chain, ids):
+        before = chain.reused
+        found = answer(chain, ids)
+        calls.append((list(ids), chain.reused - before))
+        return found
+
+    monkeypatch.setattr(ExtendingPrompts, "answer", spied)
+    result = stream_module.run_retention_stream(
+        tiny_model(max_position_embeddings=1024), char_tokenizer(), data, ["chat"], context_tokens=24,
+        checkpoint_every=3, stream_contexts=14, max_new_tokens=2, window=400,
+    )  # fmt: skip
+    asks = [r for r in result["records"] if r["kind"] == "ask" and r["same_text"]["chat"] is not None]
+    questions = {example["id"]: example["question"] for example in data.examples}
+    assert len(calls) == len(asks) > 6
+    shared = 0
+    for (before, _), (ids, reused), ask, previous in zip(calls, calls[1:], asks[1:], asks, strict=False):
+        if ask["checkpoint"] != previous["checkpoint"]:
+            continue
+        question = len(f"\n\nAnswer the question with a short phrase, no full sentence.\nQuestion: {questions[ask['id']]}")
+        assert reused >= len(ids) - question - 40  # all but the question (and the template's end) came from the cache
+        shared += ask["same_text"]["chat"]["truncated_tokens"] > 0
+    assert shared > 0  # ... also where the stream was cut to the window

@@ -335,6 +335,30 @@ def test_prompts_plain_chat_and_truncation():
     assert tokenizer.decode(prefix + target) == "Sub speaks Lang A"
 
 
+@pytest.mark.parametrize("style", ["plain", "chat"])
+def test_prompts_cut_as_the_longest_question_keep_one_context(style):
+    """Questions of different lengths after one long context: cut as for the longest, every prompt keeps the same
+    context tokens (their fronts are equal up to the question), fits the window and says how much was cut."""
+    tokenizer = char_tokenizer()
+    prompter = Prompter(tokenizer, style, window=200)
+    context, questions = "".join(f"w{i} " for i in range(60)), ["Why?", "And what then, in the end?", "Who is it?"]
+    longest = max(questions, key=len)
+    own = [prompter.question(q, context, reserve=4) for q in questions]
+    assert len({p.truncated_tokens for p in own}) == 3  # cut for itself, each keeps a different context
+    cut = [prompter.question(q, context, reserve=4, cut_as=longest) for q in questions]
+    assert len({p.truncated_tokens for p in cut}) == 1 and cut[1] == own[1]
+    for prompt, question in zip(cut, questions, strict=True):
+        assert len(prompt.ids) + 4 <= 200
+        text = tokenizer.decode(prompt.ids)
+        assert context[prompt.truncated_tokens :] + "\n\n" in text and f"Question: {question}" in text
+    kept = len(context) - cut[0].truncated_tokens
+    for a, b in ((cut[0], cut[1]), (cut[1], cut[2])):
+        common = next(i for i, (x, y) in enumerate(zip(a.ids, b.ids, strict=False)) if x != y)
+        assert common >= kept
+    # a question longer than `cut_as` does not fit that cut: it is cut for itself
+    assert prompter.question(longest, context, reserve=4, cut_as="Why?") == own[1]
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("use_memory", [False, True])
 def test_continuation_scores_match_full_forward_passes(use_memory):

@@ -147,7 +147,7 @@ def _retention(args: argparse.Namespace) -> int:
         if args.grid or args.in_context_max_k is not None or args.shared_depth != 6:
             raise ValueError(
                 "--grid, --in-context-max-k and --shared-depth belong to --protocol per-question; the stream protocol "
-                "takes --checkpoint-every, --stream-contexts, --max-distance and --same-text-max-contexts"
+                "takes --checkpoint-every, --ask-spacing, --stream-contexts, --max-distance and --same-text-max-contexts"
             )
         result = run_retention_stream(
             model,
@@ -155,6 +155,7 @@ def _retention(args: argparse.Namespace) -> int:
             data,
             _styles(args),
             checkpoint_every=args.checkpoint_every,
+            ask_spacing=args.ask_spacing or "every",
             stream_contexts=args.stream_contexts,
             max_distance=args.max_distance,
             same_text_max_contexts=args.same_text_max_contexts,
@@ -329,6 +330,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     retention.add_argument(
         "--checkpoint-every", type=int, default=4, help="stream: ask every stored question every N contexts"
+    )
+    retention.add_argument(
+        "--ask-spacing",
+        choices=["every", "doubling"],
+        help="stream: ask a question at every checkpoint after its passage (every, the default) or at the first past 0, 1, 2, 4, "
+        "... contexts since it (doubling: about one ask per distance bin, asks grow with log(distance))",
     )
     retention.add_argument("--stream-contexts", type=int, help="stream: use only the first N unrelated contexts")
     retention.add_argument(

@@ -34,9 +34,9 @@ def default_read_modes() -> list[str]:
 # name -> arguments of `memoryllm-hf eval` (the read modes, device, dtype, output are added per run)
 RUNS = {
     "retention-squad": ["retention", "--dataset", "squad", "--limit", "400", "--protocol", "stream",
-                        "--checkpoint-every", "8", "--prompt-style", "chat"],
+                        "--checkpoint-every", "8", "--ask-spacing", "doubling", "--prompt-style", "chat"],
     "retention-nq": ["retention", "--dataset", "nq", "--limit", "400", "--protocol", "stream",
-                     "--checkpoint-every", "8", "--prompt-style", "chat"],
+                     "--checkpoint-every", "8", "--ask-spacing", "doubling", "--prompt-style", "chat"],
     "editing-counterfact": ["editing", "--dataset", "counterfact", "--limit", "2000", "--sequential",
                             "--prompt-style", "chat"],
     "editing-zsre": ["editing", "--dataset", "zsre", "--limit", "700", "--sequential", "--prompt-style", "chat"],

@@ -43,9 +43,27 @@ class Prompter:
         return self._chat(f"{lead}{instruction}\nQuestion: {question}")
 
     def question(
-        self, question: str, context: str | None = None, reserve: int = 0, instruction: str = QA_INSTRUCTION
+        self,
+        question: str,
+        context: str | None = None,
+        reserve: int = 0,
+        instruction: str = QA_INSTRUCTION,
+        cut_as: str | None = None,
     ) -> Prompt:
-        """A QA prompt; with `context`, its front is cut until the prompt plus `reserve` tokens fits the window."""
+        """A QA prompt; with `context`, its front is cut until the prompt plus `reserve` tokens fits the window.
+
+        `cut_as`: cut the context as it would be cut for this question instead (the longest of a set of questions
+        asked after one context), so every prompt of the set keeps the same context tokens and the prompts share
+        their front (a cache of one serves the others). Where the prompt would then not fit (`question` longer than
+        `cut_as`), it is cut for itself."""
+        if cut_as is not None and context:
+            cut = self.question(cut_as, context, reserve, instruction)
+            if cut.truncated_tokens:
+                context_ids = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+                kept = self._kept(context_ids, len(context_ids) - cut.truncated_tokens)
+                ids = self._encode(self._question_text(question, kept, instruction))
+                if len(ids) + reserve <= self.window:
+                    return Prompt(ids, truncated_tokens=cut.truncated_tokens)
         ids = self._encode(self._question_text(question, context, instruction))
         if not context or len(ids) + reserve <= self.window:
             return Prompt(ids)
@@ -53,11 +71,14 @@ class Prompter:
         keep = len(context_ids)
         while len(ids) + reserve > self.window and keep > 0:
             keep = max(0, keep - (len(ids) + reserve - self.window))
-            kept = self.tokenizer.decode(context_ids[len(context_ids) - keep :]) if keep else None
-            ids = self._encode(self._question_text(question, kept, instruction))
+            ids = self._encode(self._question_text(question, self._kept(context_ids, keep), instruction))
         if len(ids) + reserve > self.window:
             raise ValueError(f"the question alone needs {len(ids) + reserve} tokens, over the {self.window} window")
         return Prompt(ids, truncated_tokens=len(context_ids) - keep)
+
+    def _kept(self, context_ids: list[int], keep: int) -> str | None:
+        """The text of the last `keep` context tokens (None for none)."""
+        return self.tokenizer.decode(context_ids[len(context_ids) - keep :]) if keep else None
 
     def completion(
         self, prompt: str, target: str, kind: str, context: str | None = None

@@ -13,12 +13,14 @@ prefill). A question's passage goes to a position in its *clean window*: from `p
 context (the whole stream when there is none), at the fraction rank/Q of the window, rank being the question's place
 in a seeded permutation (so passages are spread through the stream and questions of every source get short and long
 distances). A question is asked at the checkpoints from its passage until a related context is stored after it (the
-answer could then come from that context). Where a question has no clean window (its source is already in the
-prefill) it is placed in the same way over the whole stream and its records say how many related contexts were
+answer could then come from that context): at each of them (`ask_spacing="every"`) or at the first past 0, 1, 2, 4,
+... contexts since its passage ("doubling", the full plan's choice: the asks grow with log(distance) per question).
+Where a question has no clean window (its source is already in the prefill) it is placed in the same way over the whole stream and its records say how many related contexts were
 stored before the passage (`related_before`).
 
 Conditions: *memory* (at checkpoints), *no memory* and *passage only* (once per question, when its passage is
-injected), *same text* (the stream's text so far in the prompt, the oldest tokens cut to the window; only while the
+injected), *same text* (the stream's text so far in the prompt, the oldest tokens cut to the window as for the
+dataset's longest question, so all asks of a checkpoint keep the same text and share one cache; only while the
 passage is still inside the window, and up to `same_text_max_contexts` contexts after it). With one question, a
 checkpoint after every context and the same drop seed, the records equal the per-question protocol's with exact
 chaining (tested).
@@ -97,17 +99,30 @@ def checkpoints(prefill: int, total: int, every: int) -> list[int]:
     return sorted({*range(prefill, total + 1, every), total})
 
 
-def ask_schedule(placements, points: Sequence[int], max_distance: int | None) -> list[list[int]]:
-    """Per question, the checkpoints it is asked at: from its passage until a related context is stored after it."""
-    return [
-        [
+ASK_SPACINGS = ("every", "doubling")
+
+
+def ask_schedule(placements, points: Sequence[int], max_distance: int | None, spacing: str = "every") -> list[list[int]]:
+    """Per question, the checkpoints it is asked at: from its passage until a related context is stored after it.
+
+    spacing "every": at each of those checkpoints; "doubling": at the first of them at or past 0, 1, 2, 4, 8, ...
+    contexts since the passage (about one ask per distance bin, so a question's repeated asks do not stand in for
+    other questions in a bin's interval, and the asks grow with log(stream) per question instead of the stream)."""
+    if spacing not in ASK_SPACINGS:
+        raise ValueError(f"--ask-spacing must be one of {ASK_SPACINGS}, got {spacing!r}")
+    schedule = []
+    for place in placements:
+        start = place["position"]
+        ks = [
             k
             for k in points
-            if place["position"] <= k <= place["clean_until"]
-            and (max_distance is None or k - place["position"] <= max_distance)
+            if start <= k <= place["clean_until"] and (max_distance is None or k - start <= max_distance)
         ]
-        for place in placements
-    ]
+        if spacing == "doubling" and ks:
+            targets = [0, *(2**i for i in range(max(ks[-1] - start, 1).bit_length()))]
+            ks = sorted({next(k for k in ks if k - start >= d) for d in targets if ks[-1] - start >= d})
+        schedule.append(ks)
+    return schedule
 
 
 def run_retention_stream(
@@ -118,6 +133,7 @@ def run_retention_stream(
     context_tokens: int = 512,
     prefill: int | None = None,
     checkpoint_every: int = 4,
+    ask_spacing: str = "every",
     stream_contexts: int | None = None,
     max_distance: int | None = None,
     same_text_max_contexts: int | None = None,
@@ -145,8 +161,10 @@ def run_retention_stream(
     examples = data.examples
     placements = place_passages(examples, contexts, source_field, prefill, seed)
     points = checkpoints(prefill, len(contexts), checkpoint_every)
-    schedule = ask_schedule(placements, points, max_distance)
+    schedule = ask_schedule(placements, points, max_distance, ask_spacing)
     ids = [str(example["id"]) for example in examples]
+    # the same-text prompts of every ask cut the stream as for the longest question (see `_same_text`)
+    longest = max((e["question"] for e in examples), key=lambda q: len(tokenizer(q)["input_ids"]), default=None)
     modes = ReadModes(model, read_modes)
     asked = [f"c{k}:{ids[q]}" for k in points for q in range(len(examples)) if k in schedule[q]]
     keys = [f"once:{i}" for i in ids] + asked
@@ -234,7 +252,7 @@ def run_retention_stream(
                 elif same_text_max_contexts is None or 0 <= k - placements[q]["position"] <= same_text_max_contexts:
                     started = Timer()
                     same = _same_text(
-                        tokenizer, examples[q], items, passage[q]["item"], prompters, same_text, reserve, window
+                        tokenizer, examples[q], items, passage[q]["item"], prompters, same_text, reserve, window, longest
                     )
                     ask_seconds += started.seconds()
                 for mode, (memory, rows, seconds) in answers[q].items():
@@ -260,6 +278,7 @@ def run_retention_stream(
             "prefill_contexts": prefill,
             "stream_contexts": len(contexts),
             "checkpoint_every": checkpoint_every,
+            "ask_spacing": ask_spacing,
             "checkpoints": points,
             "max_distance": max_distance,
             "same_text_max_contexts": same_text_max_contexts,
@@ -317,8 +336,10 @@ def _ask_record(model, example, k, place, passage, tokens, memory) -> dict:
     }
 
 
-def _same_text(tokenizer, example, items, passage_item, prompters, same_text, reserve, window) -> dict:
-    """The stream's text so far in the prompt, oldest tokens cut to the window; None while the passage is cut."""
+def _same_text(tokenizer, example, items, passage_item, prompters, same_text, reserve, window, longest) -> dict:
+    """The stream's text so far in the prompt, oldest tokens cut to the window as for the `longest` question (so the
+    asks of one checkpoint keep the same text and run only their question after the first); None while the passage
+    is cut."""
     first, tokens = len(items), 0
     while first > 0 and tokens < window:  # the items that can still be (partly) in the window
         first -= 1
@@ -331,7 +352,7 @@ def _same_text(tokenizer, example, items, passage_item, prompters, same_text, re
         tokenizer("\n\n".join(t for t, _ in items[first : passage_item + 1]), add_special_tokens=False)["input_ids"]
     )
     for style, prompter in prompters.items():
-        prompt = prompter.question(example["question"], text, reserve=reserve)
+        prompt = prompter.question(example["question"], text, reserve=reserve, cut_as=longest)
         if prompt.truncated_tokens < passage_end:
             found[style] = scores_of(prompt, same_text[style].answer(prompt.ids), example["answers"])
     return found
