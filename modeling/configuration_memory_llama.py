@@ -72,6 +72,9 @@ class MemoryLlamaConfig(LlamaConfig):
             (`memory_check`, a rerank; None: off). Needs the tokenizer and input_ids.
         retrieval_likelihood_gain: with `"retrieve"` and `"text"`, a block the selection would take is read only when
             its text makes the user's words at least this many nats more likely (`memory_check`; None: no veto).
+        retrieval_subject_gate: with `"retrieve"` and `"text"`, a block is not read for its own score when the
+            user's words name subjects (capitalised words past a sentence's start) and it mentions none of them
+            (`memory_subject`). Needs the tokenizer and input_ids.
         retrieval_scorer: with `"retrieve"`, how blocks are scored (a scorer of `memory_scoring.RETRIEVAL_SCORERS`):
             `"model"` (the model's own features:
             layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
@@ -124,6 +127,7 @@ class MemoryLlamaConfig(LlamaConfig):
     retrieval_margin: float | None = None
     retrieval_likelihood_weight: float | None = None
     retrieval_likelihood_gain: float | None = None
+    retrieval_subject_gate: bool = False
     retrieval_scorer: str = "model"
     retrieval_weights: dict | None = None
     retrieval_key_layers: list | None = None

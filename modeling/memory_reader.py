@@ -39,6 +39,7 @@ from .memory_store import (
     store_num_slots,
     validate_store,
 )
+from .memory_subject import SubjectGate
 from .mplus_memory import MPlusMemory
 
 
@@ -129,6 +130,7 @@ class RetrieveRead:
         # the configured scorer's parts (memory_scoring): their indexes follow the store block by block
         self.scoring = Scoring()
         self.check = LikelihoodCheck()  # memory_check: with config.retrieval_likelihood_gain / _weight set
+        self.gate = SubjectGate()  # memory_subject: with config.retrieval_subject_gate
         self.key_values = DerivedCache(size=prefix_slots)
         self.last: list[list[int]] | None = None  # injection numbers each row of the last read chose
 
@@ -179,14 +181,24 @@ class RetrieveRead:
         select = functools.partial(select_injections, sizes=sizes, calls=calls, budget=cfg.read_tokens,
                                    threshold=cfg.retrieval_threshold)
         rows = scores.float().cpu()
-        if not self.check.configured(cfg):
-            chosen = [select(row, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin) for row in rows]
-        else:
+        words = None
+        if self.check.configured(cfg) or self.gate.configured(cfg):
             if input_ids is None:
-                raise ValueError("the likelihood check (retrieval_likelihood_gain / retrieval_likelihood_weight) reads "
-                                 "the prompt's words: pass input_ids (not only inputs_embeds), or set both to None")
+                raise ValueError("the likelihood check (retrieval_likelihood_gain / retrieval_likelihood_weight) and "
+                                 "the subject gate (retrieval_subject_gate) read the prompt's words: pass input_ids "
+                                 "(not only inputs_embeds), or turn them off")
             words = Prompts(input_ids, attention_mask, None).rows
-            chosen = [self.check.choose(model, store, row, ids, select) for row, ids in zip(rows, words, strict=True)]
+        # per row, the selection without the blocks the subject gate refuses (never read for their own score)
+        selects = [select] * len(rows)
+        if self.gate.configured(cfg):
+            selects = [functools.partial(select, skip=frozenset(self.gate.refused(model, store, row, ids)))
+                       for row, ids in zip(rows, words, strict=True)]
+        if not self.check.configured(cfg):
+            chosen = [pick(row, neighbors=cfg.retrieval_neighbors, margin=cfg.retrieval_margin)
+                      for row, pick in zip(rows, selects, strict=True)]
+        else:
+            chosen = [self.check.choose(model, store, row, ids, pick)
+                      for row, ids, pick in zip(rows, words, selects, strict=True)]
         self.last = [[store[i].injection for i in row] for row in chosen]
         return [[store[i] for i in row] for row in chosen]
 
@@ -246,6 +258,7 @@ class RetrieveRead:
     def clear(self) -> None:
         self.scoring.clear()
         self.check.clear()
+        self.gate.clear()
         self.key_values.clear()
 
 

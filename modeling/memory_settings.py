@@ -85,6 +85,8 @@ def check_memory_settings(config, reads: Mapping, on_this_machine: bool = False)
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value)):
             raise ValueError(f"{name} must be a finite number or None (no threshold), got {value!r}")
+    if not isinstance(config.retrieval_subject_gate, bool):
+        raise ValueError(f"retrieval_subject_gate must be True or False, got {config.retrieval_subject_gate!r}")
     if config.retrieval_margin is not None and config.retrieval_margin < 0:
         raise ValueError(f"retrieval_margin must be >= 0 or None, got {config.retrieval_margin!r}")
     weights = config.retrieval_weights

@@ -141,7 +141,7 @@ def test_bad_settings_and_prompts_without_words_get_clear_errors(tok, marker):
     model.config.retrieval_scorer = "model"
     model.inject(ROME, tokenizer=tok)
     embeds = model.get_input_embeddings()(torch.tensor([chat_ids(tok, "Is Rome old?")]))
-    with pytest.raises(ValueError, match="the likelihood check .* reads the prompt's words: pass input_ids"):
+    with pytest.raises(ValueError, match="the likelihood check .* read the prompt's words: pass input_ids"):
         model.reads["retrieve"].blocks(model, None, None, embeds)
 
 

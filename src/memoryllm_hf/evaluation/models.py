@@ -11,6 +11,8 @@ MEMORY_FLAGS = ("num_memory_tokens", "num_update_tokens", "memory_update", "fres
 READ_FIELDS = ("read_mode", "long_term_memory_tokens", "long_term_memory_dtype", "read_tokens", "retrieval_threshold",
                "retrieval_margin", "retrieval_likelihood_weight", "retrieval_likelihood_gain",
                "retrieval_neighbors", "read_placement")
+# ... and those recorded only when on (added after runs began: a log written before still resumes with them off)
+READ_SWITCHES = ("retrieval_subject_gate",)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -78,5 +80,8 @@ def describe(model, spec: str) -> dict:
             for key in (*MEMORY_FLAGS, "add_bos_embedding", "inject_chunk_size", "min_inject_tokens", "memory_seed")
         },
         "memory_fingerprint": model.memory_fingerprint(),
-        "read": {key: getattr(cfg, key) for key in READ_FIELDS if key in config_fields(type(cfg))},
+        "read": {
+            **{key: getattr(cfg, key) for key in READ_FIELDS if key in config_fields(type(cfg))},
+            **{key: True for key in READ_SWITCHES if getattr(cfg, key, False)},
+        },
     }

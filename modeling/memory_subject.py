@@ -1,0 +1,102 @@
+"""The subject gate: a block is not read for a prompt that names things the block never mentions.
+
+The scorers (`memory_scoring`) and their cut decide whether a block shares enough with a prompt. A stored fact can
+share a prompt's whole phrasing and still be about something else: on CounterFact the edit "The mother tongue of
+Danielle Darrieux is English." passes the cut for "Michel Rocard is a native speaker of", and, read there, changes
+that prompt's answer. The likelihood check (`memory_check`) does not tell the two apart (the model finds the
+relation's words as likely after the edit as a question's words after its passage); what does is that the prompt
+names a subject, "Michel Rocard", that the block never mentions.
+
+Subject terms: the user's words (`memory_lexical.user_text`, not the chat template's) that start with a capital
+letter and are not the first word of a sentence or line, as terms of the lexical analyzer (case-folded, stemmed,
+stop words dropped: "The", "What" never count). A sentence's first word is left out because it is capitalised
+anyway ("Describe ...", "Tell me ..."; an instruction beside the question names nothing). A block passes when the
+user's words name no subject, or when the text it was written from (all the blocks of that text) shares at least one
+of their subject terms; otherwise it is not read for its own score (a neighbour of a block that is read is still read
+with it). A lower-case prompt (most NQ questions) names no subject and is never
+gated; a block stored without its token ids is not gated.
+
+Measured on the dev sets (`benchmarks/subject_gate.py`): the share of CounterFact neighbourhood prompts whose lone
+edit passes, and of SQuAD / NQ questions whose own passage passes.
+"""
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .memory_lexical import Analyzer, TextView, retrieval_tokenizer, sentences
+
+_NAME = re.compile(r"[^\W\d_][\w'’-]*")  # a word that starts with a letter
+_STARTS = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|[\"“(]\s*)$")  # what may precede a sentence's first word
+
+
+def subject_terms(analyzer: Analyzer, sentence: str) -> set[str]:
+    """The terms of the capitalised words of `sentence` past its first word (see the module docstring)."""
+    found: set[str] = set()
+    for match in _NAME.finditer(sentence):
+        word = match.group()
+        if word[0].isupper() and not _STARTS.search(sentence[: match.start()]):
+            found.update(analyzer.terms(word))
+    return found
+
+
+def names_elsewhere(analyzer: Analyzer, user_words: str, block_text: str) -> bool:
+    """True when `user_words` name subjects (in any of their sentences) and `block_text` shares none of their terms."""
+    named = set().union(*(subject_terms(analyzer, sentence) for sentence in sentences(user_words)))
+    return bool(named) and not named & set(analyzer.terms(block_text))
+
+
+class SubjectGate:
+    """The gate of one model's reads (`RetrieveRead.gate`, with `config.retrieval_subject_gate`): `refused` gives
+    the blocks a prompt row does not read for their own score. Keeps the text view of the tokenizer it last used."""
+
+    def __init__(self):
+        self.view: TextView | None = None
+        self.analyzer = Analyzer()
+
+    @staticmethod
+    def configured(config) -> bool:
+        return bool(config.retrieval_subject_gate)
+
+    def text_view(self, model) -> TextView:
+        tokenizer = retrieval_tokenizer(model)
+        if self.view is None or self.view.tokenizer is not tokenizer:
+            self.view = TextView(tokenizer)
+        return self.view
+
+    def refused(self, model, store: Sequence, scores: torch.Tensor, row: Sequence[int]) -> set[int]:
+        """Indices of the blocks the prompt row `row` (token ids) names nothing of, among those the read could take
+        for their own score: every block from `config.retrieval_threshold` on (few pass a calibrated cut); without
+        a threshold, best first until the blocks that pass fill `read_tokens`."""
+        cfg = model.config
+        view = self.text_view(model)
+        words = view.user_texts([row])[0]
+        order = sorted(range(len(store)), key=lambda i: (-float(scores[i]), -i))
+        refused, filled = set(), 0
+        for index in order:
+            if cfg.retrieval_threshold is not None:
+                if float(scores[index]) < cfg.retrieval_threshold:
+                    break
+            elif filled >= cfg.read_tokens:
+                break
+            block = store[index]
+            if block.token_ids is not None and names_elsewhere(self.analyzer, words, self.text_of(store, index)):
+                refused.add(index)
+            else:
+                filled += block.num_slots
+        return refused
+
+    def text_of(self, store: Sequence, index: int) -> str:
+        """The text block `index` was written from: its own and the neighbouring blocks of the same text (`call`,
+        the first update of the text; a long text is several blocks, and its subject may be named in one only)."""
+        call, first, last = store[index].call, index, index
+        while first > 0 and store[first - 1].call == call:
+            first -= 1
+        while last + 1 < len(store) and store[last + 1].call == call:
+            last += 1
+        parts = [store[i].token_ids.tolist() for i in range(first, last + 1) if store[i].token_ids is not None]
+        return self.view.decode([token for part in parts for token in part])
+
+    def clear(self) -> None:
+        self.view = None
