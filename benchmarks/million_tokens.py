@@ -547,8 +547,9 @@ def answers(args) -> int:
     questions = question_rows(Path(args.data))
     done = {(r["dataset"], r["index"], r["condition"]) for r in load_records(args.output)}
     weight = args.likelihood_weight
-    conditions = [*(mode if weight is None else f"{mode}+rerank{weight:g}" for mode in args.read_modes),
-                  "passage_in_user_turn"]
+    # a condition is MODE[@SCORER] and the read options in force: +rerankW (likelihood rerank), +subject (gate)
+    suffix = ("" if weight is None else f"+rerank{weight:g}") + ("+subject" if args.subject_gate else "")
+    conditions = [*(mode + suffix for mode in args.read_modes), "passage_in_user_turn"]
     todo = [(name, i, c) for i in range(args.questions) for name in questions for c in conditions
             if i < len(questions[name]) and (name, i, c) not in done]
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -558,9 +559,10 @@ def answers(args) -> int:
         if condition == "passage_in_user_turn":
             prompt, memory = prompter.question(row["question"], context=row["context"]).ids, False
         else:
-            for field, value in read_settings(model, condition.partition("+rerank")[0]).items():
+            for field, value in read_settings(model, condition.removesuffix(suffix)).items():
                 setattr(model.config, field, value)
             model.config.retrieval_likelihood_weight = weight
+            model.config.retrieval_subject_gate = args.subject_gate
             memory = True
             prompt = prompter.question(row["question"]).ids
         generation = generate(model, tokenizer, [prompt], memory, decoding)[0]
@@ -579,7 +581,7 @@ def answers(args) -> int:
 
 
 READ_FIELDS = ("read_mode", "retrieval_scorer", "retrieval_threshold", "retrieval_margin",
-               "retrieval_likelihood_weight")
+               "retrieval_likelihood_weight", "retrieval_subject_gate")
 
 
 def read_settings(model, condition: str) -> dict:
@@ -792,6 +794,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.answers.jsonl"))
     a.add_argument("--likelihood-weight", type=float, help="read with the rerank (retrieval_likelihood_weight); "
                    "conditions are recorded as MODE+rerankW")
+    a.add_argument("--subject-gate", action="store_true", help="read with the subject gate (retrieval_subject_gate); "
+                   "conditions are recorded as MODE+subject")
     c = commands.add_parser("recall", parents=[common], help="recall of the scorers on a saved folder of the build")
     c.add_argument("--folder", required=True, type=Path, help="a folder of the build (FOLDER/copy-1000)")
     c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")

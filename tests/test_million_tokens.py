@@ -220,6 +220,10 @@ def test_answers_per_read_mode_and_baseline_resumable(data, built, tmp_path):
     assert million.main(rerank) == 0
     assert {r["condition"] for r in million.load_records(tmp_path / "rerank.jsonl")} == {
         "text+rerank0.05", "passage_in_user_turn"}
+    gated = [*args[:-1], str(tmp_path / "gated.jsonl"), "--read-modes", "text@bm25", "--subject-gate"]
+    assert million.main(gated) == 0
+    assert {r["condition"] for r in million.load_records(tmp_path / "gated.jsonl")} == {
+        "text@bm25+subject", "passage_in_user_turn"}
 
 
 @pytest.mark.filterwarnings("ignore")
