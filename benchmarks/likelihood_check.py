@@ -54,6 +54,27 @@ def case_reads(model, prompter, text: str, prompts: dict[str, list[int]], empty)
     return out
 
 
+KINDS = {"counterfact": ("prompt", "paraphrase", "neighbourhood"), "squad": ("own", "unrelated"),
+         "nq": ("own", "unrelated")}
+
+
+def dev_cases(data_dir: Path, limit: int, prompter):
+    """(set, key, [(stored text, {kind: prompt ids})]) per case: a CounterFact edit with its prompt, a paraphrase
+    and a neighbourhood prompt (chat completions, as the evaluation reads them); a SQuAD / NQ question against its
+    own passage and against another question's (unrelated)."""
+    for case in read_jsonl(data_dir / "counterfact.jsonl")[:limit]:
+        prompts = {"prompt": case["prompt"], "paraphrase": case["paraphrase_prompts"][0],
+                   "neighbourhood": case["neighborhood_prompts"][0]["prompt"]}
+        prompts = {kind: prompter.completion(text, "", "sentence")[0] for kind, text in prompts.items()}
+        yield "counterfact", {"case_id": case["case_id"]}, [(case["edit_text"], prompts)]
+    for name in ("squad", "nq"):
+        questions = read_jsonl(data_dir / f"{name}_qa.jsonl")[:limit]
+        for index, row in enumerate(questions):
+            ids = prompter.question(row["question"]).ids
+            other = next(q for q in questions[index + 1:] + questions[:index] if q["context"] != row["context"])
+            yield name, {"id": row["id"]}, [(row["context"], {"own": ids}), (other["context"], {"unrelated": ids})]
+
+
 def shares(cases: list[dict], kinds) -> dict:
     table = {}
     for gain in GAINS:
@@ -81,26 +102,15 @@ def main() -> None:
                                   "retrieval_threshold": model.config.retrieval_threshold,
                                   "retrieval_margin": model.config.retrieval_margin, "limit": args.limit}}, []
     with torch.no_grad():
-        cases = read_jsonl(args.data_dir / "counterfact.jsonl")[: args.limit]
-        found = []
-        for case in tqdm(cases, desc="counterfact", unit="edit"):
-            prompts = {"prompt": case["prompt"], "paraphrase": case["paraphrase_prompts"][0],
-                       "neighbourhood": case["neighborhood_prompts"][0]["prompt"]}
-            prompts = {kind: prompter.completion(text, "", "sentence")[0] for kind, text in prompts.items()}
-            found.append(case_reads(model, prompter, case["edit_text"], prompts, empty))
-            rows.append({"set": "counterfact", "case_id": case["case_id"], **found[-1]})
-        results["counterfact"] = shares(found, ("prompt", "paraphrase", "neighbourhood"))
-        for name in ("squad", "nq"):
-            questions = read_jsonl(args.data_dir / f"{name}_qa.jsonl")[: args.limit]
-            found = []
-            for index, row in enumerate(tqdm(questions, desc=name, unit="question")):
-                ids = prompter.question(row["question"]).ids
-                other = next(q for q in questions[index + 1:] + questions[:index] if q["context"] != row["context"])
-                own = case_reads(model, prompter, row["context"], {"own": ids}, empty)
-                unrelated = case_reads(model, prompter, other["context"], {"unrelated": ids}, empty)
-                found.append({**own, **unrelated})
-                rows.append({"set": name, "id": row["id"], **found[-1]})
-            results[name] = shares(found, ("own", "unrelated"))
+        found: dict[str, list[dict]] = {}
+        for name, key, parts in tqdm(dev_cases(args.data_dir, args.limit, prompter), desc="cases", unit="case"):
+            case = {}
+            for text, prompts in parts:
+                case.update(case_reads(model, prompter, text, prompts, empty))
+            found.setdefault(name, []).append(case)
+            rows.append({"set": name, **key, **case})
+        for name, kinds in KINDS.items():
+            results[name] = shares(found[name], kinds)
     model.set_memory_state(empty)
     for name in ("counterfact", "squad", "nq"):
         for label, row in results[name].items():
