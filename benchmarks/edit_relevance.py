@@ -10,15 +10,13 @@ Run (a minute; the tokenizer, and the encoder if installed):
   python -m benchmarks.edit_relevance --limit 300 --json docs/results/edit_relevance.json
 """
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from benchmarks.lexical_recall import read_jsonl, wilson
-from memoryllm_hf.evaluation.data import default_data_dir
+from benchmarks.likelihood_check import dev_parser
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_lexical as lexical
 from memoryllm_hf.modeling.memory_dense import encoder_installed, sentence_pieces
@@ -35,11 +33,7 @@ def prompts_of(case: dict) -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
-    parser.add_argument("--limit", type=int, default=300)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = dev_parser(__doc__, limit=300).parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 

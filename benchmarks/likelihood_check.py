@@ -7,7 +7,8 @@ one text:
   about another subject: reading the edit there is what costs specificity), chat prompts as the evaluation reads
   them (`Prompter.completion`, kind "sentence");
 - SQuAD / NQ: the question's own passage, and another question's passage (unrelated), chat prompts (`Prompter`).
-A prompt "reads" the text when the retrieval read chooses one of its blocks for its own score (the cut) and, with
+A prompt "reads" the text when the retrieval read chooses one of its blocks for its own score (the cut; the subject
+gate, on by default since, is turned off here) and, with
 the check, when the best gain among those blocks reaches the candidate value (a lone text's blocks all fit the read
 budget, so this is what the read with the check chooses). Shares with n and Wilson 95% intervals.
 
@@ -30,14 +31,14 @@ from memoryllm_hf.loading import load
 GAINS = (None, 6.0, 8.0, 10.0, 12.0, 15.0)
 
 
-def case_reads(model, prompter, text: str, prompts: dict[str, list[int]], empty) -> dict[str, dict]:
-    """Per prompt: whether the cut reads the lone stored `text`, and the best gain of its blocks."""
-    model.set_memory_state(empty)
-    model.inject(text, tokenizer=prompter.tokenizer)
+def case_reads(model, prompts: dict[str, list[int]]) -> dict[str, dict]:
+    """Per prompt: whether the cut reads the memory's lone stored text, and the best gain of its blocks."""
     cfg, read = model.config, model.reads["retrieve"]
-    kept = cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors
-    # the blocks the cut takes for their own score, without the check
-    cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors = None, None, 0
+    fields = ("retrieval_likelihood_gain", "retrieval_likelihood_weight", "retrieval_neighbors", "retrieval_subject_gate")
+    kept = {field: getattr(cfg, field) for field in fields}
+    # the blocks the cut takes for their own score, without the check (nor the subject gate: the cut alone)
+    for field, value in zip(fields, (None, None, 0, False), strict=True):
+        setattr(cfg, field, value)
     try:
         out = {}
         for kind, ids in prompts.items():
@@ -50,8 +51,37 @@ def case_reads(model, prompter, text: str, prompts: dict[str, list[int]], empty)
             out[kind] = {"cut": bool(taken), "gain": max(taken_gains, default=float("-inf")),
                          "score": float(scores[best]), "gain_of_best": gains[best]}
     finally:
-        cfg.retrieval_likelihood_gain, cfg.retrieval_likelihood_weight, cfg.retrieval_neighbors = kept
+        for field, value in kept.items():
+            setattr(cfg, field, value)
     return out
+
+
+def dev_parser(doc: str, limit: int = 200) -> argparse.ArgumentParser:
+    """The command line of the dev-set probes: the data folder, cases per set, the results file."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
+    parser.add_argument("--limit", type=int, default=limit)
+    parser.add_argument("--json", type=Path)
+    return parser
+
+
+def read_dev_cases(model, prompter, data_dir: Path, limit: int, reads) -> tuple[dict[str, list[dict]], list[dict]]:
+    """`reads(model, {kind: prompt ids})` for every text of every dev case (`dev_cases`), each text alone in a fresh
+    memory: (the cases of each set, one record row per case)."""
+    empty = model.memory_state()
+    found: dict[str, list[dict]] = {}
+    rows = []
+    with torch.no_grad():
+        for name, key, parts in tqdm(dev_cases(data_dir, limit, prompter), desc="cases", unit="case"):
+            case = {}
+            for text, prompts in parts:
+                model.set_memory_state(empty)
+                model.inject(text, tokenizer=prompter.tokenizer)
+                case.update(reads(model, prompts))
+            found.setdefault(name, []).append(case)
+            rows.append({"set": name, **key, **case})
+    model.set_memory_state(empty)
+    return found, rows
 
 
 KINDS = {"counterfact": ("prompt", "paraphrase", "neighbourhood"), "squad": ("own", "unrelated"),
@@ -87,31 +117,19 @@ def shares(cases: list[dict], kinds) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
-    parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--json", type=Path)
+    parser = dev_parser(__doc__)
     parser.add_argument("--records", type=Path, help="one JSON line per case (default: beside --json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load("default")
     prompter = Prompter(tokenizer, "chat", model.config.max_position_embeddings)
-    empty = model.memory_state()
     records = args.records or (args.json.with_suffix(".records.jsonl") if args.json else None)
-    results, rows = {"settings": {"retrieval_scorer": model.config.retrieval_scorer,
-                                  "retrieval_threshold": model.config.retrieval_threshold,
-                                  "retrieval_margin": model.config.retrieval_margin, "limit": args.limit}}, []
-    with torch.no_grad():
-        found: dict[str, list[dict]] = {}
-        for name, key, parts in tqdm(dev_cases(args.data_dir, args.limit, prompter), desc="cases", unit="case"):
-            case = {}
-            for text, prompts in parts:
-                case.update(case_reads(model, prompter, text, prompts, empty))
-            found.setdefault(name, []).append(case)
-            rows.append({"set": name, **key, **case})
-        for name, kinds in KINDS.items():
-            results[name] = shares(found[name], kinds)
-    model.set_memory_state(empty)
+    results = {"settings": {"retrieval_scorer": model.config.retrieval_scorer,
+                            "retrieval_threshold": model.config.retrieval_threshold,
+                            "retrieval_margin": model.config.retrieval_margin, "limit": args.limit}}
+    found, rows = read_dev_cases(model, prompter, args.data_dir, args.limit, case_reads)
+    for name, kinds in KINDS.items():
+        results[name] = shares(found[name], kinds)
     for name in ("counterfact", "squad", "nq"):
         for label, row in results[name].items():
             print(f"{name:12s} {label:15s}", "  ".join(f"{k} {v['read']:.3f} {v['ci95']}" for k, v in row.items()))

@@ -10,26 +10,20 @@ Run (about 10 minutes on one thread):
   python -m benchmarks.subject_gate --limit 200 --json docs/results/subject_gate.json
 """
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.lexical_recall import wilson
-from benchmarks.likelihood_check import KINDS, dev_cases
-from memoryllm_hf.evaluation.data import default_data_dir
+from benchmarks.likelihood_check import KINDS, dev_parser, read_dev_cases
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.loading import load
 
 SETTINGS = {"cut only": False, "cut + subject gate": True}
 
 
-def case_reads(model, tokenizer, text: str, prompts: dict[str, list[int]], empty) -> dict[str, dict]:
-    """Per prompt and setting: whether the read takes the lone stored `text`."""
-    model.set_memory_state(empty)
-    model.inject(text, tokenizer=tokenizer)
+def case_reads(model, prompts: dict[str, list[int]]) -> dict[str, dict]:
+    """Per prompt and setting: whether the read takes the memory's lone stored text."""
     kept = model.config.retrieval_subject_gate
     out = {}
     try:
@@ -44,25 +38,11 @@ def case_reads(model, tokenizer, text: str, prompts: dict[str, list[int]], empty
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(default_data_dir()))
-    parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = dev_parser(__doc__).parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load("default")
     prompter = Prompter(tokenizer, "chat", model.config.max_position_embeddings)
-    empty = model.memory_state()
-    found: dict[str, list[dict]] = {}
-    rows = []
-    with torch.no_grad():
-        for name, key, parts in tqdm(dev_cases(args.data_dir, args.limit, prompter), desc="cases", unit="case"):
-            case = {}
-            for text, prompts in parts:
-                case.update(case_reads(model, tokenizer, text, prompts, empty))
-            found.setdefault(name, []).append(case)
-            rows.append({"set": name, **key, **case})
-    model.set_memory_state(empty)
+    found, rows = read_dev_cases(model, prompter, args.data_dir, args.limit, case_reads)
     results = {"settings": {"retrieval_scorer": model.config.retrieval_scorer,
                             "retrieval_threshold": model.config.retrieval_threshold,
                             "retrieval_margin": model.config.retrieval_margin, "limit": args.limit}}

@@ -87,6 +87,11 @@ class Analyzer:
             self.stemmer = lambda word: word
         self.stem = functools.lru_cache(maxsize=1 << 16)(self.stemmer)
 
+    def __reduce__(self):
+        # (the stemmer is a C object that cannot be copied or pickled: a copy is a new analyzer of the language,
+        # so `copy.deepcopy(model)` and pickling work with a lexical part or the subject gate in place)
+        return type(self), (self.language,)
+
     def terms(self, text: str) -> list[str]:
         words = _WORD.findall(text.casefold())
         return [self.stem(word) for word in words if word not in STOP_WORDS]

@@ -212,6 +212,10 @@ def from_base(
                     "model.retrieval_tokenizer"
                 )
             memory_config["retrieval_scorer"] = default_scorer(path_or_repo) if tokenizer is not None else "model"
+        if issubclass(READS.get(mode, object), RetrieveRead) and memory_config.get("retrieval_scorer") != "model":
+            # a prompt naming subjects does not read a text that mentions none of them (memory_subject; it reads
+            # the words the text scorers read)
+            memory_config.setdefault("retrieval_subject_gate", True)
         scorer_defaults(memory_config)
     placement_defaults(memory_config, tokenizer, path_or_repo, {**load_kwargs, **source})
     config = MemoryLlamaConfig(**{**fields, "memory_update": memory_update, **memory_config})

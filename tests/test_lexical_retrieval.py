@@ -368,11 +368,16 @@ def test_from_base_scores_with_bm25_when_the_checkpoint_has_a_tokenizer(folder_w
     cfg = model.config
     assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
         "bm25", scoring.RETRIEVAL_SCORERS["bm25"].threshold, scoring.RETRIEVAL_SCORERS["bm25"].margin)
+    assert cfg.retrieval_subject_gate  # (the gate reads the words the text scorer reads)
     model.inject(PASSAGES, tokenizer=model.retrieval_tokenizer)
     assert model.retrieve(chat_ids(model.retrieval_tokenizer, "which river flows into the atlantic ocean")) == [[4]]
     folder, _ = llama_folder
     bare = MemoryLlamaForCausalLM.from_base(folder, num_memory_tokens=64, num_update_tokens=16)
     assert (bare.config.retrieval_scorer, bare.config.retrieval_threshold) == ("model", None)
+    assert not bare.config.retrieval_subject_gate
+    off = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96,
+                                           retrieval_subject_gate=False)
+    assert not off.config.retrieval_subject_gate
 
 
 def test_from_base_picks_the_encoder_when_installed_and_a_config_naming_it_says_what_to_install(

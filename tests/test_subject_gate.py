@@ -4,7 +4,7 @@ score when the user's words name subjects it never mentions."""
 import pytest
 import torch
 from test_read_placement import chat_ids, left_padded
-from test_text_read import LEXICAL, marker, text_model, tok  # noqa: F401 (fixtures)
+from test_text_read import marker, text_model, tok  # noqa: F401 (fixtures)
 
 from memoryllm_hf.modeling.memory_lexical import Analyzer
 from memoryllm_hf.modeling.memory_subject import names_elsewhere, subject_terms
@@ -77,3 +77,18 @@ def test_the_gate_keeps_a_named_subjects_prompt_off_another_subjects_fact(tok, m
 def test_the_gate_setting_is_checked(marker):
     with pytest.raises(ValueError, match="retrieval_subject_gate must be True or False"):
         text_model(marker, retrieval_subject_gate="yes")
+
+
+def test_a_model_with_the_gate_and_a_lexical_scorer_deep_copies_and_pickles(tok, marker):
+    """(the analyzer's stemmer is a C object: a copy builds a new analyzer of the same language)"""
+    import copy
+    import pickle
+
+    model = text_model(marker, retrieval_scorer="bm25", retrieval_subject_gate=True)
+    model.inject(EDIT, tokenizer=tok)
+    ids = chat_ids(tok, "The mother tongue of Danielle Darrieux is")
+    model.retrieve(torch.tensor([ids]))  # (the lexical part and the gate hold their analyzers now)
+    twin = copy.deepcopy(model)
+    assert twin.retrieve(torch.tensor([ids])) == model.retrieve(torch.tensor([ids]))
+    analyzer = pickle.loads(pickle.dumps(Analyzer("english")))
+    assert analyzer.terms("The Surnames") == ["surnam"]
