@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                   "num_memory_tokens": cfg.num_memory_tokens, "num_update_tokens": cfg.num_update_tokens,
                   "user_turn_marker": cfg.user_turn_marker, "retrieval_scorer": cfg.retrieval_scorer,
                   "retrieval_threshold": cfg.retrieval_threshold, "retrieval_margin": cfg.retrieval_margin,
+                  "retrieval_subject_gate": cfg.retrieval_subject_gate,
                   "text_read_separator_ids": model.reads["text"].separator_ids(model)},
         "data": {name: d.info() for name, d in data.items()},
         "store": store or "a fresh memory per question, holding only its passage",
