@@ -13,11 +13,14 @@ stop words dropped: "The", "What" never count). A sentence's first word is left 
 anyway ("Describe ...", "Tell me ..."; an instruction beside the question names nothing). A block passes when the
 user's words name no subject, or when the text it was written from (all the blocks of that text) shares at least one
 of their subject terms; otherwise it is not read for its own score (a neighbour of a block that is read is still read
-with it). A lower-case prompt (most NQ questions) names no subject and is never
-gated; a block stored without its token ids is not gated.
+with it). A lower-case prompt (most NQ questions) names no subject and is never gated; a block stored without its
+token ids is not gated.
 
-Measured on the dev sets (`benchmarks/subject_gate.py`): the share of CounterFact neighbourhood prompts whose lone
-edit passes, and of SQuAD / NQ questions whose own passage passes.
+Measured on the dev sets with the default cut, one stored text, n = 200 each (`benchmarks/subject_gate.py`): the
+CounterFact neighbourhood prompts that read their lone edit fall from 0.195 to 0.015 (the edit's own prompt 1.00,
+paraphrases 1.00 -> 0.98), SQuAD questions reading their own passage from 0.915 to 0.89 (acronyms: "US" against
+"United States"), NQ's stay at 0.875; CounterFact specificity goes from 0.83x to 0.98x of the no-edit rate at
+unchanged efficacy (`memoryllm-hf eval editing`, README).
 """
 
 import re
