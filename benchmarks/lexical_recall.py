@@ -30,10 +30,12 @@ from memoryllm_hf.modeling.memory_reader import select_injections
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
 # The grid of read settings compared (thresholds and margins on each scorer's own scale).
-# the calibrated cuts of the scorer table (memory_scoring)
-THRESHOLDS = {name: scorer.threshold for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
+# the calibrated cuts of the scorer table (memory_scoring) for reads without the subject gate (this benchmark reads
+# scores only; the gate's lower cuts are among the candidates)
+THRESHOLDS = {name: scorer.cut(False) for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
 CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "encoder only": (0.35, 0.4, 0.45),
-                        "bm25+encoder": (0.5, 0.55, 0.6, 0.65), "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2)}
+                        "bm25+encoder": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65),
+                        "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2)}
 CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
                      "bm25+encoder": (None, 0.05, 0.1, 0.2), "bm25+encoder+sentences": (None, 0.05, 0.1, 0.2)}
 

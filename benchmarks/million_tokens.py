@@ -559,7 +559,7 @@ def answers(args) -> int:
         if condition == "passage_in_user_turn":
             prompt, memory = prompter.question(row["question"], context=row["context"]).ids, False
         else:
-            for field, value in read_settings(model, condition.removesuffix(suffix)).items():
+            for field, value in read_settings(model, condition.removesuffix(suffix), args.subject_gate).items():
                 setattr(model.config, field, value)
             model.config.retrieval_likelihood_weight = weight
             model.config.retrieval_subject_gate = args.subject_gate
@@ -584,9 +584,10 @@ READ_FIELDS = ("read_mode", "retrieval_scorer", "retrieval_threshold", "retrieva
                "retrieval_likelihood_weight", "retrieval_subject_gate")
 
 
-def read_settings(model, condition: str) -> dict:
+def read_settings(model, condition: str, subject_gate: bool | None = None) -> dict:
     """The config fields of a condition "MODE" (the folder's scorer) or "MODE@SCORER" (a scorer of the model's
-    scorer table with its calibrated cuts, e.g. "text@bm25+encoder")."""
+    scorer table with its calibrated cuts, e.g. "text@bm25+encoder"; the cut for reads with or without the subject
+    gate: `subject_gate`, else as the model is configured)."""
     from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
 
     mode, _, scorer = condition.partition("@")
@@ -597,7 +598,8 @@ def read_settings(model, condition: str) -> dict:
     if scorer not in RETRIEVAL_SCORERS:
         raise SystemExit(f"scorer {scorer!r} is not one of {sorted(RETRIEVAL_SCORERS)}")
     entry = RETRIEVAL_SCORERS[scorer]
-    return {"read_mode": mode, "retrieval_scorer": scorer, "retrieval_threshold": entry.threshold,
+    gate = model.config.retrieval_subject_gate if subject_gate is None else subject_gate
+    return {"read_mode": mode, "retrieval_scorer": scorer, "retrieval_threshold": entry.cut(gate),
             "retrieval_margin": entry.margin}
 
 

@@ -16,7 +16,10 @@ A scorer *part* is one class with one interface (`PARTS`, one line each):
 A *scorer* (`RETRIEVAL_SCORERS`, one line each; its name is a value of `config.retrieval_scorer`) is a tuple of
 parts whose scores are added (`fuse`), with the calibrated absolute cut `threshold` (a score at which a block counts
 as relevant, meaning the same with 1 stored block and with 100,000) and `margin` (below the best block) that
-`from_base` sets (`scorer_defaults`), and that `select_injections` (memory_reader) applies.
+`from_base` sets (`scorer_defaults`), and that `select_injections` (memory_reader) applies. A scorer may have a
+higher cut for reads without the subject gate (`threshold_without_gate`): the gate (memory_subject, on by default
+with a text scorer) keeps a prompt that names another subject off a block, so with it the cut only needs to tell
+related from unrelated words and can keep more of what a question is about.
 
 The persisted index (`retrieval_index.safetensors` beside the store, a part of `memory_files.MEMORY_PARTS`; inside a
 single-file memory state too): each persisted part's entries for the blocks it has indexed, keyed per block by a
@@ -36,7 +39,13 @@ from transformers.utils import logging
 
 from .atomic_io import tensors_digest
 from .memory_dense import EncoderScorer, SentencesScorer
-from .memory_lexical import ENCODER_THRESHOLD, RELEVANCE_THRESHOLD, SENTENCES_THRESHOLD, Bm25Scorer
+from .memory_lexical import (
+    ENCODER_THRESHOLD,
+    ENCODER_THRESHOLD_WITHOUT_GATE,
+    RELEVANCE_THRESHOLD,
+    SENTENCES_THRESHOLD,
+    Bm25Scorer,
+)
 from .memory_retrieval import ModelScorer
 
 logger = logging.get_logger(__name__)
@@ -47,11 +56,20 @@ PARTS = {"model": ModelScorer, "bm25": Bm25Scorer, "encoder": EncoderScorer, "se
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """One value of `config.retrieval_scorer`: its parts (scores added) and the `from_base` cuts (None: none)."""
+    """One value of `config.retrieval_scorer`: its parts (scores added) and the `from_base` cuts (None: none):
+    `threshold` with the subject gate on (`from_base`'s default for a text scorer), `threshold_without_gate` when
+    it is off (None: the same)."""
 
     parts: tuple[str, ...]
     threshold: float | None = None
     margin: float | None = None
+    threshold_without_gate: float | None = None
+
+    def cut(self, subject_gate: bool) -> float | None:
+        """The calibrated threshold for reads with or without the subject gate."""
+        if subject_gate or self.threshold_without_gate is None:
+            return self.threshold
+        return self.threshold_without_gate
 
 
 # The retrieval scorers by `config.retrieval_scorer` value. Cuts chosen on the dev sets with
@@ -62,7 +80,7 @@ class Scorer:
 RETRIEVAL_SCORERS = {
     "model": Scorer(("model",)),
     "bm25": Scorer(("bm25",), RELEVANCE_THRESHOLD, 0.05),
-    "bm25+encoder": Scorer(("bm25", "encoder"), ENCODER_THRESHOLD, 0.1),
+    "bm25+encoder": Scorer(("bm25", "encoder"), ENCODER_THRESHOLD, 0.1, ENCODER_THRESHOLD_WITHOUT_GATE),
     "bm25+encoder+sentences": Scorer(("bm25", "encoder", "sentences"), SENTENCES_THRESHOLD, 0.1),
 }
 # `from_base`'s choice, best first (dev sets, 300 stored texts: bm25+encoder recall@1 0.87 SQuAD / 0.93 NQ against
@@ -82,10 +100,11 @@ def scorer_available(name: str) -> bool:
 
 
 def scorer_defaults(memory_config: dict) -> None:
-    """`from_base` settings of the configured scorer (unless given): its calibrated threshold and margin."""
+    """`from_base` settings of the configured scorer (unless given): its calibrated threshold (for reads with or
+    without the subject gate, as configured) and margin."""
     scorer = RETRIEVAL_SCORERS.get(memory_config.get("retrieval_scorer"))
     if scorer is not None and scorer.threshold is not None:
-        memory_config.setdefault("retrieval_threshold", scorer.threshold)
+        memory_config.setdefault("retrieval_threshold", scorer.cut(bool(memory_config.get("retrieval_subject_gate"))))
         memory_config.setdefault("retrieval_margin", scorer.margin)
 
 

@@ -13,8 +13,10 @@ stop words dropped: "The", "What" never count). A sentence's first word is left 
 anyway ("Describe ...", "Tell me ..."; an instruction beside the question names nothing). A block passes when the
 user's words name no subject, or when the text it was written from (all the blocks of that text) shares at least one
 of their subject terms; otherwise it is not read for its own score (a neighbour of a block that is read is still read
-with it). A lower-case prompt (most NQ questions) names no subject and is never gated; a block stored without its
-token ids is not gated.
+with it). Two spellings count as one: a dotted acronym is its letters ("U.S." is "US", in prompt and block alike), and
+a subject term of 6 letters or more matches a block's term one edit away (a letter left out, added, changed or two
+swapped: "Primier" finds "Premier"; a user's typo should not hide the passage it is about). A lower-case prompt
+(most NQ questions) names no subject and is never gated; a block stored without its token ids is not gated.
 
 Measured on the dev sets with the default cut, one stored text, n = 200 each (`benchmarks/subject_gate.py`): the
 CounterFact neighbourhood prompts that read their lone edit fall from 0.195 to 0.015 (the edit's own prompt 1.00,
@@ -24,7 +26,7 @@ unchanged efficacy (`memoryllm-hf eval editing`, README).
 """
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -32,11 +34,39 @@ from .memory_lexical import Analyzer, TextView, retrieval_tokenizer, sentences
 
 _NAME = re.compile(r"[^\W\d_][\w'’-]*")  # a word that starts with a letter
 _STARTS = re.compile(r"(?:^|[.!?:;]\s+|\n\s*|[\"“(]\s*)$")  # what may precede a sentence's first word
+_DOTTED = re.compile(r"(?<![^\W\d_])((?:[^\W\d_]\.){2,})")  # a dotted acronym: "U.S.", "e.g."
+FUZZY_LENGTH = 6  # subject terms this long match a block's term one edit away
+
+
+def undotted(text: str) -> str:
+    """`text` with its dotted acronyms written as their letters ("the U.S. Navy" -> "the US Navy")."""
+    return _DOTTED.sub(lambda match: match.group(1).replace(".", ""), text)
+
+
+def _deletions(term: str) -> set[str]:
+    return {term} | {term[:i] + term[i + 1 :] for i in range(len(term))}
+
+
+def shares_a_term(named: Iterable[str], terms: set[str]) -> bool:
+    """Whether a term of `named` is in `terms`, or (one of `FUZZY_LENGTH` letters or more) one edit away from one
+    of them as long: two terms are one edit apart when deleting at most one letter of each makes them equal."""
+    named = set(named)
+    if named & terms:
+        return True
+    for term in named:
+        if len(term) < FUZZY_LENGTH:
+            continue
+        near = _deletions(term)
+        for other in terms:
+            if len(other) >= FUZZY_LENGTH and abs(len(other) - len(term)) <= 1 and near & _deletions(other):
+                return True
+    return False
 
 
 def subject_terms(analyzer: Analyzer, sentence: str) -> set[str]:
     """The terms of the capitalised words of `sentence` past its first word (see the module docstring)."""
     found: set[str] = set()
+    sentence = undotted(sentence)
     for match in _NAME.finditer(sentence):
         word = match.group()
         if word[0].isupper() and not _STARTS.search(sentence[: match.start()]):
@@ -46,8 +76,8 @@ def subject_terms(analyzer: Analyzer, sentence: str) -> set[str]:
 
 def names_elsewhere(analyzer: Analyzer, user_words: str, block_text: str) -> bool:
     """True when `user_words` name subjects (in any of their sentences) and `block_text` shares none of their terms."""
-    named = set().union(*(subject_terms(analyzer, sentence) for sentence in sentences(user_words)))
-    return bool(named) and not named & set(analyzer.terms(block_text))
+    named = set().union(*(subject_terms(analyzer, sentence) for sentence in sentences(undotted(user_words))))
+    return bool(named) and not shares_a_term(named, set(analyzer.terms(undotted(block_text))))
 
 
 class SubjectGate:

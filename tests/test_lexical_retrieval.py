@@ -390,6 +390,14 @@ def test_from_base_picks_the_encoder_when_installed_and_a_config_naming_it_says_
     cfg = model.config
     assert (cfg.retrieval_scorer, cfg.retrieval_threshold, cfg.retrieval_margin) == (
         "bm25+encoder", lexical.ENCODER_THRESHOLD, scoring.RETRIEVAL_SCORERS["bm25+encoder"].margin)
+    assert cfg.retrieval_subject_gate
+    # without the subject gate, the higher cut that keeps other subjects' facts out by itself
+    ungated = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96,
+                                               retrieval_subject_gate=False)
+    assert ungated.config.retrieval_threshold == lexical.ENCODER_THRESHOLD_WITHOUT_GATE > lexical.ENCODER_THRESHOLD
+    given = MemoryLlamaForCausalLM.from_base(folder_with_tokenizer, num_memory_tokens=192, num_update_tokens=96,
+                                             retrieval_subject_gate=False, retrieval_threshold=0.3)
+    assert given.config.retrieval_threshold == 0.3  # (a given cut stays)
     model.inject(PASSAGES[0], tokenizer=model.retrieval_tokenizer)
     model.save_pretrained(tmp_path / "saved")
     monkeypatch.setattr(memory_dense, "encoder_installed", lambda: False)  # another machine, without the encoder

@@ -38,6 +38,22 @@ def test_a_block_is_refused_when_the_user_names_subjects_and_it_shares_none(anal
     assert not names_elsewhere(analyzer, "", EDIT)
 
 
+def test_dotted_acronyms_and_typos_of_long_names_still_find_their_block(analyzer):
+    block = "A U.N. secretary-general studied at the Kennedy School. The Premier League began in 1992."
+    assert subject_terms(analyzer, "What did the U.S. Navy do?") == {"us", "navi"}
+    assert not names_elsewhere(analyzer, "What UN secretary went there?", block)  # "U.N." is "UN"
+    assert not names_elsewhere(analyzer, "Who studied at the U.N. school?", block)
+    assert not names_elsewhere(analyzer, "When did the Primier league begin?", block)  # one letter changed
+    assert not names_elsewhere(analyzer, "Who went to the Kenedy school?", block)  # one left out
+    assert not names_elsewhere(analyzer, "Who went to the Kennnedy school?", block)  # one added
+    assert not names_elsewhere(analyzer, "Who went to the Knenedy school?", block)  # two swapped
+    # two edits, or one edit in a short name, is another name
+    assert names_elsewhere(analyzer, "Who went to the Kenneth school?", block)
+    assert names_elsewhere(analyzer, "What is the ONU?", block)
+    assert names_elsewhere(analyzer, "When did Rio begin?", block)
+    assert names_elsewhere(analyzer, "Michel Rocard is a native speaker of", EDIT)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("read", ["text", "retrieve"])
 def test_the_gate_keeps_a_named_subjects_prompt_off_another_subjects_fact(tok, marker, read):
