@@ -74,7 +74,8 @@ class MemoryLlamaConfig(LlamaConfig):
             its text makes the user's words at least this many nats more likely (`memory_check`; None: no veto).
         retrieval_subject_gate: with `"retrieve"` and `"text"`, a block is not read for its own score when the
             user's words name subjects (capitalised words past a sentence's start) and it mentions none of them
-            (`memory_subject`). Needs the tokenizer and input_ids.
+            (`memory_subject`). Needs the tokenizer and input_ids. `from_base` turns it on with a text scorer and
+            then sets that scorer's lower cut for gated reads (`memory_scoring.Scorer.cut`).
         retrieval_scorer: with `"retrieve"`, how blocks are scored (a scorer of `memory_scoring.RETRIEVAL_SCORERS`):
             `"model"` (the model's own features:
             layer-0 token match + attention mass, z-scored; `memory_retrieval`), `"bm25"` (BM25 relevance over the
