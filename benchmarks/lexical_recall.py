@@ -33,11 +33,13 @@ OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_tr
 # the calibrated cuts of the scorer table (memory_scoring) for reads without the subject gate (this benchmark reads
 # scores only; the gate's lower cuts are among the candidates)
 THRESHOLDS = {name: scorer.cut(False) for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
-CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "encoder only": (0.35, 0.4, 0.45),
+CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "bm25+bigrams": (0.15, 0.2, 0.25, 0.3), "encoder only": (0.35, 0.4, 0.45),
                         "bm25+encoder": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65),
-                        "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2)}
-CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
-                     "bm25+encoder": (None, 0.05, 0.1, 0.2), "bm25+encoder+sentences": (None, 0.05, 0.1, 0.2)}
+                        "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2),
+                        "bm25+bigrams+encoder+sentences": (1.0, 1.1, 1.2, 1.3, 1.4)}
+CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "bm25+bigrams": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
+                     "bm25+encoder": (None, 0.05, 0.1, 0.2), "bm25+encoder+sentences": (None, 0.05, 0.1, 0.2),
+                     "bm25+bigrams+encoder+sentences": (None, 0.05, 0.1, 0.2)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -139,7 +141,31 @@ def main() -> None:
     def bm25(question, terms, index, keys):
         return torch.stack([index.scores(query, keys)[1] for query in terms]).amax(0)
 
-    scorers = {"bm25": bm25}
+    # the "bigrams" part: BM25 relevance over adjacent term pairs (memory_lexical.BigramScorer)
+    def pairs(terms):
+        return [f"{first} {second}" for first, second in zip(terms, terms[1:])]
+
+    full_pairs = lexical.LexicalIndex()
+    for key, (_, terms) in enumerate(blocks):
+        full_pairs.add(key, pairs(terms))
+    small_pairs = {}
+
+    def bigrams(question, terms, index, keys):
+        if len(keys) == len(blocks):
+            pair_index = full_pairs
+        else:
+            pair_index = small_pairs.get(tuple(keys))
+            if pair_index is None:
+                small_pairs.clear()
+                pair_index = small_pairs[tuple(keys)] = lexical.LexicalIndex()
+                for key in keys:
+                    pair_index.add(key, pairs(blocks[key][1]))
+        return torch.stack([pair_index.scores(pairs(query), keys)[1] for query in terms]).amax(0)
+
+    def bm25_bigrams(question, terms, index, keys):
+        return bm25(question, terms, index, keys) + bigrams(question, terms, index, keys)
+
+    scorers = {"bm25": bm25, "bm25+bigrams": bm25_bigrams}
     if args.encoder:
         from memoryllm_hf.modeling.memory_dense import SentenceEncoder
 
@@ -183,7 +209,11 @@ def main() -> None:
         def fused3(question, terms, index, keys):
             return fused(question, terms, index, keys) + best_sentence(question, terms, index, keys)
 
-        scorers.update({"encoder only": cosine, "bm25+encoder": fused, "bm25+encoder+sentences": fused3})
+        def fused4(question, terms, index, keys):
+            return fused3(question, terms, index, keys) + bigrams(question, terms, index, keys)
+
+        scorers.update({"encoder only": cosine, "bm25+encoder": fused, "bm25+encoder+sentences": fused3,
+                        "bm25+bigrams+encoder+sentences": fused4})
     ranks = {name: [] for name in scorers}
     full_scores = {name: [] for name in scorers}
     start = time.perf_counter()

@@ -43,7 +43,9 @@ from .memory_lexical import (
     ENCODER_THRESHOLD,
     ENCODER_THRESHOLD_WITHOUT_GATE,
     RELEVANCE_THRESHOLD,
+    BIGRAMS_THRESHOLD,
     SENTENCES_THRESHOLD,
+    BigramScorer,
     Bm25Scorer,
 )
 from .memory_retrieval import ModelScorer
@@ -51,7 +53,8 @@ from .memory_retrieval import ModelScorer
 logger = logging.get_logger(__name__)
 
 # The scorer parts by name.
-PARTS = {"model": ModelScorer, "bm25": Bm25Scorer, "encoder": EncoderScorer, "sentences": SentencesScorer}
+PARTS = {"model": ModelScorer, "bm25": Bm25Scorer, "bigrams": BigramScorer, "encoder": EncoderScorer,
+         "sentences": SentencesScorer}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,7 @@ RETRIEVAL_SCORERS = {
     "bm25": Scorer(("bm25",), RELEVANCE_THRESHOLD, 0.05),
     "bm25+encoder": Scorer(("bm25", "encoder"), ENCODER_THRESHOLD, 0.1, ENCODER_THRESHOLD_WITHOUT_GATE),
     "bm25+encoder+sentences": Scorer(("bm25", "encoder", "sentences"), SENTENCES_THRESHOLD, 0.1),
+    "bm25+bigrams+encoder+sentences": Scorer(("bm25", "bigrams", "encoder", "sentences"), BIGRAMS_THRESHOLD, 0.1),
 }
 # `from_base`'s choice, best first (dev sets, 300 stored texts: bm25+encoder recall@1 0.87 SQuAD / 0.93 NQ against
 # bm25's 0.75 / 0.77): the first whose needs are met (`scorer_available`).

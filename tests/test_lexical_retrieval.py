@@ -129,6 +129,34 @@ CHATML = (
 )
 
 
+def test_the_bigrams_part_counts_adjacent_terms_past_stop_words():
+    part = lexical.BigramScorer.__new__(lexical.BigramScorer)  # (its terms need only the analyzer)
+    part.analyzer = lexical.Analyzer()
+    assert part.terms("The capital of France is Paris.") == ["capit franc", "franc pari"]
+    assert part.terms("Paris") == [] and part.terms("") == []
+    # its relevance is BM25's over those pairs (the same index as "bm25")
+    docs = [part.terms(text) for text in PASSAGES]
+    index = lexical.LexicalIndex()
+    for key, doc in enumerate(docs):
+        index.add(key, doc)
+    query = part.terms("which river flows into the ocean")
+    torch.testing.assert_close(index.scores(query, list(range(4)))[0],
+                               torch.tensor(reference_bm25(docs, query), dtype=torch.float64))
+
+
+def test_a_block_holding_the_questions_phrase_outranks_one_holding_its_words_apart(with_bigrams):
+    texts = ["The river bank flooded the town after the storm.",
+             "The bank loaned money to the town; a river ran past it."]
+    question = chat_ids(tiny_tokenizer(), "when did the river bank flood the town")
+    scores = {}
+    for scorer in ("bm25", "bm25+bigrams"):
+        model = text_model(retrieval_scorer=scorer, retrieval_threshold=None, retrieval_margin=None)
+        model.inject(texts, tokenizer=model.retrieval_tokenizer)
+        scores[scorer] = model.retrieval_scores(question)[0]
+    assert scores["bm25+bigrams"][0] - scores["bm25+bigrams"][1] > scores["bm25"][0] - scores["bm25"][1]
+    assert scores["bm25+bigrams"][0] > scores["bm25+bigrams"][1]
+
+
 @pytest.mark.parametrize("template", ["tiny", "chatml"])
 def test_template_markers_system_prompt_and_assistant_turns_are_never_query_terms(template):
     tokenizer = tiny_tokenizer()
@@ -227,8 +255,18 @@ def test_unrelated_prompts_read_nothing_from_one_block_and_from_a_thousand():
         assert model.retrieve(question)[0] == [1]  # the cut still lets the right passage through
 
 
-def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one():
-    model = text_model(long_term_memory_tokens=400)
+@pytest.fixture
+def with_bigrams():
+    """A scorer "bm25+bigrams" for these tests (the "bigrams" part ships in "bm25+bigrams+encoder+sentences", which
+    needs the encoder): a scorer is one registration line. (Its own patch: a test's `monkeypatch.undo()` keeps it.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(scoring.RETRIEVAL_SCORERS, "bm25+bigrams", scoring.Scorer(("bm25", "bigrams"), 0.2, 0.05))
+        yield
+
+
+@pytest.mark.parametrize("scorer", ["bm25", "bm25+bigrams"])
+def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one(scorer, with_bigrams):
+    model = text_model(long_term_memory_tokens=400, retrieval_scorer=scorer)
     tokenizer = model.retrieval_tokenizer
     prompt = chat_ids(tokenizer, "apple river quartz walnut")
     rng = random.Random(2)
@@ -237,11 +275,12 @@ def test_the_index_follows_injections_evictions_and_undo_and_equals_a_fresh_one(
         model.retrieval_scores(prompt)
     model.undo()
     grown = model.retrieval_scores(prompt)
-    fresh = text_model(long_term_memory_tokens=400)
+    fresh = text_model(long_term_memory_tokens=400, retrieval_scorer=scorer)
     fresh.load_memory_state(model.memory_state())
     assert len(model.long_term_memory) < 12
     torch.testing.assert_close(grown, fresh.retrieval_scores(prompt))
-    assert set(model.reads["retrieve"].scoring.parts["bm25"].index.slot_of) == set(model.long_term_memory)
+    for part in scoring.RETRIEVAL_SCORERS[scorer].parts:
+        assert set(model.reads["retrieve"].scoring.parts[part].index.slot_of) == set(model.long_term_memory)
 
 
 def test_text_scorers_need_token_ids_and_say_what_to_do_without_a_tokenizer():
@@ -427,8 +466,10 @@ def _questions(tokenizer):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def test_a_loaded_folder_scores_with_its_persisted_index_and_equals_a_rebuilt_one(tmp_path, monkeypatch):
-    model = text_model()
+@pytest.mark.parametrize("scorer", ["bm25", "bm25+bigrams"])
+def test_a_loaded_folder_scores_with_its_persisted_index_and_equals_a_rebuilt_one(scorer, tmp_path, monkeypatch,
+                                                                                 with_bigrams):
+    model = text_model(retrieval_scorer=scorer)
     tokenizer = model.retrieval_tokenizer
     model.inject(PASSAGES, tokenizer=tokenizer)
     questions = _questions(tokenizer)
