@@ -33,11 +33,13 @@ OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_tr
 # the calibrated cuts of the scorer table (memory_scoring) for reads without the subject gate (this benchmark reads
 # scores only; the gate's lower cuts are among the candidates)
 THRESHOLDS = {name: scorer.cut(False) for name, scorer in RETRIEVAL_SCORERS.items() if scorer.threshold is not None}
-CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "bm25+bigrams": (0.15, 0.2, 0.25, 0.3), "encoder only": (0.35, 0.4, 0.45),
+CANDIDATE_THRESHOLDS = {"bm25": (0.1, 0.15, 0.2), "bm25+bigrams": (0.15, 0.2, 0.25, 0.3),
+                        "encoder only": (0.35, 0.4, 0.45),
                         "bm25+encoder": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65),
                         "bm25+encoder+sentences": (0.9, 1.0, 1.1, 1.2),
                         "bm25+bigrams+encoder+sentences": (1.0, 1.1, 1.2, 1.3, 1.4)}
-CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "bm25+bigrams": (None, 0.02, 0.05, 0.1), "encoder only": (None, 0.05, 0.1, 0.2),
+CANDIDATE_MARGINS = {"bm25": (None, 0.02, 0.05, 0.1), "bm25+bigrams": (None, 0.02, 0.05, 0.1),
+                     "encoder only": (None, 0.05, 0.1, 0.2),
                      "bm25+encoder": (None, 0.05, 0.1, 0.2), "bm25+encoder+sentences": (None, 0.05, 0.1, 0.2),
                      "bm25+bigrams+encoder+sentences": (None, 0.05, 0.1, 0.2)}
 
@@ -143,7 +145,7 @@ def main() -> None:
 
     # the "bigrams" part: BM25 relevance over adjacent term pairs (memory_lexical.BigramScorer)
     def pairs(terms):
-        return [f"{first} {second}" for first, second in zip(terms, terms[1:])]
+        return [f"{first} {second}" for first, second in zip(terms, terms[1:], strict=False)]
 
     full_pairs = lexical.LexicalIndex()
     for key, (_, terms) in enumerate(blocks):

@@ -515,4 +515,4 @@ class BigramScorer(Bm25Scorer):
 
     def terms(self, text: str) -> list[str]:
         words = self.analyzer.terms(text)
-        return [f"{first} {second}" for first, second in zip(words, words[1:])]
+        return [f"{first} {second}" for first, second in zip(words, words[1:], strict=False)]

@@ -15,7 +15,8 @@ A scorer *part* is one class with one interface (`PARTS`, one line each):
 
 A *scorer* (`RETRIEVAL_SCORERS`, one line each; its name is a value of `config.retrieval_scorer`) is a tuple of
 parts whose scores are added (`fuse`), with the calibrated absolute cut `threshold` (a score at which a block counts
-as relevant, meaning the same with 1 stored block and with 100,000) and `margin` (below the best block) that
+as relevant, meant to mean the same with 1 stored block and with 100,000; the gated bm25+encoder cut gives some of
+that up for prompts the gate cannot act on, see README) and `margin` (below the best block) that
 `from_base` sets (`scorer_defaults`), and that `select_injections` (memory_reader) applies. A scorer may have a
 higher cut for reads without the subject gate (`threshold_without_gate`): the gate (memory_subject, on by default
 with a text scorer) keeps a prompt that names another subject off a block, so with it the cut only needs to tell
@@ -40,10 +41,10 @@ from transformers.utils import logging
 from .atomic_io import tensors_digest
 from .memory_dense import EncoderScorer, SentencesScorer
 from .memory_lexical import (
+    BIGRAMS_THRESHOLD,
     ENCODER_THRESHOLD,
     ENCODER_THRESHOLD_WITHOUT_GATE,
     RELEVANCE_THRESHOLD,
-    BIGRAMS_THRESHOLD,
     SENTENCES_THRESHOLD,
     BigramScorer,
     Bm25Scorer,
