@@ -144,9 +144,7 @@ def main() -> None:
         return torch.stack([index.scores(query, keys)[1] for query in terms]).amax(0)
 
     # the "bigrams" part: BM25 relevance over adjacent term pairs (memory_lexical.BigramScorer)
-    def pairs(terms):
-        return [f"{first} {second}" for first, second in zip(terms, terms[1:], strict=False)]
-
+    pairs = lexical.term_pairs
     full_pairs = lexical.LexicalIndex()
     for key, (_, terms) in enumerate(blocks):
         full_pairs.add(key, pairs(terms))

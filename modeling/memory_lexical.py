@@ -415,6 +415,16 @@ class TextView:
         return [user_queries(text) for text in self.user_texts(rows)]
 
 
+def index_tensor_names(prefix: str) -> tuple[str, ...]:
+    """The persisted tensors of a `LexicalIndex` part: vocabulary, terms, counts, sizes, lengths."""
+    return tuple(f"{prefix}_{name}" for name in ("vocab", "terms", "tf", "sizes", "lengths"))
+
+
+def term_pairs(terms: Sequence[str]) -> list[str]:
+    """Adjacent pairs of `terms` ("capit", "franc", "pari" -> "capit franc", "franc pari"): the "bigrams" terms."""
+    return [f"{first} {second}" for first, second in zip(terms, terms[1:], strict=False)]
+
+
 class Bm25Scorer:
     """Scorer part "bm25" (see `memory_scoring`): BM25 `relevance` of each stored block's words to the user's words
     (the best over `user_queries`: the words whole and each sentence).
@@ -427,7 +437,7 @@ class Bm25Scorer:
     reads_words = True
     needs_encoder = False
     prefix = "bm25"  # of its identity and persisted tensor names
-    persisted = ("bm25_vocab", "bm25_terms", "bm25_tf", "bm25_sizes", "bm25_lengths")
+    persisted = index_tensor_names(prefix)
 
     def __init__(self, model):
         self.text = TextView(retrieval_tokenizer(model))
@@ -511,8 +521,7 @@ class BigramScorer(Bm25Scorer):
     (tensors `bigrams_*`)."""
 
     prefix = "bigrams"
-    persisted = ("bigrams_vocab", "bigrams_terms", "bigrams_tf", "bigrams_sizes", "bigrams_lengths")
+    persisted = index_tensor_names(prefix)
 
     def terms(self, text: str) -> list[str]:
-        words = self.analyzer.terms(text)
-        return [f"{first} {second}" for first, second in zip(words, words[1:], strict=False)]
+        return term_pairs(self.analyzer.terms(text))

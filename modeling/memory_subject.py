@@ -55,14 +55,9 @@ def shares_a_term(named: Iterable[str], terms: set[str]) -> bool:
     named = set(named)
     if named & terms:
         return True
-    for term in named:
-        if len(term) < FUZZY_LENGTH:
-            continue
-        near = _deletions(term)
-        for other in terms:
-            if len(other) >= FUZZY_LENGTH and abs(len(other) - len(term)) <= 1 and near & _deletions(other):
-                return True
-    return False
+    # (deletion sets only meet for lengths at most one apart)
+    near = set().union(*(_deletions(term) for term in named if len(term) >= FUZZY_LENGTH))
+    return bool(near) and any(near & _deletions(other) for other in terms if len(other) >= FUZZY_LENGTH)
 
 
 def subject_terms(analyzer: Analyzer, sentence: str) -> set[str]:
