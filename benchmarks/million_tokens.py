@@ -40,6 +40,7 @@ Commands (one thread):
 
 import argparse
 import ast
+import dataclasses
 import functools
 import hashlib
 import json
@@ -63,11 +64,14 @@ from memoryllm_hf.greedy import generate, greedy_config
 from memoryllm_hf.loading import load
 from memoryllm_hf.modeling.atomic_io import atomic_write, link_tree
 from memoryllm_hf.modeling.memory_reader import select_injections
-from memoryllm_hf.modeling.memory_store import store_num_slots
+from memoryllm_hf.modeling.memory_store import MemoryBlock, store_num_slots
+from memoryllm_hf.modeling.memory_text import split_ids
+from memoryllm_hf.modeling.memory_writer import write_layout
 
 DATASETS = {"squad": ("squad_qa.jsonl", "article"), "nq": ("nq_qa.jsonl", "title")}
 CHECKPOINT_TOKENS = (10_000, 30_000, 100_000, 300_000, 600_000, 1_000_000)
 COPY_INJECTIONS = 1000
+STORE_TOKENS = 1_050_112  # the store bound (long_term_memory_tokens): past the target, a whole number of updates
 STORE_DIR, COPY_DIR, PROGRESS_FILE = "store", "copy-1000", "progress.json"
 RECORDS = Path("docs/results/million_tokens.records.jsonl")
 SUMMARY = Path("docs/results/million_tokens.json")
@@ -643,16 +647,59 @@ def stream_position(model, items_of) -> tuple[list[Item], int]:
                      "not a folder of this build (or built with other --data / --context-tokens)")
 
 
+def text_only_store(model, items: list[Item], injections: int) -> int:
+    """Put into `model`'s long-term store what the build's store holds after the first stream items that make at
+    least `injections` injections, as far as the text scorers and the likelihood check read it: every block's token
+    ids exactly as `inject` cuts the item (`memory_text.split_ids`), its injection and call numbers, and as many
+    slots as the write makes (`memory_writer.write_layout`), a zero view (no memory is written: the "model" scorer and the reads cannot use it). Returns the position
+    (items stored)."""
+    config, store, filled = model.config, [], 0
+    layers, width = config.num_hidden_layers, config.hidden_size
+    zero = torch.zeros((), dtype=model.memory.dtype)
+    for position, item in enumerate(items):
+        if len(store) >= injections:
+            break
+        call = len(store) + 1
+        for piece in split_ids(torch.tensor(item.ids), config.inject_chunk_size):
+            slots = write_layout(config, filled, piece.shape[1])[-1]  # as many slots as the write makes
+            store.append(MemoryBlock(len(store) + 1, call, zero.expand(layers, slots, width), piece[0].to(torch.int32)))
+            # the pool's fill after the write (memory_transition.next_state): a fresh "tile" pool is filled at once
+            filled = config.num_memory_tokens if filled == 0 and config.fresh_pool == "tile" else \
+                min(config.num_memory_tokens, filled + slots)
+    else:
+        position = len(items)
+    if len(store) < injections:
+        raise SystemExit(f"the stream holds {len(store)} injections, fewer than --text-only {injections}: raise "
+                         "--target-tokens")
+    model.swap_memory_state(dataclasses.replace(model.live_memory_state(), long_term=tuple(store)))
+    return position
+
+
 def recall_only(args) -> int:
     """Recall of the scorers on a saved folder of the build (e.g. the 1,000-injection copy), measured as the
-    build's checkpoints measure it; one record per run, appended to --output."""
+    build's checkpoints measure it; one record per run, appended to --output. With `--text-only N` no folder is
+    needed: the store the build holds after N injections is rebuilt from the stream's token ids alone
+    (`text_only_store`), which is all the text scorers read (seconds instead of the build's hours; the "model"
+    scorer reads slots and is refused)."""
     torch.set_num_threads(args.threads)
     tokenizer = base_tokenizer(args)
-    model, _ = load(str(args.folder))
-    model.retrieval_tokenizer = tokenizer
-    items, position = stream_position(
-        model, lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens, args.context_tokens,
-                                           filler=filler))
+    items_of = lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens,  # noqa: E731
+                                           args.context_tokens, filler=filler)
+    if args.text_only:
+        if "model" in (args.scorers or []):
+            raise SystemExit('--text-only stores no slots: the "model" scorer cannot be measured (use --folder)')
+        model, _ = load(args.model, long_term_memory_tokens=STORE_TOKENS,
+                        **({"read_mode": "retrieve"} if args.model == "tiny" else {}))
+        model.retrieval_tokenizer = tokenizer
+        items = items_of(lambda: iter(()))
+        if sum(updates_of(item, model.config.inject_chunk_size) for item in items) < args.text_only:
+            items = items_of(filler_texts)
+        position = text_only_store(model, items, args.text_only)
+        args.scorers = args.scorers or [name for name in available_scorers() if name != "model"]
+    else:
+        model, _ = load(str(args.folder))
+        model.retrieval_tokenizer = tokenizer
+        items, position = stream_position(model, items_of)
     prompter = Prompter(tokenizer, args.style, model.config.max_position_embeddings)
     questions = question_rows(Path(args.data))
     owned = own_injections(items, model.config.inject_chunk_size, position)
@@ -660,7 +707,7 @@ def recall_only(args) -> int:
         owned = {key: value for key, value in owned.items() if key[1] < args.questions}
     prompts = {key: prompter.question(questions[key[0]][key[1]]["question"]).ids for key in owned}
     scorers = args.scorers or available_scorers()
-    record = {"folder": str(args.folder), "stored_tokens": store_num_slots(model.long_term_memory),
+    record = {"folder": str(args.folder) if args.folder else f"text-only:{args.text_only}", "stored_tokens": store_num_slots(model.long_term_memory),
               "stored_injections": len(model.long_term_memory), "position": position,
               "questions_stored": {name: sum(key[0] == name for key in owned) for name in questions},
               "recall": recall(model, prompts, owned, scorers, args.likelihood_weight),
@@ -775,7 +822,7 @@ def parser() -> argparse.ArgumentParser:
     b = commands.add_parser("build", parents=[common], help="build (or resume) the store and measure checkpoints")
     b.add_argument("--folder", required=True, type=Path, help="outside the repository: grows to ~35 GB")
     b.add_argument("--target-tokens", type=int, default=1_000_000)
-    b.add_argument("--store-tokens", type=int, default=1_050_112, help="long_term_memory_tokens (the store bound)")
+    b.add_argument("--store-tokens", type=int, default=STORE_TOKENS, help="long_term_memory_tokens (the store bound)")
     b.add_argument("--context-tokens", type=int, default=512)
     b.add_argument("--checkpoints", type=int, nargs="*", default=list(CHECKPOINT_TOKENS))
     b.add_argument("--copy-at", type=int, default=COPY_INJECTIONS, help="checkpoint + folder copy at this many "
@@ -799,7 +846,10 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--subject-gate", action="store_true", help="read with the subject gate (retrieval_subject_gate); "
                    "conditions are recorded as MODE+subject")
     c = commands.add_parser("recall", parents=[common], help="recall of the scorers on a saved folder of the build")
-    c.add_argument("--folder", required=True, type=Path, help="a folder of the build (FOLDER/copy-1000)")
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--folder", type=Path, help="a folder of the build (FOLDER/copy-1000)")
+    where.add_argument("--text-only", type=int, metavar="N", help="no folder: the build's store after N injections "
+                       "rebuilt from the stream's token ids (text scorers only)")
     c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")
     c.add_argument("--questions", type=int, default=0, help="only the first this many per dataset (0: all stored)")
     c.add_argument("--target-tokens", type=int, default=1_000_000)

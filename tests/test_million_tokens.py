@@ -255,6 +255,24 @@ def test_recall_of_a_saved_folder_equals_the_builds_checkpoint(data, built, tmp_
     assert million.load_records(tmp_path / "whole.jsonl")[0]["position"] == progress["position"]
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_text_only_recall_equals_the_recall_of_the_built_folder(data, built, tmp_path):
+    """`recall --text-only 20` (no folder: the store's token ids rebuilt from the stream) measures the text scorers
+    exactly as on the build's 20-injection copy; the "model" scorer, which reads slots, is refused."""
+    common = ["--model", "tiny", "--style", "plain", "--data", str(data), "--target-tokens", "700",
+              "--context-tokens", "48", "--scorers", "bm25"]
+    on_copy, text_only = tmp_path / "copy.jsonl", tmp_path / "text-only.jsonl"
+    assert million.main(["recall", *common, "--folder", str(built / "store" / million.COPY_DIR),
+                         "--output", str(on_copy)]) == 0
+    assert million.main(["recall", *common, "--text-only", "20", "--output", str(text_only)]) == 0
+    [folder], [rebuilt] = million.load_records(on_copy), million.load_records(text_only)
+    for key in ("position", "stored_tokens", "stored_injections", "questions_stored"):
+        assert rebuilt[key] == folder[key]
+    assert comparable({**rebuilt, "run": "x-y"})["recall"] == comparable({**folder, "run": "x-y"})["recall"]
+    with pytest.raises(SystemExit, match="model"):
+        million.main(["recall", *common[:-1], "model", "--text-only", "20", "--output", str(tmp_path / "m.jsonl")])
+
+
 def test_recall_refuses_a_folder_of_another_stream(data, built, tmp_path, monkeypatch):
     real = million.build_stream
     monkeypatch.setattr(million, "build_stream", lambda *a, **k: real(*a, **k)[:1])  # another, shorter stream
