@@ -541,11 +541,18 @@ def build(args) -> int:
 # ---------------------------------------------------------------------------------------------------- answers
 def answers(args) -> int:
     """Answer accuracy on the store copy: each read mode (by name) and the passage inside the user turn with no
-    memory; one record per question and condition, appended (a rerun skips what is recorded)."""
+    memory; one record per question and condition, appended (a rerun skips what is recorded). With `--text-only N`
+    (no folder; see `recall_only`) the text read only: it reads the blocks' token ids, which is all that store has."""
     torch.set_num_threads(args.threads)
     tokenizer = base_tokenizer(args)
-    model, _ = load(str(args.folder))
-    model.retrieval_tokenizer = tokenizer
+    if args.text_only and any(mode.partition("@")[0] != "text" for mode in args.read_modes):
+        raise SystemExit("--text-only stores no slots: only the text read (read modes text or text@SCORER) can be "
+                         "measured (use --folder)")
+    if args.text_only:
+        model = stored_model(args, tokenizer)[0]
+    else:  # (the folder alone: the answers do not need the stream)
+        model, _ = load(str(args.folder))
+        model.retrieval_tokenizer = tokenizer
     prompter = Prompter(tokenizer, args.style, model.config.max_position_embeddings)
     decoding = greedy_config(tokenizer, args.max_new_tokens)
     questions = question_rows(Path(args.data))
@@ -675,6 +682,24 @@ def text_only_store(model, items: list[Item], injections: int) -> int:
     return position
 
 
+def stored_model(args, tokenizer) -> tuple:
+    """(model, stream items, position) of `--folder` (the saved folder and the item it reached) or of
+    `--text-only N` (a `from_base` model whose store is `text_only_store` after N injections)."""
+    items_of = lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens,  # noqa: E731
+                                           args.context_tokens, filler=filler)
+    if not args.text_only:
+        model, _ = load(str(args.folder))
+        model.retrieval_tokenizer = tokenizer
+        return model, *stream_position(model, items_of)
+    model, _ = load(args.model, long_term_memory_tokens=STORE_TOKENS,
+                    **({"read_mode": "retrieve"} if args.model == "tiny" else {}))
+    model.retrieval_tokenizer = tokenizer
+    items = items_of(lambda: iter(()))
+    if sum(updates_of(item, model.config.inject_chunk_size) for item in items) < args.text_only:
+        items = items_of(filler_texts)
+    return model, items, text_only_store(model, items, args.text_only)
+
+
 def recall_only(args) -> int:
     """Recall of the scorers on a saved folder of the build (e.g. the 1,000-injection copy), measured as the
     build's checkpoints measure it; one record per run, appended to --output. With `--text-only N` no folder is
@@ -683,23 +708,11 @@ def recall_only(args) -> int:
     scorer reads slots and is refused)."""
     torch.set_num_threads(args.threads)
     tokenizer = base_tokenizer(args)
-    items_of = lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens,  # noqa: E731
-                                           args.context_tokens, filler=filler)
+    if args.text_only and "model" in (args.scorers or []):
+        raise SystemExit('--text-only stores no slots: the "model" scorer cannot be measured (use --folder)')
+    model, items, position = stored_model(args, tokenizer)
     if args.text_only:
-        if "model" in (args.scorers or []):
-            raise SystemExit('--text-only stores no slots: the "model" scorer cannot be measured (use --folder)')
-        model, _ = load(args.model, long_term_memory_tokens=STORE_TOKENS,
-                        **({"read_mode": "retrieve"} if args.model == "tiny" else {}))
-        model.retrieval_tokenizer = tokenizer
-        items = items_of(lambda: iter(()))
-        if sum(updates_of(item, model.config.inject_chunk_size) for item in items) < args.text_only:
-            items = items_of(filler_texts)
-        position = text_only_store(model, items, args.text_only)
         args.scorers = args.scorers or [name for name in available_scorers() if name != "model"]
-    else:
-        model, _ = load(str(args.folder))
-        model.retrieval_tokenizer = tokenizer
-        items, position = stream_position(model, items_of)
     prompter = Prompter(tokenizer, args.style, model.config.max_position_embeddings)
     questions = question_rows(Path(args.data))
     owned = own_injections(items, model.config.inject_chunk_size, position)
@@ -834,8 +847,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--min-free-gb", type=float, default=8.0)
     b.add_argument("--stop-at", type=int, default=-1, help="stop after this many stream items (tests)")
     b.add_argument("--records", type=Path, default=RECORDS)
-    a = commands.add_parser("answers", parents=[common], help="answer accuracy on the 1,000-injection copy")
-    a.add_argument("--folder", required=True, type=Path, help="the copy (FOLDER/copy-1000)")
+    stored = argparse.ArgumentParser(add_help=False)  # where the store comes from (answers, recall)
+    where = stored.add_mutually_exclusive_group(required=True)
+    where.add_argument("--folder", type=Path, help="a folder of the build (FOLDER/copy-1000)")
+    where.add_argument("--text-only", type=int, metavar="N", help="no folder: the build's store after N injections "
+                       "rebuilt from the stream's token ids (text scorers and the text read only)")
+    stored.add_argument("--target-tokens", type=int, default=1_000_000)
+    stored.add_argument("--context-tokens", type=int, default=512)
+    a = commands.add_parser("answers", parents=[common, stored], help="answer accuracy on the 1,000-injection copy")
     a.add_argument("--read-modes", nargs="+", default=["retrieve"],
                    help='read modes by name, each optionally with a scorer: "text@bm25+encoder"')
     a.add_argument("--questions", type=int, default=200, help="per dataset")
@@ -845,15 +864,10 @@ def parser() -> argparse.ArgumentParser:
                    "conditions are recorded as MODE+rerankW")
     a.add_argument("--subject-gate", action="store_true", help="read with the subject gate (retrieval_subject_gate); "
                    "conditions are recorded as MODE+subject")
-    c = commands.add_parser("recall", parents=[common], help="recall of the scorers on a saved folder of the build")
-    where = c.add_mutually_exclusive_group(required=True)
-    where.add_argument("--folder", type=Path, help="a folder of the build (FOLDER/copy-1000)")
-    where.add_argument("--text-only", type=int, metavar="N", help="no folder: the build's store after N injections "
-                       "rebuilt from the stream's token ids (text scorers only)")
+    c = commands.add_parser("recall", parents=[common, stored], help="recall of the scorers on a saved folder of "
+                            "the build")
     c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")
     c.add_argument("--questions", type=int, default=0, help="only the first this many per dataset (0: all stored)")
-    c.add_argument("--target-tokens", type=int, default=1_000_000)
-    c.add_argument("--context-tokens", type=int, default=512)
     c.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.recall.jsonl"))
     c.add_argument("--likelihood-weight", type=float, help="rerank the candidates (retrieval_likelihood_weight)")
     r = commands.add_parser("report", help="summary JSON and plot from the records")

@@ -271,6 +271,16 @@ def test_text_only_recall_equals_the_recall_of_the_built_folder(data, built, tmp
     assert comparable({**rebuilt, "run": "x-y"})["recall"] == comparable({**folder, "run": "x-y"})["recall"]
     with pytest.raises(SystemExit, match="model"):
         million.main(["recall", *common[:-1], "model", "--text-only", "20", "--output", str(tmp_path / "m.jsonl")])
+    # the text read reads token ids only: its answers on the rebuilt store equal those on the folder
+    answers = ["answers", *common[:-2], "--read-modes", "text@bm25", "--questions", "2", "--max-new-tokens", "3"]
+    on_copy, text_only = tmp_path / "answers-copy.jsonl", tmp_path / "answers-text-only.jsonl"
+    assert million.main([*answers, "--folder", str(built / "store" / million.COPY_DIR), "--output", str(on_copy)]) == 0
+    assert million.main([*answers, "--text-only", "20", "--output", str(text_only)]) == 0
+    folder, rebuilt = ([r for r in million.load_records(path) if r["condition"] == "text@bm25"]
+                           for path in (on_copy, text_only))
+    assert len(folder) == 4 and folder == rebuilt
+    with pytest.raises(SystemExit, match="text read"):
+        million.main([*answers[:-6], "--read-modes", "retrieve", "--text-only", "20", "--output", str(text_only)])
 
 
 def test_recall_refuses_a_folder_of_another_stream(data, built, tmp_path, monkeypatch):
