@@ -656,25 +656,21 @@ def stream_position(model, items_of) -> tuple[list[Item], int]:
 
 def text_only_store(model, items: list[Item], injections: int) -> int:
     """Put into `model`'s long-term store what the build's store holds after the first stream items that make at
-    least `injections` injections, as far as the text scorers and the likelihood check read it: every block's token
-    ids exactly as `inject` cuts the item (`memory_text.split_ids`), its injection and call numbers, and as many
-    slots as the write makes (`memory_writer.write_layout`), a zero view (no memory is written: the "model" scorer and the reads cannot use it). Returns the position
-    (items stored)."""
-    config, store, filled = model.config, [], 0
-    layers, width = config.num_hidden_layers, config.hidden_size
+    least `injections` injections, as far as the text scorers, the likelihood check and the text read use it: every
+    block's token ids exactly as `inject` cuts the item (`memory_text.split_ids`), its injection and call numbers,
+    and as many slots as the write makes (`memory_writer.write_layout`), a zero view (no memory is written: the
+    "model" scorer and the slot reads cannot use it). Returns the position (items stored)."""
+    config, store, filled, position = model.config, [], 0, 0
     zero = torch.zeros((), dtype=model.memory.dtype)
-    for position, item in enumerate(items):
-        if len(store) >= injections:
-            break
-        call = len(store) + 1
-        for piece in split_ids(torch.tensor(item.ids), config.inject_chunk_size):
+    while len(store) < injections and position < len(items):
+        call, position = len(store) + 1, position + 1
+        for piece in split_ids(torch.tensor(items[position - 1].ids), config.inject_chunk_size):
             slots = write_layout(config, filled, piece.shape[1])[-1]  # as many slots as the write makes
-            store.append(MemoryBlock(len(store) + 1, call, zero.expand(layers, slots, width), piece[0].to(torch.int32)))
+            view = zero.expand(config.num_hidden_layers, slots, config.hidden_size)
+            store.append(MemoryBlock(len(store) + 1, call, view, piece[0].to(torch.int32)))
             # the pool's fill after the write (memory_transition.next_state): a fresh "tile" pool is filled at once
-            filled = config.num_memory_tokens if filled == 0 and config.fresh_pool == "tile" else \
-                min(config.num_memory_tokens, filled + slots)
-    else:
-        position = len(items)
+            fresh_tile = filled == 0 and config.fresh_pool == "tile"
+            filled = config.num_memory_tokens if fresh_tile else min(config.num_memory_tokens, filled + slots)
     if len(store) < injections:
         raise SystemExit(f"the stream holds {len(store)} injections, fewer than --text-only {injections}: raise "
                          "--target-tokens")
@@ -720,7 +716,8 @@ def recall_only(args) -> int:
         owned = {key: value for key, value in owned.items() if key[1] < args.questions}
     prompts = {key: prompter.question(questions[key[0]][key[1]]["question"]).ids for key in owned}
     scorers = args.scorers or available_scorers()
-    record = {"folder": str(args.folder) if args.folder else f"text-only:{args.text_only}", "stored_tokens": store_num_slots(model.long_term_memory),
+    record = {"folder": str(args.folder) if args.folder else f"text-only:{args.text_only}",
+              "stored_tokens": store_num_slots(model.long_term_memory),
               "stored_injections": len(model.long_term_memory), "position": position,
               "questions_stored": {name: sum(key[0] == name for key in owned) for name in questions},
               "recall": recall(model, prompts, owned, scorers, args.likelihood_weight),
