@@ -694,6 +694,23 @@ def test_integrity_resumes_after_its_last_row(data_dir, tmp_path, monkeypatch, m
     assert _drop_times(resumed["metrics"]) == _drop_times(whole["metrics"])
 
 
+def test_a_run_resumes_from_a_moved_data_folder_but_not_from_changed_files(data_dir, tmp_path):
+    """The data folder may move between sittings (another machine, another checkout): the header's file hashes, not
+    its path, say whether it is the same data; a changed file is refused."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    out, extra = tmp_path / "i.json", ["--updates", "2", "--record-every", "1"]
+    first = _run("integrity", data_dir, out, *extra)
+    again = _run("integrity", moved, out, *extra, "--resume")
+    assert _drop_times(again["rows"]) == _drop_times(first["rows"])
+    with open(moved / "squad_qa.jsonl", "a") as handle:
+        handle.write(json.dumps({"id": "new", "context": "c", "question": "q", "answers": ["a"]}) + "\n")
+    with pytest.raises(ValueError, match="cannot resume .*squad_qa.jsonl"):
+        _run("integrity", moved, out, *extra, "--resume")
+
+
 def test_shard_option_is_checked(data_dir, tmp_path):
     from memoryllm_hf.evaluation.records import parse_shard
 

@@ -35,6 +35,15 @@ LOG_SUFFIX = ".records.jsonl"
 CHECKSUM = "sha256"
 # Configuration entries that may change between sittings of one run (they do not change any record).
 VOLATILE = ("resume", "threads", "output")
+# ... and entries kept in the header but not compared: the data folder may move (another machine, another checkout)
+# as long as its files are the same, which the header's `data.file_sha256` checks file by file.
+RELOCATABLE = ("data",)
+
+
+def comparable_header(header: dict) -> dict:
+    """A run header as two sittings (or two shards) of one run must agree on it: without `RELOCATABLE` entries."""
+    config = {key: value for key, value in header.get("config", {}).items() if key not in RELOCATABLE}
+    return {**header, "config": config}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -177,7 +186,7 @@ class RecordLog:
                 f"{self.path}:1: not the header of a record log ({why or 'no header'}); "
                 "delete the log (or choose another --output) to start over"
             )
-        differences = _differences(header["header"], self.header)
+        differences = _differences(comparable_header(header["header"]), comparable_header(self.header))
         if differences:
             raise ValueError(
                 f"cannot resume {self.path}: the run's configuration differs from the one it was started with ("
@@ -290,7 +299,7 @@ def merge_shards(documents: Sequence[dict], recompute: Callable[[dict], dict]) -
         return run_header(doc["task"], config, doc["data"], {**doc["model"]})
 
     for doc in documents[1:]:
-        differences = _differences(identity(documents[0]), identity(doc))
+        differences = _differences(comparable_header(identity(documents[0])), comparable_header(identity(doc)))
         if differences:
             raise ValueError("the shards come from different runs: " + "; ".join(differences))
     merged = dict(documents[0])
