@@ -36,6 +36,7 @@ Commands (one thread):
   python -m benchmarks.million_tokens report                                                     # summary + plot
   OMP_NUM_THREADS=1 python -m benchmarks.million_tokens answers --folder /data/million-store/copy-1000 \\
       --read-modes retrieve --questions 200
+  python -m benchmarks.million_tokens recall --text-only 1000 --scorers bm25 bm25+encoder   # no build: text scorers
 """
 
 import argparse
@@ -862,7 +863,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--subject-gate", action="store_true", help="read with the subject gate (retrieval_subject_gate); "
                    "conditions are recorded as MODE+subject")
     c = commands.add_parser("recall", parents=[common, stored], help="recall of the scorers on a saved folder of "
-                            "the build")
+                            "the build (or on its token ids alone: --text-only)")
     c.add_argument("--scorers", nargs="*", help="default: bm25, model (+ bm25+encoder when installed)")
     c.add_argument("--questions", type=int, default=0, help="only the first this many per dataset (0: all stored)")
     c.add_argument("--output", type=Path, default=Path("docs/results/million_tokens.recall.jsonl"))
