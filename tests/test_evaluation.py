@@ -923,6 +923,23 @@ def test_the_plan_runs_on_the_cpu_when_capped(data_dir, tmp_path, capsys):
     assert all(f"--read-modes {modes} " in line for line in listed if not line.startswith("integrity-tiny"))
 
 
+def test_a_run_held_by_another_process_is_skipped_and_the_plan_goes_on(data_dir, tmp_path, capsys):
+    """Two plan processes share the runs: a run whose record log another process holds is left to it (nothing of
+    it is read or written), and the plan goes on with the next run."""
+    from filelock import FileLock
+
+    from memoryllm_hf.evaluation.plan import main as plan_main
+
+    common = ["--model", "tiny", "--data", str(data_dir), "--cap", "2", "--out-dir", str(tmp_path), "--device", "cpu"]
+    common += ["--set", "long_term_memory_tokens=256", "--read-modes", "retrieve"]
+    held = FileLock(f"{tmp_path / 'editing-zsre.records.jsonl'}.lock")
+    with held.acquire(timeout=0):
+        assert plan_main([*common, "--only", "editing-zsre", "longcontext-hotpotqa"]) == 0
+    assert "editing-zsre: its record log is held by another run, skipped" in capsys.readouterr().out
+    assert (tmp_path / "longcontext-hotpotqa.json").exists()
+    assert not (tmp_path / "editing-zsre.records.jsonl").exists() and not (tmp_path / "editing-zsre.json").exists()
+
+
 def test_the_readme_tables_are_the_report_of_the_result_files():
     """The README's evaluation tables are generated: regenerating them from docs/results gives the README."""
     from pathlib import Path

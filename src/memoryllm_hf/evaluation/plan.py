@@ -10,9 +10,10 @@ reads it in turn, the conditions without memory are asked once; one results file
 
 Each run writes `OUT_DIR/NAME.json` (+ `.records.jsonl`, PNG) with `memoryllm-hf eval`; a run whose log exists is
 continued with `--resume` (so the script can be started again after any stop), a run whose results file exists is
-skipped. `--cap N` caps every size (examples, stream contexts, integrity updates) for a smoke run (the tests run
-the whole plan this way on the tiny model and the CPU). Then `python -m memoryllm_hf.evaluation.report --readme
-README.md` regenerates the README's tables from the results files.
+skipped, and a run whose log another process holds (a second plan process on the other core) is left to it, so two
+`plan` processes share the runs. `--cap N` caps every size (examples, stream contexts, integrity updates) for a
+smoke run (the tests run the whole plan this way on the tiny model and the CPU). Then
+`python -m memoryllm_hf.evaluation.report --readme README.md` regenerates the README's tables from the results files.
 """
 
 import argparse
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown runs {unknown}; --list shows them")
     from .cli import main as evaluate
+    from .records import LogBusy
 
     if args.cost:
         return print_cost(runs, Path(args.out_dir), args.only)
@@ -117,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             continue
         started = time.perf_counter()
-        evaluate(["eval", *command])
+        try:
+            evaluate(["eval", *command])
+        except LogBusy:  # another plan process runs it: go on with the next run
+            print(f"{name}: its record log is held by another run, skipped", flush=True)
+            continue
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 

@@ -123,6 +123,10 @@ def log_spent(path: str | os.PathLike) -> dict | None:
     return {"records": records, **(spent or {"wall_s": None, "cpu_s": None, "sittings": None})}
 
 
+class LogBusy(RuntimeError):
+    """The record log is held by another run (its lock is taken): nothing was read or written."""
+
+
 class RecordLog:
     """Finished records of one run (or shard), on disk at `path` (None: in memory only, for library calls). The log
     is locked while this object is open (`close()`, or use it as a context manager)."""
@@ -146,7 +150,7 @@ class RecordLog:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise RuntimeError(
+            raise LogBusy(
                 f"{self.path} is being written by another run (its lock {self.path}.lock is held): wait for that run "
                 "to end or stop it before resuming; two runs on one log would compute the same items twice"
             ) from None
