@@ -546,14 +546,13 @@ def answers(args) -> int:
     (no folder; see `recall_only`) the text read only: it reads the blocks' token ids, which is all that store has."""
     torch.set_num_threads(args.threads)
     tokenizer = base_tokenizer(args)
-    if args.text_only and any(mode.partition("@")[0] != "text" for mode in args.read_modes):
+    if not args.text_only:
+        model = folder_model(args, tokenizer)  # (the answers do not need the stream)
+    elif any(mode.partition("@")[0] != "text" for mode in args.read_modes):
         raise SystemExit("--text-only stores no slots: only the text read (read modes text or text@SCORER) can be "
                          "measured (use --folder)")
-    if args.text_only:
+    else:
         model = stored_model(args, tokenizer)[0]
-    else:  # (the folder alone: the answers do not need the stream)
-        model, _ = load(str(args.folder))
-        model.retrieval_tokenizer = tokenizer
     prompter = Prompter(tokenizer, args.style, model.config.max_position_embeddings)
     decoding = greedy_config(tokenizer, args.max_new_tokens)
     questions = question_rows(Path(args.data))
@@ -679,14 +678,20 @@ def text_only_store(model, items: list[Item], injections: int) -> int:
     return position
 
 
+def folder_model(args, tokenizer):
+    """The model saved in `--folder`, its text scorers reading with `tokenizer`."""
+    model, _ = load(str(args.folder))
+    model.retrieval_tokenizer = tokenizer
+    return model
+
+
 def stored_model(args, tokenizer) -> tuple:
     """(model, stream items, position) of `--folder` (the saved folder and the item it reached) or of
     `--text-only N` (a `from_base` model whose store is `text_only_store` after N injections)."""
     items_of = lambda filler: build_stream(tokenizer, Path(args.data), args.target_tokens,  # noqa: E731
                                            args.context_tokens, filler=filler)
     if not args.text_only:
-        model, _ = load(str(args.folder))
-        model.retrieval_tokenizer = tokenizer
+        model = folder_model(args, tokenizer)
         return model, *stream_position(model, items_of)
     model, _ = load(args.model, long_term_memory_tokens=STORE_TOKENS,
                     **({"read_mode": "retrieve"} if args.model == "tiny" else {}))
