@@ -5,10 +5,15 @@ questions are the chat prompts the model reads (`Prompter`), of which only the u
 Reported: recall@1 / recall@4 of the question's own passage among all stored blocks (95% Wilson intervals), and, for
 the "nothing relevant" decision, the best block's `relevance` for questions whose passage is stored vs. unrelated
 questions, with stores of 1 to `--stored` texts (the decision must mean the same at every size), and the threshold
-that separates them best over all sizes.
+that separates them best over all sizes. What unrelated questions read is broken down (`unrelated_breakdown`): reads
+of a block that holds one of the question's answers (the dev sets are topic-dense: another stored text may answer
+it), and the share that reads the single most-read block (a block every question reads is matched by the prompt's
+shared words, such as the QA instruction, not by the question). Printed per size and cut: (threshold, own passage
+read, unrelated read, unrelated read of an answer-holding block, most-read block's share).
 
 Run (seconds; the tokenizer only):
   python -m benchmarks.lexical_recall --data squad --questions 200 --stored 1000
+  python -m benchmarks.lexical_recall --data nq --encoder --unrelated-data squad --json docs/results/lexical_recall_nq_vs_squad.json
 """
 
 import argparse
@@ -24,8 +29,8 @@ from tqdm import tqdm
 from memoryllm_hf.evaluation.data import default_data_dir
 from memoryllm_hf.evaluation.prompts import Prompter
 from memoryllm_hf.modeling import memory_lexical as lexical
-from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
 from memoryllm_hf.modeling.memory_reader import select_injections
+from memoryllm_hf.modeling.memory_scoring import RETRIEVAL_SCORERS
 
 DATA = {"squad": "squad_qa", "nq": "nq_qa", "heldout": "squad_heldout_qa"}
 OTHERS = {"squad": "squad_paragraphs", "nq": "nq_passages", "heldout": "squad_train_paragraphs"}
@@ -71,17 +76,53 @@ def recall_row(ranks: list[int]) -> dict:
     }
 
 
-def dev_case(data: str, data_dir: Path, heldout_dir: Path, questions: int, unstored: int, stored: int, seed: int):
-    """(asked rows, unrelated question rows, unrelated texts) as `retrieval_recall` builds them."""
+def dev_case(data: str, data_dir: Path, heldout_dir: Path, questions: int, unstored: int, stored: int, seed: int,
+             unrelated_data: str | None = None):
+    """(asked rows, unrelated question rows, unrelated texts) as `retrieval_recall` builds them. `unrelated_data`:
+    the unrelated questions come from that set's questions instead (none of their passages is stored)."""
     rng = random.Random(seed)
     rows = read_jsonl((heldout_dir if data == "heldout" else data_dir) / f"{DATA[data]}.jsonl")
     rng.shuffle(rows)
     asked, unasked = rows[:questions], rows[questions : questions + unstored]
+    if unrelated_data not in (None, data):
+        other = read_jsonl((heldout_dir if unrelated_data == "heldout" else data_dir) / f"{DATA[unrelated_data]}.jsonl")
+        random.Random(seed).shuffle(other)
+        unasked = other[:unstored]
     taken = {r["context"] for r in asked + unasked}
     folder = heldout_dir if data == "heldout" else data_dir
     others = [p["text"] for p in read_jsonl(folder / f"{OTHERS[data]}.jsonl") if p["text"] not in taken]
     rng.shuffle(others)
     return asked, unasked, others[: max(0, stored - len(asked))]
+
+
+def holds_answer(answers: list[str], text: str) -> bool:
+    """Whether `text` holds one of `answers` (case and whitespace folded)."""
+    folded = " ".join(text.lower().split())
+    return any(" ".join(answer.lower().split()) in folded for answer in answers if answer.strip())
+
+
+def unrelated_breakdown(reads: list[list[tuple[int, bool]]]) -> dict:
+    """What unrelated questions read: `reads[q]` the blocks question q reads, as (block id, holds one of q's answers).
+    Shares of questions that read anything, a block holding one of their answers (a useful read: the stored texts
+    of a topic-dense set may answer a question whose own passage is not stored), only blocks without; and the share
+    that reads the one block most questions read (one block read by every question is the prompt's shared words,
+    e.g. an instruction, matching it, not the questions)."""
+    n = len(reads)
+    if not n:
+        return {}
+    counts = {}
+    for read in reads:
+        for block in {block for block, _ in read}:
+            counts[block] = counts.get(block, 0) + 1
+    any_read = sum(bool(read) for read in reads)
+    answered = sum(any(holds for _, holds in read) for read in reads)
+    return {
+        "read": any_read / n,
+        "read_ci95": wilson(any_read, n),
+        "read_a_block_holding_an_answer": answered / n,
+        "read_only_blocks_without_an_answer": (any_read - answered) / n,
+        "most_read_block_share": max(counts.values(), default=0) / n,
+    }
 
 
 def chunks(tokenizer, text: str, chunk: int) -> list[torch.Tensor]:
@@ -96,6 +137,8 @@ def main() -> None:
     parser.add_argument("--heldout-dir", type=Path, default=Path("data/train"))
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--unstored", type=int, default=100, help="unrelated questions (passage never stored)")
+    parser.add_argument("--unrelated-data", choices=tuple(DATA), help="take the unrelated questions from this set "
+                        "(default: --data's own questions, whose topics its stored texts may share)")
     parser.add_argument("--stored", type=int, default=1000, help="stored texts (questions' passages + unrelated)")
     parser.add_argument("--chunk", type=int, default=256, help="inject_chunk_size (SmolLM2 default: 256)")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,16 +155,18 @@ def main() -> None:
     markers = lexical.chat_markers(tokenizer)
     prompter = Prompter(tokenizer, "chat", 8192)
     asked, unasked, others = dev_case(
-        args.data, args.data_dir, args.heldout_dir, args.questions, args.unstored, args.stored, args.seed
+        args.data, args.data_dir, args.heldout_dir, args.questions, args.unstored, args.stored, args.seed,
+        args.unrelated_data,
     )
     texts = [(r["context"], i) for i, r in enumerate(asked)] + [(t, -1) for t in others]
     random.Random(args.seed + 1).shuffle(texts)
-    # blocks: (owner, terms), in store order
+    # blocks: (owner, terms), in store order; their texts (for the unrelated questions' answers)
     start = time.perf_counter()
-    blocks = []
+    blocks, block_texts = [], []
     for text, owner in tqdm(texts, desc="blocks", unit="text"):
         for part in chunks(tokenizer, text, args.chunk):
             blocks.append((owner, lexical.block_terms(analyzer, tokenizer.decode, part)))
+            block_texts.append(tokenizer.decode(part))
     analyse_s = time.perf_counter() - start
 
     def query(question: str) -> list[list[str]]:
@@ -256,6 +301,7 @@ def main() -> None:
     rng = random.Random(args.seed + 2)
     sizes = [n for n in (1, 10, 100, args.stored) if n <= args.stored]
     decision = {name: {} for name in scorers}
+    unrelated_scores = {name: {} for name in scorers}  # per size: [(store, scores, question)] of unrelated asks
     for size in sizes:
         rows = {name: {"stored": [], "unrelated": []} for name in scorers}
         for i, terms in enumerate(queries[:100]):
@@ -271,8 +317,22 @@ def main() -> None:
                     score = scorer(q, query_terms, small, store)
                     best = score[: len(own_blocks[i])] if kind == "stored" else score
                     rows[name][kind].append(float(best.max()))
+                    if kind == "unrelated":
+                        unrelated_scores[name].setdefault(size, []).append((store, score, i % len(negatives)))
         for name in scorers:
             decision[name][size] = rows[name]
+    holds = {}  # (unrelated question, block) -> whether the block holds one of the question's answers
+
+    def unrelated_reads(name: str, size: int, threshold: float) -> dict:
+        reads = []
+        for store, score, j in unrelated_scores[name][size]:
+            read = [store[k] for k in (score >= threshold).nonzero().flatten().tolist()]
+            for block in read:
+                if (j, block) not in holds:
+                    holds[j, block] = holds_answer(unasked[j]["answers"], block_texts[block])
+            reads.append([(block, holds[j, block]) for block in read])
+        return unrelated_breakdown(reads)
+
     threshold_rows = {}
     for name in scorers:
         all_pos = [s for d in decision[name].values() for s in d["stored"]]
@@ -294,6 +354,7 @@ def main() -> None:
                     "stored_read_ci95": wilson(tp, len(d["stored"])),
                     "unrelated_read": fp / len(d["unrelated"]),
                     "unrelated_read_ci95": wilson(fp, len(d["unrelated"])),
+                    "unrelated_reads": unrelated_reads(name, size, t),
                 }
             row["quantiles_10_50_90"] = {
                 k: [round(q, 3) for q in torch.tensor(v).quantile(torch.tensor([0.1, 0.5, 0.9])).tolist()]
@@ -310,8 +371,11 @@ def main() -> None:
     }
     print(json.dumps({k: results[k] for k in ("recall", "store", "timing")}, indent=1))
     for key, row in threshold_rows.items():
-        print(key, row["quantiles_10_50_90"], {k: (v["threshold"], v["stored_read"], v["unrelated_read"])
-                                               for k, v in row.items() if k != "quantiles_10_50_90"})
+        print(key, row["quantiles_10_50_90"], {
+            k: (v["threshold"], v["stored_read"], v["unrelated_read"],
+                v["unrelated_reads"].get("read_a_block_holding_an_answer"),
+                v["unrelated_reads"].get("most_read_block_share"))
+            for k, v in row.items() if k != "quantiles_10_50_90"})
     for key, row in selection.items():
         own, other = row["own_passage_read"], row["other_tokens_read_per_question"]
         print(f"{key:60s} own read {own:.3f}  other tokens {other:.0f}")

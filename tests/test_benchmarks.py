@@ -194,3 +194,35 @@ def test_retrieve_read_prints_the_ratio_per_store_size(run_script, tmp_path):
     assert_table(printed, "retrieve_read", COLUMNS, rows=2)
     assert [row["stored_tokens"] for row in result["rows"]] == [18, 72]
     assert all(row["retrieve_vs_pool"] > 0 for row in result["rows"]) and plot.stat().st_size > 0
+
+
+def test_lexical_recall_breaks_down_what_unrelated_questions_read(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.lexical_recall import holds_answer, unrelated_breakdown
+
+    assert holds_answer(["Wales", ""], "It arose in England and\n WALES.") and not holds_answer(["Scotland"], "Wales")
+    # four questions: one reads nothing, two read block 7 (one of them also an answer-holding block 3), one block 5
+    reads = [[], [(7, False)], [(7, False), (3, True)], [(5, False)]]
+    row = unrelated_breakdown(reads)
+    assert row["read"] == 0.75 and row["read_a_block_holding_an_answer"] == 0.25
+    assert row["read_only_blocks_without_an_answer"] == 0.5 and row["most_read_block_share"] == 0.5
+    assert unrelated_breakdown([[(1, False), (1, False)]])["most_read_block_share"] == 1.0
+    assert unrelated_breakdown([[(3, True)], [(4, False), (3, True)]])["read_a_block_holding_an_answer"] == 1.0
+
+
+def test_lexical_recall_takes_unrelated_questions_from_another_set(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.lexical_recall import dev_case
+
+    def write(name, rows):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    write("nq_qa", [{"question": f"nq {i}", "context": f"nq passage {i}", "answers": ["x"]} for i in range(6)])
+    write("nq_passages", [{"text": f"nq passage {i}"} for i in range(10)])
+    write("squad_qa", [{"question": f"squad {i}", "context": f"squad passage {i}", "answers": ["y"]} for i in range(4)])
+    asked, unasked, others = dev_case("nq", tmp_path, tmp_path, 3, 2, 8, 0)
+    assert all(row["question"].startswith("nq") for row in unasked)
+    asked2, unasked2, others2 = dev_case("nq", tmp_path, tmp_path, 3, 2, 8, 0, "squad")
+    assert asked2 == asked and len(unasked2) == 2
+    assert all(row["question"].startswith("squad") for row in unasked2)
+    assert not {row["context"] for row in asked2} & set(others2)
