@@ -13,7 +13,8 @@ read, unrelated read, unrelated read of an answer-holding block, most-read block
 
 Run (seconds; the tokenizer only):
   python -m benchmarks.lexical_recall --data squad --questions 200 --stored 1000
-  python -m benchmarks.lexical_recall --data nq --encoder --unrelated-data squad --json docs/results/lexical_recall_nq_vs_squad.json
+  python -m benchmarks.lexical_recall --data nq --encoder --unrelated-data squad \
+      --json docs/results/lexical_recall_nq_vs_squad.json
 """
 
 import argparse
